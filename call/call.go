@@ -1,0 +1,79 @@
+package call
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Codes that a call can fail with; they travel in Nats-Service-Error-Code.
+const (
+	CodeBadRequest  = 400 // the payload or a header is malformed, or the function raised BadRequest
+	CodeNotFound    = 404 // no such function
+	CodeDeadline    = 408 // the caller's deadline passed
+	CodeSessionLost = 410 // the session's worker is gone
+	CodeTooLarge    = 413 // the payload is over the size limit
+	CodeFailed      = 500 // the function raised, or its worker died under it
+	CodeUnavailable = 503 // the node is overloaded or draining
+)
+
+// Function describes one function the app exports.
+type Function struct {
+	Name   string
+	Raw    bool // bytes in and out, no JSON
+	Stream bool // a generator: answers with chunks
+}
+
+// Request is one call of a function.
+type Request struct {
+	Function  string
+	Payload   []byte
+	Session   string // empty: any worker
+	RequestID string
+	// Deadline is when the caller stops waiting; the zero time means none.
+	// The caller's ctx carries the same deadline.
+	Deadline time.Time
+}
+
+// Chunk is one item a streaming function yielded.
+type Chunk struct {
+	Worker string
+	Data   []byte
+}
+
+// Result is the value a function returned.
+type Result struct {
+	Worker string
+	Data   []byte
+}
+
+// Emit receives the chunks of a streaming call, in order, before Call returns.
+// An error stops the call.
+type Emit func(Chunk) error
+
+// Handler runs calls; pool.Pool implements it and bus serves it.
+type Handler interface {
+	// Functions lists what the app exports; it does not change while a node runs.
+	Functions() []Function
+	// Call runs req and returns its result. Failures are *Error.
+	Call(ctx context.Context, req *Request, emit Emit) (Result, error)
+}
+
+// Error is a failed call: a code from the list above, the exception's type
+// (or a pyfleet name such as "Overloaded") and a message for humans.
+type Error struct {
+	Code    int
+	Type    string
+	Message string
+	// Worker that ran the call, when one did.
+	Worker string
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("%d %s: %s", e.Code, e.Type, e.Message)
+}
+
+// Errorf builds an *Error.
+func Errorf(code int, typ, format string, args ...any) *Error {
+	return &Error{Code: code, Type: typ, Message: fmt.Sprintf(format, args...)}
+}

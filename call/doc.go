@@ -1,0 +1,5 @@
+// Package call holds the few types that pass between the NATS side (bus) and
+// the worker side (pool) of a node: a request, a streamed chunk, a result and
+// an error with its HTTP-like code. It exists so that neither side imports the
+// other; it owns no goroutines and no state.
+package call
