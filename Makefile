@@ -1,0 +1,73 @@
+# Everything a fresh machine needs is set up by these targets: the Python
+# venv with the worker runtime, the Go binaries, and the Go tools used.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := python/.venv
+VPY := $(VENV)/bin/python
+GO ?= go
+GOBIN := $(CURDIR)/.tools/bin
+NATS_SERVER := $(GOBIN)/nats-server
+NATS_CLI := $(GOBIN)/nats
+export PATH := $(GOBIN):$(PATH)
+
+.PHONY: all build venv run test test-go test-py lint bench stress proto tools clean
+
+all: build
+
+build: bin/poolnode bin/submit
+
+bin/poolnode bin/submit: $(shell find . -name '*.go' -not -path './.tools/*') go.mod go.sum
+	$(GO) build -o bin/ ./cmd/poolnode ./cmd/submit
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: python/pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e 'python[test]'
+	touch $@
+
+# The real nats-server and nats CLI, for tests that need a separate server
+# or an outside client.
+tools: $(NATS_SERVER) $(NATS_CLI)
+
+$(NATS_SERVER):
+	GOBIN=$(GOBIN) $(GO) install github.com/nats-io/nats-server/v2@v2.15.2
+
+$(NATS_CLI):
+	GOBIN=$(GOBIN) $(GO) install github.com/nats-io/natscli/nats@v0.5.0
+
+run: venv build
+	bin/poolnode --listen 127.0.0.1:4222
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+test: venv build tools lint test-py test-go
+
+test-py: venv
+	cd python && .venv/bin/python -m pytest -q
+
+test-go: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) test -race -count=1 -timeout 20m ./...
+
+stress: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_STRESS=1 $(GO) test -race -count=1 -timeout 60m -run Stress ./test/
+
+bench: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench
+
+# Regenerates the committed gRPC code; needs grpcio-tools and the Go plugins.
+proto: venv
+	$(VPY) -m pip install -q --disable-pip-version-check grpcio-tools==1.85.1
+	GOBIN=$(GOBIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.11
+	GOBIN=$(GOBIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+	$(VPY) -m grpc_tools.protoc -Iproto \
+		--go_out=proto/workerpb --go_opt=paths=source_relative \
+		--go-grpc_out=proto/workerpb --go-grpc_opt=paths=source_relative \
+		--python_out=python/pyfleet/_proto --pyi_out=python/pyfleet/_proto \
+		--grpc_python_out=python/pyfleet/_proto proto/worker.proto
+	sed -i 's/^import worker_pb2 as worker__pb2/from . import worker_pb2 as worker__pb2/' python/pyfleet/_proto/worker_pb2_grpc.py
+
+clean:
+	rm -rf bin .tools $(VENV)

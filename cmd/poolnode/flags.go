@@ -1,0 +1,135 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/pyfleet/pyfleet/node"
+)
+
+var errHelp = errors.New("help requested")
+
+// parseConfig reads flags, then PYFLEET_<FLAG> environment variables, then
+// the --config file (YAML, keys are flag names), each filling only what the
+// one before left unset: flags win over env, env over the file.
+func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io.Writer) (node.Config, logOptions, error) {
+	cfg := node.Defaults()
+	logOpts := logOptions{level: "info"}
+	var configFile string
+
+	fs := flag.NewFlagSet("poolnode", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: poolnode [flags]\n\nEvery flag can also be set as PYFLEET_<FLAG> (upper case, - as _) or in the --config file.\n\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&configFile, "config", "", "YAML `file` of settings, keys are flag names")
+	fs.StringVar(&cfg.NATS, "nats", cfg.NATS, "NATS server `URL`s, comma separated; empty runs an embedded server")
+	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "embedded NATS server's client `address` (port 0: a random port)")
+	fs.StringVar(&cfg.Prefix, "prefix", cfg.Prefix, "subject `prefix`")
+	fs.StringVar(&cfg.Pool, "pool", cfg.Pool, "`pool` this node serves")
+	fs.StringVar(&cfg.Node, "node", cfg.Node, "node `name` (default host name + short random)")
+	fs.StringVar(&cfg.App, "app", cfg.App, "the Python app, `MODULE[:ATTR]` or a .py file (default the demo app)")
+	fs.StringVar(&cfg.AppDir, "app-dir", cfg.AppDir, "`dir`ectory put on the worker's sys.path")
+	fs.StringVar(&cfg.Python, "python", cfg.Python, "`interpreter` (default python/.venv/bin/python, else python3)")
+	fs.IntVar(&cfg.Workers, "workers", cfg.Workers, "worker processes")
+	fs.IntVar(&cfg.Concurrency, "concurrency", cfg.Concurrency, "requests in flight per worker")
+	fs.IntVar(&cfg.QueueLimit, "queue-limit", cfg.QueueLimit, "requests waiting on this node before it answers 503")
+	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "deadline of a request that names none")
+	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", cfg.ShutdownGrace, "how long in-flight work may finish on stop")
+	fs.IntVar(&cfg.MaxDeliver, "max-deliver", cfg.MaxDeliver, "deliveries of a job before it is dead-lettered")
+	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "`dir`ectory for the registry and sockets (default $XDG_STATE_HOME/pyfleet or ~/.local/state/pyfleet)")
+	fs.StringVar(&logOpts.level, "log-level", logOpts.level, "debug, info, warn or error")
+	fs.StringVar(&logOpts.format, "log-format", logOpts.format, "json or console (default console on a terminal)")
+	fs.StringVar(&cfg.NATSCreds, "nats-creds", "", "NATS credentials `file`")
+	fs.StringVar(&cfg.NATSUser, "nats-user", "", "NATS user")
+	fs.StringVar(&cfg.NATSPassword, "nats-password", "", "NATS password")
+	fs.StringVar(&cfg.NATSToken, "nats-token", "", "NATS token")
+	fs.StringVar(&cfg.NATSTLSCA, "nats-tls-ca", "", "CA `file` to verify the NATS server")
+	fs.StringVar(&cfg.NATSTLSCert, "nats-tls-cert", "", "client certificate `file`")
+	fs.StringVar(&cfg.NATSTLSKey, "nats-tls-key", "", "client key `file`")
+
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return cfg, logOpts, errHelp
+		}
+		return cfg, logOpts, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, logOpts, fmt.Errorf("unexpected argument %q (poolnode takes flags only)", fs.Arg(0))
+	}
+
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if !set["config"] {
+		if v, ok := lookupEnv(envName("config")); ok {
+			configFile = v
+		}
+	}
+	var file map[string]any
+	if configFile != "" {
+		var err error
+		if file, err = readConfigFile(configFile, fs); err != nil {
+			return cfg, logOpts, err
+		}
+	}
+
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || f.Name == "config" {
+			return
+		}
+		if v, ok := lookupEnv(envName(f.Name)); ok {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %v", envName(f.Name), v, err))
+			}
+			return
+		}
+		if v, ok := file[f.Name]; ok && v != nil {
+			if err := fs.Set(f.Name, fmt.Sprint(v)); err != nil {
+				errs = append(errs, fmt.Errorf("%s: key %q: %v", configFile, f.Name, err))
+			}
+		}
+	})
+	return cfg, logOpts, errors.Join(errs...)
+}
+
+func envName(flagName string) string {
+	return "PYFLEET_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// readConfigFile reads a flat YAML mapping and rejects keys that are not
+// flags, by name, so that a typo does not silently fall back to a default.
+func readConfigFile(path string, fs *flag.FlagSet) (map[string]any, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--config: %w", err)
+	}
+	var m map[string]any
+	if err := yaml.Unmarshal(data, &m); err != nil {
+		return nil, fmt.Errorf("--config %s: %w", path, err)
+	}
+	var unknown []string
+	for k, v := range m {
+		if fs.Lookup(k) == nil || k == "config" {
+			unknown = append(unknown, fmt.Sprintf("%q", k))
+			continue
+		}
+		switch v.(type) {
+		case map[string]any, []any:
+			return nil, fmt.Errorf("--config %s: key %q: want a single value", path, k)
+		}
+	}
+	if len(unknown) > 0 {
+		sort.Strings(unknown)
+		return nil, fmt.Errorf("--config %s: unknown key %s", path, strings.Join(unknown, ", "))
+	}
+	return m, nil
+}

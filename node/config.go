@@ -1,0 +1,206 @@
+package node
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/pyfleet/pyfleet/bus"
+)
+
+// Config is everything a node needs; cmd/poolnode fills it from flags,
+// environment and a config file. Validate is the one place it is checked.
+type Config struct {
+	NATS   string // server URLs, comma separated; empty runs an embedded server
+	Listen string // the embedded server's client address
+	Prefix string // subject prefix
+	Pool   string
+	Node   string
+
+	App    string // MODULE[:ATTR], or a path to a .py file
+	AppDir string
+	Python string
+
+	Workers        int
+	Concurrency    int
+	QueueLimit     int
+	RequestTimeout time.Duration
+	ShutdownGrace  time.Duration
+	MaxDeliver     int
+	StateDir       string
+
+	NATSCreds, NATSUser, NATSPassword, NATSToken string
+	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
+}
+
+// ErrConfig marks a bad flag, config value, interpreter or app: the node
+// exits with status 2 and does not retry.
+var ErrConfig = errors.New("bad configuration")
+
+// Defaults returns the documented defaults (SPEC section 3).
+func Defaults() Config {
+	return Config{
+		Listen:         "127.0.0.1:4222",
+		Prefix:         "pyfleet",
+		Pool:           "default",
+		AppDir:         ".",
+		Workers:        runtime.NumCPU(),
+		Concurrency:    1,
+		QueueLimit:     1000,
+		RequestTimeout: 60 * time.Second,
+		ShutdownGrace:  10 * time.Second,
+		MaxDeliver:     5,
+	}
+}
+
+// Validate checks c and fills what it derives (node name, interpreter, app
+// location, state dir). Errors wrap ErrConfig and name the setting.
+func (c *Config) Validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s", ErrConfig, fmt.Sprintf(format, args...))
+	}
+	if c.Node == "" {
+		c.Node = defaultNodeName()
+	}
+	for _, t := range []struct{ key, val string }{{"pool", c.Pool}, {"node", c.Node}} {
+		if err := bus.ValidToken(t.val); err != nil {
+			return bad("--%s: %v", t.key, err)
+		}
+	}
+	if err := bus.ValidPrefix(c.Prefix); err != nil {
+		return bad("--prefix: %v", err)
+	}
+	if c.Workers < 1 {
+		return bad("--workers must be at least 1, not %d", c.Workers)
+	}
+	if c.Concurrency < 1 {
+		return bad("--concurrency must be at least 1, not %d", c.Concurrency)
+	}
+	if c.QueueLimit < 0 {
+		return bad("--queue-limit must not be negative, not %d", c.QueueLimit)
+	}
+	if c.RequestTimeout <= 0 {
+		return bad("--request-timeout must be positive, not %s", c.RequestTimeout)
+	}
+	if c.ShutdownGrace < 0 {
+		return bad("--shutdown-grace must not be negative, not %s", c.ShutdownGrace)
+	}
+	if c.MaxDeliver < 1 {
+		return bad("--max-deliver must be at least 1, not %d", c.MaxDeliver)
+	}
+	if c.NATS == "" && c.Listen == "" {
+		return bad("--listen is empty and no --nats server is given")
+	}
+
+	if c.App == "" {
+		c.App, c.AppDir = "demo", filepath.Join("python", "examples")
+	}
+	// A path to a .py file is the friendliest way to name an app: its
+	// directory goes on sys.path and its base name is the module.
+	if module, attr, _ := strings.Cut(c.App, ":"); strings.HasSuffix(module, ".py") {
+		c.AppDir = filepath.Dir(module)
+		c.App = strings.TrimSuffix(filepath.Base(module), ".py")
+		if attr != "" {
+			c.App += ":" + attr
+		}
+	}
+	appDir, err := filepath.Abs(c.AppDir)
+	if err != nil {
+		return bad("--app-dir %q: %v", c.AppDir, err)
+	}
+	if st, err := os.Stat(appDir); err != nil || !st.IsDir() {
+		return bad("--app-dir %q is not a directory", c.AppDir)
+	}
+	c.AppDir = appDir
+
+	if c.Python == "" {
+		c.Python = "python3"
+		if _, err := os.Stat(filepath.Join("python", ".venv", "bin", "python")); err == nil {
+			c.Python = filepath.Join("python", ".venv", "bin", "python")
+		}
+	}
+	python, err := findExecutable(c.Python)
+	if err != nil {
+		return bad("--python %q: %v", c.Python, err)
+	}
+	c.Python = python
+
+	if c.StateDir == "" {
+		c.StateDir, err = defaultStateDir()
+		if err != nil {
+			return bad("--state-dir: %v", err)
+		}
+	}
+	if c.StateDir, err = filepath.Abs(c.StateDir); err != nil {
+		return bad("--state-dir: %v", err)
+	}
+	return nil
+}
+
+// findExecutable resolves an interpreter to an absolute path without
+// following symlinks: a venv's python finds its packages through the
+// symlink's own location.
+func findExecutable(name string) (string, error) {
+	path := name
+	if !strings.Contains(name, "/") {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			return "", err
+		}
+		path = p
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	st, err := os.Stat(abs)
+	if err != nil {
+		return "", fmt.Errorf("no interpreter there: %w", err)
+	}
+	if st.IsDir() || st.Mode()&0o111 == 0 {
+		return "", errors.New("not an executable file")
+	}
+	return abs, nil
+}
+
+func defaultStateDir() (string, error) {
+	if xdg := os.Getenv("XDG_STATE_HOME"); xdg != "" {
+		return filepath.Join(xdg, "pyfleet"), nil
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(home, ".local", "state", "pyfleet"), nil
+}
+
+// defaultNodeName is the host name (dots made dashes, as names are subject
+// tokens) plus a short random suffix, so two nodes on one host differ.
+func defaultNodeName() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "node"
+	}
+	host = strings.Map(func(r rune) rune {
+		if r == '.' || r == '*' || r == '>' || r == ' ' || r == '\t' {
+			return '-'
+		}
+		return r
+	}, host)
+	return host + "-" + randomHex(3)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,9 @@
+// Package pool owns a node's Python workers and the dispatch of calls to
+// them. It spawns each worker through lifecycle, waits for its handshake line,
+// dials its gRPC socket with the worker's secret, and keeps one Serve stream
+// per worker on which many calls travel as frames. It restarts crashed
+// workers with backoff, kills a worker whose sync call overran its deadline,
+// pins sessions to workers, and bounds the number of waiting calls.
+//
+// pool knows nothing of NATS: it implements call.Handler, which bus serves.
+package pool

@@ -1,0 +1,743 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/proto/workerpb"
+)
+
+// Config says how to run a pool. Zero values take the defaults noted.
+type Config struct {
+	Python      string // interpreter; required
+	App         string // MODULE[:ATTR]; required
+	AppDir      string // put on the worker's sys.path; required
+	SocketDir   string // private (0700) directory for worker sockets; required
+	Node, Run   string // identity of this node and this run of it; required
+	Workers     int    // default 1
+	Concurrency int    // calls in flight per worker; default 1
+	QueueLimit  int    // calls waiting for a worker before 503; default 1000
+
+	// StartTimeout bounds a worker's start, from spawn to handshake; default 60 s.
+	StartTimeout time.Duration
+	// StopGrace is how long a stopped worker may take between SIGTERM and
+	// SIGKILL; default 5 s.
+	StopGrace time.Duration
+	// DeadlineGrace is how long a call may overrun its deadline before its
+	// worker is killed; default 2 s.
+	DeadlineGrace time.Duration
+	// RestartBackoff is the first delay before restarting a crashed worker;
+	// it doubles up to MaxRestartBackoff (defaults 100 ms and 30 s).
+	RestartBackoff, MaxRestartBackoff time.Duration
+	// CrashLoop is how many failed starts or early deaths in a row make a
+	// crash_loop event; default 5.
+	CrashLoop int
+
+	Spawner *lifecycle.Spawner // required
+	Events  lifecycle.Events   // may be nil
+	Logger  *zap.Logger        // may be nil
+}
+
+func (c *Config) validate() error {
+	for _, req := range []struct{ name, val string }{
+		{"Python", c.Python}, {"App", c.App}, {"AppDir", c.AppDir},
+		{"SocketDir", c.SocketDir}, {"Node", c.Node}, {"Run", c.Run},
+	} {
+		if req.val == "" {
+			return fmt.Errorf("pool: %s is required", req.name)
+		}
+	}
+	if c.Spawner == nil {
+		return errors.New("pool: Spawner is required")
+	}
+	if c.Workers < 0 || c.Concurrency < 0 || c.QueueLimit < 0 {
+		return errors.New("pool: Workers, Concurrency and QueueLimit must not be negative")
+	}
+	setDefault(&c.Workers, 1)
+	setDefault(&c.Concurrency, 1)
+	setDefault(&c.QueueLimit, 1000)
+	setDefault(&c.CrashLoop, 5)
+	setDefault(&c.StartTimeout, 60*time.Second)
+	setDefault(&c.StopGrace, 5*time.Second)
+	setDefault(&c.DeadlineGrace, 2*time.Second)
+	setDefault(&c.RestartBackoff, 100*time.Millisecond)
+	setDefault(&c.MaxRestartBackoff, 30*time.Second)
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	return nil
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+// Pool runs Config.Workers Python workers and dispatches calls to them.
+// It implements call.Handler.
+type Pool struct {
+	cfg Config
+	log *zap.Logger
+
+	// queue hands calls to whichever worker slot is free first; it is
+	// unbuffered so that a call waits in its own goroutine, where its
+	// deadline and the queue limit are checked.
+	queue   chan *job
+	waiting atomic.Int64
+
+	// ctx ends when the pool closes; it bounds worker starts.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// draining is closed when the pool takes no new calls; closed when its
+	// workers go away and waiting calls are answered 503.
+	draining  chan struct{}
+	closed    chan struct{}
+	closeOnce sync.Once
+	aborted   chan struct{}
+	abortOnce sync.Once
+
+	goroutines sync.WaitGroup // every goroutine the pool started
+	spawnSeq   atomic.Uint64
+
+	fnMu      sync.RWMutex
+	functions []call.Function
+	fnIndex   map[string]call.Function
+
+	mu       sync.Mutex
+	active   int           // accepted calls not yet answered
+	drained  chan struct{} // closed when active drops to 0 during a drain
+	isDrain  bool
+	workers  map[string]*worker // the live worker of each slot name
+	sessions map[string]*session
+
+	busy    atomic.Int64
+	handled atomic.Uint64
+	errors  atomic.Uint64
+}
+
+type session struct {
+	worker   *worker
+	lastUsed time.Time
+}
+
+// Sessions idle this long are forgotten; the next call starts a new one.
+const sessionIdle = time.Hour
+
+// New checks cfg and returns a pool that has not started any worker.
+func New(cfg Config) (*Pool, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Pool{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		queue:    make(chan *job),
+		ctx:      ctx,
+		cancel:   cancel,
+		draining: make(chan struct{}),
+		closed:   make(chan struct{}),
+		aborted:  make(chan struct{}),
+		workers:  make(map[string]*worker),
+		sessions: make(map[string]*session),
+	}, nil
+}
+
+// Start spawns every worker and returns once each has either become ready or
+// failed its first start. If the app cannot be loaded it stops the pool and
+// returns the *AppError; if no worker started at all it returns the first
+// error. Workers that failed are retried in the background.
+func (p *Pool) Start(ctx context.Context) error {
+	first := make(chan error, p.cfg.Workers)
+	for i := range p.cfg.Workers {
+		name := "w" + strconv.Itoa(i+1)
+		p.goroutines.Add(1)
+		go func() {
+			defer p.goroutines.Done()
+			p.supervise(name, first)
+		}()
+	}
+	var firstErr error
+	ok := 0
+	for range p.cfg.Workers {
+		select {
+		case err := <-first:
+			if err == nil {
+				ok++
+				continue
+			}
+			var appErr *AppError
+			if errors.As(err, &appErr) {
+				p.Close()
+				return appErr
+			}
+			if firstErr == nil {
+				firstErr = err
+			}
+		case <-ctx.Done():
+			p.Close()
+			return ctx.Err()
+		}
+	}
+	if ok == 0 {
+		p.Close()
+		return firstErr
+	}
+	return nil
+}
+
+// supervise keeps one worker slot filled until the pool closes. It reports
+// the outcome of the first start on first.
+func (p *Pool) supervise(name string, first chan<- error) {
+	backoff := p.cfg.RestartBackoff
+	failures := 0
+	var prevPID int
+	for {
+		w, err := p.spawnWorker(p.ctx, name)
+		if err != nil && !p.isClosed() {
+			p.log.Warn("worker failed to start", zap.String("worker", name), zap.Error(err))
+			p.emit(lifecycle.Event{Kind: lifecycle.KindSpawnFailed, Worker: name, Detail: err.Error()})
+		}
+		if first != nil {
+			first <- err
+			var appErr *AppError
+			if errors.As(err, &appErr) {
+				return // the node gives up; Start says why
+			}
+			first = nil
+		}
+		if err != nil {
+			if p.isClosed() {
+				return
+			}
+			failures++
+			if !p.sleepBackoff(name, &backoff, failures) {
+				return
+			}
+			continue
+		}
+		if prevPID != 0 {
+			p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
+				Detail: "replaces pid " + strconv.Itoa(prevPID)})
+		}
+		prevPID = w.proc.PID()
+		p.serve(w)
+
+		select {
+		case <-w.proc.Done():
+		case <-p.closed:
+			grace := p.cfg.StopGrace
+			if p.isAborted() {
+				grace = 0
+			}
+			w.stopProcess(lifecycle.ReasonStop, grace)
+		}
+		<-w.proc.Done()
+		w.markLost(fmt.Errorf("worker %s exited", name))
+		p.unregister(w)
+		w.slots.Wait()
+		p.reportExit(w)
+
+		if p.isClosed() {
+			return
+		}
+		if w.stoppedFor() != "" {
+			// Killed on purpose (deadline, recycle, health): replace now.
+			failures, backoff = 0, p.cfg.RestartBackoff
+			continue
+		}
+		// A worker that served for a while before crashing is not looping.
+		if time.Since(w.started) > time.Minute {
+			failures, backoff = 0, p.cfg.RestartBackoff
+		}
+		failures++
+		if !p.sleepBackoff(name, &backoff, failures) {
+			return
+		}
+	}
+}
+
+// sleepBackoff waits before the next start, with jitter so that workers that
+// died together do not restart together. It returns false if the pool closed.
+func (p *Pool) sleepBackoff(name string, backoff *time.Duration, failures int) bool {
+	if failures == p.cfg.CrashLoop {
+		p.log.Error("worker is crash-looping", zap.String("worker", name), zap.Int("failures", failures))
+		p.emit(lifecycle.Event{Kind: lifecycle.KindCrashLoop, Worker: name,
+			Detail: strconv.Itoa(failures) + " failed starts or crashes in a row"})
+	}
+	d := *backoff/2 + rand.N(*backoff/2+1)
+	*backoff = min(*backoff*2, p.cfg.MaxRestartBackoff)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-p.closed:
+		return false
+	}
+}
+
+func (p *Pool) reportExit(w *worker) {
+	st := w.proc.Exit()
+	ev := lifecycle.Event{Worker: w.name, PID: w.proc.PID(), PGID: w.proc.PGID(), Signal: st.Signal}
+	if st.Signal == "" {
+		code := st.Code
+		ev.ExitCode = &code
+	}
+	if reason := w.stoppedFor(); reason != "" {
+		ev.Kind, ev.Reason = lifecycle.KindTerminated, reason
+		p.log.Info("worker terminated", zap.String("worker", w.name), zap.String("reason", reason), zap.String("exit", exitText(st)))
+	} else {
+		ev.Kind = lifecycle.KindCrashed
+		p.log.Warn("worker crashed", zap.String("worker", w.name), zap.String("exit", exitText(st)))
+	}
+	p.emit(ev)
+}
+
+func exitText(st lifecycle.ExitStatus) string {
+	if st.Signal != "" {
+		return "signal " + st.Signal
+	}
+	return "exit code " + strconv.Itoa(st.Code)
+}
+
+// serve registers a ready worker and starts its slots.
+func (p *Pool) serve(w *worker) {
+	p.mu.Lock()
+	p.workers[w.name] = w
+	p.mu.Unlock()
+	for range p.cfg.Concurrency {
+		w.slots.Add(1)
+		p.goroutines.Add(1)
+		go func() {
+			defer p.goroutines.Done()
+			defer w.slots.Done()
+			p.slot(w)
+		}()
+	}
+}
+
+func (p *Pool) unregister(w *worker) {
+	p.mu.Lock()
+	if p.workers[w.name] == w {
+		delete(p.workers, w.name)
+	}
+	p.mu.Unlock()
+}
+
+// slot runs calls on w, one at a time, until w goes away.
+func (p *Pool) slot(w *worker) {
+	for {
+		select {
+		case j := <-w.pinned:
+			p.run(w, j)
+		case j := <-p.queue:
+			p.run(w, j)
+		case <-w.retire:
+			return
+		case <-w.lost:
+			return
+		}
+	}
+}
+
+// job is one accepted call on its way to, or in, a worker.
+type job struct {
+	ctx  context.Context
+	req  *call.Request
+	emit call.Emit
+	fn   call.Function
+	done chan outcome // buffered: the slot never waits for the caller
+
+	mu        sync.Mutex
+	abandoned bool // the caller answered already (deadline); emit nothing more
+}
+
+type outcome struct {
+	res call.Result
+	err error
+}
+
+func (j *job) finish(o outcome) {
+	j.done <- o
+}
+
+// chunk passes one streamed item to the caller unless it has gone.
+func (j *job) chunk(c call.Chunk) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.abandoned {
+		return context.DeadlineExceeded
+	}
+	return j.emit(c)
+}
+
+func (j *job) abandon() {
+	j.mu.Lock()
+	j.abandoned = true
+	j.mu.Unlock()
+}
+
+// run sends j to w and waits for its end. Past the deadline it cancels the
+// call; past the deadline plus the grace it kills the worker, because a sync
+// Python function cannot be interrupted any other way.
+func (p *Pool) run(w *worker, j *job) {
+	if j.ctx.Err() != nil {
+		j.finish(outcome{err: deadlineError(w.name)})
+		return
+	}
+	p.busy.Add(1)
+	w.inflight.Add(1)
+	defer func() {
+		w.inflight.Add(-1)
+		p.busy.Add(-1)
+	}()
+
+	id := w.nextID.Add(1)
+	frame := &workerpb.Call{Id: id, Function: j.req.Function, Payload: j.req.Payload,
+		RequestId: j.req.RequestID, Session: j.req.Session}
+	var deadline <-chan time.Time
+	if !j.req.Deadline.IsZero() {
+		left := time.Until(j.req.Deadline)
+		frame.TimeoutMs = uint32(max(left.Milliseconds(), 1))
+		t := time.NewTimer(left)
+		defer t.Stop()
+		deadline = t.C
+	}
+	results, err := w.begin(frame)
+	if err != nil {
+		j.finish(outcome{err: lostError(w)})
+		return
+	}
+	overran := false
+	for {
+		select {
+		case r := <-results:
+			if r.Kind == workerpb.Result_CHUNK {
+				if err := j.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {
+					w.cancel(id)
+				}
+				continue
+			}
+			w.handled.Add(1)
+			p.handled.Add(1)
+			if r.Error != nil {
+				p.errors.Add(1)
+				j.finish(outcome{err: &call.Error{Code: int(r.Error.Code), Type: r.Error.Type, Message: r.Error.Message, Worker: w.name}})
+				return
+			}
+			j.finish(outcome{res: call.Result{Worker: w.name, Data: r.Payload}})
+			return
+		case <-w.lost:
+			p.errors.Add(1)
+			if overran {
+				j.finish(outcome{err: deadlineError(w.name)})
+			} else {
+				j.finish(outcome{err: lostError(w)})
+			}
+			return
+		case <-deadline:
+			if !overran {
+				overran = true
+				w.cancel(id)
+				t := time.NewTimer(p.cfg.DeadlineGrace)
+				defer t.Stop()
+				deadline = t.C
+				continue
+			}
+			p.log.Warn("call overran its deadline; killing its worker",
+				zap.String("worker", w.name), zap.String("function", j.req.Function))
+			w.stopProcess(lifecycle.ReasonDeadline, 0)
+			deadline = nil
+		}
+	}
+}
+
+func deadlineError(worker string) *call.Error {
+	return &call.Error{Code: call.CodeDeadline, Type: "DeadlineExceeded", Message: "the deadline passed before the call finished", Worker: worker}
+}
+
+// Functions lists the app's functions, as the first worker reported them.
+func (p *Pool) Functions() []call.Function {
+	p.fnMu.RLock()
+	defer p.fnMu.RUnlock()
+	return append([]call.Function(nil), p.functions...)
+}
+
+func (p *Pool) setFunctions(hs *handshake) {
+	p.fnMu.Lock()
+	defer p.fnMu.Unlock()
+	if p.fnIndex != nil {
+		return // every worker runs the same app; the first one tells
+	}
+	p.fnIndex = make(map[string]call.Function, len(hs.Functions))
+	for _, f := range hs.Functions {
+		fn := call.Function{Name: f.Name, Raw: f.Raw, Stream: f.Stream}
+		p.functions = append(p.functions, fn)
+		p.fnIndex[f.Name] = fn
+	}
+	sort.Slice(p.functions, func(a, b int) bool { return p.functions[a].Name < p.functions[b].Name })
+}
+
+func (p *Pool) lookup(name string) (call.Function, bool) {
+	p.fnMu.RLock()
+	defer p.fnMu.RUnlock()
+	fn, ok := p.fnIndex[name]
+	return fn, ok
+}
+
+// Call runs req on a worker; see call.Handler. Time spent waiting for a free
+// worker counts against the deadline in ctx.
+func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (call.Result, error) {
+	fn, ok := p.lookup(req.Function)
+	if !ok {
+		return call.Result{}, call.Errorf(call.CodeNotFound, "NotFound", "no function %q in this app", req.Function)
+	}
+	if !p.enter() {
+		return call.Result{}, call.Errorf(call.CodeUnavailable, "Draining", "the node is stopping; try another node")
+	}
+	defer p.leave()
+
+	queue := p.queue
+	var pinned *worker
+	if req.Session != "" {
+		w, err := p.sessionWorker(req.Session)
+		if err != nil {
+			return call.Result{}, err
+		}
+		pinned, queue = w, w.pinned
+	}
+
+	if n := p.waiting.Add(1); n > int64(p.cfg.QueueLimit) {
+		p.waiting.Add(-1)
+		return call.Result{}, call.Errorf(call.CodeUnavailable, "Overloaded", "%d calls are already waiting on this node", p.cfg.QueueLimit)
+	}
+	j := &job{ctx: ctx, req: req, emit: emit, fn: fn, done: make(chan outcome, 1)}
+	var lost, retired <-chan struct{}
+	if pinned != nil {
+		lost, retired = pinned.lost, pinned.retire
+	}
+	select {
+	case queue <- j:
+		p.waiting.Add(-1)
+	case <-ctx.Done():
+		p.waiting.Add(-1)
+		return call.Result{}, call.Errorf(call.CodeDeadline, "DeadlineExceeded", "the deadline passed while the call waited for a worker")
+	case <-p.closed:
+		p.waiting.Add(-1)
+		return call.Result{}, call.Errorf(call.CodeUnavailable, "Draining", "the node stopped before a worker was free")
+	case <-lost:
+		p.waiting.Add(-1)
+		return call.Result{}, sessionLost(req.Session, pinned)
+	case <-retired:
+		p.waiting.Add(-1)
+		return call.Result{}, sessionLost(req.Session, pinned)
+	}
+
+	select {
+	case o := <-j.done:
+		return o.res, o.err
+	case <-ctx.Done():
+		j.abandon()
+		// The slot may have finished at the same moment; prefer its answer.
+		select {
+		case o := <-j.done:
+			return o.res, o.err
+		default:
+		}
+		return call.Result{}, call.Errorf(call.CodeDeadline, "DeadlineExceeded", "the deadline passed before the call finished")
+	}
+}
+
+func (p *Pool) enter() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.isDrain {
+		return false
+	}
+	p.active++
+	return true
+}
+
+func (p *Pool) leave() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.active--
+	if p.active == 0 && p.drained != nil {
+		close(p.drained)
+		p.drained = nil
+	}
+}
+
+// sessionWorker returns the worker a session is bound to, binding it to the
+// least busy worker on its first call.
+func (p *Pool) sessionWorker(id string) (*worker, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	if s, ok := p.sessions[id]; ok {
+		if p.workers[s.worker.name] != s.worker {
+			return nil, sessionLost(id, s.worker)
+		}
+		s.lastUsed = now
+		return s.worker, nil
+	}
+	var best *worker
+	for _, w := range p.workers {
+		if best == nil || w.inflight.Load() < best.inflight.Load() {
+			best = w
+		}
+	}
+	if best == nil {
+		return nil, call.Errorf(call.CodeUnavailable, "NoWorker", "no worker is ready to take a new session")
+	}
+	if len(p.sessions) >= 1024 && len(p.sessions)%1024 == 0 {
+		for k, s := range p.sessions {
+			if now.Sub(s.lastUsed) > sessionIdle {
+				delete(p.sessions, k)
+			}
+		}
+	}
+	p.sessions[id] = &session{worker: best, lastUsed: now}
+	return best, nil
+}
+
+func sessionLost(id string, w *worker) *call.Error {
+	return &call.Error{Code: call.CodeSessionLost, Type: "SessionLost",
+		Message: fmt.Sprintf("session %q lived on worker %s, which is gone", id, w.name), Worker: w.name}
+}
+
+// Drain stops the pool taking new calls and waits until the accepted ones
+// are answered or ctx ends.
+func (p *Pool) Drain(ctx context.Context) error {
+	p.mu.Lock()
+	if !p.isDrain {
+		p.isDrain = true
+		close(p.draining)
+	}
+	if p.active == 0 {
+		p.mu.Unlock()
+		return nil
+	}
+	if p.drained == nil {
+		p.drained = make(chan struct{})
+	}
+	drained := p.drained
+	p.mu.Unlock()
+	select {
+	case <-drained:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close stops every worker (SIGTERM, then SIGKILL after StopGrace) and
+// waits for them and for every goroutine of the pool. Calls still waiting
+// are answered 503. Safe to call more than once.
+func (p *Pool) Close() {
+	p.closeOnce.Do(func() {
+		p.mu.Lock()
+		if !p.isDrain {
+			p.isDrain = true
+			close(p.draining)
+		}
+		p.mu.Unlock()
+		close(p.closed)
+		p.cancel()
+	})
+	p.goroutines.Wait()
+}
+
+// Abort makes a Close that is under way, or the next one, kill the workers
+// at once instead of granting StopGrace. It returns once the workers alive
+// when it was called are dead.
+func (p *Pool) Abort() {
+	p.abortOnce.Do(func() { close(p.aborted) })
+	p.mu.Lock()
+	live := make([]*worker, 0, len(p.workers))
+	for _, w := range p.workers {
+		live = append(live, w)
+	}
+	p.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, w := range live {
+		wg.Go(w.proc.Kill)
+	}
+	wg.Wait()
+}
+
+func (p *Pool) isAborted() bool {
+	select {
+	case <-p.aborted:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *Pool) isClosed() bool {
+	select {
+	case <-p.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *Pool) emit(ev lifecycle.Event) {
+	if p.cfg.Events == nil {
+		return
+	}
+	if ev.Run == "" {
+		ev.Run = p.cfg.Run
+	}
+	p.cfg.Events(ev)
+}
+
+// Stats is a snapshot of the pool for node listings and metrics.
+type Stats struct {
+	Workers int    `json:"workers"`
+	Busy    int    `json:"busy"`
+	Queued  int    `json:"queued"`
+	Handled uint64 `json:"handled"`
+	Errors  uint64 `json:"errors"`
+}
+
+// Stats returns the pool's counters now.
+func (p *Pool) Stats() Stats {
+	p.mu.Lock()
+	n := len(p.workers)
+	p.mu.Unlock()
+	return Stats{
+		Workers: n,
+		Busy:    int(p.busy.Load()),
+		Queued:  int(p.waiting.Load()),
+		Handled: p.handled.Load(),
+		Errors:  p.errors.Load(),
+	}
+}
+
+// Workers lists the live workers' pids by name.
+func (p *Pool) Workers() map[string]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[string]int, len(p.workers))
+	for name, w := range p.workers {
+		out[name] = w.proc.PID()
+	}
+	return out
+}

@@ -1,0 +1,359 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/lifecycle"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+func testPython(t *testing.T) string {
+	t.Helper()
+	py := os.Getenv("PYFLEET_TEST_PYTHON")
+	if py == "" {
+		py, _ = filepath.Abs("../python/.venv/bin/python")
+	}
+	if _, err := os.Stat(py); err != nil {
+		t.Fatalf("no Python venv at %s: run `make venv`", py)
+	}
+	return py
+}
+
+// recorder keeps the events a pool emits.
+type recorder struct {
+	mu  sync.Mutex
+	got []lifecycle.Event
+}
+
+func (r *recorder) add(e lifecycle.Event) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.got = append(r.got, e)
+}
+
+func (r *recorder) has(match func(lifecycle.Event) bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.got {
+		if match(e) {
+			return true
+		}
+	}
+	return false
+}
+
+// waitFor polls for an event: the pool emits from its own goroutines.
+func (r *recorder) waitFor(t *testing.T, what string, match func(lifecycle.Event) bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !r.has(match) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s event; got %+v", what, r.got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// startPool starts a pool of the test app; Close runs in cleanup.
+func startPool(t *testing.T, mod func(*Config)) (*Pool, *recorder) {
+	t.Helper()
+	sockDir, err := os.MkdirTemp("", "pft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	appDir, _ := filepath.Abs("testdata")
+	rec := &recorder{}
+	sp := lifecycle.NewSpawner()
+	cfg := Config{
+		Python:        testPython(t),
+		App:           "app",
+		AppDir:        appDir,
+		SocketDir:     sockDir,
+		Node:          "pooltest",
+		Run:           "r1",
+		Workers:       1,
+		DeadlineGrace: 200 * time.Millisecond,
+		Spawner:       sp,
+		Events:        rec.add,
+		Logger:        zaptest.NewLogger(t),
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Start(context.Background()); err != nil {
+		sp.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.Close()
+		sp.Close()
+	})
+	return p, rec
+}
+
+func callFn(p *Pool, timeout time.Duration, fn, payload string) (call.Result, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	dl, _ := ctx.Deadline()
+	return p.Call(ctx, &call.Request{Function: fn, Payload: []byte(payload), Deadline: dl}, nil)
+}
+
+func codeOf(err error) int {
+	var ce *call.Error
+	if errors.As(err, &ce) {
+		return ce.Code
+	}
+	return 0
+}
+
+func TestCallKinds(t *testing.T) {
+	p, _ := startPool(t, func(c *Config) { c.Workers = 2 })
+	if len(p.Functions()) != 6 {
+		t.Errorf("functions %+v", p.Functions())
+	}
+	res, err := callFn(p, 5*time.Second, "echo", `{"a":[1,2]}`)
+	if err != nil || string(res.Data) != `{"a":[1,2]}` || res.Worker == "" {
+		t.Errorf("echo: %+v %v", res, err)
+	}
+	if _, err := callFn(p, 5*time.Second, "bad", `1`); codeOf(err) != call.CodeBadRequest {
+		t.Errorf("bad: %v", err)
+	}
+	if _, err := callFn(p, 5*time.Second, "missing", `1`); codeOf(err) != call.CodeNotFound {
+		t.Errorf("missing: %v", err)
+	}
+
+	var chunks []string
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = p.Call(ctx, &call.Request{Function: "gen", Payload: []byte("3")}, func(c call.Chunk) error {
+		chunks = append(chunks, string(c.Data))
+		return nil
+	})
+	if err != nil || len(chunks) != 3 || chunks[2] != `{"i":2}` {
+		t.Errorf("gen: %v %q", err, chunks)
+	}
+}
+
+// Two workers with one slot each run two slow calls at once.
+func TestCallsRunInParallel(t *testing.T) {
+	p, _ := startPool(t, func(c *Config) { c.Workers = 2 })
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Go(func() {
+			_, err := callFn(p, 10*time.Second, "sleep", "300")
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Serial would take 1.2 s; two at a time 0.6 s. The bound sits between.
+	if took := time.Since(start); took > 1100*time.Millisecond {
+		t.Errorf("4 calls of 300 ms on 2 workers took %s: not parallel", took)
+	}
+}
+
+func TestQueueLimitAnswers503(t *testing.T) {
+	p, _ := startPool(t, func(c *Config) { c.QueueLimit = 1 })
+	running := make(chan error, 1)
+	go func() {
+		_, err := callFn(p, 10*time.Second, "sleep", "1000")
+		running <- err
+	}()
+	waitUntil(t, func() bool { return p.Stats().Busy == 1 })
+	queued := make(chan error, 1)
+	go func() {
+		_, err := callFn(p, 10*time.Second, "echo", "1")
+		queued <- err
+	}()
+	waitUntil(t, func() bool { return p.Stats().Queued == 1 })
+	if _, err := callFn(p, 10*time.Second, "echo", "2"); codeOf(err) != call.CodeUnavailable {
+		t.Errorf("over the limit: %v, want 503", err)
+	}
+	if err := <-running; err != nil {
+		t.Error(err)
+	}
+	if err := <-queued; err != nil {
+		t.Error(err)
+	}
+}
+
+// A sync call that overruns its deadline by the grace gets its worker
+// killed and replaced; the caller gets 408.
+func TestDeadlineKillsSyncWorker(t *testing.T) {
+	p, rec := startPool(t, nil)
+	before := p.Workers()["w1"]
+	start := time.Now()
+	_, err := callFn(p, 300*time.Millisecond, "sleep", "30000")
+	if codeOf(err) != call.CodeDeadline {
+		t.Fatalf("err %v, want 408", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("caller waited %s past a 300 ms deadline", took)
+	}
+	rec.waitFor(t, "terminated(deadline)", func(e lifecycle.Event) bool {
+		return e.Kind == lifecycle.KindTerminated && e.Reason == lifecycle.ReasonDeadline && e.PID == before
+	})
+	waitUntil(t, func() bool { pid := p.Workers()["w1"]; return pid != 0 && pid != before })
+	if _, err := callFn(p, 5*time.Second, "echo", "1"); err != nil {
+		t.Errorf("replacement: %v", err)
+	}
+}
+
+// An async call is cancelled at its deadline by the worker itself.
+func TestDeadlineCancelsAsync(t *testing.T) {
+	p, rec := startPool(t, nil)
+	before := p.Workers()["w1"]
+	if _, err := callFn(p, 300*time.Millisecond, "slow_async", "30000"); codeOf(err) != call.CodeDeadline {
+		t.Fatalf("err %v, want 408", err)
+	}
+	if _, err := callFn(p, 5*time.Second, "echo", "1"); err != nil {
+		t.Fatal(err)
+	}
+	if p.Workers()["w1"] != before || rec.has(func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindTerminated }) {
+		t.Error("the worker was replaced; an async call should have been cancelled in place")
+	}
+}
+
+// A worker killed mid-call fails the call at once, not at its deadline.
+func TestWorkerDeathFailsCallPromptly(t *testing.T) {
+	p, rec := startPool(t, nil)
+	pid := p.Workers()["w1"]
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := callFn(p, 30*time.Second, "sleep", "20000")
+		done <- err
+	}()
+	waitUntil(t, func() bool { return p.Stats().Busy == 1 })
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	err := <-done
+	if codeOf(err) != call.CodeFailed {
+		t.Errorf("err %v, want 500 WorkerLost", err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("the call took %s to fail", took)
+	}
+	rec.waitFor(t, "crashed", func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindCrashed && e.PID == pid })
+	rec.waitFor(t, "restarted", func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindRestarted })
+}
+
+func TestSessionPinsWorkerAnd410WhenGone(t *testing.T) {
+	p, _ := startPool(t, func(c *Config) { c.Workers = 2 })
+	var first string
+	for i := range 10 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		res, err := p.Call(ctx, &call.Request{Function: "pid", Payload: []byte("0"), Session: "s1"}, nil)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			first = string(res.Data)
+		} else if string(res.Data) != first {
+			t.Fatalf("session moved from pid %s to %s", first, res.Data)
+		}
+	}
+	var pid int
+	for _, c := range first {
+		pid = pid*10 + int(c-'0')
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, func() bool {
+		for _, live := range p.Workers() {
+			if live == pid {
+				return false
+			}
+		}
+		return true
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := p.Call(ctx, &call.Request{Function: "pid", Payload: []byte("0"), Session: "s1"}, nil)
+	if codeOf(err) != call.CodeSessionLost {
+		t.Errorf("err %v, want 410", err)
+	}
+}
+
+func TestDrainFinishesInFlight(t *testing.T) {
+	p, _ := startPool(t, nil)
+	done := make(chan error, 1)
+	go func() {
+		_, err := callFn(p, 10*time.Second, "sleep", "500")
+		done <- err
+	}()
+	waitUntil(t, func() bool { return p.Stats().Busy == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("in-flight call: %v", err)
+	}
+	if _, err := callFn(p, time.Second, "echo", "1"); codeOf(err) != call.CodeUnavailable {
+		t.Errorf("after drain: %v, want 503", err)
+	}
+}
+
+func TestAppImportErrorStopsStart(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "broken.py"), []byte("raise ValueError('nope')\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sockDir, _ := os.MkdirTemp("", "pft")
+	defer os.RemoveAll(sockDir)
+	sp := lifecycle.NewSpawner()
+	defer sp.Close()
+	p, err := New(Config{Python: testPython(t), App: "broken", AppDir: dir, SocketDir: sockDir,
+		Node: "n", Run: "r", Workers: 2, Spawner: sp, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Start(context.Background())
+	var appErr *AppError
+	if !errors.As(err, &appErr) || appErr.Type != "ValueError" || appErr.Message != "nope" {
+		t.Fatalf("err %v, want the app's ValueError", err)
+	}
+	p.Close()
+}
+
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 20 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

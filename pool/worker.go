@@ -1,0 +1,411 @@
+package pool
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/proto/workerpb"
+)
+
+// The worker's first words on stdout: one of these, then a JSON object.
+const (
+	handshakeReady = "PYFLEET-READY "
+	handshakeError = "PYFLEET-ERROR "
+)
+
+// Environment variables the node sets on a worker. The RUN and ID markers are
+// inherited by everything the worker starts, which is how the reaper
+// recognises a process as ours even after it left the worker's group.
+const (
+	envSecret   = "PYFLEET_WORKER_SECRET"
+	envLifeline = "PYFLEET_WORKER_LIFELINE_FD"
+	envRun      = "PYFLEET_WORKER_RUN"
+	envID       = "PYFLEET_WORKER_ID"
+)
+
+// handshake is the JSON a worker prints once it serves.
+type handshake struct {
+	Version   int `json:"v"`
+	PID       int `json:"pid"`
+	Functions []struct {
+		Name   string `json:"name"`
+		Raw    bool   `json:"raw"`
+		Stream bool   `json:"stream"`
+	} `json:"functions"`
+}
+
+// AppError is a worker that could not load the app: restarting cannot help,
+// so the node reports it and exits.
+type AppError struct {
+	Type    string `json:"type"`
+	Message string `json:"message"`
+}
+
+func (e *AppError) Error() string {
+	return fmt.Sprintf("the app failed to load: %s: %s", e.Type, e.Message)
+}
+
+// worker is one running Python process and its Serve stream. Its calls are
+// matched to results by id; recv owns the stream's receive side.
+type worker struct {
+	name string // e.g. "w3", unique in the node
+	proc *lifecycle.Process
+	conn *grpc.ClientConn
+	log  *zap.Logger
+
+	stream workerpb.Worker_ServeClient
+	sendMu sync.Mutex // grpc streams allow one sender at a time
+
+	mu      sync.Mutex
+	pending map[uint64]chan *workerpb.Result
+	broken  error // set once the stream failed; no call can start after
+
+	nextID   atomic.Uint64
+	handled  atomic.Uint64
+	inflight atomic.Int64
+	started  time.Time
+
+	// lost is closed when the stream breaks or the process exits: every
+	// pending call fails at once rather than waiting for its deadline.
+	lost     chan struct{}
+	lostOnce sync.Once
+
+	// why is the reason the pool stopped this worker on purpose (stop,
+	// deadline, recycle, unhealthy); empty means it died by itself.
+	why atomic.Pointer[string]
+
+	// pinned carries calls of sessions bound to this worker.
+	pinned chan *job
+	// retire is closed when the worker must take no more calls.
+	retire     chan struct{}
+	retireOnce sync.Once
+
+	// slots counts this worker's slot goroutines still running.
+	slots sync.WaitGroup
+}
+
+type spawnResult struct {
+	hs  *handshake
+	err error
+}
+
+// spawnWorker starts a worker process and returns once it serves, or fails.
+func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
+	secretBytes := make([]byte, 32)
+	if _, err := rand.Read(secretBytes); err != nil {
+		return nil, fmt.Errorf("worker secret: %w", err)
+	}
+	secret := hex.EncodeToString(secretBytes)
+	sock := filepath.Join(p.cfg.SocketDir, name+"-"+strconv.FormatUint(p.spawnSeq.Add(1), 10)+".sock")
+	_ = os.Remove(sock)
+
+	lifelineR, lifelineW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("lifeline pipe: %w", err)
+	}
+	cmd := exec.Command(p.cfg.Python, "-m", "pyfleet.worker",
+		"--app", p.cfg.App,
+		"--app-dir", p.cfg.AppDir,
+		"--socket", sock,
+		"--worker-id", name,
+		"--concurrency", strconv.Itoa(p.cfg.Concurrency))
+	cmd.Env = append(os.Environ(),
+		envSecret+"="+secret,
+		envLifeline+"=3",
+		envRun+"="+p.cfg.Node+"/"+p.cfg.Run,
+		envID+"="+p.cfg.Node+"/"+p.cfg.Run+"/"+name,
+	)
+	cmd.Dir = p.cfg.AppDir
+	// The read end becomes fd 3 in the worker. The node keeps the write end
+	// open for the worker's life and never writes: the worker sees EOF only
+	// when the node is gone, however it died.
+	cmd.ExtraFiles = []*os.File{lifelineR}
+
+	w := &worker{
+		name:    name,
+		log:     p.log.With(zap.String("worker", name)),
+		pending: make(map[uint64]chan *workerpb.Result),
+		lost:    make(chan struct{}),
+		pinned:  make(chan *job),
+		retire:  make(chan struct{}),
+	}
+	ready := make(chan spawnResult, 1)
+	var stderrTail tail
+	onStdout := func(line []byte) {
+		if !bytes.HasPrefix(line, []byte(handshakeReady)) && !bytes.HasPrefix(line, []byte(handshakeError)) {
+			w.log.Info(string(line), zap.String("stream", "stdout"))
+			return
+		}
+		res := spawnResult{}
+		if bytes.HasPrefix(line, []byte(handshakeReady)) {
+			var hs handshake
+			if err := json.Unmarshal(line[len(handshakeReady):], &hs); err != nil {
+				res.err = fmt.Errorf("worker %s: bad handshake %q: %w", name, line, err)
+			} else {
+				res.hs = &hs
+			}
+		} else {
+			var ae AppError
+			if err := json.Unmarshal(line[len(handshakeError):], &ae); err != nil {
+				res.err = fmt.Errorf("worker %s: bad error line %q: %w", name, line, err)
+			} else {
+				res.err = &ae
+			}
+		}
+		select {
+		case ready <- res:
+		default: // a second handshake line is garbage; the first one counts
+			w.log.Warn("unexpected handshake line", zap.ByteString("line", line))
+		}
+	}
+	onStderr := func(line []byte) {
+		stderrTail.add(line)
+		w.log.Info(string(line), zap.String("stream", "stderr"))
+	}
+
+	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{Stdout: onStdout, Stderr: onStderr})
+	lifelineR.Close()
+	if err != nil {
+		lifelineW.Close()
+		return nil, fmt.Errorf("start %s: %w", p.cfg.Python, err)
+	}
+	w.proc = proc
+	w.started = time.Now()
+	p.emit(lifecycle.Event{Kind: lifecycle.KindSpawned, Worker: name, PID: proc.PID(), PGID: proc.PGID()})
+
+	// The lifeline's write end must stay open exactly as long as the process
+	// may run; closing it once the process is gone keeps fds bounded.
+	p.goroutines.Add(1)
+	go func() {
+		defer p.goroutines.Done()
+		<-proc.Done()
+		lifelineW.Close()
+	}()
+
+	fail := func(err error) (*worker, error) {
+		w.stopProcess(lifecycle.ReasonStop, 0)
+		return nil, err
+	}
+	startCtx, cancel := context.WithTimeout(ctx, p.cfg.StartTimeout)
+	defer cancel()
+	var hs *handshake
+	select {
+	case res := <-ready:
+		if res.err != nil {
+			return fail(res.err)
+		}
+		hs = res.hs
+	case <-proc.Done():
+		// The stdout reader may not have passed on the worker's last line
+		// yet; it reaches EOF as soon as the worker and its children are gone.
+		t := time.NewTimer(2 * time.Second)
+		defer t.Stop()
+		select {
+		case res := <-ready:
+			if res.err != nil {
+				return nil, res.err
+			}
+		case <-t.C:
+		}
+		st := proc.Exit()
+		return nil, fmt.Errorf("worker %s exited before its handshake (%s): %s", name, st, stderrTail.String())
+	case <-startCtx.Done():
+		return fail(fmt.Errorf("worker %s sent no handshake within %s", name, p.cfg.StartTimeout))
+	}
+
+	conn, err := grpc.NewClient("unix:"+sock,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithPerRPCCredentials(secretCreds(secret)),
+	)
+	if err != nil {
+		return fail(fmt.Errorf("worker %s: dial: %w", name, err))
+	}
+	w.conn = conn
+	if _, err := healthpb.NewHealthClient(conn).Check(startCtx, &healthpb.HealthCheckRequest{}); err != nil {
+		conn.Close()
+		return fail(fmt.Errorf("worker %s: health check: %w", name, err))
+	}
+	// The stream lives as long as the worker, not as long as this start.
+	stream, err := workerpb.NewWorkerClient(conn).Serve(context.Background())
+	if err != nil {
+		conn.Close()
+		return fail(fmt.Errorf("worker %s: open stream: %w", name, err))
+	}
+	w.stream = stream
+	p.setFunctions(hs)
+
+	p.goroutines.Add(2)
+	go func() {
+		defer p.goroutines.Done()
+		w.recv()
+	}()
+	go func() {
+		defer p.goroutines.Done()
+		select {
+		case <-proc.Done():
+			w.markLost(fmt.Errorf("worker %s exited (%s)", name, proc.Exit()))
+		case <-w.lost:
+		}
+	}()
+	p.emit(lifecycle.Event{Kind: lifecycle.KindReady, Worker: name, PID: proc.PID(), PGID: proc.PGID()})
+	return w, nil
+}
+
+// recv routes results to the calls waiting for them until the stream ends.
+func (w *worker) recv() {
+	for {
+		r, err := w.stream.Recv()
+		if err != nil {
+			w.markLost(fmt.Errorf("worker %s: stream closed: %w", w.name, err))
+			return
+		}
+		w.mu.Lock()
+		ch := w.pending[r.Id]
+		if r.Kind == workerpb.Result_END {
+			delete(w.pending, r.Id)
+		}
+		w.mu.Unlock()
+		if ch == nil {
+			continue // a call the node already gave up on
+		}
+		// Each call's channel is buffered for its END frame, and the one
+		// slot goroutine that reads it always drains to END, so this send
+		// blocks only while a streaming caller is still consuming chunks.
+		select {
+		case ch <- r:
+		case <-w.lost:
+			return
+		}
+	}
+}
+
+// markLost fails every pending call and stops new ones from starting.
+func (w *worker) markLost(err error) {
+	w.lostOnce.Do(func() {
+		w.mu.Lock()
+		w.broken = err
+		w.pending = nil
+		w.mu.Unlock()
+		close(w.lost)
+	})
+}
+
+// begin registers a call and sends its frame.
+func (w *worker) begin(c *workerpb.Call) (<-chan *workerpb.Result, error) {
+	ch := make(chan *workerpb.Result, 1)
+	w.mu.Lock()
+	if w.broken != nil {
+		err := w.broken
+		w.mu.Unlock()
+		return nil, err
+	}
+	w.pending[c.Id] = ch
+	w.mu.Unlock()
+	if err := w.send(c); err != nil {
+		w.markLost(fmt.Errorf("worker %s: send: %w", w.name, err))
+		return nil, err
+	}
+	return ch, nil
+}
+
+func (w *worker) send(c *workerpb.Call) error {
+	w.sendMu.Lock()
+	defer w.sendMu.Unlock()
+	return w.stream.Send(c)
+}
+
+// cancel asks the worker to stop call id; best effort.
+func (w *worker) cancel(id uint64) {
+	_ = w.send(&workerpb.Call{Id: id, Cancel: true})
+}
+
+// stopProcess stops the worker on purpose; the first reason given wins.
+func (w *worker) stopProcess(reason string, grace time.Duration) {
+	w.why.CompareAndSwap(nil, &reason)
+	w.retireOnce.Do(func() { close(w.retire) })
+	if w.stream != nil {
+		w.sendMu.Lock()
+		_ = w.stream.CloseSend()
+		w.sendMu.Unlock()
+	}
+	w.proc.Stop(grace)
+	if w.conn != nil {
+		w.conn.Close()
+	}
+	w.markLost(fmt.Errorf("worker %s stopped (%s)", w.name, reason))
+}
+
+// stoppedFor is why the pool stopped the worker, or "" if it died by itself.
+func (w *worker) stoppedFor() string {
+	if r := w.why.Load(); r != nil {
+		return *r
+	}
+	return ""
+}
+
+// secretCreds puts the worker's secret on every RPC. The socket is already
+// private to the node's user; the secret stops any other process of that
+// user from driving a worker it happens to find.
+type secretCreds string
+
+func (s secretCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"pyfleet-secret": string(s)}, nil
+}
+
+func (secretCreds) RequireTransportSecurity() bool { return false }
+
+// tail keeps the last lines of a worker's stderr, to say why it died before
+// its handshake.
+type tail struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (t *tail) add(line []byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.lines = append(t.lines, string(line))
+	if len(t.lines) > 8 {
+		t.lines = t.lines[1:]
+	}
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.lines) == 0 {
+		return "no output on stderr"
+	}
+	var b bytes.Buffer
+	for i, l := range t.lines {
+		if i > 0 {
+			b.WriteString(" | ")
+		}
+		b.WriteString(l)
+	}
+	return b.String()
+}
+
+// lostError is what a caller gets when its worker died under its call.
+func lostError(w *worker) *call.Error {
+	return &call.Error{Code: call.CodeFailed, Type: "WorkerLost",
+		Message: fmt.Sprintf("worker %s died while running the call", w.name), Worker: w.name}
+}
