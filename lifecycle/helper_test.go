@@ -1,0 +1,204 @@
+package lifecycle
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// helperEnv selects a fake child: the test binary re-executed in one of the
+// modes of runHelper (go-plugin's helperProcess pattern), so the tests need
+// no Python and no shell.
+const helperEnv = "LIFECYCLE_TEST_HELPER"
+
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(helperEnv); mode != "" {
+		os.Exit(runHelper(mode))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+// runHelper is the body of a fake child. Every mode that lives on first
+// prints "pid <pid>" so the test learns the pids of a whole tree.
+func runHelper(mode string) int {
+	announce := func() { fmt.Printf("pid %d\n", os.Getpid()) }
+	forever := func() int { time.Sleep(time.Hour); return 0 }
+	switch mode {
+	case "sleep":
+		announce()
+		return forever()
+	case "ignore-term":
+		signal.Ignore(syscall.SIGTERM)
+		announce()
+		return forever()
+	case "tree", "tree-child":
+		// A child and a grandchild without Pdeathsig, as Python's
+		// multiprocessing would leave them: only the group kill reaches them.
+		next := map[string]string{"tree": "tree-child", "tree-child": "sleep"}[mode]
+		announce()
+		if err := helperChild(next, nil).Start(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		return forever()
+	case "tree-ignore", "tree-ignore-child":
+		signal.Ignore(syscall.SIGTERM)
+		next := map[string]string{"tree-ignore": "tree-ignore-child", "tree-ignore-child": "ignore-term"}[mode]
+		announce()
+		if err := helperChild(next, nil).Start(); err != nil {
+			return 3
+		}
+		return forever()
+	case "escape":
+		// A child that leaves the group with setsid and keeps the pipes.
+		announce()
+		if err := helperChild("sleep", &syscall.SysProcAttr{Setsid: true}).Start(); err != nil {
+			return 3
+		}
+		return forever()
+	case "lines":
+		fmt.Println("out 1")
+		fmt.Println("out 2")
+		fmt.Println(strings.Repeat("x", maxLine+10))
+		fmt.Fprintln(os.Stderr, "err 1")
+		fmt.Print("no newline")
+		return 0
+	case "exit7":
+		return 7
+	case "node":
+		// A supervisor of its own: the test SIGKILLs it and checks that its
+		// worker dies with it.
+		s := NewSpawner()
+		p, err := Start(s, helperCmd("sleep"), StartOptions{})
+		if err != nil {
+			return 3
+		}
+		fmt.Printf("worker %d\n", p.PID())
+		return forever()
+	}
+	fmt.Fprintln(os.Stderr, "unknown helper mode", mode)
+	return 2
+}
+
+// helperCmd returns a command that runs the test binary as a fake child.
+func helperCmd(mode string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	// The race detector otherwise sleeps a second before a helper exits.
+	cmd.Env = append(os.Environ(), helperEnv+"="+mode, "GORACE=atexit_sleep_ms=0")
+	return cmd
+}
+
+// helperChild is helperCmd for a helper's own children: they share its
+// output, so their "pid" lines reach the test too.
+func helperChild(mode string, attr *syscall.SysProcAttr) *exec.Cmd {
+	cmd := helperCmd(mode)
+	cmd.Stdout, cmd.Stderr, cmd.SysProcAttr = os.Stdout, os.Stderr, attr
+	return cmd
+}
+
+// lines collects output lines from a Process's callbacks.
+type lines struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *lines) add(b []byte) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines = append(l.lines, string(b))
+}
+
+func (l *lines) get() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.lines...)
+}
+
+// pids returns the pids announced so far with the given prefix ("pid").
+func (l *lines) pids(prefix string) []int {
+	var out []int
+	for _, s := range l.get() {
+		if rest, ok := strings.CutPrefix(s, prefix+" "); ok {
+			if pid, err := strconv.Atoi(rest); err == nil {
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// mustSpawner returns a Spawner closed at the end of the test.
+func mustSpawner(t *testing.T) *Spawner {
+	t.Helper()
+	s := NewSpawner()
+	t.Cleanup(s.Close)
+	return s
+}
+
+// mustStart starts a helper and makes sure it and every pid it announces are
+// gone at the end of the test, whatever the test did.
+func mustStart(t *testing.T, s *Spawner, mode string) (*Process, *lines) {
+	t.Helper()
+	out := &lines{}
+	p, err := Start(s, helperCmd(mode), StartOptions{Stdout: out.add, Stderr: out.add})
+	if err != nil {
+		t.Fatalf("Start %s: %v", mode, err)
+	}
+	t.Cleanup(func() {
+		p.Kill()
+		killIdentities(identities(out.pids("pid")))
+		killIdentities(identities(out.pids("worker")))
+	})
+	return p, out
+}
+
+// identities reads the identities of pids that are still alive.
+func identities(pids []int) []Identity {
+	var ids []Identity
+	for _, pid := range pids {
+		if id, err := ReadIdentity(pid); err == nil {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// killIdentities is the tests' own cleanup: it kills only processes whose
+// identity still matches.
+func killIdentities(ids []Identity) {
+	for _, id := range ids {
+		if id.Alive() {
+			_ = syscall.Kill(id.PID, syscall.SIGKILL)
+		}
+	}
+}
+
+func waitDone(t *testing.T, p *Process, d time.Duration) {
+	t.Helper()
+	select {
+	case <-p.Done():
+	case <-time.After(d):
+		t.Fatalf("process %d not done after %v", p.PID(), d)
+	}
+}

@@ -1,0 +1,396 @@
+package lifecycle
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxLine is the longest line handed to an output callback; longer lines
+// arrive in pieces so that a worker printing megabytes without a newline
+// cannot make the node buffer them.
+const maxLine = 64 << 10
+
+// drainTimeout bounds how long a process's output readers may run after its
+// leader has been reaped. They normally stop at once, when the last writer
+// dies with the group; only a descendant that left the group (setsid) and
+// still holds the pipes keeps them open.
+const drainTimeout = 2 * time.Second
+
+// Spawner forks every child from one goroutine locked to its OS thread for
+// its whole life, because Pdeathsig fires when the forking *thread* exits
+// (golang/go#27505), not the process: a child forked from an ordinary
+// goroutine dies whenever the runtime retires the thread it ran on, which it
+// does when any goroutine exits while locked to it.
+type Spawner struct {
+	reqs      chan func()
+	quit      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+// NewSpawner starts the spawner's goroutine. Close it after every process it
+// started has been stopped.
+func NewSpawner() *Spawner {
+	s := &Spawner{
+		reqs: make(chan func()),
+		quit: make(chan struct{}),
+		done: make(chan struct{}),
+	}
+	go s.loop()
+	return s
+}
+
+func (s *Spawner) loop() {
+	defer close(s.done)
+	// Never unlocked: no other goroutine may ever run on this thread (one
+	// that locked it and exited would end it), and when this goroutine
+	// returns the runtime ends the thread, so any child still running gets
+	// its Pdeathsig rather than outliving its supervision.
+	runtime.LockOSThread()
+	for {
+		select {
+		case fn := <-s.reqs:
+			fn()
+		case <-s.quit:
+			return
+		}
+	}
+}
+
+// Close stops the spawner's goroutine and waits for it. It is idempotent.
+// Processes still running are not stopped by Close; stop them first.
+func (s *Spawner) Close() {
+	s.closeOnce.Do(func() { close(s.quit) })
+	<-s.done
+}
+
+// do runs fn on the spawner's thread and waits for it.
+func (s *Spawner) do(fn func()) error {
+	ran := make(chan struct{})
+	select {
+	case s.reqs <- func() { defer close(ran); fn() }:
+	case <-s.quit:
+		return ErrSpawnerClosed
+	}
+	<-ran
+	return nil
+}
+
+// StartOptions configures Start.
+type StartOptions struct {
+	// Stdout and Stderr are called once per line of the child's output,
+	// without the newline, from the process's reader goroutines (one per
+	// stream, so calls for one stream never overlap). Lines longer than 64
+	// KiB arrive in pieces. The slice is the callback's to keep. Nil
+	// discards the stream. They must not block for long: a full pipe stalls
+	// the child.
+	Stdout func(line []byte)
+	Stderr func(line []byte)
+}
+
+// ExitStatus is how a process ended.
+type ExitStatus struct {
+	Code   int    // exit code, or -1 if a signal ended the process
+	Signal string // the signal's name, such as "SIGKILL", or ""
+}
+
+func (e ExitStatus) String() string {
+	if e.Signal != "" {
+		return "signal " + e.Signal
+	}
+	return fmt.Sprintf("exit status %d", e.Code)
+}
+
+// Process is a child started by Start. It owns the child's wait goroutine and
+// its two output readers; all three end on their own once the child has
+// exited, within drainTimeout.
+type Process struct {
+	cmd     *exec.Cmd
+	id      Identity
+	pgid    int
+	outR    *os.File
+	errR    *os.File
+	exited  chan struct{} // closed when the leader has been reaped
+	done    chan struct{} // closed when it has been reaped and its readers have stopped
+	exit    ExitStatus    // written before exited is closed
+	readers atomic.Int32  // output readers still running
+	drained chan struct{} // closed by the last reader to stop
+	mu      sync.RWMutex  // read-held while signalling the group, write-held while reaping
+	reaped  bool
+}
+
+// Start starts cmd in its own process group with Pdeathsig SIGKILL, forking on
+// the spawner's thread, and supervises it: a wait goroutine reaps it and two
+// reader goroutines pass its output lines to opts. Start sets cmd's Stdout,
+// Stderr and the Setpgid, Pgid and Pdeathsig fields of its SysProcAttr.
+//
+// When the leader exits, for whatever reason, its process group is killed
+// with SIGKILL before the leader is reaped: nothing it started in its group
+// outlives it.
+func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
+	switch {
+	case cmd.Process != nil:
+		return nil, fmt.Errorf("%w: already started", ErrBadCommand)
+	case cmd.Stdout != nil || cmd.Stderr != nil:
+		return nil, fmt.Errorf("%w: Stdout and Stderr belong to Start", ErrBadCommand)
+	case cmd.SysProcAttr != nil && (cmd.SysProcAttr.Setsid || cmd.SysProcAttr.Foreground):
+		return nil, fmt.Errorf("%w: Setsid or Foreground would leave the process group", ErrBadCommand)
+	}
+	var attr syscall.SysProcAttr
+	if cmd.SysProcAttr != nil {
+		attr = *cmd.SysProcAttr
+	}
+	attr.Setpgid, attr.Pgid, attr.Pdeathsig = true, 0, syscall.SIGKILL
+	cmd.SysProcAttr = &attr
+
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("lifecycle: stdout pipe: %w", err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, fmt.Errorf("lifecycle: stderr pipe: %w", err)
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+
+	var startErr, idErr error
+	var id Identity
+	err = s.do(func() {
+		if startErr = cmd.Start(); startErr == nil {
+			// Read before anyone waits for the child: unreaped, its pid
+			// cannot be reused, so this is the child's own start time.
+			id, idErr = ReadIdentity(cmd.Process.Pid)
+		}
+	})
+	// The child has its own copies; ours would keep the readers from ever
+	// seeing EOF.
+	outW.Close()
+	errW.Close()
+	if err == nil && startErr != nil {
+		err = fmt.Errorf("lifecycle: start %s: %w", cmd.Path, startErr)
+	}
+	if err == nil && idErr != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		err = fmt.Errorf("lifecycle: identify %s: %w", cmd.Path, idErr)
+	}
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return nil, err
+	}
+
+	p := &Process{
+		cmd:     cmd,
+		id:      id,
+		pgid:    cmd.Process.Pid,
+		outR:    outR,
+		errR:    errR,
+		exited:  make(chan struct{}),
+		done:    make(chan struct{}),
+		drained: make(chan struct{}),
+	}
+	p.readers.Store(2)
+	go p.readLines(outR, opts.Stdout)
+	go p.readLines(errR, opts.Stderr)
+	go p.wait()
+	return p, nil
+}
+
+// PID returns the process id of the leader.
+func (p *Process) PID() int { return p.id.PID }
+
+// PGID returns the id of the process group Start created for it.
+func (p *Process) PGID() int { return p.pgid }
+
+// Identity returns the leader's identity, read right after it started.
+func (p *Process) Identity() Identity { return p.id }
+
+// Done is closed once the process has exited and been reaped, the rest of its
+// group has been killed and has exited, and its output readers have stopped.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Exit returns how the process ended. It is valid once Done is closed.
+func (p *Process) Exit() ExitStatus { return p.exit }
+
+// Stop sends SIGTERM to the process group, waits up to grace for the leader
+// to exit, then sends SIGKILL to the group, and returns once Done is closed.
+// It is idempotent and safe to call from several goroutines at once; a call
+// with a shorter grace escalates a call with a longer one already waiting.
+func (p *Process) Stop(grace time.Duration) {
+	if grace > 0 {
+		p.signal(syscall.SIGTERM)
+		t := time.NewTimer(grace)
+		select {
+		case <-p.exited:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	p.signal(syscall.SIGKILL)
+	<-p.done
+}
+
+// Kill is Stop(0): SIGKILL to the group at once.
+func (p *Process) Kill() { p.Stop(0) }
+
+// signal sends sig to the process group and makes sure the leader gets it
+// even if it moved to another group.
+//
+// Signalling a group by number is safe only while the number cannot have
+// been reused. The group id is the leader's pid, and a pid is not reused
+// while any process still holds it as pid or as process group id: until the
+// leader is reaped (even as a zombie) it holds it, and only its own
+// descendants can be members of a group it leads. Holding mu for reading
+// keeps the wait goroutine from reaping in between.
+func (p *Process) signal(sig syscall.Signal) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.reaped {
+		return
+	}
+	_ = syscall.Kill(-p.pgid, sig)
+	// Once the leader has been signalled through its group, a second
+	// SIGTERM could be taken for a second, impatient, request to stop.
+	if pg, err := syscall.Getpgid(p.id.PID); sig == syscall.SIGKILL || err != nil || pg != p.pgid {
+		// os.Process signals through a pidfd: it reaches this very
+		// process or none.
+		_ = p.cmd.Process.Signal(sig)
+	}
+}
+
+// wait owns cmd.Wait. It waits for the leader to exit without reaping it,
+// kills the group while the leader's zombie still pins the group id, reaps
+// the leader, and lets the readers drain.
+func (p *Process) wait() {
+	// No error is expected for our own unreaped child; if one came,
+	// cmd.Wait below would do the blocking, only without the group kill
+	// before the reap.
+	_ = waitExited(p.id.PID)
+	// Only this goroutine reaps, so until it does the group id is ours.
+	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
+	waitGroupGone(p.pgid, p.id.PID, drainTimeout)
+	p.mu.Lock()
+	_ = p.cmd.Wait()
+	p.reaped = true
+	p.mu.Unlock()
+
+	p.exit = exitStatus(p.cmd.ProcessState)
+	close(p.exited)
+
+	t := time.NewTimer(drainTimeout)
+	select {
+	case <-p.drained:
+	case <-t.C:
+		// A descendant outside the group holds the write ends. Closing
+		// the read ends stops the readers (the pipes are in the runtime
+		// poller, so Close interrupts a blocked Read); that descendant
+		// then gets EPIPE.
+		p.outR.Close()
+		p.errR.Close()
+		<-p.drained
+	}
+	t.Stop()
+	close(p.done)
+}
+
+// waitGroupGone waits, up to limit, until every member of group pgid other
+// than its leader has exited. A SIGKILLed process takes a moment to die, and
+// one that does not hold the output pipes would otherwise still be running
+// when Stop returns. No process can join the group meanwhile: a pending
+// SIGKILL aborts a member's fork, and only a process in the leader's session
+// could move in.
+func waitGroupGone(pgid, leader int, limit time.Duration) {
+	stats, err := scanStats()
+	if err != nil {
+		return
+	}
+	var members []int
+	for _, st := range stats {
+		if st.pgrp == pgid && st.pid != leader && !st.exited() {
+			members = append(members, st.pid)
+		}
+	}
+	deadline := time.Now().Add(limit)
+	for pause := time.Millisecond; len(members) > 0 && time.Now().Before(deadline); pause = min(2*pause, 20*time.Millisecond) {
+		members = slices.DeleteFunc(members, func(pid int) bool {
+			st, err := readStat(pid)
+			return err != nil || st.exited() || st.pgrp != pgid
+		})
+		if len(members) > 0 {
+			time.Sleep(pause)
+		}
+	}
+}
+
+// waitExited blocks until pid has exited, leaving it unreaped (WNOWAIT).
+func waitExited(pid int) error {
+	for {
+		var info unix.Siginfo
+		err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+func exitStatus(ps *os.ProcessState) ExitStatus {
+	if ps == nil {
+		return ExitStatus{Code: -1}
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return ExitStatus{Code: -1, Signal: unix.SignalName(ws.Signal())}
+	}
+	return ExitStatus{Code: ps.ExitCode()}
+}
+
+// readLines passes each line of f to fn until f reaches EOF or is closed.
+func (p *Process) readLines(f *os.File, fn func([]byte)) {
+	defer func() {
+		f.Close()
+		if p.readers.Add(-1) == 0 {
+			close(p.drained)
+		}
+	}()
+	if fn == nil {
+		_, _ = io.Copy(io.Discard, f)
+		return
+	}
+	br := bufio.NewReaderSize(f, maxLine)
+	split := false // the previous piece was a full buffer with no newline
+	for {
+		line, err := br.ReadSlice('\n')
+		switch {
+		case err == nil:
+			// A newline right after a split piece ends that line; it is
+			// not an empty line of its own.
+			if !(split && len(line) == 1) {
+				fn(bytes.Clone(line[:len(line)-1]))
+			}
+			split = false
+		case errors.Is(err, bufio.ErrBufferFull):
+			fn(bytes.Clone(line))
+			split = true
+		default:
+			if len(line) > 0 {
+				fn(bytes.Clone(line))
+			}
+			return
+		}
+	}
+}
