@@ -247,6 +247,7 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		}
 		<-w.proc.Done()
 		w.markLost(fmt.Errorf("worker %s exited", name))
+		w.conn.Close()
 		p.unregister(w)
 		w.slots.Wait()
 		p.reportExit(w)
