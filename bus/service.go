@@ -1,0 +1,531 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"regexp"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+	"go.uber.org/zap"
+
+	"github.com/pyfleet/pyfleet/call"
+)
+
+// ServiceName is the micro service name every node registers, so that
+// `nats micro ls|info|stats pyfleet` lists the whole fleet.
+const ServiceName = "pyfleet"
+
+// DefaultTimeout is the deadline of a request that names none.
+const DefaultTimeout = 60 * time.Second
+
+// ServiceConfig configures Serve.
+type ServiceConfig struct {
+	Prefix string // subject prefix; empty means DefaultPrefix
+	Pool   string
+	Node   string
+	// Version is the micro service version (SemVer); empty means "0.0.0".
+	Version string
+	// DefaultTimeout applies when a request has no Pyfleet-Timeout;
+	// 0 means DefaultTimeout.
+	DefaultTimeout time.Duration
+	// MaxPayload limits request bodies; 0 means the connection's limit.
+	MaxPayload int
+	// Stats, when set, adds node-wide figures (workers, busy, queued) to
+	// every endpoint of `nats micro stats`. It is called from micro's
+	// stats handler and must be quick.
+	Stats func() any
+}
+
+// Service serves a call.Handler on NATS until Stop.
+type Service struct {
+	nc       *nats.Conn
+	h        call.Handler
+	log      *zap.Logger
+	svc      micro.Service
+	funcs    map[string]call.Function
+	node     string
+	timeout  time.Duration
+	maxBytes int
+	stats    func() any
+
+	// abortCtx is the parent of every call's context. It is stored, against
+	// the usual rule, because calls outlive Serve's caller; cancelling it is
+	// how Stop cuts short the calls its ctx gave no more time to.
+	abortCtx context.Context
+	abort    context.CancelFunc
+
+	mu       sync.Mutex
+	state    serviceState
+	inFlight int
+	idle     chan struct{} // closed once stopped with nothing in flight
+
+	endpoints map[string]*endpointCounters // by endpoint subject; fixed by Serve
+}
+
+type serviceState int
+
+const (
+	serving serviceState = iota
+	draining
+	stopped
+)
+
+// endpointCounters are kept beside micro's own: micro counts an error only
+// when the handler answers before it returns, and ours answer later, from
+// their own goroutine.
+type endpointCounters struct {
+	inFlight  atomic.Int64
+	completed atomic.Int64
+	errors    atomic.Int64
+	lastError atomic.Pointer[string]
+}
+
+// EndpointData is the "data" of each endpoint in `nats micro stats`.
+type EndpointData struct {
+	InFlight  int64  `json:"in_flight"`
+	Completed int64  `json:"completed"`
+	Errors    int64  `json:"errors"` // every error reply, unlike num_errors
+	LastError string `json:"last_error,omitempty"`
+	Node      any    `json:"node,omitempty"` // ServiceConfig.Stats
+}
+
+// Serve registers the micro service "pyfleet" for cfg.Pool on nc and serves
+// h's functions on:
+//
+//	<prefix>.req.<pool>.<function>   one endpoint per function
+//	<prefix>.req.<pool>.*            any function, and 404 for unknown ones
+//	<prefix>.node.<node>.<pool>.*    this node only (sessions)
+//
+// The first two share one queue group per pool across all nodes. nats-server
+// merges queue subscribers of the same group over every subject that
+// matches, then picks one, so a request to a known function may land on the
+// wildcard endpoint: that endpoint therefore serves every function, and the
+// per-function endpoints exist so that `nats micro info` lists them.
+func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*Service, error) {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	sub := Subjects{Prefix: cfg.Prefix}
+	if err := cfg.valid(); err != nil {
+		return nil, err
+	}
+	s := &Service{
+		nc:        nc,
+		h:         h,
+		log:       log.Named("service"),
+		funcs:     map[string]call.Function{},
+		node:      cfg.Node,
+		timeout:   cfg.DefaultTimeout,
+		maxBytes:  cfg.MaxPayload,
+		stats:     cfg.Stats,
+		idle:      make(chan struct{}),
+		endpoints: map[string]*endpointCounters{},
+	}
+	if s.timeout <= 0 {
+		s.timeout = DefaultTimeout
+	}
+	if limit := int(nc.MaxPayload()); s.maxBytes <= 0 || (limit > 0 && s.maxBytes > limit) {
+		s.maxBytes = limit
+	}
+	fns := h.Functions()
+	for _, f := range fns {
+		if err := ValidToken(f.Name); err != nil {
+			return nil, fmt.Errorf("serve pool %q: function name: %w", cfg.Pool, err)
+		}
+		if _, dup := s.funcs[f.Name]; dup {
+			return nil, fmt.Errorf("serve pool %q: function %q is listed twice", cfg.Pool, f.Name)
+		}
+		s.funcs[f.Name] = f
+	}
+	type endpoint struct {
+		name, subject string
+		fn            *call.Function
+		meta          map[string]string
+		opt           micro.EndpointOpt
+	}
+	eps := make([]endpoint, 0, len(fns)+2)
+	for _, f := range fns {
+		eps = append(eps, endpoint{
+			name:    endpointName(f.Name),
+			subject: sub.Request(cfg.Pool, f.Name),
+			fn:      &f,
+			meta:    map[string]string{"function": f.Name, "raw": strconv.FormatBool(f.Raw), "stream": strconv.FormatBool(f.Stream)},
+		})
+	}
+	eps = append(eps,
+		endpoint{name: "_any", subject: sub.Request(cfg.Pool, "*"),
+			meta: map[string]string{"function": "*"}},
+		// Its own queue group keeps one node name from running a call
+		// twice if two nodes are misconfigured with the same name.
+		endpoint{name: "_node", subject: sub.Node(cfg.Node, cfg.Pool, "*"),
+			meta: map[string]string{"function": "*", "node": cfg.Node},
+			opt:  micro.WithEndpointQueueGroup(sub.prefix() + ".node." + cfg.Node)},
+	)
+	for _, ep := range eps {
+		s.endpoints[ep.subject] = &endpointCounters{}
+	}
+	s.abortCtx, s.abort = context.WithCancel(context.Background())
+
+	version := cfg.Version
+	if version == "" {
+		version = "0.0.0"
+	}
+	svc, err := micro.AddService(nc, micro.Config{
+		Name:        ServiceName,
+		Version:     version,
+		Description: "pyfleet pool " + cfg.Pool,
+		Metadata:    map[string]string{"pool": cfg.Pool, "node": cfg.Node, "prefix": sub.prefix()},
+		QueueGroup:  queueGroup(sub, cfg.Pool),
+		StatsHandler: func(ep *micro.Endpoint) any {
+			return s.endpointData(ep.Subject)
+		},
+		ErrorHandler: func(_ micro.Service, err *micro.NATSError) {
+			s.log.Error("NATS service error", zap.String("subject", err.Subject), zap.String("error", err.Description))
+		},
+	})
+	if err != nil {
+		s.abort()
+		return nil, fmt.Errorf("serve pool %q: %w", cfg.Pool, err)
+	}
+	s.svc = svc
+
+	for _, ep := range eps {
+		opts := []micro.EndpointOpt{micro.WithEndpointSubject(ep.subject), micro.WithEndpointMetadata(ep.meta)}
+		if ep.opt != nil {
+			opts = append(opts, ep.opt)
+		}
+		counters, fn := s.endpoints[ep.subject], ep.fn
+		handler := micro.HandlerFunc(func(r micro.Request) { s.handle(r, fn, counters) })
+		if err := svc.AddEndpoint(ep.name, handler, opts...); err != nil {
+			_ = svc.Stop()
+			s.abort()
+			return nil, fmt.Errorf("serve pool %q: endpoint %s: %w", cfg.Pool, ep.subject, err)
+		}
+	}
+	// Once Serve returns, the subscriptions are in place on the server, so
+	// a caller that learns of this node (from node_started, say) can reach it.
+	if err := nc.FlushTimeout(5 * time.Second); err != nil {
+		s.log.Warn("subscriptions not confirmed by the server; they are sent again on reconnection", zap.Error(err))
+	}
+	s.log.Info("serving", zap.String("pool", cfg.Pool), zap.String("node", cfg.Node),
+		zap.Int("functions", len(fns)), zap.String("subject", sub.Request(cfg.Pool, "*")))
+	return s, nil
+}
+
+func (cfg ServiceConfig) valid() error {
+	if cfg.Prefix != "" {
+		if err := ValidPrefix(cfg.Prefix); err != nil {
+			return fmt.Errorf("serve: %w", err)
+		}
+	}
+	if err := ValidToken(cfg.Pool); err != nil {
+		return fmt.Errorf("serve: pool name: %w", err)
+	}
+	if err := ValidToken(cfg.Node); err != nil {
+		return fmt.Errorf("serve: node name: %w", err)
+	}
+	return nil
+}
+
+// queueGroup is shared by every node of a pool. It is named after the pool
+// rather than micro's default "q" so that it can never merge with another
+// service's subscribers on an overlapping subject.
+func queueGroup(sub Subjects, pool string) string {
+	return sub.prefix() + "." + pool
+}
+
+var endpointNameBad = regexp.MustCompile(`[^A-Za-z0-9_-]`)
+
+// endpointName fits a function name to micro's endpoint names, which allow
+// fewer characters than a subject token; the subject keeps the real name.
+func endpointName(function string) string {
+	return endpointNameBad.ReplaceAllString(function, "_")
+}
+
+func (s *Service) endpointData(subject string) EndpointData {
+	var d EndpointData
+	if c := s.endpoints[subject]; c != nil {
+		d.InFlight, d.Completed, d.Errors = c.inFlight.Load(), c.completed.Load(), c.errors.Load()
+		if e := c.lastError.Load(); e != nil {
+			d.LastError = *e
+		}
+	}
+	if s.stats != nil {
+		d.Node = s.stats()
+	}
+	return d
+}
+
+// Drain makes every request from now on answer 503 Draining at once, so
+// that callers retry elsewhere, while calls already accepted run to the end.
+func (s *Service) Drain() {
+	s.mu.Lock()
+	if s.state == serving {
+		s.state = draining
+	}
+	s.mu.Unlock()
+}
+
+// Stop stops the micro service and waits until every accepted call has
+// answered or ctx ends. If ctx ends first, the calls still running have
+// their contexts cancelled (a handler that honours ctx then returns, and its
+// caller gets 503) and Stop returns an error saying how many were left. Stop
+// may be called more than once.
+func (s *Service) Stop(ctx context.Context) error {
+	s.mu.Lock()
+	first := s.state != stopped
+	s.state = stopped
+	if first && s.inFlight == 0 {
+		close(s.idle)
+	}
+	s.mu.Unlock()
+	var err error
+	if first {
+		// Drains the subscriptions: messages already delivered to us
+		// still reach handle, which answers them 503.
+		if err = s.svc.Stop(); err != nil {
+			err = fmt.Errorf("stop service: %w", err)
+		}
+	}
+	select {
+	case <-s.idle:
+		s.abort()
+		return err
+	case <-ctx.Done():
+		s.abort()
+		s.mu.Lock()
+		n := s.inFlight
+		s.mu.Unlock()
+		return errors.Join(err, fmt.Errorf("stop service: %d calls still running, cancelled: %w", n, ctx.Err()))
+	}
+}
+
+// begin admits one call unless the service is draining or stopped.
+func (s *Service) begin() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != serving {
+		return false
+	}
+	s.inFlight++
+	return true
+}
+
+func (s *Service) end() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.inFlight--
+	if s.state == stopped && s.inFlight == 0 {
+		close(s.idle)
+	}
+}
+
+// handle runs on micro's subscription goroutine, one message at a time, so
+// it only checks the request and hands it to a goroutine of its own.
+// Everything it can refuse at once it refuses through micro's Request.Error,
+// which micro's stats count.
+func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters) {
+	reply := r.Reply()
+	if reply == "" {
+		s.log.Warn("request without a reply subject ignored: publish it with a reply subject (a request)",
+			zap.String("subject", r.Subject()))
+		return
+	}
+	hdr := nats.Header(r.Headers())
+	requestID := header(hdr, HeaderRequestID)
+	refuse := func(e *call.Error) {
+		h, body := errorMsg(e, s.node, requestID)
+		c.errors.Add(1)
+		c.lastError.Store(&e.Message)
+		if err := r.Error(strconv.Itoa(e.Code), errorDescription(e), body, micro.WithHeaders(micro.Headers(h))); err != nil {
+			s.log.Warn("cannot answer request", zap.String("subject", r.Subject()), zap.Error(err))
+		}
+	}
+
+	name := lastToken(r.Subject())
+	if fn == nil {
+		if f, ok := s.funcs[name]; ok {
+			fn = &f
+		}
+	}
+	if !s.begin() {
+		refuse(call.Errorf(call.CodeUnavailable, TypeDraining, "node %s is draining: retry on another node", s.node))
+		return
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			s.end()
+		}
+	}()
+	if fn == nil {
+		refuse(call.Errorf(call.CodeNotFound, TypeNotFound, "no function %q in this pool", name))
+		return
+	}
+	data := r.Data()
+	if len(data) > s.maxBytes {
+		refuse(call.Errorf(call.CodeTooLarge, TypeTooLarge, "request body of %d bytes is over the limit of %d bytes", len(data), s.maxBytes))
+		return
+	}
+	timeout, err := parseTimeout(hdr, s.timeout)
+	if err != nil {
+		refuse(err)
+		return
+	}
+	if !fn.Raw {
+		if err := checkJSON(data); err != nil {
+			refuse(err)
+			return
+		}
+	}
+	deadline := time.Now().Add(timeout)
+	req := &call.Request{
+		Function:  fn.Name,
+		Payload:   data,
+		Session:   header(hdr, HeaderSession),
+		RequestID: requestID,
+		Deadline:  deadline,
+	}
+	ok = true
+	c.inFlight.Add(1)
+	go func() {
+		defer s.end()
+		defer c.inFlight.Add(-1)
+		s.run(reply, *fn, req, timeout, c)
+	}()
+}
+
+// parseTimeout reads Pyfleet-Timeout, or returns def when it is absent.
+func parseTimeout(h nats.Header, def time.Duration) (time.Duration, *call.Error) {
+	v := header(h, HeaderTimeout)
+	if v == "" {
+		return def, nil
+	}
+	ms, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || ms <= 0 {
+		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a positive whole number of milliseconds", HeaderTimeout, v)
+	}
+	if ms > math.MaxInt64/int64(time.Millisecond) {
+		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q milliseconds is too long", HeaderTimeout, v)
+	}
+	return time.Duration(ms) * time.Millisecond, nil
+}
+
+// checkJSON refuses a body that is not JSON here, so that no worker spends
+// a round trip on it; an empty body is refused too, since Python's
+// json.loads would fail on it.
+func checkJSON(data []byte) *call.Error {
+	if json.Valid(data) {
+		return nil
+	}
+	var v any
+	err := json.Unmarshal(data, &v)
+	if err == nil {
+		err = errors.New("invalid JSON")
+	}
+	if len(data) == 0 {
+		err = errors.New("empty body")
+	}
+	return call.Errorf(call.CodeBadRequest, TypeBadRequest, "malformed JSON: %v", err)
+}
+
+// run makes the call and answers it. It publishes straight to the reply
+// subject: micro's Request is not safe to use once its handler returned.
+func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout time.Duration, c *endpointCounters) {
+	ctx, cancel := context.WithDeadline(s.abortCtx, req.Deadline)
+	defer cancel()
+
+	var emit call.Emit
+	var done atomic.Bool // an Emit after Call returned would land after the end message
+	var emitErr *call.Error
+	if fn.Stream {
+		emit = func(ch call.Chunk) error {
+			if done.Load() {
+				return errors.New("emit after the call returned")
+			}
+			m := &nats.Msg{Subject: reply, Data: ch.Data, Header: replyHeader(StatusOK, s.node, ch.Worker, req.RequestID)}
+			m.Header[HeaderStream] = []string{StreamChunk}
+			err := s.nc.PublishMsg(m)
+			if errors.Is(err, nats.ErrMaxPayload) {
+				// The end message must say why the stream stopped,
+				// whatever the handler makes of this error.
+				emitErr = call.Errorf(call.CodeTooLarge, TypeTooLarge, "chunk of %d bytes is over the limit of %d bytes", len(ch.Data), s.nc.MaxPayload())
+				emitErr.Worker = ch.Worker
+				return emitErr
+			}
+			return err
+		}
+	} else {
+		emit = func(call.Chunk) error { return fmt.Errorf("function %q does not stream", fn.Name) }
+	}
+	res, err := s.h.Call(ctx, req, emit)
+	done.Store(true)
+	if emitErr != nil {
+		err = emitErr
+	}
+
+	var m *nats.Msg
+	if err != nil {
+		e := s.callError(ctx, err, timeout)
+		c.errors.Add(1)
+		c.lastError.Store(&e.Message)
+		m = &nats.Msg{Subject: reply}
+		m.Header, m.Data = errorMsg(e, s.node, req.RequestID)
+		if e.Code == call.CodeFailed && e.Type == TypeInternal {
+			s.log.Error("call failed", zap.String("function", fn.Name), zap.String("request_id", req.RequestID), zap.Error(err))
+		}
+	} else {
+		m = &nats.Msg{Subject: reply, Header: replyHeader(StatusOK, s.node, res.Worker, req.RequestID)}
+		if !fn.Stream {
+			m.Data = res.Data
+		}
+	}
+	if fn.Stream {
+		m.Header[HeaderStream] = []string{StreamEnd}
+	}
+	c.completed.Add(1)
+	if err := s.publish(m); err != nil {
+		s.log.Warn("cannot send reply", zap.String("function", fn.Name), zap.String("request_id", req.RequestID), zap.Error(err))
+	}
+}
+
+// callError maps what Call returned to what the caller sees. A handler that
+// gives up because ctx ended may return ctx's error: the caller must still
+// learn that the deadline passed (408) or that the node stopped (503).
+func (s *Service) callError(ctx context.Context, err error, timeout time.Duration) *call.Error {
+	var ce *call.Error
+	if errors.As(err, &ce) && ce != nil {
+		return asCallError(ce)
+	}
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || (errors.Is(err, context.Canceled) && errors.Is(ctx.Err(), context.DeadlineExceeded)):
+		return call.Errorf(call.CodeDeadline, TypeDeadline, "deadline of %s passed", timeout)
+	case errors.Is(err, context.Canceled) && s.abortCtx.Err() != nil:
+		return call.Errorf(call.CodeUnavailable, TypeDraining, "node %s stopped before the call finished", s.node)
+	}
+	return asCallError(err)
+}
+
+// publish sends m; a body over the server's limit is answered with a 413
+// instead, so the caller is not left waiting for a reply that never comes.
+func (s *Service) publish(m *nats.Msg) error {
+	err := s.nc.PublishMsg(m)
+	if errors.Is(err, nats.ErrMaxPayload) {
+		e := call.Errorf(call.CodeTooLarge, TypeTooLarge, "reply of %d bytes is over the limit of %d bytes", len(m.Data), s.nc.MaxPayload())
+		e.Worker = m.Header.Get(HeaderWorker)
+		h, body := errorMsg(e, s.node, m.Header.Get(HeaderRequestID))
+		if m.Header.Get(HeaderStream) != "" {
+			h[HeaderStream] = []string{StreamEnd}
+		}
+		return errors.Join(err, s.nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: h, Data: body}))
+	}
+	return err
+}

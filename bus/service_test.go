@@ -1,0 +1,507 @@
+package bus_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/call"
+)
+
+func request(t *testing.T, nc *nats.Conn, subject, body string, hdr ...string) *nats.Msg {
+	t.Helper()
+	m := nats.NewMsg(subject)
+	m.Data = []byte(body)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		m.Header.Set(hdr[i], hdr[i+1])
+	}
+	reply, err := nc.RequestMsg(m, 5*time.Second)
+	if err != nil {
+		t.Fatalf("request %s: %v", subject, err)
+	}
+	return reply
+}
+
+// wantError checks that reply is an error with code and type, in the headers
+// and the body alike, and returns its message.
+func wantError(t *testing.T, reply *nats.Msg, code int, typ string) string {
+	t.Helper()
+	if got := reply.Header.Get(bus.HeaderStatus); got != bus.StatusError {
+		t.Errorf("%s = %q, want %q", bus.HeaderStatus, got, bus.StatusError)
+	}
+	if got := reply.Header.Get(bus.HeaderErrorCode); got != strconv.Itoa(code) {
+		t.Errorf("%s = %q, want %d", bus.HeaderErrorCode, got, code)
+	}
+	var body bus.ErrorBody
+	if err := json.Unmarshal(reply.Data, &body); err != nil {
+		t.Fatalf("error body %q: %v", reply.Data, err)
+	}
+	if body.Error.Code != code || body.Error.Type != typ {
+		t.Errorf("error body = %+v, want code %d type %s", body.Error, code, typ)
+	}
+	if reply.Header.Get(bus.HeaderError) == "" {
+		t.Errorf("no %s header", bus.HeaderError)
+	}
+	if e := bus.ReplyError(reply); e == nil || e.Code != code || e.Type != typ || e.Message != body.Error.Message {
+		t.Errorf("ReplyError = %+v, want the body's error", e)
+	}
+	return body.Error.Message
+}
+
+func setup(t *testing.T, mod ...func(*bus.ServiceConfig)) (*nats.Conn, *fakeHandler, *bus.Service) {
+	srv := MustServer(t)
+	nc := MustConn(t, srv)
+	h := &fakeHandler{worker: "w1"}
+	s := MustServe(t, nc, "n1", h, mod...)
+	return nc, h, s
+}
+
+func TestReplyOK(t *testing.T) {
+	nc, h, _ := setup(t)
+	reply := request(t, nc, "pyfleet.req.p.echo", `{"a":1}`,
+		bus.HeaderRequestID, "r-1", bus.HeaderSession, "s-1", bus.HeaderTimeout, "1500")
+	if string(reply.Data) != `{"a":1}` {
+		t.Errorf("body = %q", reply.Data)
+	}
+	for k, want := range map[string]string{
+		bus.HeaderStatus: bus.StatusOK, bus.HeaderNode: "n1", bus.HeaderWorker: "w1",
+		bus.HeaderRequestID: "r-1", bus.HeaderErrorCode: "",
+	} {
+		if got := reply.Header.Get(k); got != want {
+			t.Errorf("%s = %q, want %q", k, got, want)
+		}
+	}
+	if e := bus.ReplyError(reply); e != nil {
+		t.Errorf("ReplyError = %v", e)
+	}
+	req := h.requests()[0]
+	if req.Function != "echo" || req.Session != "s-1" || req.RequestID != "r-1" {
+		t.Errorf("request = %+v", req)
+	}
+	if left := time.Until(req.Deadline); left <= 0 || left > 1500*time.Millisecond {
+		t.Errorf("deadline in %s, want within 1.5 s", left)
+	}
+}
+
+func TestDefaultTimeoutAndLowerCaseHeader(t *testing.T) {
+	nc, h, _ := setup(t, func(c *bus.ServiceConfig) { c.DefaultTimeout = 3 * time.Second })
+	request(t, nc, "pyfleet.req.p.echo", `1`)
+	request(t, nc, "pyfleet.req.p.echo", `2`, "pyfleet-timeout", "200")
+	reqs := h.requests()
+	if left := time.Until(reqs[0].Deadline); left < 2*time.Second || left > 3*time.Second {
+		t.Errorf("default deadline in %s, want about 3 s", left)
+	}
+	if left := time.Until(reqs[1].Deadline); left > 200*time.Millisecond {
+		t.Errorf("lower-case header ignored: deadline in %s", left)
+	}
+}
+
+func TestRawFunctionTakesAnyBytes(t *testing.T) {
+	nc, _, _ := setup(t)
+	reply := request(t, nc, "pyfleet.req.p.raw", "\x00\xffnot json")
+	if string(reply.Data) != "\x00\xffnot json" || reply.Header.Get(bus.HeaderStatus) != bus.StatusOK {
+		t.Errorf("reply = %q %v", reply.Data, reply.Header)
+	}
+}
+
+func TestMalformedJSON(t *testing.T) {
+	nc, h, _ := setup(t)
+	for _, body := range []string{`{"a":`, `nope`, ``} {
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", body), call.CodeBadRequest, bus.TypeBadRequest)
+		if !strings.HasPrefix(msg, "malformed JSON: ") {
+			t.Errorf("body %q: message %q", body, msg)
+		}
+	}
+	if n := h.count(); n != 0 {
+		t.Errorf("handler ran %d times on malformed JSON", n)
+	}
+}
+
+func TestUnknownFunction(t *testing.T) {
+	nc, _, _ := setup(t)
+	msg := wantError(t, request(t, nc, "pyfleet.req.p.nosuch", `{}`), call.CodeNotFound, bus.TypeNotFound)
+	if !strings.Contains(msg, `"nosuch"`) {
+		t.Errorf("message %q does not name the function", msg)
+	}
+}
+
+func TestFunctionError(t *testing.T) {
+	nc, _, _ := setup(t)
+	reply := request(t, nc, "pyfleet.req.p.fail", `{}`)
+	if msg := wantError(t, reply, call.CodeFailed, "ValueError"); msg != "boom\nsecond line" {
+		t.Errorf("message = %q", msg)
+	}
+	if got := reply.Header.Get(bus.HeaderError); got != "boom second line" {
+		t.Errorf("%s = %q, want the message on one line", bus.HeaderError, got)
+	}
+	if got := reply.Header.Get(bus.HeaderWorker); got != "w1" {
+		t.Errorf("%s = %q", bus.HeaderWorker, got)
+	}
+	if got := reply.Header.Get(bus.HeaderNode); got != "n1" {
+		t.Errorf("%s = %q", bus.HeaderNode, got)
+	}
+
+	msg := wantError(t, request(t, nc, "pyfleet.req.p.oops", `{}`), call.CodeFailed, bus.TypeInternal)
+	if msg != "pipe broke" {
+		t.Errorf("message = %q", msg)
+	}
+}
+
+func TestDeadline(t *testing.T) {
+	nc, _, _ := setup(t)
+	start := time.Now()
+	reply := request(t, nc, "pyfleet.req.p.sleep", `5000`, bus.HeaderTimeout, "100")
+	wantError(t, reply, call.CodeDeadline, bus.TypeDeadline)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("408 after %s", d)
+	}
+}
+
+func TestBadTimeoutHeader(t *testing.T) {
+	nc, h, _ := setup(t)
+	for _, v := range []string{"abc", "0", "-5", "1.5", "10s", "99999999999999999999"} {
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, v), call.CodeBadRequest, bus.TypeBadRequest)
+		if !strings.Contains(msg, bus.HeaderTimeout) || !strings.Contains(msg, strconv.Quote(v)) {
+			t.Errorf("%q: message %q does not name the header and value", v, msg)
+		}
+	}
+	if n := h.count(); n != 0 {
+		t.Errorf("handler ran %d times", n)
+	}
+}
+
+func TestTooLarge(t *testing.T) {
+	nc, h, _ := setup(t, func(c *bus.ServiceConfig) { c.MaxPayload = 16 })
+	wantError(t, request(t, nc, "pyfleet.req.p.echo", `"0123456789abcdef"`), call.CodeTooLarge, bus.TypeTooLarge)
+	request(t, nc, "pyfleet.req.p.echo", `"short"`)
+	if n := h.count(); n != 1 {
+		t.Errorf("handler ran %d times, want 1", n)
+	}
+}
+
+// stream sends one request to a streaming function and collects every
+// message up to and including the end.
+func stream(t *testing.T, nc *nats.Conn, subject, body string) []*nats.Msg {
+	t.Helper()
+	inbox := nc.NewRespInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := nc.PublishRequest(subject, inbox, []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	var msgs []*nats.Msg
+	for {
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("after %d messages: %v", len(msgs), err)
+		}
+		msgs = append(msgs, m)
+		if m.Header.Get(bus.HeaderStream) == bus.StreamEnd {
+			return msgs
+		}
+	}
+}
+
+func TestStream(t *testing.T) {
+	nc, _, _ := setup(t)
+	msgs := stream(t, nc, "pyfleet.req.p.count", `3`)
+	if len(msgs) != 4 {
+		t.Fatalf("%d messages, want 3 chunks and an end", len(msgs))
+	}
+	for i, m := range msgs[:3] {
+		if m.Header.Get(bus.HeaderStream) != bus.StreamChunk || string(m.Data) != strconv.Itoa(i) ||
+			m.Header.Get(bus.HeaderWorker) != "w1" || m.Header.Get(bus.HeaderNode) != "n1" {
+			t.Errorf("chunk %d = %q %v", i, m.Data, m.Header)
+		}
+	}
+	end := msgs[3]
+	if end.Header.Get(bus.HeaderStatus) != bus.StatusOK || len(end.Data) != 0 || bus.ReplyError(end) != nil {
+		t.Errorf("end = %q %v", end.Data, end.Header)
+	}
+
+	msgs = stream(t, nc, "pyfleet.req.p.countfail", `2`)
+	if len(msgs) != 3 {
+		t.Fatalf("%d messages, want 2 chunks and an end", len(msgs))
+	}
+	if msg := wantError(t, msgs[2], call.CodeFailed, "RuntimeError"); msg != "generator raised" {
+		t.Errorf("message = %q", msg)
+	}
+}
+
+func TestNoReplySubjectRunsNothing(t *testing.T) {
+	nc, h, _ := setup(t)
+	if err := nc.Publish("pyfleet.req.p.echo", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	// A request after it on the same connection is handled after it.
+	request(t, nc, "pyfleet.req.p.echo", `{}`)
+	time.Sleep(50 * time.Millisecond)
+	if n := h.count(); n != 1 {
+		t.Errorf("handler ran %d times, want 1", n)
+	}
+}
+
+func TestDrain(t *testing.T) {
+	nc, _, s := setup(t)
+	slow := make(chan *nats.Msg, 1)
+	go func() {
+		m, err := nc.Request("pyfleet.req.p.sleep", []byte(`300`), 5*time.Second)
+		if err != nil {
+			t.Errorf("in-flight request: %v", err)
+		}
+		slow <- m
+	}()
+	time.Sleep(100 * time.Millisecond) // let it be accepted
+	s.Drain()
+	wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`), call.CodeUnavailable, bus.TypeDraining)
+	wantError(t, request(t, nc, "pyfleet.req.p.nosuch", `{}`), call.CodeUnavailable, bus.TypeDraining)
+	if m := <-slow; m == nil || m.Header.Get(bus.HeaderStatus) != bus.StatusOK {
+		t.Errorf("in-flight request after drain: %v", m)
+	}
+}
+
+func TestStopWaitsForInFlight(t *testing.T) {
+	srv := MustServer(t)
+	nc := MustConn(t, srv)
+	h := &fakeHandler{worker: "w1"}
+	s, err := bus.Serve(nc, bus.ServiceConfig{Pool: "p", Node: "n1"}, h, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	replies := make(chan *nats.Msg, 2)
+	for _, ms := range []string{"200", "10000"} {
+		go func() {
+			m, err := nc.Request("pyfleet.req.p.sleep", []byte(ms), 5*time.Second)
+			if err != nil {
+				t.Errorf("request: %v", err)
+			}
+			replies <- m
+		}()
+	}
+	for h.count() < 2 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	start := time.Now()
+	err = s.Stop(ctx)
+	if err == nil || !strings.Contains(err.Error(), "1 calls still running") {
+		t.Errorf("Stop = %v, want 1 call cut short", err)
+	}
+	if d := time.Since(start); d < 900*time.Millisecond {
+		t.Errorf("Stop returned after %s, before its ctx ended", d)
+	}
+	var codes []string
+	for range 2 {
+		m := <-replies
+		codes = append(codes, m.Header.Get(bus.HeaderStatus)+m.Header.Get(bus.HeaderErrorCode))
+	}
+	if strings.Join(codes, ",") != "ok,error503" {
+		t.Errorf("replies = %v, want the short call ok and the long one 503", codes)
+	}
+	if err := s.Stop(context.Background()); err != nil {
+		t.Errorf("second Stop = %v", err)
+	}
+	if _, err := nc.Request("pyfleet.req.p.echo", []byte(`{}`), 200*time.Millisecond); err != nats.ErrNoResponders {
+		t.Errorf("request after Stop: %v, want no responders", err)
+	}
+}
+
+func TestConcurrentRequestsAreNotSerialised(t *testing.T) {
+	nc, _, _ := setup(t)
+	const n, each = 20, 100 * time.Millisecond
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			m, err := nc.Request("pyfleet.req.p.sleep", []byte(strconv.Itoa(int(each/time.Millisecond))), 5*time.Second)
+			if err != nil || m.Header.Get(bus.HeaderStatus) != bus.StatusOK {
+				t.Errorf("request: %v %v", err, m)
+			}
+		})
+	}
+	wg.Wait()
+	if d, serial := time.Since(start), n*each; d > serial/4 {
+		t.Errorf("%d calls of %s took %s; serialised they take %s", n, each, d, serial)
+	}
+}
+
+// TestQueueGroupMerging checks the behaviour the wildcard endpoint relies on:
+// a request to a known function matches both its own endpoint and the
+// wildcard one, in the same queue group, and nats-server delivers it to
+// exactly one of them, on one node.
+func TestQueueGroupMerging(t *testing.T) {
+	srv := MustServer(t)
+	nc := MustConn(t, srv)
+	h1, h2 := &fakeHandler{worker: "a"}, &fakeHandler{worker: "b"}
+	MustServe(t, MustConn(t, srv), "n1", h1)
+	MustServe(t, MustConn(t, srv), "n2", h2)
+
+	const n = 200
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			m := request(t, nc, "pyfleet.req.p.echo", strconv.Itoa(i), bus.HeaderRequestID, strconv.Itoa(i))
+			if string(m.Data) != strconv.Itoa(i) {
+				t.Errorf("request %d answered %q", i, m.Data)
+			}
+		})
+	}
+	wg.Wait()
+	// Let any duplicate delivery show up before counting.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	seen := map[string]int{}
+	for _, r := range append(h1.requests(), h2.requests()...) {
+		seen[r.RequestID]++
+	}
+	for i := range n {
+		if c := seen[strconv.Itoa(i)]; c != 1 {
+			t.Errorf("request %d ran %d times", i, c)
+		}
+	}
+	if len(seen) != n {
+		t.Errorf("%d distinct requests ran, want %d", len(seen), n)
+	}
+	// Both nodes take part: the chance that 200 random picks all land on
+	// one of two nodes is 2^-199.
+	if h1.count() == 0 || h2.count() == 0 {
+		t.Errorf("work not shared: n1 ran %d, n2 ran %d", h1.count(), h2.count())
+	}
+}
+
+func TestNodeSubject(t *testing.T) {
+	srv := MustServer(t)
+	nc := MustConn(t, srv)
+	MustServe(t, MustConn(t, srv), "n1", &fakeHandler{worker: "a"})
+	MustServe(t, MustConn(t, srv), "n2", &fakeHandler{worker: "b"})
+	for range 20 {
+		m := request(t, nc, "pyfleet.node.n2.p.echo", `{}`)
+		if got := m.Header.Get(bus.HeaderNode); got != "n2" {
+			t.Fatalf("node subject of n2 answered by %q", got)
+		}
+	}
+	wantError(t, request(t, nc, "pyfleet.node.n2.p.nosuch", `{}`), call.CodeNotFound, bus.TypeNotFound)
+	if _, err := nc.Request("pyfleet.node.n3.p.echo", []byte(`{}`), time.Second); err != nats.ErrNoResponders {
+		t.Errorf("node n3: %v, want no responders", err)
+	}
+}
+
+func TestPrefix(t *testing.T) {
+	nc, _, _ := setup(t, func(c *bus.ServiceConfig) { c.Prefix = "acme.pf" })
+	request(t, nc, "acme.pf.req.p.echo", `{}`)
+	request(t, nc, "acme.pf.node.n1.p.echo", `{}`)
+}
+
+func TestServeRejectsBadNames(t *testing.T) {
+	srv := MustServer(t)
+	nc := MustConn(t, srv)
+	for _, cfg := range []bus.ServiceConfig{
+		{Pool: "a.b", Node: "n"},
+		{Pool: "p", Node: "my node"},
+		{Pool: "p", Node: "n", Prefix: "x..y"},
+		{Pool: "", Node: "n"},
+	} {
+		if _, err := bus.Serve(nc, cfg, &fakeHandler{}, nil); err == nil {
+			t.Errorf("Serve(%+v) accepted", cfg)
+		}
+	}
+	_, err := bus.Serve(nc, bus.ServiceConfig{Pool: "p", Node: "n"}, &badNames{}, nil)
+	if err == nil || !strings.Contains(err.Error(), `"a.b"`) {
+		t.Errorf("Serve with a function named a.b: %v", err)
+	}
+}
+
+type badNames struct{ fakeHandler }
+
+func (*badNames) Functions() []call.Function { return []call.Function{{Name: "a.b"}} }
+
+func TestMicroInfoAndStats(t *testing.T) {
+	nc, _, _ := setup(t, func(c *bus.ServiceConfig) {
+		c.Stats = func() any { return map[string]int{"workers": 4} }
+	})
+	request(t, nc, "pyfleet.req.p.echo", `{}`)
+	request(t, nc, "pyfleet.req.p.fail", `{}`)
+	request(t, nc, "pyfleet.req.p.echo", `bad`)
+
+	subj, err := micro.ControlSubject(micro.InfoVerb, bus.ServiceName, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info micro.Info
+	if err := json.Unmarshal(request(t, nc, subj, "").Data, &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.Name != "pyfleet" || info.Version != "1.2.3" || info.Metadata["pool"] != "p" || info.Metadata["node"] != "n1" {
+		t.Errorf("info = %+v", info.ServiceIdentity)
+	}
+	subjects := map[string]string{}
+	for _, ep := range info.Endpoints {
+		subjects[ep.Subject] = ep.QueueGroup
+	}
+	for _, want := range []string{"pyfleet.req.p.echo", "pyfleet.req.p.count", "pyfleet.req.p.*"} {
+		if qg, ok := subjects[want]; !ok || qg != "pyfleet.p" {
+			t.Errorf("endpoint %s: present %v, queue group %q", want, ok, qg)
+		}
+	}
+	if _, ok := subjects["pyfleet.node.n1.p.*"]; !ok {
+		t.Errorf("no node endpoint in %v", subjects)
+	}
+
+	subj, _ = micro.ControlSubject(micro.StatsVerb, bus.ServiceName, info.ID)
+	var stats micro.Stats
+	if err := json.Unmarshal(request(t, nc, subj, "").Data, &stats); err != nil {
+		t.Fatal(err)
+	}
+	var requests, errs int64
+	var nodeSeen bool
+	for _, ep := range stats.Endpoints {
+		var d bus.EndpointData
+		if err := json.Unmarshal(ep.Data, &d); err != nil {
+			t.Fatalf("endpoint %s data %s: %v", ep.Subject, ep.Data, err)
+		}
+		requests += int64(ep.NumRequests)
+		errs += d.Errors
+		nodeSeen = nodeSeen || fmt.Sprint(d.Node) == "map[workers:4]"
+	}
+	if requests != 3 || errs != 2 {
+		t.Errorf("stats: %d requests, %d errors; want 3 and 2", requests, errs)
+	}
+	if !nodeSeen {
+		t.Errorf("node stats missing")
+	}
+}
+
+func TestInProcessConnection(t *testing.T) {
+	srv := MustServer(t)
+	nc, err := bus.Connect(bus.ConnConfig{InProcess: srv, Name: "inproc"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	MustServe(t, nc, "n1", &fakeHandler{})
+	var ok atomic.Int32
+	for range 10 {
+		if m := request(t, MustConn(t, srv), "pyfleet.req.p.echo", `{}`); m.Header.Get(bus.HeaderStatus) == bus.StatusOK {
+			ok.Add(1)
+		}
+	}
+	if ok.Load() != 10 {
+		t.Errorf("%d of 10 ok", ok.Load())
+	}
+}
