@@ -1,0 +1,115 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+type callCmd struct {
+	pool      string
+	node      string
+	session   string
+	requestID string
+	timeout   time.Duration
+	headers   bool
+	raw       bool
+}
+
+func (c *callCmd) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.pool, "pool", "default", "`POOL` to call")
+	fs.StringVar(&c.node, "node", "", "send to this `NODE` only (keeps a session on the node that holds it)")
+	fs.StringVar(&c.session, "session", "", "`SESSION` id: calls with the same id reach the same worker")
+	fs.StringVar(&c.requestID, "request-id", "", "`ID` sent as Pyfleet-Request-Id, for tracing")
+	fs.DurationVar(&c.timeout, "timeout", 60*time.Second, "deadline of the call, time queued included")
+	fs.BoolVar(&c.headers, "headers", false, "print reply headers (node, worker) on stderr")
+	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
+}
+
+func (c *callCmd) run(ctx context.Context, a *app, args []string) error {
+	fn, rest, err := functionArgs(args)
+	if err != nil {
+		return err
+	}
+	if err := checkToken("--pool", c.pool); err != nil {
+		return err
+	}
+	if c.node != "" {
+		if err := checkToken("--node", c.node); err != nil {
+			return err
+		}
+	}
+	if c.timeout <= 0 {
+		return usagef("--timeout must be positive")
+	}
+	body, err := payload(rest, a.stdin, c.raw)
+	if err != nil {
+		return err
+	}
+	subj := a.subject("req", c.pool, fn)
+	if c.node != "" {
+		subj = a.subject("node", c.node, c.pool, fn)
+	}
+	msg := nats.NewMsg(subj)
+	msg.Data = body
+	msg.Header.Set(hdrTimeout, millis(c.timeout))
+	if c.session != "" {
+		msg.Header.Set(hdrSession, c.session)
+	}
+	if c.requestID != "" {
+		msg.Header.Set(hdrRequestID, c.requestID)
+	}
+
+	nc, err := a.connect()
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	out := &output{stdout: a.stdout, stderr: a.stderr, headers: c.headers, raw: c.raw}
+	return request(ctx, nc, msg, c.timeout, out)
+}
+
+var errDeadline = errors.New("deadline passed")
+
+// request sends msg and prints its answer. It does not use nc.Request: a
+// streaming function answers with many messages, so it reads its own inbox
+// until a message that is not a chunk.
+func request(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout time.Duration, out *output) error {
+	sub, err := nc.SubscribeSync(nc.NewInbox())
+	if err != nil {
+		return err
+	}
+	defer sub.Unsubscribe()
+	msg.Reply = sub.Subject
+
+	ctx, cancel := context.WithTimeoutCause(ctx, timeout+replyMargin(timeout), errDeadline)
+	defer cancel()
+	if err := nc.PublishMsg(msg); err != nil {
+		return err
+	}
+	for {
+		m, err := sub.NextMsgWithContext(ctx)
+		switch {
+		case errors.Is(err, nats.ErrNoResponders), err == nil && isNoResponders(m):
+			return unavailablef("no node serves %s", msg.Subject)
+		case err != nil && errors.Is(context.Cause(ctx), errDeadline):
+			if out.chunks > 0 {
+				return unavailablef("%s: stream did not end within %v", msg.Subject, timeout)
+			}
+			return unavailablef("no answer from %s within %v", msg.Subject, timeout)
+		case err != nil && ctx.Err() != nil:
+			return errInterrupted
+		case isClosed(err):
+			return unavailablef("connection to NATS closed while waiting for %s", msg.Subject)
+		case err != nil:
+			return fmt.Errorf("waiting for %s: %w", msg.Subject, err)
+		}
+		if done, err := out.handle(m.Header, m.Data); done || err != nil {
+			return err
+		}
+	}
+}

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+type jobCmd struct {
+	pool    string
+	id      string
+	replyTo string
+	wait    bool
+	timeout time.Duration
+	headers bool
+	raw     bool
+}
+
+func (c *jobCmd) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.pool, "pool", "default", "`POOL` to run the job")
+	fs.StringVar(&c.id, "id", "", "job `ID` (default: 16 random hex digits); one subject token")
+	fs.StringVar(&c.replyTo, "reply-to", "", "also send the result to `SUBJECT` (Pyfleet-Reply-To)")
+	fs.BoolVar(&c.wait, "wait", false, "wait for the result and print it instead of the id")
+	fs.DurationVar(&c.timeout, "timeout", 0, "with --wait, give up after this long (default: wait until interrupted)")
+	fs.BoolVar(&c.headers, "headers", false, "with --wait, print the result's headers on stderr")
+	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
+}
+
+// publishTimeout bounds the wait for the stream's acknowledgement; jobs
+// themselves may queue for as long as they like.
+const publishTimeout = 10 * time.Second
+
+func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
+	fn, rest, err := functionArgs(args)
+	if err != nil {
+		return err
+	}
+	if err := checkToken("--pool", c.pool); err != nil {
+		return err
+	}
+	if c.id == "" {
+		c.id = randomID()
+	} else if err := checkToken("--id", c.id); err != nil {
+		return err
+	}
+	if c.timeout < 0 {
+		return usagef("--timeout must not be negative")
+	}
+	body, err := payload(rest, a.stdin, c.raw)
+	if err != nil {
+		return err
+	}
+
+	nc, err := a.connect()
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	resultSubj := a.subject("result", c.pool, c.id)
+	var results string
+	if c.wait {
+		// Before publishing: a job whose result could never be read should
+		// not be queued.
+		if results, err = streamFor(ctx, js, resultSubj, "PYFLEET_RESULTS"); err != nil {
+			return err
+		}
+	}
+
+	msg := nats.NewMsg(a.subject("job", c.pool, fn))
+	msg.Data = body
+	msg.Header.Set(jetstream.MsgIDHeader, c.id)
+	if c.replyTo != "" {
+		msg.Header.Set(hdrReplyTo, c.replyTo)
+	}
+	pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	ack, err := js.PublishMsg(pctx, msg)
+	cancel()
+	switch {
+	case errors.Is(err, jetstream.ErrNoStreamResponse):
+		return unavailablef("no PYFLEET_JOBS stream: is a poolnode running?")
+	case err != nil && ctx.Err() != nil:
+		return errInterrupted
+	case err != nil:
+		return fmt.Errorf("publishing job to %s: %w", msg.Subject, err)
+	}
+	if ack.Duplicate {
+		fmt.Fprintf(a.stderr, "submit job: id %s was already submitted; the job is not queued again\n", c.id)
+	}
+	if !c.wait {
+		fmt.Fprintln(a.stdout, c.id)
+		return nil
+	}
+	out := &output{stdout: a.stdout, stderr: a.stderr, headers: c.headers, raw: c.raw}
+	return c.await(ctx, js, results, resultSubj, out)
+}
+
+// streamFor names the stream that stores subj, looked up by subject so a
+// non-default prefix needs no naming convention.
+func streamFor(ctx context.Context, js jetstream.JetStream, subj, want string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	name, err := js.StreamNameBySubject(ctx, subj)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound), errors.Is(err, jetstream.ErrJetStreamNotEnabled),
+		errors.Is(err, nats.ErrNoResponders):
+		return "", unavailablef("no %s stream: is a poolnode running?", want)
+	case err != nil:
+		return "", fmt.Errorf("looking up the stream of %s: %w", subj, err)
+	}
+	return name, nil
+}
+
+// await reads the job's result from the results stream. An ordered consumer
+// from the first message on the subject finds a result stored before it was
+// created as well as one stored later, and all chunks of a streamed result
+// in order.
+func (c *jobCmd) await(ctx context.Context, js jetstream.JetStream, stream, subj string, out *output) error {
+	if c.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, c.timeout, errDeadline)
+		defer cancel()
+	}
+	cons, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{subj},
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
+	}
+	defer it.Stop()
+	// Next has no context; stopping the iterator is what unblocks it.
+	defer context.AfterFunc(ctx, it.Stop)()
+	for {
+		m, err := it.Next()
+		if err != nil {
+			return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
+		}
+		if done, err := out.handle(m.Headers(), m.Data()); done || err != nil {
+			return err
+		}
+	}
+}
+
+func (c *jobCmd) waitErr(ctx context.Context, err error) error {
+	switch {
+	case errors.Is(context.Cause(ctx), errDeadline):
+		return unavailablef("no result for job %s within %v", c.id, c.timeout)
+	case ctx.Err() != nil:
+		return errInterrupted
+	}
+	return err
+}

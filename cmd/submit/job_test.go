@@ -1,0 +1,160 @@
+package main
+
+import (
+	"context"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// mustStreams creates the job and result streams the way a node would.
+func mustStreams(t *testing.T, nc *nats.Conn) jetstream.JetStream {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := withTimeout(t, 10*time.Second)
+	for _, cfg := range []jetstream.StreamConfig{
+		{Name: "PYFLEET_JOBS", Subjects: []string{"pyfleet.job.>"}, Retention: jetstream.WorkQueuePolicy},
+		{Name: "PYFLEET_RESULTS", Subjects: []string{"pyfleet.result.>"}},
+	} {
+		if _, err := js.CreateStream(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return js
+}
+
+// fakeJobWorker runs jobs like a node: echo answers its payload, anything
+// else fails; the result is stored on pyfleet.result.<pool>.<id>, then the
+// job is acked.
+func fakeJobWorker(t *testing.T, js jetstream.JetStream) {
+	t.Helper()
+	ctx := withTimeout(t, 10*time.Second)
+	cons, err := js.CreateOrUpdateConsumer(ctx, "PYFLEET_JOBS", jetstream.ConsumerConfig{
+		Durable: "workers", AckPolicy: jetstream.AckExplicitPolicy,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		tok := strings.Split(m.Subject(), ".") // pyfleet.job.<pool>.<function>
+		res := &nats.Msg{Subject: "pyfleet.result." + tok[2] + "." + m.Headers().Get(jetstream.MsgIDHeader)}
+		if tok[3] == "echo" {
+			res.Header, res.Data = okHeader("node-a"), m.Data()
+		} else {
+			res.Header, res.Data = errorReply(500, "RuntimeError", "this function always fails")
+		}
+		// Not t.Context(): the client may see the stored result and end the
+		// test before this publish has its acknowledgement. A failure shows
+		// as a missing result.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := js.PublishMsg(ctx, res); err == nil {
+			_ = m.Ack()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cc.Stop()
+		<-cc.Closed()
+	})
+}
+
+func storeResult(t *testing.T, js jetstream.JetStream, id string, h nats.Header, data string) {
+	t.Helper()
+	if _, err := js.PublishMsg(t.Context(), &nats.Msg{Subject: "pyfleet.result.default." + id, Header: h, Data: []byte(data)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestJobPublishes(t *testing.T) {
+	s := mustServer(t)
+	js := mustStreams(t, mustConn(t, s))
+
+	r := submit(t, s, "", "job", "echo", `{"a":1}`)
+	if r.code != 0 || !regexp.MustCompile(`^[0-9a-f]{16}\n$`).MatchString(r.stdout) {
+		t.Fatalf("got exit %d, stdout %q, stderr %q; want a 16 hex digit id", r.code, r.stdout, r.stderr)
+	}
+	id := strings.TrimSpace(r.stdout)
+	stream, err := js.Stream(t.Context(), "PYFLEET_JOBS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := stream.GetLastMsgForSubject(t.Context(), "pyfleet.job.default.echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Header.Get(jetstream.MsgIDHeader); got != id || string(m.Data) != `{"a":1}` {
+		t.Fatalf("stored job has id %q, body %q; want %q, {\"a\":1}", got, m.Data, id)
+	}
+
+	r = submit(t, s, "", "job", "--id", "fixed-1", "echo")
+	r.want(t, 0, "fixed-1\n")
+	r = submit(t, s, "", "job", "--id", "fixed-1", "echo")
+	r.want(t, 0, "fixed-1\n")
+	if !strings.Contains(r.stderr, "already submitted") {
+		t.Fatalf("a duplicate id is not reported: %q", r.stderr)
+	}
+}
+
+func TestJobWait(t *testing.T) {
+	s := mustServer(t)
+	js := mustStreams(t, mustConn(t, s))
+	fakeJobWorker(t, js)
+
+	submit(t, s, "", "job", "--wait", "--timeout", "10s", "echo", `{"a":1}`).want(t, 0, "{\"a\":1}\n")
+	r := submit(t, s, "", "job", "--wait", "--id", "f1", "--timeout", "10s", "fail")
+	r.want(t, 1, "")
+	if r.stderr != "500 RuntimeError: this function always fails\n" {
+		t.Fatalf("stderr %q", r.stderr)
+	}
+}
+
+// A result stored before submit looks (a resubmitted id, or a fast node) is
+// still found, chunks of a streamed result included.
+func TestJobWaitFindsStoredResult(t *testing.T) {
+	s := mustServer(t)
+	js := mustStreams(t, mustConn(t, s))
+
+	storeResult(t, js, "done-1", okHeader("node-a"), `"stored"`)
+	submit(t, s, "", "job", "--wait", "--id", "done-1", "--timeout", "10s", "echo").want(t, 0, "\"stored\"\n")
+
+	chunk := okHeader("node-a")
+	chunk.Set(hdrStream, "chunk")
+	end := okHeader("node-a")
+	end.Set(hdrStream, "end")
+	storeResult(t, js, "stream-1", chunk, "0")
+	storeResult(t, js, "stream-1", chunk, "1")
+	storeResult(t, js, "stream-1", end, "")
+	submit(t, s, "", "job", "--wait", "--id", "stream-1", "--timeout", "10s", "count").want(t, 0, "0\n1\n")
+}
+
+func TestJobErrors(t *testing.T) {
+	s := mustServer(t)
+
+	r := submit(t, s, "", "job", "echo")
+	r.want(t, 3, "")
+	if !strings.Contains(r.stderr, "no PYFLEET_JOBS stream: is a poolnode running?") {
+		t.Fatalf("stderr %q", r.stderr)
+	}
+	r = submit(t, s, "", "job", "--wait", "echo")
+	r.want(t, 3, "")
+	if !strings.Contains(r.stderr, "no PYFLEET_RESULTS stream: is a poolnode running?") {
+		t.Fatalf("stderr %q", r.stderr)
+	}
+
+	mustStreams(t, mustConn(t, s))
+	r = submit(t, s, "", "job", "--wait", "--id", "never", "--timeout", "300ms", "echo")
+	r.want(t, 3, "")
+	if !strings.Contains(r.stderr, "no result for job never within 300ms") {
+		t.Fatalf("stderr %q", r.stderr)
+	}
+}
