@@ -32,13 +32,24 @@ func (c *nodesCmd) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.json, "json", false, "print a JSON array")
 }
 
-// nodeLoad is what a node reports in its endpoints' stats data.
+// nodeLoad is the node-wide figures a node reports in its endpoints' stats
+// data, either as the whole data object or under its "node" key (what bus
+// does, beside per-endpoint counters).
 type nodeLoad struct {
 	Workers *int `json:"workers"`
 	Busy    *int `json:"busy"`
 	Queued  *int `json:"queued"`
 	Handled *int `json:"handled"`
 	Errors  *int `json:"errors"`
+}
+
+// endpointData is the rest of bus's per-endpoint data: its own counters,
+// which unlike micro's num_errors count errors answered after the handler
+// returned.
+type endpointData struct {
+	Node      *nodeLoad `json:"node"`
+	Completed *int      `json:"completed"`
+	Errors    *int      `json:"errors"`
 }
 
 // nodeRow is one line of the table and one element of --json. Figures the
@@ -170,20 +181,39 @@ func toRow(s micro.Stats, now time.Time) nodeRow {
 	// Every endpoint may carry the same node-wide figures: take one, never
 	// add them up.
 	for _, e := range s.Endpoints {
-		var l nodeLoad
-		if len(e.Data) == 0 || json.Unmarshal(e.Data, &l) != nil || l.Workers == nil {
-			continue
+		if l := loadOf(e.Data); l != nil {
+			r.Workers, r.Busy, r.Queued, r.Handled, r.Errors = l.Workers, l.Busy, l.Queued, l.Handled, l.Errors
+			return r
 		}
-		r.Workers, r.Busy, r.Queued, r.Handled, r.Errors = l.Workers, l.Busy, l.Queued, l.Handled, l.Errors
-		return r
 	}
 	var handled, errs int
 	for _, e := range s.Endpoints {
+		var d endpointData
+		if json.Unmarshal(e.Data, &d) == nil && d.Completed != nil && d.Errors != nil {
+			handled += *d.Completed
+			errs += *d.Errors
+			continue
+		}
 		handled += e.NumRequests
 		errs += e.NumErrors
 	}
 	r.Handled, r.Errors = &handled, &errs
 	return r
+}
+
+func loadOf(data json.RawMessage) *nodeLoad {
+	if len(data) == 0 {
+		return nil
+	}
+	var d endpointData
+	if json.Unmarshal(data, &d) == nil && d.Node != nil && d.Node.Workers != nil {
+		return d.Node
+	}
+	var l nodeLoad
+	if json.Unmarshal(data, &l) == nil && l.Workers != nil {
+		return &l
+	}
+	return nil
 }
 
 func printNodes(w io.Writer, rows []nodeRow) error {
