@@ -36,6 +36,11 @@ type Config struct {
 	MaxDeliver     int
 	StateDir       string
 
+	// Recycling limits; zero is off.
+	MaxRequests int
+	MaxMemoryMB int
+	MaxAge      time.Duration
+
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
 }
@@ -91,6 +96,15 @@ func (c *Config) Validate() error {
 	}
 	if c.ShutdownGrace < 0 {
 		return bad("--shutdown-grace must not be negative, not %s", c.ShutdownGrace)
+	}
+	if c.MaxRequests < 0 {
+		return bad("--max-requests must not be negative, not %d", c.MaxRequests)
+	}
+	if c.MaxMemoryMB < 0 {
+		return bad("--max-memory must not be negative, not %d", c.MaxMemoryMB)
+	}
+	if c.MaxAge < 0 {
+		return bad("--max-age must not be negative, not %s", c.MaxAge)
 	}
 	if c.MaxDeliver < 1 {
 		return bad("--max-deliver must be at least 1, not %d", c.MaxDeliver)

@@ -44,6 +44,22 @@ type Config struct {
 	// crash_loop event; default 5.
 	CrashLoop int
 
+	// Recycling: a worker is replaced after about MaxRequests calls, MaxAge
+	// of life, or when its process tree's RSS passes MaxMemory bytes (each
+	// off when zero). The limits get up to 10% jitter per worker.
+	MaxRequests int
+	MaxAge      time.Duration
+	MaxMemory   uint64
+	// MemoryInterval is how often memory is checked; default 500 ms.
+	MemoryInterval time.Duration
+
+	// Health: every HealthInterval (default 5 s) each worker gets a gRPC
+	// health check with HealthTimeout (default 2 s); HealthFailures (default
+	// 3) failures in a row and it is killed and replaced.
+	HealthInterval time.Duration
+	HealthTimeout  time.Duration
+	HealthFailures int
+
 	Spawner *lifecycle.Spawner // required
 	Events  lifecycle.Events   // may be nil
 	Logger  *zap.Logger        // may be nil
@@ -61,8 +77,8 @@ func (c *Config) validate() error {
 	if c.Spawner == nil {
 		return errors.New("pool: Spawner is required")
 	}
-	if c.Workers < 0 || c.Concurrency < 0 || c.QueueLimit < 0 {
-		return errors.New("pool: Workers, Concurrency and QueueLimit must not be negative")
+	if c.Workers < 0 || c.Concurrency < 0 || c.QueueLimit < 0 || c.MaxRequests < 0 || c.MaxAge < 0 {
+		return errors.New("pool: Workers, Concurrency, QueueLimit, MaxRequests and MaxAge must not be negative")
 	}
 	setDefault(&c.Workers, 1)
 	setDefault(&c.Concurrency, 1)
@@ -73,6 +89,10 @@ func (c *Config) validate() error {
 	setDefault(&c.DeadlineGrace, 2*time.Second)
 	setDefault(&c.RestartBackoff, 100*time.Millisecond)
 	setDefault(&c.MaxRestartBackoff, 30*time.Second)
+	setDefault(&c.MemoryInterval, 500*time.Millisecond)
+	setDefault(&c.HealthInterval, 5*time.Second)
+	setDefault(&c.HealthTimeout, 2*time.Second)
+	setDefault(&c.HealthFailures, 3)
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
@@ -162,6 +182,13 @@ func New(cfg Config) (*Pool, error) {
 // error. Workers that failed are retried in the background.
 func (p *Pool) Start(ctx context.Context) error {
 	first := make(chan error, p.cfg.Workers)
+	if p.cfg.MaxMemory > 0 {
+		p.goroutines.Add(1)
+		go func() {
+			defer p.goroutines.Done()
+			p.watchMemory()
+		}()
+	}
 	for i := range p.cfg.Workers {
 		name := "w" + strconv.Itoa(i+1)
 		p.goroutines.Add(1)
@@ -205,36 +232,40 @@ func (p *Pool) supervise(name string, first chan<- error) {
 	backoff := p.cfg.RestartBackoff
 	failures := 0
 	var prevPID int
+	var w *worker // the slot's live worker; nil when one must be started
 	for {
-		w, err := p.spawnWorker(p.ctx, name)
-		if err != nil && !p.isClosed() {
-			p.log.Warn("worker failed to start", zap.String("worker", name), zap.Error(err))
-			p.emit(lifecycle.Event{Kind: lifecycle.KindSpawnFailed, Worker: name, Detail: err.Error()})
-		}
-		if first != nil {
-			first <- err
-			var appErr *AppError
-			if errors.As(err, &appErr) {
-				return // the node gives up; Start says why
+		if w == nil {
+			var err error
+			w, err = p.spawnWorker(p.ctx, name)
+			if err != nil && !p.isClosed() {
+				p.log.Warn("worker failed to start", zap.String("worker", name), zap.Error(err))
+				p.emit(lifecycle.Event{Kind: lifecycle.KindSpawnFailed, Worker: name, Detail: err.Error()})
 			}
-			first = nil
-		}
-		if err != nil {
-			if p.isClosed() {
-				return
+			if first != nil {
+				first <- err
+				var appErr *AppError
+				if errors.As(err, &appErr) {
+					return // the node gives up; Start says why
+				}
+				first = nil
 			}
-			failures++
-			if !p.sleepBackoff(name, &backoff, failures) {
-				return
+			if err != nil {
+				if p.isClosed() {
+					return
+				}
+				failures++
+				if !p.sleepBackoff(name, &backoff, failures) {
+					return
+				}
+				continue
 			}
-			continue
+			if prevPID != 0 {
+				p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
+					Detail: "replaces pid " + strconv.Itoa(prevPID)})
+			}
+			prevPID = w.proc.PID()
+			p.serve(w)
 		}
-		if prevPID != 0 {
-			p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
-				Detail: "replaces pid " + strconv.Itoa(prevPID)})
-		}
-		prevPID = w.proc.PID()
-		p.serve(w)
 
 		select {
 		case <-w.proc.Done():
@@ -244,31 +275,67 @@ func (p *Pool) supervise(name string, first chan<- error) {
 				grace = 0
 			}
 			w.stopProcess(lifecycle.ReasonStop, grace)
+		case why := <-w.recycle:
+			if next := p.replace(w, why); next != nil {
+				prevPID, w = next.proc.PID(), next
+			}
+			continue
 		}
-		<-w.proc.Done()
-		w.markLost(fmt.Errorf("worker %s exited", name))
-		w.conn.Close()
-		p.unregister(w)
-		w.slots.Wait()
-		p.reportExit(w)
-
+		p.retireWorker(w)
 		if p.isClosed() {
 			return
 		}
 		if w.stoppedFor() != "" {
-			// Killed on purpose (deadline, recycle, health): replace now.
-			failures, backoff = 0, p.cfg.RestartBackoff
+			// Killed on purpose (deadline, health): replace now.
+			failures, backoff, w = 0, p.cfg.RestartBackoff, nil
 			continue
 		}
 		// A worker that served for a while before crashing is not looping.
 		if time.Since(w.started) > time.Minute {
 			failures, backoff = 0, p.cfg.RestartBackoff
 		}
+		w = nil
 		failures++
 		if !p.sleepBackoff(name, &backoff, failures) {
 			return
 		}
 	}
+}
+
+// replace recycles old: a new worker is started and serving before old stops
+// taking calls, and old finishes the calls it has before it is stopped, so
+// recycling fails no call. If the new worker cannot start, old keeps serving
+// and replace returns nil; its monitor asks again later.
+func (p *Pool) replace(old *worker, why string) *worker {
+	next, err := p.spawnWorker(p.ctx, old.name)
+	if err != nil {
+		if !p.isClosed() {
+			p.log.Warn("recycle: replacement failed to start; the old worker keeps serving",
+				zap.String("worker", old.name), zap.Error(err))
+			p.emit(lifecycle.Event{Kind: lifecycle.KindSpawnFailed, Worker: old.name, Detail: err.Error()})
+		}
+		return nil
+	}
+	p.log.Info("recycling worker", zap.String("worker", old.name), zap.String("why", why),
+		zap.Int("old_pid", old.proc.PID()), zap.Int("new_pid", next.proc.PID()))
+	p.serve(next)
+	old.retireOnce.Do(func() { close(old.retire) })
+	old.slots.Wait() // its in-flight calls are done
+	old.stopProcess(lifecycle.ReasonRecycle, p.cfg.StopGrace)
+	p.retireWorker(old)
+	return next
+}
+
+// retireWorker cleans up after a worker whose process has exited, and says
+// how it ended.
+func (p *Pool) retireWorker(w *worker) {
+	<-w.proc.Done()
+	w.markLost(fmt.Errorf("worker %s exited", w.name))
+	w.conn.Close()
+	p.unregister(w)
+	w.slots.Wait()
+	w.monitor.Wait()
+	p.reportExit(w)
 }
 
 // sleepBackoff waits before the next start, with jitter so that workers that
@@ -320,6 +387,13 @@ func (p *Pool) serve(w *worker) {
 	p.mu.Lock()
 	p.workers[w.name] = w
 	p.mu.Unlock()
+	w.monitor.Add(1)
+	p.goroutines.Add(1)
+	go func() {
+		defer p.goroutines.Done()
+		defer w.monitor.Done()
+		p.watch(w)
+	}()
 	for range p.cfg.Concurrency {
 		w.slots.Add(1)
 		p.goroutines.Add(1)
@@ -433,7 +507,9 @@ func (p *Pool) run(w *worker, j *job) {
 				}
 				continue
 			}
-			w.handled.Add(1)
+			if n := w.handled.Add(1); w.maxRequests > 0 && n >= w.maxRequests {
+				w.askRecycle("requests")
+			}
 			p.handled.Add(1)
 			if r.Error != nil {
 				p.errors.Add(1)

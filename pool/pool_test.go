@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -127,7 +128,7 @@ func codeOf(err error) int {
 
 func TestCallKinds(t *testing.T) {
 	p, _ := startPool(t, func(c *Config) { c.Workers = 2 })
-	if len(p.Functions()) != 6 {
+	if len(p.Functions()) != 8 {
 		t.Errorf("functions %+v", p.Functions())
 	}
 	res, err := callFn(p, 5*time.Second, "echo", `{"a":[1,2]}`)
@@ -355,5 +356,85 @@ func waitUntil(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 20 s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func countEvents(r *recorder, match func(lifecycle.Event) bool) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, e := range r.got {
+		if match(e) {
+			n++
+		}
+	}
+	return n
+}
+
+func isRecycle(e lifecycle.Event) bool {
+	return e.Kind == lifecycle.KindTerminated && e.Reason == lifecycle.ReasonRecycle
+}
+
+// Under steady load, --max-requests recycles workers and no call fails.
+func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
+	p, rec := startPool(t, func(c *Config) { c.Workers = 2; c.MaxRequests = 25 })
+	var wg sync.WaitGroup
+	errs := make(chan error, 300)
+	for g := range 4 {
+		wg.Go(func() {
+			for range 75 {
+				if _, err := callFn(p, 20*time.Second, "sleep", strconv.Itoa(5+g)); err != nil {
+					errs <- err
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("call failed during recycling: %v", err)
+	}
+	// 300 calls of 5 ms over workers that last about 25-27 calls each and
+	// take ~150 ms to replace: several recycles happen under the load.
+	if n := countEvents(rec, isRecycle); n < 2 {
+		t.Errorf("%d recycles after 300 calls with a limit of 25", n)
+	}
+	if n := countEvents(rec, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindCrashed }); n != 0 {
+		t.Errorf("%d crashes", n)
+	}
+}
+
+// A worker that leaks memory is recycled before it passes the limit by much,
+// and no call fails meanwhile.
+func TestMaxMemoryRecyclesLeakingWorker(t *testing.T) {
+	p, rec := startPool(t, func(c *Config) {
+		c.MaxMemory = 150 << 20
+		c.MemoryInterval = 50 * time.Millisecond
+	})
+	for i := range 40 {
+		if _, err := callFn(p, 20*time.Second, "leak", "10"); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+		time.Sleep(20 * time.Millisecond) // leak at a pace the monitor can see
+	}
+	if n := countEvents(rec, isRecycle); n < 1 {
+		t.Errorf("400 MB leaked in 10 MB steps, limit 150 MB: no recycle")
+	}
+}
+
+// A worker that stops answering health checks is killed and replaced.
+func TestHungWorkerIsReplaced(t *testing.T) {
+	p, rec := startPool(t, func(c *Config) {
+		c.HealthInterval = 100 * time.Millisecond
+		c.HealthTimeout = 100 * time.Millisecond
+	})
+	before := p.Workers()["w1"]
+	go func() { _, _ = callFn(p, 60*time.Second, "hang", "60") }()
+	rec.waitFor(t, "terminated(unhealthy)", func(e lifecycle.Event) bool {
+		return e.Kind == lifecycle.KindTerminated && e.Reason == lifecycle.ReasonUnhealthy && e.PID == before
+	})
+	waitUntil(t, func() bool { pid := p.Workers()["w1"]; return pid != 0 && pid != before })
+	if _, err := callFn(p, 10*time.Second, "echo", "1"); err != nil {
+		t.Errorf("replacement: %v", err)
 	}
 }

@@ -78,10 +78,11 @@ type worker struct {
 	pending map[uint64]chan *workerpb.Result
 	broken  error // set once the stream failed; no call can start after
 
-	nextID   atomic.Uint64
-	handled  atomic.Uint64
-	inflight atomic.Int64
-	started  time.Time
+	nextID      atomic.Uint64
+	handled     atomic.Uint64
+	maxRequests uint64 // with jitter; 0: no limit
+	inflight    atomic.Int64
+	started     time.Time
 
 	// lost is closed when the stream breaks or the process exits: every
 	// pending call fails at once rather than waiting for its deadline.
@@ -100,6 +101,11 @@ type worker struct {
 
 	// slots counts this worker's slot goroutines still running.
 	slots sync.WaitGroup
+	// monitor counts its watch goroutine.
+	monitor sync.WaitGroup
+	// recycle carries the monitor's request to replace the worker (the
+	// reason, for the log); buffered so the monitor never waits.
+	recycle chan string
 }
 
 type spawnResult struct {
@@ -146,7 +152,9 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		lost:    make(chan struct{}),
 		pinned:  make(chan *job),
 		retire:  make(chan struct{}),
+		recycle: make(chan string, 1),
 	}
+	w.maxRequests = uint64(jitter(p.cfg.MaxRequests))
 	ready := make(chan spawnResult, 1)
 	var stderrTail tail
 	onStdout := func(line []byte) {

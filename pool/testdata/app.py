@@ -39,3 +39,20 @@ def bad(payload):
 @app.function
 def pid(payload):
     return os.getpid()
+
+
+_hoard = []
+
+
+@app.function
+def leak(mb):
+    """Keeps mb megabytes for the life of the worker."""
+    _hoard.append(bytearray(mb * 1024 * 1024))
+    return len(_hoard)
+
+
+@app.function
+async def hang(seconds):
+    """Blocks the event loop, so the worker stops answering health checks."""
+    time.sleep(seconds)
+    return seconds
