@@ -7,16 +7,45 @@
 //   - spawning: a Spawner forks every child from one locked OS thread so
 //     that Pdeathsig means "when the node dies"; Start puts each child in its
 //     own process group and supervises it (Process: output lines, exit
-//     status, Stop with a grace period);
+//     status, Stop with a grace period); when a child exits, its group is
+//     killed, and so is every process carrying its Marker;
 //   - identity: a process is named by pid, start time and boot id
 //     (Identity), never by pid alone, because pids are reused;
+//   - markers: environment variables (EnvWorkerRun, EnvWorkerID) that
+//     follow a worker's descendants through setsid and double forks
+//     (Marker, KillMarked);
+//   - node liveness: a run of a node holds a flock for its life
+//     (AcquireNodeLock, NodeAlive), which the kernel drops when it dies;
+//   - the registry of worker processes per state dir (Registry), shared by
+//     the nodes that use the dir;
+//   - reaping: the orphans this process adopts as a child subreaper
+//     (SetChildSubreaper, Spawner.ReapAdopted), and everything dead runs left
+//     (Reaper);
 //   - memory accounting of a process tree (TreeRSS);
 //   - the lifecycle event types (Event, Events, the Kind and Reason
 //     constants) that other packages publish.
 //
 // The promise it serves (SPEC section 6): no process a worker started
-// survives the node, and nothing pyfleet did not start is ever killed. Every
-// signal this package sends by number (a pid or a process group id) is sent
-// only while that number provably still names a process of ours; the comment
-// at each such call says why.
+// survives the node, and nothing pyfleet did not start is ever killed. A
+// process is killed only when its identity or its marker proves it ours, and
+// every signal sent by number (a pid or a process group id) is sent only
+// while that number provably still names a process of ours; the comment at
+// each such call says why. Every kill of a process nobody supervises any more
+// is reported as an orphan_reaped event.
+//
+// A node wires it in this order:
+//
+//	lock, _ := lifecycle.AcquireNodeLock(stateDir, node, run) // first: the run is alive from here on
+//	_ = lifecycle.SetChildSubreaper()
+//	reg, _ := lifecycle.OpenRegistry(filepath.Join(stateDir, "registry.db"))
+//	spawner := lifecycle.NewSpawner()
+//	reaper, _ := lifecycle.NewReaper(lifecycle.ReaperConfig{StateDir: stateDir, Registry: reg, Spawner: spawner, Events: publish})
+//	_ = reaper.Sweep()    // before any worker starts: clears what dead runs left
+//	go reaper.Run(ctx)    // owned and waited for by the node
+//
+// and for each worker: Registry.Put (StateStarting, no pid), Start with
+// StartOptions.Marker, Registry.Put again with Record.SetProcess; on exit,
+// Process.Stop, then Registry.Delete. On the way out: stop every worker,
+// KillMarked(Marker{Node: node, Run: run}), stop the reaper, Spawner.Close,
+// NodeLock.Release last.
 package lifecycle

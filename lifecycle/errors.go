@@ -18,4 +18,17 @@ var (
 
 	// ErrBadProcStat means /proc/<pid>/stat did not parse.
 	ErrBadProcStat = errors.New("lifecycle: malformed /proc stat")
+
+	// ErrInvalidName is returned for a node, run or worker name that is
+	// empty or contains '.', '/' or NUL: names become file names and
+	// marker values.
+	ErrInvalidName = errors.New("lifecycle: invalid name")
+
+	// ErrRunTaken means the node and run already have a lock file: run
+	// names must be new for every start of a node.
+	ErrRunTaken = errors.New("lifecycle: run already exists")
+
+	// ErrRegistryBusy means the registry file stayed locked by another
+	// process for longer than the registry's timeout.
+	ErrRegistryBusy = errors.New("lifecycle: registry busy")
 )

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -74,6 +75,36 @@ func runHelper(mode string) int {
 		return 0
 	case "exit7":
 		return 7
+	case "middle":
+		// Starts a child in a group of its own and exits without waiting
+		// for it: the child is orphaned and re-parented to the nearest
+		// subreaper.
+		if err := helperChild("sleep", &syscall.SysProcAttr{Setpgid: true}).Start(); err != nil {
+			return 3
+		}
+		return 0
+	case "orphaner":
+		announce()
+		if err := helperChild("middle", nil).Run(); err != nil {
+			return 3
+		}
+		return forever()
+	case "fakenode":
+		return fakeNode()
+	case "registry-put":
+		reg, err := OpenRegistry(os.Getenv("REG_PATH"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		for i := range 20 {
+			rec := Record{Node: "n", Run: "r", Worker: os.Getenv("REG_PREFIX") + strconv.Itoa(i), State: StateStarting}
+			if err := reg.Put(rec); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				return 3
+			}
+		}
+		return 0
 	case "node":
 		// A supervisor of its own: the test SIGKILLs it and checks that its
 		// worker dies with it.
@@ -87,6 +118,53 @@ func runHelper(mode string) int {
 	}
 	fmt.Fprintln(os.Stderr, "unknown helper mode", mode)
 	return 2
+}
+
+// fakeNode plays a node that used the state dir in FAKENODE_STATE: it holds
+// its run's lock, records one worker, and starts it the way no real node
+// would, without Pdeathsig, so that the worker outlives it. The worker is a
+// "tree" (child and grandchild in its group); beside it runs a marked
+// escapee in a session of its own. All carry the run's marker. It prints
+// "ready" and waits to be killed.
+func fakeNode() int {
+	fail := func(err error) int { fmt.Fprintln(os.Stderr, "fakenode:", err); return 3 }
+	dir, m := os.Getenv("FAKENODE_STATE"), Marker{Node: os.Getenv("FAKENODE_NODE"), Run: os.Getenv("FAKENODE_RUN"), Worker: "w1"}
+	lock, err := AcquireNodeLock(dir, m.Node, m.Run)
+	if err != nil {
+		return fail(err)
+	}
+	defer lock.Release() // never reached: the test kills this process
+	reg, err := OpenRegistry(filepath.Join(dir, "registry.db"))
+	if err != nil {
+		return fail(err)
+	}
+	rec := Record{Node: m.Node, Run: m.Run, Worker: m.Worker, Pool: "p", State: StateStarting}
+	if err := reg.Put(rec); err != nil {
+		return fail(err)
+	}
+	worker := helperCmd("tree")
+	worker.Env = append(worker.Env, m.Env()...)
+	worker.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := worker.Start(); err != nil {
+		return fail(err)
+	}
+	id, err := ReadIdentity(worker.Process.Pid)
+	if err != nil {
+		return fail(err)
+	}
+	rec.PID, rec.PGID, rec.StartTime, rec.BootID, rec.State = id.PID, id.PID, id.StartTime, id.BootID, StateRunning
+	if err := reg.Put(rec); err != nil {
+		return fail(err)
+	}
+	escapee := helperCmd("sleep")
+	escapee.Env = append(escapee.Env, m.Env()...)
+	escapee.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := escapee.Start(); err != nil {
+		return fail(err)
+	}
+	fmt.Println("ready")
+	time.Sleep(time.Hour)
+	return 0
 }
 
 // helperCmd returns a command that runs the test binary as a fake child.

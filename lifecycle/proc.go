@@ -58,28 +58,6 @@ func descendants(stats []procStat, root int) []int {
 	return out
 }
 
-// TreeRSS returns the resident memory of pid and all its descendants, in
-// bytes: a worker's memory limit is about the interpreter and whatever it
-// started, not the interpreter alone.
-func TreeRSS(pid int) (uint64, error) {
-	stats, err := scanStats()
-	if err != nil {
-		return 0, err
-	}
-	var total uint64
-	for i, p := range descendants(stats, pid) {
-		rss, err := readRSS(p)
-		if err != nil {
-			if i == 0 {
-				return 0, err
-			}
-			continue // exited during the walk
-		}
-		total += rss
-	}
-	return total, nil
-}
-
 var pageSize = uint64(os.Getpagesize())
 
 // readRSS reads the resident set size from /proc/<pid>/statm, whose second

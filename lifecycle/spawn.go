@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"runtime"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -39,15 +40,20 @@ type Spawner struct {
 	quit      chan struct{}
 	done      chan struct{}
 	closeOnce sync.Once
+	spawns    atomic.Uint64 // numbers the marked starts, for EnvWorkerSpawn
+
+	mu       sync.Mutex
+	children map[int]marks // pid -> marks of every child started and not yet reaped
 }
 
 // NewSpawner starts the spawner's goroutine. Close it after every process it
 // started has been stopped.
 func NewSpawner() *Spawner {
 	s := &Spawner{
-		reqs: make(chan func()),
-		quit: make(chan struct{}),
-		done: make(chan struct{}),
+		reqs:     make(chan func()),
+		quit:     make(chan struct{}),
+		done:     make(chan struct{}),
+		children: make(map[int]marks),
 	}
 	go s.loop()
 	return s
@@ -71,10 +77,18 @@ func (s *Spawner) loop() {
 }
 
 // Close stops the spawner's goroutine and waits for it. It is idempotent.
-// Processes still running are not stopped by Close; stop them first.
+// Stop every process it started first: Close does not supervise their end,
+// though the kernel will likely SIGKILL them (Pdeathsig) as the thread ends.
 func (s *Spawner) Close() {
 	s.closeOnce.Do(func() { close(s.quit) })
 	<-s.done
+}
+
+// forget drops a reaped child from the spawner's children.
+func (s *Spawner) forget(pid int) {
+	s.mu.Lock()
+	delete(s.children, pid)
+	s.mu.Unlock()
 }
 
 // do runs fn on the spawner's thread and waits for it.
@@ -99,6 +113,16 @@ type StartOptions struct {
 	// the child.
 	Stdout func(line []byte)
 	Stderr func(line []byte)
+
+	// Marker, if set, marks the process and everything it starts (Start
+	// adds EnvWorkerRun, EnvWorkerID and EnvWorkerSpawn to cmd's
+	// environment), and when the process exits every process still
+	// carrying the marks of this start is killed too: descendants that left
+	// the process group with setsid or a double fork die with the worker.
+	Marker Marker
+
+	// Events receives an orphan_reaped event for each such kill. May be nil.
+	Events Events
 }
 
 // ExitStatus is how a process ended.
@@ -115,10 +139,13 @@ func (e ExitStatus) String() string {
 }
 
 // Process is a child started by Start. It owns the child's wait goroutine and
-// its two output readers; all three end on their own once the child has
-// exited, within drainTimeout.
+// its two output readers; all three end on their own within seconds of the
+// child's exit, whether or not anyone calls Stop.
 type Process struct {
+	spawner *Spawner
 	cmd     *exec.Cmd
+	marks   marks // the marks Start gave it; zero if unmarked
+	events  Events
 	id      Identity
 	pgid    int
 	outR    *os.File
@@ -156,6 +183,20 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	attr.Setpgid, attr.Pgid, attr.Pdeathsig = true, 0, syscall.SIGKILL
 	cmd.SysProcAttr = &attr
 
+	var k marks
+	if !opts.Marker.IsZero() {
+		if err := opts.Marker.valid(); err != nil {
+			return nil, err
+		}
+		k = marks{run: opts.Marker.RunValue(), id: opts.Marker.IDValue(), spawn: strconv.FormatUint(s.spawns.Add(1), 10)}
+		if cmd.Env == nil {
+			cmd.Env = os.Environ()
+		}
+		// Appended last, so they win over any inherited marks: os/exec
+		// keeps the last of duplicate keys.
+		cmd.Env = append(cmd.Env, append(opts.Marker.Env(), EnvWorkerSpawn+"="+k.spawn)...)
+	}
+
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("lifecycle: stdout pipe: %w", err)
@@ -175,6 +216,12 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 			// Read before anyone waits for the child: unreaped, its pid
 			// cannot be reused, so this is the child's own start time.
 			id, idErr = ReadIdentity(cmd.Process.Pid)
+			// Registered on this thread, before any other fork, so that
+			// ReapAdopted (which classifies children on this thread too)
+			// never takes it for an orphan.
+			s.mu.Lock()
+			s.children[cmd.Process.Pid] = k
+			s.mu.Unlock()
 		}
 	})
 	// The child has its own copies; ours would keep the readers from ever
@@ -187,6 +234,7 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	if err == nil && idErr != nil {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
+		s.forget(cmd.Process.Pid)
 		err = fmt.Errorf("lifecycle: identify %s: %w", cmd.Path, idErr)
 	}
 	if err != nil {
@@ -196,7 +244,10 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	}
 
 	p := &Process{
+		spawner: s,
 		cmd:     cmd,
+		marks:   k,
+		events:  opts.Events,
 		id:      id,
 		pgid:    cmd.Process.Pid,
 		outR:    outR,
@@ -285,10 +336,17 @@ func (p *Process) wait() {
 	// Only this goroutine reaps, so until it does the group id is ours.
 	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
 	waitGroupGone(p.pgid, p.id.PID, drainTimeout)
+	if p.marks != (marks{}) {
+		// Whatever of this start left the group dies now too. A failed
+		// scan leaves the rest to the Reaper.
+		k := p.marks
+		_, _ = killMarked(func(m marks) bool { return m == k }, "outlived worker "+k.id, p.events)
+	}
 	p.mu.Lock()
 	_ = p.cmd.Wait()
 	p.reaped = true
 	p.mu.Unlock()
+	p.spawner.forget(p.id.PID)
 
 	p.exit = exitStatus(p.cmd.ProcessState)
 	close(p.exited)

@@ -259,6 +259,9 @@ func TestTreeRSS(t *testing.T) {
 	if tree <= leader {
 		t.Errorf("TreeRSS = %d, not more than the leader's own %d", tree, leader)
 	}
+	if of, err := TreeRSSOf([]int{p.PID(), 1 << 30}); err != nil || len(of) != 1 || of[p.PID()] == 0 {
+		t.Errorf("TreeRSSOf = %v, %v; want only the live root", of, err)
+	}
 	p.Kill()
 	if _, err := TreeRSS(p.PID()); !errors.Is(err, ErrNoProcess) {
 		t.Errorf("TreeRSS of a reaped pid: %v, want ErrNoProcess", err)
