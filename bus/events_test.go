@@ -16,6 +16,11 @@ func TestEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The events come over another connection: the server must have the
+	// subscription first.
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	p := bus.NewEventPublisher(MustConn(t, srv), "", "p", "n1", nil)
 	var events lifecycle.Events = p.Publish
 	code := 0

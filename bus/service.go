@@ -474,7 +474,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 
 	var m *nats.Msg
 	if err != nil {
-		e := s.callError(ctx, err, timeout)
+		e := callError(ctx, err, timeout, s.node)
 		c.errors.Add(1)
 		c.lastError.Store(&e.Message)
 		m = &nats.Msg{Subject: reply}
@@ -500,7 +500,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 // callError maps what Call returned to what the caller sees. A handler that
 // gives up because ctx ended may return ctx's error: the caller must still
 // learn that the deadline passed (408) or that the node stopped (503).
-func (s *Service) callError(ctx context.Context, err error, timeout time.Duration) *call.Error {
+func callError(ctx context.Context, err error, timeout time.Duration, node string) *call.Error {
 	var ce *call.Error
 	if errors.As(err, &ce) && ce != nil {
 		return asCallError(ce)
@@ -508,8 +508,8 @@ func (s *Service) callError(ctx context.Context, err error, timeout time.Duratio
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || (errors.Is(err, context.Canceled) && errors.Is(ctx.Err(), context.DeadlineExceeded)):
 		return call.Errorf(call.CodeDeadline, TypeDeadline, "deadline of %s passed", timeout)
-	case errors.Is(err, context.Canceled) && s.abortCtx.Err() != nil:
-		return call.Errorf(call.CodeUnavailable, TypeDraining, "node %s stopped before the call finished", s.node)
+	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
+		return call.Errorf(call.CodeUnavailable, TypeDraining, "node %s stopped before the call finished", node)
 	}
 	return asCallError(err)
 }
