@@ -1,0 +1,30 @@
+// Package metrics owns a node's Prometheus metrics and the small HTTP server
+// that exposes them (the --metrics flag, SPEC section 3).
+//
+// A Metrics holds its own *prometheus.Registry: no package globals, so two
+// nodes (or two tests) in one process never share a series. The registry
+// carries the Go runtime and process collectors and the pyfleet_* metrics,
+// which all have the const labels pool and node:
+//
+//	pyfleet_requests_total{function,code}          calls answered, code "200" for ok
+//	pyfleet_request_duration_seconds{function}     call latency (100 µs .. 60 s buckets)
+//	pyfleet_workers, pyfleet_workers_busy,
+//	pyfleet_queue_depth                            read from the pool at scrape time
+//	pyfleet_worker_spawns_total, _ready_total,
+//	_crashes_total, _restarts_total,
+//	_spawn_failures_total, _crash_loops_total,
+//	_terminations_total{reason}                    lifecycle events (Event)
+//	pyfleet_orphans_reaped_total                   lifecycle events (Event)
+//	pyfleet_jobs_total{outcome}                    JetStream jobs settled (Job)
+//
+// The function label is bounded: a function outside the app's list (see
+// SetFunctions), or any call answered 404, is counted as "_unknown", and past
+// MaxFunctions distinct names the rest share "_other", so callers cannot
+// create series by calling made-up names.
+//
+// ObserveRequest is on the hot path of every call: it finds its counter and
+// histogram in a copy-on-write map without locking or allocating.
+//
+// Goroutines: Serve runs an http.Server until its ctx ends and returns only
+// once the server has shut down; the package starts no other goroutine.
+package metrics
