@@ -1,0 +1,612 @@
+"""The pyfleet worker process: serves an App's functions to one poolnode over gRPC.
+
+Started by poolnode, never by hand:
+
+    python -m pyfleet.worker --app MODULE[:ATTR] --app-dir DIR --socket PATH \\
+        --worker-id ID --concurrency N [--stop-grace SECONDS]
+
+Environment: PYFLEET_WORKER_SECRET (required; removed from the environment at
+start so that children do not inherit it) and PYFLEET_WORKER_LIFELINE_FD (the
+read end of a pipe whose write end only the node holds).
+
+Stdout protocol, one line each:
+    PYFLEET-READY {"v":1,"pid":...,"functions":[{"name":...,"raw":...,"stream":...}]}
+    PYFLEET-ERROR {"type":...,"message":...}   (the app failed to import; exit 3)
+Every other stdout and stderr line is the app's, and the node logs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import functools
+import hmac
+import importlib
+import io
+import json
+import os
+import signal
+import stat
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TextIO
+
+# gRPC's fork handlers cannot pause its poller thread ("Other threads are
+# currently calling into gRPC, skipping fork() handlers") and only log noise
+# when a function forks; forked children never use the worker's gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_health.v1.health import aio as health_aio  # noqa: E402
+
+from . import App, BadRequest, FunctionSpec  # noqa: E402
+from ._proto import worker_pb2, worker_pb2_grpc  # noqa: E402
+
+SERVICE_NAME = "pyfleet.worker.v1.Worker"
+SECRET_ENV = "PYFLEET_WORKER_SECRET"
+LIFELINE_ENV = "PYFLEET_WORKER_LIFELINE_FD"
+SECRET_METADATA = "pyfleet-secret"
+
+EXIT_USAGE = 2
+EXIT_IMPORT = 3
+
+# How long in-flight calls may finish after SIGTERM, unless --stop-grace
+# says otherwise. The node kills the worker after its own grace anyway, so
+# this only bounds a worker whose node stopped watching.
+STOP_GRACE_S = 30.0
+# Chunks that one stream's generators (sync ones, and async ones, each) may
+# have queued but not yet written. Beyond it they wait, so a fast generator
+# and a slow reader cannot fill memory.
+CHUNK_WINDOW = 256
+# The node enforces its own limit (413); this one only has to be above it.
+MAX_MESSAGE_BYTES = 64 << 20
+
+CALL_THREAD_PREFIX = "pyfleet-call"
+PR_SET_PDEATHSIG = 1
+
+Result = worker_pb2.Result
+Error = worker_pb2.Error
+CHUNK = worker_pb2.Result.CHUNK
+
+# Built once: json.dumps with arguments builds a new encoder on every call.
+# allow_nan=False because NaN and Infinity are not JSON to other languages.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_decode_json = json.JSONDecoder().decode
+
+
+# ---------------------------------------------------------------- one call
+
+
+def _decode(spec: FunctionSpec, payload: bytes) -> Any:
+    if spec.raw:
+        return payload
+    if not payload:
+        # An empty body (a call with no arguments) reads as JSON null.
+        return None
+    try:
+        return _decode_json(payload.decode())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def _encode(spec: FunctionSpec, value: Any, what: str = "return value") -> bytes:
+    if spec.raw:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
+        raise TypeError(
+            f"{what} of raw function {spec.name!r} must be bytes, not {type(value).__name__}"
+        )
+    try:
+        return _encode_json(value).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} of {spec.name!r} is not JSON-serialisable: {exc}") from None
+
+
+def _error(call_id: int, code: int, typ: str, message: str) -> Result:
+    return Result(id=call_id, error=Error(code=code, type=typ, message=message))
+
+
+def _failure(call: worker_pb2.Call, spec: FunctionSpec, exc: BaseException) -> Result:
+    """The END frame for a function that raised; 500s log their traceback."""
+    if isinstance(exc, BadRequest):
+        return _error(call.id, 400, type(exc).__name__, str(exc))
+    # One write, so that tracebacks of concurrent calls do not interleave.
+    sys.stderr.write(
+        f"pyfleet: {spec.name} raised (call {call.id}, request {call.request_id or '-'}):\n"
+        + "".join(traceback.format_exception(exc))
+    )
+    return _error(call.id, 500, type(exc).__name__, str(exc))
+
+
+# ---------------------------------------------------------------- one stream
+
+
+class _Stream:
+    """One Serve stream: a reader task starts every call as its own task (or
+    thread job), and results reach the single writer through a queue."""
+
+    def __init__(
+        self,
+        functions: dict[str, FunctionSpec],
+        executor: ThreadPoolExecutor,
+        threads: int,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._functions = functions
+        self._executor = executor
+        self._threads = threads
+        # (frame, release): release() runs once the frame is written; None
+        # for the frame ends the stream.
+        self._out: asyncio.Queue[tuple[Result | None, Callable[[], None] | None]] = asyncio.Queue()
+        self._tasks: dict[int, asyncio.Task[Result]] = {}
+        self._cancel_reasons: dict[int, str] = {}
+        self._pending = 0  # calls started whose END is not queued yet
+        self._eof = False
+        self._draining = False
+        self._closed = False
+        self._thread_room = threading.Semaphore(CHUNK_WINDOW)
+        self._task_room = asyncio.Semaphore(CHUNK_WINDOW)
+
+    async def run(self, context: grpc.aio.ServicerContext) -> None:
+        reader = asyncio.create_task(self._read(context))
+        try:
+            out = self._out
+            while True:
+                frame, release = await out.get()
+                if frame is None:
+                    return
+                await context.write(frame)
+                if release is not None:
+                    release()
+        finally:
+            reader.cancel()
+            self._close()
+
+    def drain(self) -> None:
+        """Refuse new calls; end the stream once the calls in flight have ended."""
+        self._draining = True
+        self._finish_if_idle()
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            while True:
+                call = await context.read()
+                if call is grpc.aio.EOF:
+                    break
+                if call.cancel:
+                    self._cancel(call.id, "Cancelled")
+                else:
+                    self._start(call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The stream broke under us: nothing more can be written either.
+            sys.stderr.write(f"pyfleet: Serve stream failed: {exc!r}\n")
+            self._out.put_nowait((None, None))
+            return
+        # The node closed its side: finish what runs, then end the stream.
+        self._eof = True
+        self._finish_if_idle()
+
+    def _start(self, call: worker_pb2.Call) -> None:
+        self._pending += 1
+        if self._draining:
+            self._end(_error(call.id, 503, "Unavailable", "worker is shutting down"))
+            return
+        spec = self._functions.get(call.function)
+        if spec is None:
+            self._end(_error(call.id, 404, "NotFound", f"no function named {call.function!r}"))
+            return
+        kind = spec.kind
+        if kind == "sync":
+            self._executor.submit(self._run_sync, call, spec)
+        elif kind == "gen":
+            self._executor.submit(self._run_gen, call, spec)
+        else:
+            runner = self._run_async if kind == "async" else self._run_asyncgen
+            task = self._loop.create_task(runner(call, spec))
+            self._tasks[call.id] = task
+            timer = None
+            if call.timeout_ms:
+                timer = self._loop.call_later(
+                    call.timeout_ms / 1000, self._cancel, call.id, "DeadlineExceeded"
+                )
+            task.add_done_callback(functools.partial(self._task_done, call, spec, timer))
+
+    def _end(self, frame: Result) -> None:
+        """Queue the one END frame of a call (on the loop thread)."""
+        self._out.put_nowait((frame, None))
+        self._pending -= 1
+        self._finish_if_idle()
+
+    def _finish_if_idle(self) -> None:
+        if self._pending == 0 and (self._eof or self._draining):
+            self._out.put_nowait((None, None))
+
+    def _cancel(self, call_id: int, reason: str) -> None:
+        task = self._tasks.get(call_id)
+        # Sync calls are not in _tasks: a thread cannot be interrupted, and
+        # the node kills the worker if one overruns its deadline too far.
+        if task is not None and not task.done():
+            self._cancel_reasons.setdefault(call_id, reason)
+            task.cancel()
+
+    def _task_done(
+        self,
+        call: worker_pb2.Call,
+        spec: FunctionSpec,
+        timer: asyncio.TimerHandle | None,
+        task: asyncio.Task[Result],
+    ) -> None:
+        # A done callback runs exactly once, even for a task cancelled before
+        # it started, so this is where an async call gets its one END frame.
+        if timer is not None:
+            timer.cancel()
+        self._tasks.pop(call.id, None)
+        reason = self._cancel_reasons.pop(call.id, "Cancelled")
+        if task.cancelled():
+            if reason == "DeadlineExceeded":
+                message = f"{spec.name} passed its deadline of {call.timeout_ms} ms"
+            else:
+                message = f"{spec.name} was cancelled"
+            self._end(_error(call.id, 408, reason, message))
+        else:
+            self._end(task.result())
+
+    def _close(self) -> None:
+        self._closed = True
+        for call_id in list(self._tasks):
+            self._cancel(call_id, "Cancelled")
+        # Wake generator threads waiting for room; each sees _closed and stops.
+        self._thread_room.release(self._threads)
+
+    # The runners catch BaseException so that every call ends with one END
+    # frame, even if the function calls sys.exit().
+
+    def _run_sync(self, call: worker_pb2.Call, spec: FunctionSpec) -> None:
+        try:
+            frame = Result(id=call.id, payload=_encode(spec, spec.fn(_decode(spec, call.payload))))
+        except BaseException as exc:
+            frame = _failure(call, spec, exc)
+        self._loop.call_soon_threadsafe(self._end, frame)
+
+    def _run_gen(self, call: worker_pb2.Call, spec: FunctionSpec) -> None:
+        post = self._loop.call_soon_threadsafe
+        put = self._out.put_nowait
+        room = self._thread_room
+        try:
+            with contextlib.closing(spec.fn(_decode(spec, call.payload))) as gen:
+                for item in gen:
+                    chunk = Result(
+                        id=call.id, kind=CHUNK, payload=_encode(spec, item, "yielded value")
+                    )
+                    room.acquire()
+                    if self._closed:
+                        break
+                    # Posted in order through the loop's FIFO, before the END.
+                    post(put, (chunk, room.release))
+            frame = Result(id=call.id)
+        except BaseException as exc:
+            frame = _failure(call, spec, exc)
+        post(self._end, frame)
+
+    async def _run_async(self, call: worker_pb2.Call, spec: FunctionSpec) -> Result:
+        try:
+            value = await spec.fn(_decode(spec, call.payload))
+            return Result(id=call.id, payload=_encode(spec, value))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            return _failure(call, spec, exc)
+
+    async def _run_asyncgen(self, call: worker_pb2.Call, spec: FunctionSpec) -> Result:
+        room = self._task_room
+        put = self._out.put_nowait
+        try:
+            async with contextlib.aclosing(spec.fn(_decode(spec, call.payload))) as agen:
+                async for item in agen:
+                    chunk = Result(
+                        id=call.id, kind=CHUNK, payload=_encode(spec, item, "yielded value")
+                    )
+                    await room.acquire()
+                    put((chunk, room.release))
+            return Result(id=call.id)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            return _failure(call, spec, exc)
+
+
+class _Servicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, app: App, executor: ThreadPoolExecutor, threads: int) -> None:
+        self._functions = dict(app.functions)
+        self._executor = executor
+        self._threads = threads
+        self._streams: set[_Stream] = set()
+        self._draining = False
+
+    async def Serve(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        # Frames are read with context.read() in _Stream, not request_iterator:
+        # one layer less per call.
+        stream = _Stream(self._functions, self._executor, self._threads)
+        self._streams.add(stream)
+        if self._draining:
+            stream.drain()
+        try:
+            await stream.run(context)
+        finally:
+            self._streams.discard(stream)
+
+    def drain(self) -> None:
+        self._draining = True
+        for stream in list(self._streams):
+            stream.drain()
+
+
+class _SecretCheck(grpc.aio.ServerInterceptor):
+    """Refuses every RPC, health checks included, without the node's secret."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad or missing pyfleet-secret")
+
+        # A streaming handler never waits for a request message, so it can
+        # refuse a call of any shape at once.
+        self._deny = grpc.stream_stream_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == SECRET_METADATA:
+                if isinstance(value, str):
+                    value = value.encode()
+                if hmac.compare_digest(value, self._secret):
+                    return await continuation(handler_call_details)
+                break
+        return self._deny
+
+
+# ---------------------------------------------------------------- process
+
+
+class _LineTracker:
+    """Stands in for sys.stdout while the app imports, to know whether the app
+    left a line unfinished (the handshake must start a line of its own)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _load_app(spec: str, app_dir: str) -> App:
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "app"
+    sys.path.insert(0, os.path.abspath(app_dir))
+    module = importlib.import_module(module_name)
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(app, App):
+        raise TypeError(f"{module_name}:{attr} is a {type(app).__name__}, not a pyfleet.App")
+    return app
+
+
+def _start_lifeline(fd: int) -> None:
+    """The node holds the write end of this pipe. When it dies the read
+    returns EOF and the worker kills its whole process group: itself and
+    everything it started that did not leave the group."""
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass  # the node never writes; anything it might is ignored
+        except OSError:
+            pass
+        # Take the group only if we lead it: otherwise it belongs to
+        # someone else (a shell, a test runner, the node itself).
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.set_inheritable(fd, False)
+    threading.Thread(target=watch, name="pyfleet-lifeline", daemon=True).start()
+
+
+def _die_with_parent_after_fork() -> None:
+    """Processes forked from the worker (os.fork, multiprocessing) get
+    PR_SET_PDEATHSIG, so they die with the process that forked them.
+
+    Linux sends that signal when the forking *thread* exits, so it is set only
+    for forks from threads that live as long as the process: the main thread
+    and the call threads. subprocess does not run these hooks; its children
+    are covered by the lifeline's group kill."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return  # not Linux
+    parent = {"pid": 0, "long_lived": False}
+
+    def before() -> None:
+        thread = threading.current_thread()
+        parent["pid"] = os.getpid()
+        parent["long_lived"] = thread is threading.main_thread() or thread.name.startswith(
+            CALL_THREAD_PREFIX
+        )
+
+    def after_in_child() -> None:
+        if not parent["long_lived"]:
+            return
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent["pid"]:
+            os._exit(1)  # the parent died before the signal was armed
+
+    os.register_at_fork(before=before, after_in_child=after_in_child)
+
+
+def _handshake(app: App) -> str:
+    functions = [
+        {"name": spec.name, "raw": spec.raw, "stream": spec.stream}
+        for spec in app.functions.values()
+    ]
+    body = {"v": 1, "pid": os.getpid(), "functions": functions}
+    return "PYFLEET-READY " + json.dumps(body, separators=(",", ":"))
+
+
+async def _serve(app: App, args: argparse.Namespace, secret: str, at_line_start: bool) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(0)  # a second signal: stop now, without the grace
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
+    socket_path: str = args.socket
+    concurrency: int = args.concurrency
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=CALL_THREAD_PREFIX)
+    server = grpc.aio.server(
+        interceptors=[_SecretCheck(secret)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    servicer = _Servicer(app, executor, concurrency)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+            os.unlink(socket_path)  # left by an earlier worker with this id
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        server.add_insecure_port("unix:" + socket_path)
+    finally:
+        os.umask(old_umask)
+    await server.start()
+
+    sys.stdout.write(("" if at_line_start else "\n") + _handshake(app) + "\n")
+    sys.stdout.flush()
+
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    servicer.drain()
+    # Returns once every stream has drained (or after the grace, cancelling
+    # what is left).
+    await server.stop(args.stop_grace)
+    executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+def _exit_if_threads_stuck(code: int) -> None:
+    """A sync call still running after the grace would hold the interpreter's
+    exit (it joins the call threads) for as long as the call runs."""
+    threads = [t for t in threading.enumerate() if t.name.startswith(CALL_THREAD_PREFIX)]
+    for thread in threads:
+        thread.join(0.5)  # idle ones end at once: the executor is shut down
+    if any(thread.is_alive() for thread in threads):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyfleet.worker", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--app", required=True, help="MODULE[:ATTR], ATTR defaults to app")
+    parser.add_argument("--app-dir", default=".", help="put first on sys.path")
+    parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
+    parser.add_argument("--worker-id", default="", help="the node's name for this worker")
+    parser.add_argument("--concurrency", type=int, default=1, help="calls in flight at once")
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=STOP_GRACE_S,
+        metavar="SECONDS",
+        help="how long calls may finish after SIGTERM",
+    )
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if args.stop_grace < 0:
+        parser.error("--stop-grace must not be negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    secret = os.environ.pop(SECRET_ENV, "")
+    if not secret:
+        print(f"pyfleet worker: {SECRET_ENV} is not set", file=sys.stderr)
+        return EXIT_USAGE
+    # The node logs stdout line by line: the app's prints must not wait in a buffer.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+
+    # Armed before the app imports: a slow import must not outlive the node.
+    lifeline = os.environ.get(LIFELINE_ENV)
+    if lifeline:
+        try:
+            fd = int(lifeline)
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise ValueError("not a pipe")
+        except (ValueError, OSError) as exc:
+            # Watching the wrong fd would read EOF and kill the group at once.
+            print(f"pyfleet worker: bad {LIFELINE_ENV}={lifeline!r}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        _start_lifeline(fd)
+    _die_with_parent_after_fork()
+
+    stdout = sys.stdout
+    tracker = _LineTracker(stdout)
+    sys.stdout = tracker
+    try:
+        app = _load_app(args.app, args.app_dir)
+    except BaseException as exc:
+        traceback.print_exc()
+        error = {"type": type(exc).__name__, "message": str(exc)}
+        line = "PYFLEET-ERROR " + json.dumps(error, separators=(",", ":"))
+        stdout.write(("" if tracker.at_line_start else "\n") + line + "\n")
+        stdout.flush()
+        return EXIT_IMPORT
+    finally:
+        if sys.stdout is tracker:
+            sys.stdout = stdout
+
+    code = asyncio.run(_serve(app, args, secret, tracker.at_line_start))
+    _exit_if_threads_stuck(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

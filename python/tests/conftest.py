@@ -1,0 +1,305 @@
+"""Helpers that start real worker processes and talk to them over gRPC.
+
+Every process a test starts is killed (with its whole process group) and
+reaped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from pyfleet._proto import worker_pb2, worker_pb2_grpc
+
+PYTHON_DIR = Path(__file__).resolve().parent.parent
+EXAMPLES = PYTHON_DIR / "examples"
+APPS = Path(__file__).resolve().parent / "apps"
+SECRET = "test-secret-0123456789"
+
+Result = worker_pb2.Result
+
+
+class Worker:
+    """One `python -m pyfleet.worker` process, leader of its own process group."""
+
+    def __init__(
+        self,
+        app: str = "demo",
+        app_dir: Path = EXAMPLES,
+        concurrency: int = 4,
+        secret: str = SECRET,
+        lifeline: bool = True,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        # Unix socket paths are limited to 107 bytes: keep the directory short.
+        self.dir = tempfile.mkdtemp(prefix="pf-", dir="/tmp")
+        self.socket = os.path.join(self.dir, "w.sock")
+        self.target = "unix:" + self.socket
+        self.stdout: list[str] = []
+        self.stderr_path = os.path.join(self.dir, "stderr")
+        self.lifeline: int | None = None
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PYFLEET_")}
+        environ["PYFLEET_WORKER_SECRET"] = secret
+        environ["PYFLEET_WORKER_RUN"] = "test-run"  # a marker the worker must keep
+        pass_fds: tuple[int, ...] = ()
+        read_end = None
+        if lifeline:
+            read_end, self.lifeline = os.pipe()
+            environ["PYFLEET_WORKER_LIFELINE_FD"] = str(read_end)
+            pass_fds = (read_end,)
+        environ.update(env or {})
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pyfleet.worker",
+                    "--app",
+                    app,
+                    "--app-dir",
+                    str(app_dir),
+                    "--socket",
+                    self.socket,
+                    "--worker-id",
+                    "w1",
+                    "--concurrency",
+                    str(concurrency),
+                    *args,
+                ],
+                cwd=PYTHON_DIR,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                pass_fds=pass_fds,
+                process_group=0,
+                text=True,
+            )
+        if read_end is not None:
+            os.close(read_end)
+        self._first_line = threading.Event()
+        self._handshake: str | None = None
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.stdout.append(line)
+            if self._handshake is None and line.startswith(("PYFLEET-READY ", "PYFLEET-ERROR ")):
+                self._handshake = line
+                self._first_line.set()
+        self._first_line.set()
+
+    def handshake_line(self, timeout: float = 30) -> str:
+        assert self._first_line.wait(timeout), f"no handshake; stderr: {self.stderr()}"
+        assert self._handshake is not None, f"exited without handshake; stderr: {self.stderr()}"
+        return self._handshake
+
+    def ready(self) -> dict[str, Any]:
+        line = self.handshake_line()
+        assert line.startswith("PYFLEET-READY "), line
+        return json.loads(line.removeprefix("PYFLEET-READY "))
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait(self, timeout: float = 15) -> int:
+        return self.proc.wait(timeout)
+
+    def close_lifeline(self) -> None:
+        if self.lifeline is not None:
+            os.close(self.lifeline)
+            self.lifeline = None
+
+    def kill(self) -> None:
+        # The worker leads its group: this takes whatever it started, too.
+        # Safe after the worker is reaped: Linux does not reuse a pid that
+        # is still some live process's group id.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self.close_lifeline()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Conn:
+    """A client for one Serve stream: send calls, collect each call's frames."""
+
+    def __init__(self, target: str, secret: str | None = SECRET) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self._calls: queue.Queue[worker_pb2.Call | None] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._frames: dict[int, list[Result]] = defaultdict(list)
+        self._cond = threading.Condition()
+        self.closed = False
+        self.error: grpc.RpcError | None = None
+        metadata = (("pyfleet-secret", secret),) if secret is not None else ()
+        self._responses = worker_pb2_grpc.WorkerStub(self.channel).Serve(
+            iter(self._calls.get, None), metadata=metadata
+        )
+        self._thread = threading.Thread(target=self._recv, daemon=True)
+        self._thread.start()
+
+    def _recv(self) -> None:
+        try:
+            for frame in self._responses:
+                with self._cond:
+                    self._frames[frame.id].append(frame)
+                    self._cond.notify_all()
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            with self._cond:
+                self.closed = True
+                self._cond.notify_all()
+
+    def send(self, function: str, payload: bytes | Any = b"", timeout_ms: int = 0) -> int:
+        if not isinstance(payload, bytes):
+            payload = json.dumps(payload).encode()
+        call_id = next(self._ids)
+        self._calls.put(
+            worker_pb2.Call(
+                id=call_id,
+                function=function,
+                payload=payload,
+                timeout_ms=timeout_ms,
+                request_id=f"r{call_id}",
+            )
+        )
+        return call_id
+
+    def cancel(self, call_id: int) -> None:
+        self._calls.put(worker_pb2.Call(id=call_id, cancel=True))
+
+    def half_close(self) -> None:
+        self._calls.put(None)
+
+    def frames(self, call_id: int, timeout: float = 15) -> list[Result]:
+        """Waits for the END frame of call_id; returns all its frames."""
+
+        def ended() -> bool:
+            frames = self._frames.get(call_id)
+            return bool(frames and frames[-1].kind == Result.END) or self.closed
+
+        with self._cond:
+            assert self._cond.wait_for(ended, timeout), f"no END for call {call_id}"
+            frames = list(self._frames.get(call_id, []))
+        assert frames and frames[-1].kind == Result.END, f"stream closed: {self.error}"
+        return frames
+
+    def call(self, function: str, payload: bytes | Any = b"", timeout_ms: int = 0) -> Result:
+        frames = self.frames(self.send(function, payload, timeout_ms))
+        assert len(frames) == 1, frames
+        return frames[0]
+
+    def wait_closed(self, timeout: float = 15) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.closed, timeout), "stream still open"
+
+    def close(self) -> None:
+        self._calls.put(None)
+        self.channel.close()
+        self._thread.join(10)
+
+
+def value(frame: Result) -> Any:
+    assert not frame.HasField("error"), frame.error
+    return json.loads(frame.payload)
+
+
+def error(frame: Result) -> tuple[int, str, str]:
+    assert frame.HasField("error"), frame
+    return frame.error.code, frame.error.type, frame.error.message
+
+
+def alive(pid: int) -> bool:
+    """Whether pid runs; a zombie (dead, not yet reaped by its new parent) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pid: int, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def start(*args: Any, **kwargs: Any) -> Worker:
+        worker = Worker(*args, **kwargs)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Conn]]:
+    conns: list[Conn] = []
+
+    def open_conn(worker: Worker, secret: str | None = SECRET) -> Conn:
+        conn = Conn(worker.target, secret)
+        conns.append(conn)
+        return conn
+
+    yield open_conn
+    for conn in conns:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[Worker]:
+    """A demo worker shared by a module's tests that do not stop it."""
+    worker = Worker()
+    try:
+        worker.ready()
+        yield worker
+    finally:
+        worker.kill()
+
+
+@pytest.fixture(scope="module")
+def odd() -> Iterator[Worker]:
+    worker = Worker("oddities", APPS)
+    try:
+        worker.ready()
+        yield worker
+    finally:
+        worker.kill()
