@@ -152,6 +152,9 @@ type JobsConfig struct {
 	// FetchWait bounds one pull request; Stop waits for the current one
 	// to end. 0 means DefaultFetchWait.
 	FetchWait time.Duration
+	// Outcome, when set, is told how each delivery ended: "acked",
+	// "duplicate" (its result was already stored), "redelivered" or "dead".
+	Outcome func(outcome string)
 }
 
 func (cfg *JobsConfig) normalize() error {
@@ -553,6 +556,7 @@ func (j *Jobs) run(msg jetstream.Msg) {
 		jb.log.Info("result already stored; acked without running")
 		j.forward(jb, done)
 		j.ack(jb)
+		j.outcome("duplicate")
 		return
 	}
 	fn, ok := j.funcs[jb.function]
@@ -623,6 +627,7 @@ func (j *Jobs) run(msg jetstream.Msg) {
 	}
 	j.forward(jb, out)
 	j.ack(jb)
+	j.outcome("acked")
 }
 
 // failed settles a job whose call failed: at once to the dead letters when
@@ -647,6 +652,13 @@ func (j *Jobs) retry(jb *job) {
 	}
 	if err := jb.msg.NakWithDelay(delay); err != nil {
 		jb.log.Warn("nak job", zap.Error(err))
+	}
+	j.outcome("redelivered")
+}
+
+func (j *Jobs) outcome(what string) {
+	if j.cfg.Outcome != nil {
+		j.cfg.Outcome(what)
 	}
 }
 
@@ -677,6 +689,7 @@ func (j *Jobs) bury(jb *job, e *call.Error) {
 	if err := jb.msg.TermWithReason(fmt.Sprintf("%d %s", e.Code, e.Type)); err != nil {
 		jb.log.Warn("terminate job", zap.Error(err))
 	}
+	j.outcome("dead")
 }
 
 // deadLetter is what publishDead needs to know of a job.

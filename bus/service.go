@@ -42,6 +42,10 @@ type ServiceConfig struct {
 	// every endpoint of `nats micro stats`. It is called from micro's
 	// stats handler and must be quick.
 	Stats func() any
+	// Observe, when set, is told of every answered request: the function
+	// named by the subject, the code (200 for ok) and the time from arrival
+	// to answer. It is on the request path and must be quick.
+	Observe func(function string, code int, d time.Duration)
 }
 
 // Service serves a call.Handler on NATS until Stop.
@@ -55,6 +59,7 @@ type Service struct {
 	timeout  time.Duration
 	maxBytes int
 	stats    func() any
+	observe  func(function string, code int, d time.Duration)
 
 	// abortCtx is the parent of every call's context. It is stored, against
 	// the usual rule, because calls outlive Serve's caller; cancelling it is
@@ -126,6 +131,7 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		timeout:   cfg.DefaultTimeout,
 		maxBytes:  cfg.MaxPayload,
 		stats:     cfg.Stats,
+		observe:   cfg.Observe,
 		idle:      make(chan struct{}),
 		endpoints: map[string]*endpointCounters{},
 	}
@@ -333,6 +339,7 @@ func (s *Service) end() {
 // Everything it can refuse at once it refuses through micro's Request.Error,
 // which micro's stats count.
 func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters) {
+	arrived := time.Now()
 	reply := r.Reply()
 	if reply == "" {
 		s.log.Warn("request without a reply subject ignored: publish it with a reply subject (a request)",
@@ -343,6 +350,7 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	requestID := header(hdr, HeaderRequestID)
 	refuse := func(e *call.Error) {
 		h, body := errorMsg(e, s.node, requestID)
+		s.observed(lastToken(r.Subject()), e.Code, arrived)
 		c.errors.Add(1)
 		c.lastError.Store(&e.Message)
 		if err := r.Error(strconv.Itoa(e.Code), errorDescription(e), body, micro.WithHeaders(micro.Headers(h))); err != nil {
@@ -399,8 +407,14 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	go func() {
 		defer s.end()
 		defer c.inFlight.Add(-1)
-		s.run(reply, *fn, req, timeout, c)
+		s.run(reply, *fn, req, timeout, c, arrived)
 	}()
+}
+
+func (s *Service) observed(function string, code int, arrived time.Time) {
+	if s.observe != nil {
+		s.observe(function, code, time.Since(arrived))
+	}
 }
 
 // parseTimeout reads Pyfleet-Timeout, or returns def when it is absent.
@@ -439,7 +453,7 @@ func checkJSON(data []byte) *call.Error {
 
 // run makes the call and answers it. It publishes straight to the reply
 // subject: micro's Request is not safe to use once its handler returned.
-func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout time.Duration, c *endpointCounters) {
+func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout time.Duration, c *endpointCounters, arrived time.Time) {
 	ctx, cancel := context.WithDeadline(s.abortCtx, req.Deadline)
 	defer cancel()
 
@@ -475,6 +489,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 	var m *nats.Msg
 	if err != nil {
 		e := callError(ctx, err, timeout, s.node)
+		s.observed(fn.Name, e.Code, arrived)
 		c.errors.Add(1)
 		c.lastError.Store(&e.Message)
 		m = &nats.Msg{Subject: reply}
@@ -483,6 +498,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 			s.log.Error("call failed", zap.String("function", fn.Name), zap.String("request_id", req.RequestID), zap.Error(err))
 		}
 	} else {
+		s.observed(fn.Name, 200, arrived)
 		m = &nats.Msg{Subject: reply, Header: replyHeader(StatusOK, s.node, res.Worker, req.RequestID)}
 		if !fn.Stream {
 			m.Data = res.Data

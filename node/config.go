@@ -41,6 +41,8 @@ type Config struct {
 	MaxMemoryMB int
 	MaxAge      time.Duration
 
+	Metrics string // address for /metrics and /healthz; empty: off
+
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
 }

@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -14,16 +17,18 @@ import (
 
 	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/metrics"
 	"github.com/pyfleet/pyfleet/pool"
 )
 
 // Version is reported by the micro service.
 const Version = "0.1.0"
 
-// Run runs a node until ctx ends, then drains it: no new calls, in-flight
-// calls get ShutdownGrace to finish, every worker is stopped, node_stopped is
-// published. Closing abort (a second signal) cuts the drain short and kills
-// the workers at once; they are still reaped before Run returns.
+// Run runs a node until ctx ends, then drains it: no new calls or jobs,
+// in-flight work gets ShutdownGrace to finish, every worker and everything
+// it started is stopped, node_stopped is published. Closing abort (a second
+// signal) cuts the drain short and kills the workers at once; they are still
+// reaped before Run returns.
 //
 // Errors that wrap ErrConfig mean the configuration or the app is wrong.
 func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}) error {
@@ -32,6 +37,36 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	}
 	run := randomHex(4)
 	log = log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool))
+
+	var m *metrics.Metrics
+	var metricsLn net.Listener
+	if cfg.Metrics != "" {
+		var err error
+		if metricsLn, err = metrics.Listen(cfg.Metrics); err != nil {
+			return fmt.Errorf("%w: --metrics: %v", ErrConfig, err)
+		}
+		m = metrics.New(cfg.Pool, cfg.Node)
+	}
+	var ready atomic.Pointer[string] // why /healthz is not ready; nil when ready
+	notReady := func(why string) { ready.Store(&why) }
+	notReady("starting")
+	var bg sync.WaitGroup // goroutines Run owns; waited for on every return
+	defer bg.Wait()
+	if metricsLn != nil {
+		metricsCtx, stopMetrics := context.WithCancel(context.Background())
+		defer stopMetrics() // the last thing: scrapes keep working while draining
+		bg.Go(func() {
+			err := m.Serve(metricsCtx, metricsLn, func() (bool, string) {
+				if why := ready.Load(); why != nil {
+					return false, *why
+				}
+				return true, ""
+			})
+			if err != nil {
+				log.Warn("metrics server", zap.Error(err))
+			}
+		})
+	}
 
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
@@ -47,6 +82,28 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	}
 	defer os.RemoveAll(socketDir)
 
+	// The lock says "this run is alive" for as long as this process lives;
+	// the kernel drops it however the process dies, which is what lets a
+	// later node reap this run's leftovers and never a live run's workers.
+	lock, err := lifecycle.AcquireNodeLock(cfg.StateDir, cfg.Node, run)
+	if err != nil {
+		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
+	}
+	defer func() {
+		if err := lock.Release(); err != nil {
+			log.Warn("release node lock", zap.Error(err))
+		}
+	}()
+	registry, err := lifecycle.OpenRegistry(filepath.Join(cfg.StateDir, "registry.db"))
+	if err != nil {
+		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
+	}
+	// Orphans of workers come back to the node instead of init while it
+	// lives, so it can find and reap them.
+	if err := lifecycle.SetChildSubreaper(); err != nil {
+		log.Warn("cannot become a child subreaper; orphans of live workers go to init", zap.Error(err))
+	}
+
 	nc, ns, err := connect(cfg, log)
 	if err != nil {
 		return err
@@ -61,11 +118,43 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		}
 	}()
 
-	events := bus.NewEventPublisher(nc, cfg.Prefix, cfg.Pool, cfg.Node, log)
-	events.Publish(lifecycle.Event{Kind: lifecycle.KindNodeStarted, Run: run, PID: os.Getpid()})
+	publisher := bus.NewEventPublisher(nc, cfg.Prefix, cfg.Pool, cfg.Node, log)
+	events := publisher.Publish
+	if m != nil {
+		events = func(e lifecycle.Event) {
+			publisher.Publish(e)
+			m.Event(e)
+		}
+	}
+	events(lifecycle.Event{Kind: lifecycle.KindNodeStarted, Run: run, PID: os.Getpid()})
 
 	spawner := lifecycle.NewSpawner()
 	defer spawner.Close()
+	reaper, err := lifecycle.NewReaper(lifecycle.ReaperConfig{
+		StateDir: cfg.StateDir,
+		Registry: registry,
+		Spawner:  spawner,
+		Events:   events,
+		Logger:   log,
+	})
+	if err != nil {
+		return err
+	}
+	// What dead runs on this state dir left behind goes before any worker
+	// of ours starts.
+	if err := reaper.Sweep(); err != nil {
+		log.Warn("reaper sweep", zap.Error(err))
+	}
+	reaperCtx, stopReaper := context.WithCancel(context.Background())
+	reaperDone := make(chan struct{})
+	go func() {
+		defer close(reaperDone)
+		_ = reaper.Run(reaperCtx)
+	}()
+	defer func() {
+		stopReaper()
+		<-reaperDone
+	}()
 
 	p, err := pool.New(pool.Config{
 		Python:      cfg.Python,
@@ -74,22 +163,32 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		SocketDir:   socketDir,
 		Node:        cfg.Node,
 		Run:         run,
+		Pool:        cfg.Pool,
 		Workers:     cfg.Workers,
 		Concurrency: cfg.Concurrency,
 		QueueLimit:  cfg.QueueLimit,
 		MaxRequests: cfg.MaxRequests,
 		MaxMemory:   uint64(cfg.MaxMemoryMB) << 20,
 		MaxAge:      cfg.MaxAge,
+		Registry:    registry,
 		Spawner:     spawner,
-		Events:      events.Publish,
+		Events:      events,
 		Logger:      log,
 	})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}
+	// Whatever happens below, nothing this run started outlives Run.
+	defer func() {
+		p.Close()
+		if _, err := lifecycle.KillMarked(lifecycle.Marker{Node: cfg.Node, Run: run}, events); err != nil {
+			log.Warn("kill leftovers of this run", zap.Error(err))
+		}
+	}()
+
 	start := time.Now()
 	if err := p.Start(ctx); err != nil {
-		events.Publish(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run, Detail: err.Error()})
+		events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run, Detail: err.Error()})
 		var appErr *pool.AppError
 		if errors.As(err, &appErr) {
 			return fmt.Errorf("%w: --app %s: %v", ErrConfig, cfg.App, appErr)
@@ -100,25 +199,59 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		return fmt.Errorf("%w: no worker could start: %v", ErrConfig, err)
 	}
 	log.Info("workers ready", zap.Int("workers", p.Stats().Workers), zap.Duration("took", time.Since(start)))
+	if m != nil {
+		names := make([]string, 0, len(p.Functions()))
+		for _, f := range p.Functions() {
+			names = append(names, f.Name)
+		}
+		m.SetFunctions(names)
+		m.SetPoolStats(func() (int, int, int) {
+			st := p.Stats()
+			return st.Workers, st.Busy, st.Queued
+		})
+	}
 
-	svc, err := bus.Serve(nc, bus.ServiceConfig{
+	svcCfg := bus.ServiceConfig{
 		Prefix:         cfg.Prefix,
 		Pool:           cfg.Pool,
 		Node:           cfg.Node,
 		Version:        Version,
 		DefaultTimeout: cfg.RequestTimeout,
 		Stats:          func() any { return p.Stats() },
-	}, p, log)
+	}
+	jobsCfg := bus.JobsConfig{
+		Prefix:         cfg.Prefix,
+		Pool:           cfg.Pool,
+		Node:           cfg.Node,
+		MaxDeliver:     cfg.MaxDeliver,
+		DefaultTimeout: cfg.RequestTimeout,
+		Capacity:       p.Idle,
+	}
+	if m != nil {
+		svcCfg.Observe = m.ObserveRequest
+		jobsCfg.Outcome = m.Job
+	}
+	svc, err := bus.Serve(nc, svcCfg, p, log)
 	if err != nil {
-		p.Close()
 		return fmt.Errorf("serve: %w", err)
 	}
+	jobsCtx, stopJobs := context.WithCancel(context.Background())
+	defer stopJobs()
+	jobs, err := bus.StartJobs(jobsCtx, nc, jobsCfg, p, log)
+	if err != nil {
+		stopCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = svc.Stop(stopCtx)
+		return fmt.Errorf("jobs: %w", err)
+	}
+	ready.Store(nil)
 	log.Info("serving", zap.String("subject", cfg.Prefix+".req."+cfg.Pool+".*"), zap.Int("functions", len(p.Functions())))
 
 	<-ctx.Done()
 
+	notReady("draining")
 	log.Info("draining", zap.Duration("grace", cfg.ShutdownGrace))
-	events.Publish(lifecycle.Event{Kind: lifecycle.KindNodeStopping, Run: run})
+	events(lifecycle.Event{Kind: lifecycle.KindNodeStopping, Run: run})
 	svc.Drain()
 	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	watcherDone := make(chan struct{})
@@ -131,6 +264,9 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		case <-drainCtx.Done():
 		}
 	}()
+	if err := jobs.Stop(drainCtx); err != nil {
+		log.Warn("jobs did not finish within the grace", zap.Error(err))
+	}
 	if err := p.Drain(drainCtx); err != nil {
 		log.Warn("in-flight calls did not finish within the grace", zap.Error(err))
 	}
@@ -157,7 +293,10 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	if err := svc.Stop(stopCtx); err != nil {
 		log.Warn("service stop", zap.Error(err))
 	}
-	events.Publish(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run})
+	if _, err := lifecycle.KillMarked(lifecycle.Marker{Node: cfg.Node, Run: run}, events); err != nil {
+		log.Warn("kill leftovers of this run", zap.Error(err))
+	}
+	events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run})
 	log.Info("stopped")
 	return nil
 }

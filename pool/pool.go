@@ -60,9 +60,11 @@ type Config struct {
 	HealthTimeout  time.Duration
 	HealthFailures int
 
-	Spawner *lifecycle.Spawner // required
-	Events  lifecycle.Events   // may be nil
-	Logger  *zap.Logger        // may be nil
+	Pool     string              // for registry records
+	Registry *lifecycle.Registry // may be nil: workers are then not recorded
+	Spawner  *lifecycle.Spawner  // required
+	Events   lifecycle.Events    // may be nil
+	Logger   *zap.Logger         // may be nil
 }
 
 func (c *Config) validate() error {
@@ -806,6 +808,16 @@ func (p *Pool) Stats() Stats {
 		Handled: p.handled.Load(),
 		Errors:  p.errors.Load(),
 	}
+}
+
+// Idle is how many more calls the pool could start now without queueing:
+// free worker slots less the calls already waiting. Jobs are pulled only
+// into that room, so a node never holds jobs it cannot run.
+func (p *Pool) Idle() int {
+	p.mu.Lock()
+	n := len(p.workers)
+	p.mu.Unlock()
+	return n*p.cfg.Concurrency - int(p.busy.Load()) - int(p.waiting.Load())
 }
 
 // Workers lists the live workers' pids by name.

@@ -31,14 +31,11 @@ const (
 	handshakeError = "PYFLEET-ERROR "
 )
 
-// Environment variables the node sets on a worker. The RUN and ID markers are
-// inherited by everything the worker starts, which is how the reaper
-// recognises a process as ours even after it left the worker's group.
+// Environment variables the node sets on a worker, besides the lifecycle
+// markers that everything the worker starts inherits.
 const (
 	envSecret   = "PYFLEET_WORKER_SECRET"
 	envLifeline = "PYFLEET_WORKER_LIFELINE_FD"
-	envRun      = "PYFLEET_WORKER_RUN"
-	envID       = "PYFLEET_WORKER_ID"
 )
 
 // handshake is the JSON a worker prints once it serves.
@@ -66,10 +63,11 @@ func (e *AppError) Error() string {
 // worker is one running Python process and its Serve stream. Its calls are
 // matched to results by id; recv owns the stream's receive side.
 type worker struct {
-	name string // e.g. "w3", unique in the node
-	proc *lifecycle.Process
-	conn *grpc.ClientConn
-	log  *zap.Logger
+	name  string // e.g. "w3", unique in the node
+	start string // this start of it, e.g. "w3-17": its socket, registry key and marker
+	proc  *lifecycle.Process
+	conn  *grpc.ClientConn
+	log   *zap.Logger
 
 	stream workerpb.Worker_ServeClient
 	sendMu sync.Mutex // grpc streams allow one sender at a time
@@ -120,8 +118,15 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		return nil, fmt.Errorf("worker secret: %w", err)
 	}
 	secret := hex.EncodeToString(secretBytes)
-	sock := filepath.Join(p.cfg.SocketDir, name+"-"+strconv.FormatUint(p.spawnSeq.Add(1), 10)+".sock")
+	// Recycling runs two starts of one worker name at once: each start has
+	// its own socket and registry record.
+	start := name + "-" + strconv.FormatUint(p.spawnSeq.Add(1), 10)
+	sock := filepath.Join(p.cfg.SocketDir, start+".sock")
 	_ = os.Remove(sock)
+	rec := lifecycle.Record{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start, Pool: p.cfg.Pool, State: lifecycle.StateStarting}
+	if err := p.record(rec); err != nil {
+		return nil, err
+	}
 
 	lifelineR, lifelineW, err := os.Pipe()
 	if err != nil {
@@ -136,8 +141,6 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	cmd.Env = append(os.Environ(),
 		envSecret+"="+secret,
 		envLifeline+"=3",
-		envRun+"="+p.cfg.Node+"/"+p.cfg.Run,
-		envID+"="+p.cfg.Node+"/"+p.cfg.Run+"/"+name,
 	)
 	cmd.Dir = p.cfg.AppDir
 	// The read end becomes fd 3 in the worker. The node keeps the write end
@@ -147,6 +150,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 
 	w := &worker{
 		name:    name,
+		start:   start,
 		log:     p.log.With(zap.String("worker", name)),
 		pending: make(map[uint64]chan *workerpb.Result),
 		lost:    make(chan struct{}),
@@ -189,14 +193,25 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		w.log.Info(string(line), zap.String("stream", "stderr"))
 	}
 
-	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{Stdout: onStdout, Stderr: onStderr})
+	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{
+		Stdout: onStdout,
+		Stderr: onStderr,
+		Marker: lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
+		Events: p.cfg.Events,
+	})
 	lifelineR.Close()
 	if err != nil {
 		lifelineW.Close()
+		p.forget(start)
 		return nil, fmt.Errorf("start %s: %w", p.cfg.Python, err)
 	}
 	w.proc = proc
 	w.started = time.Now()
+	rec.SetProcess(proc)
+	rec.State = lifecycle.StateRunning
+	if err := p.record(rec); err != nil {
+		p.log.Warn("registry", zap.Error(err))
+	}
 	p.emit(lifecycle.Event{Kind: lifecycle.KindSpawned, Worker: name, PID: proc.PID(), PGID: proc.PGID()})
 
 	// The lifeline's write end must stay open exactly as long as the process
@@ -206,6 +221,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		defer p.goroutines.Done()
 		<-proc.Done()
 		lifelineW.Close()
+		p.forget(start)
 	}()
 
 	fail := func(err error) (*worker, error) {
@@ -343,6 +359,28 @@ func (w *worker) send(c *workerpb.Call) error {
 // cancel asks the worker to stop call id; best effort.
 func (w *worker) cancel(id uint64) {
 	_ = w.send(&workerpb.Call{Id: id, Cancel: true})
+}
+
+// record writes rec to the registry, if the pool has one.
+func (p *Pool) record(rec lifecycle.Record) error {
+	if p.cfg.Registry == nil {
+		return nil
+	}
+	if err := p.cfg.Registry.Put(rec); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
+	return nil
+}
+
+// forget deletes a start's record once its process and everything marked
+// with it are gone.
+func (p *Pool) forget(start string) {
+	if p.cfg.Registry == nil {
+		return
+	}
+	if err := p.cfg.Registry.Delete(p.cfg.Node, p.cfg.Run, start); err != nil {
+		p.log.Warn("registry", zap.Error(err))
+	}
 }
 
 // stopProcess stops the worker on purpose; the first reason given wins.

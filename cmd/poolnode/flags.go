@@ -49,6 +49,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 	fs.DurationVar(&cfg.MaxAge, "max-age", 0, "recycle a worker after this long (0: off)")
 	fs.IntVar(&cfg.MaxDeliver, "max-deliver", cfg.MaxDeliver, "deliveries of a job before it is dead-lettered")
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "`dir`ectory for the registry and sockets (default $XDG_STATE_HOME/pyfleet or ~/.local/state/pyfleet)")
+	fs.StringVar(&cfg.Metrics, "metrics", "", "`address` serving Prometheus /metrics and /healthz (empty: off)")
 	fs.StringVar(&logOpts.level, "log-level", logOpts.level, "debug, info, warn or error")
 	fs.StringVar(&logOpts.format, "log-format", logOpts.format, "json or console (default console on a terminal)")
 	fs.StringVar(&cfg.NATSCreds, "nats-creds", "", "NATS credentials `file`")
@@ -76,7 +77,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 			configFile = v
 		}
 	}
-	var file map[string]any
+	var file map[string]string
 	if configFile != "" {
 		var err error
 		if file, err = readConfigFile(configFile, fs); err != nil {
@@ -95,8 +96,8 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 			}
 			return
 		}
-		if v, ok := file[f.Name]; ok && v != nil {
-			if err := fs.Set(f.Name, fmt.Sprint(v)); err != nil {
+		if v, ok := file[f.Name]; ok {
+			if err := fs.Set(f.Name, v); err != nil {
 				errs = append(errs, fmt.Errorf("%s: key %q: %v", configFile, f.Name, err))
 			}
 		}
@@ -110,29 +111,36 @@ func envName(flagName string) string {
 
 // readConfigFile reads a flat YAML mapping and rejects keys that are not
 // flags, by name, so that a typo does not silently fall back to a default.
-func readConfigFile(path string, fs *flag.FlagSet) (map[string]any, error) {
+// Values are taken as the text written, never as YAML's reading of it: a
+// password 0123 must not become the octal number 83. A null value is left
+// out, as if the key were absent.
+func readConfigFile(path string, fs *flag.FlagSet) (map[string]string, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("--config: %w", err)
 	}
-	var m map[string]any
+	var m map[string]yaml.Node
 	if err := yaml.Unmarshal(data, &m); err != nil {
 		return nil, fmt.Errorf("--config %s: %w", path, err)
 	}
 	var unknown []string
+	out := make(map[string]string, len(m))
 	for k, v := range m {
 		if fs.Lookup(k) == nil || k == "config" {
 			unknown = append(unknown, fmt.Sprintf("%q", k))
 			continue
 		}
-		switch v.(type) {
-		case map[string]any, []any:
+		if v.Kind != yaml.ScalarNode {
 			return nil, fmt.Errorf("--config %s: key %q: want a single value", path, k)
 		}
+		if v.Tag == "!!null" {
+			continue
+		}
+		out[k] = v.Value
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
 		return nil, fmt.Errorf("--config %s: unknown key %s", path, strings.Join(unknown, ", "))
 	}
-	return m, nil
+	return out, nil
 }

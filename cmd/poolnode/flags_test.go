@@ -510,7 +510,6 @@ func TestEveryFlagReadsItsEnv(t *testing.T) {
 // setting changed. Unskip once flags.go keeps each scalar's source text
 // (decode into yaml.Node and use Node.Value).
 func TestConfigFileKeepsStringsVerbatim(t *testing.T) {
-	t.Skip("known bug in flags.go: unquoted numeric or date-like YAML values are re-rendered (0123 becomes 83)")
 	for _, tc := range []struct{ yaml, want string }{
 		{"nats-password: 0123\n", "0123"},                                         // read as octal: 83
 		{"nats-password: 123456789012345678901234\n", "123456789012345678901234"}, // 1.2345678901234569e+23
