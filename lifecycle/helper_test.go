@@ -22,6 +22,9 @@ import (
 const helperEnv = "LIFECYCLE_TEST_HELPER"
 
 func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == GuardianArg {
+		os.Exit(GuardianMain(os.Args[2:], os.Stdin, os.Stderr))
+	}
 	if mode := os.Getenv(helperEnv); mode != "" {
 		os.Exit(runHelper(mode))
 	}

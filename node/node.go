@@ -156,6 +156,15 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		<-reaperDone
 	}()
 
+	// If this process dies without stopping its workers, the guardian
+	// kills what they started within milliseconds instead of at the next
+	// start. Its Stop runs after the pool's close (defers run last first).
+	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run})
+	if err != nil {
+		return err
+	}
+	defer guardian.Stop()
+
 	p, err := pool.New(pool.Config{
 		Python:      cfg.Python,
 		App:         cfg.App,

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/term"
 
+	"github.com/pyfleet/pyfleet/lifecycle"
 	"github.com/pyfleet/pyfleet/node"
 )
 
@@ -26,6 +27,9 @@ const (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == lifecycle.GuardianArg {
+		os.Exit(lifecycle.GuardianMain(os.Args[2:], os.Stdin, os.Stderr))
+	}
 	os.Exit(run(os.Args[1:], os.Stderr))
 }
 
