@@ -434,3 +434,7 @@ func runSubmit(t *testing.T, url string, stdin string, args ...string) (string, 
 	}
 	return out.String(), errb.String(), code
 }
+
+func writeFile(path, content string) error {
+	return os.WriteFile(path, []byte(content), 0o644)
+}
