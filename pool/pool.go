@@ -284,7 +284,7 @@ func (p *Pool) supervise(name string, first chan<- error) {
 			continue
 		}
 		p.retireWorker(w)
-		if p.isClosed() {
+		if p.isClosed() || p.isAborted() {
 			return
 		}
 		if w.stoppedFor() != "" {
@@ -754,7 +754,9 @@ func (p *Pool) Abort() {
 	p.mu.Unlock()
 	var wg sync.WaitGroup
 	for _, w := range live {
-		wg.Go(w.proc.Kill)
+		// A kill on purpose: reported as terminated (reason stop), not
+		// as a crash, and not restarted.
+		wg.Go(func() { w.stopProcess(lifecycle.ReasonStop, 0) })
 	}
 	wg.Wait()
 }
