@@ -25,6 +25,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	Worker_Serve_FullMethodName = "/pyfleet.worker.v1.Worker/Serve"
+	Worker_Unary_FullMethodName = "/pyfleet.worker.v1.Worker/Unary"
 )
 
 // WorkerClient is the client API for Worker service.
@@ -34,6 +35,10 @@ type WorkerClient interface {
 	// Serve carries calls from the node and their results back. Results of
 	// different calls interleave; frames of one call arrive in order.
 	Serve(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[Call, Result], error)
+	// Unary runs one call as a unary RPC, through the same function path as
+	// Serve. The node does not use it: it is the benchmark's direct ceiling
+	// (make bench), the cost of one plain gRPC call per request.
+	Unary(ctx context.Context, in *Call, opts ...grpc.CallOption) (*Result, error)
 }
 
 type workerClient struct {
@@ -57,6 +62,16 @@ func (c *workerClient) Serve(ctx context.Context, opts ...grpc.CallOption) (grpc
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Worker_ServeClient = grpc.BidiStreamingClient[Call, Result]
 
+func (c *workerClient) Unary(ctx context.Context, in *Call, opts ...grpc.CallOption) (*Result, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Result)
+	err := c.cc.Invoke(ctx, Worker_Unary_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // WorkerServer is the server API for Worker service.
 // All implementations must embed UnimplementedWorkerServer
 // for forward compatibility.
@@ -64,6 +79,10 @@ type WorkerServer interface {
 	// Serve carries calls from the node and their results back. Results of
 	// different calls interleave; frames of one call arrive in order.
 	Serve(grpc.BidiStreamingServer[Call, Result]) error
+	// Unary runs one call as a unary RPC, through the same function path as
+	// Serve. The node does not use it: it is the benchmark's direct ceiling
+	// (make bench), the cost of one plain gRPC call per request.
+	Unary(context.Context, *Call) (*Result, error)
 	mustEmbedUnimplementedWorkerServer()
 }
 
@@ -76,6 +95,9 @@ type UnimplementedWorkerServer struct{}
 
 func (UnimplementedWorkerServer) Serve(grpc.BidiStreamingServer[Call, Result]) error {
 	return status.Error(codes.Unimplemented, "method Serve not implemented")
+}
+func (UnimplementedWorkerServer) Unary(context.Context, *Call) (*Result, error) {
+	return nil, status.Error(codes.Unimplemented, "method Unary not implemented")
 }
 func (UnimplementedWorkerServer) mustEmbedUnimplementedWorkerServer() {}
 func (UnimplementedWorkerServer) testEmbeddedByValue()                {}
@@ -105,13 +127,36 @@ func _Worker_Serve_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Worker_ServeServer = grpc.BidiStreamingServer[Call, Result]
 
+func _Worker_Unary_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Call)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(WorkerServer).Unary(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Worker_Unary_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(WorkerServer).Unary(ctx, req.(*Call))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Worker_ServiceDesc is the grpc.ServiceDesc for Worker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
 var Worker_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "pyfleet.worker.v1.Worker",
 	HandlerType: (*WorkerServer)(nil),
-	Methods:     []grpc.MethodDesc{},
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "Unary",
+			Handler:    _Worker_Unary_Handler,
+		},
+	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Serve",

@@ -126,6 +126,27 @@ def _failure(call: worker_pb2.Call, spec: FunctionSpec, exc: BaseException) -> R
     return _error(call.id, 500, type(exc).__name__, str(exc))
 
 
+# The runners catch BaseException so that every call ends with one END frame,
+# even if the function calls sys.exit().
+
+
+def _call_sync(call: worker_pb2.Call, spec: FunctionSpec) -> Result:
+    try:
+        return Result(id=call.id, payload=_encode(spec, spec.fn(_decode(spec, call.payload))))
+    except BaseException as exc:
+        return _failure(call, spec, exc)
+
+
+async def _call_async(call: worker_pb2.Call, spec: FunctionSpec) -> Result:
+    try:
+        value = await spec.fn(_decode(spec, call.payload))
+        return Result(id=call.id, payload=_encode(spec, value))
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return _failure(call, spec, exc)
+
+
 # ---------------------------------------------------------------- one stream
 
 
@@ -211,7 +232,7 @@ class _Stream:
         elif kind == "gen":
             self._executor.submit(self._run_gen, call, spec)
         else:
-            runner = self._run_async if kind == "async" else self._run_asyncgen
+            runner = _call_async if kind == "async" else self._run_asyncgen
             task = self._loop.create_task(runner(call, spec))
             self._tasks[call.id] = task
             timer = None
@@ -272,11 +293,7 @@ class _Stream:
     # frame, even if the function calls sys.exit().
 
     def _run_sync(self, call: worker_pb2.Call, spec: FunctionSpec) -> None:
-        try:
-            frame = Result(id=call.id, payload=_encode(spec, spec.fn(_decode(spec, call.payload))))
-        except BaseException as exc:
-            frame = _failure(call, spec, exc)
-        self._loop.call_soon_threadsafe(self._end, frame)
+        self._loop.call_soon_threadsafe(self._end, _call_sync(call, spec))
 
     def _run_gen(self, call: worker_pb2.Call, spec: FunctionSpec) -> None:
         post = self._loop.call_soon_threadsafe
@@ -297,15 +314,6 @@ class _Stream:
         except BaseException as exc:
             frame = _failure(call, spec, exc)
         post(self._end, frame)
-
-    async def _run_async(self, call: worker_pb2.Call, spec: FunctionSpec) -> Result:
-        try:
-            value = await spec.fn(_decode(spec, call.payload))
-            return Result(id=call.id, payload=_encode(spec, value))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            return _failure(call, spec, exc)
 
     async def _run_asyncgen(self, call: worker_pb2.Call, spec: FunctionSpec) -> Result:
         room = self._task_room
@@ -344,6 +352,26 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
             await stream.run(context)
         finally:
             self._streams.discard(stream)
+
+    async def Unary(self, call: worker_pb2.Call, context: grpc.aio.ServicerContext) -> Result:
+        # One call per RPC: the benchmark's direct ceiling (make bench). It
+        # runs the function the way a Serve stream does, without streaming.
+        if self._draining:
+            return _error(call.id, 503, "Unavailable", "worker is shutting down")
+        spec = self._functions.get(call.function)
+        if spec is None:
+            return _error(call.id, 404, "NotFound", f"no function named {call.function!r}")
+        if spec.stream:
+            return _error(call.id, 400, "BadRequest", f"{spec.name} streams: call it on Serve")
+        if spec.kind == "sync":
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, _call_sync, call, spec)
+        try:
+            timeout = call.timeout_ms / 1000 if call.timeout_ms else None
+            return await asyncio.wait_for(_call_async(call, spec), timeout)
+        except TimeoutError:
+            message = f"{spec.name} passed its deadline of {call.timeout_ms} ms"
+            return _error(call.id, 408, "DeadlineExceeded", message)
 
     def drain(self) -> None:
         self._draining = True

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.Call.SerializeToString,
                 response_deserializer=worker__pb2.Result.FromString,
                 _registered_method=True)
+        self.Unary = channel.unary_unary(
+                '/pyfleet.worker.v1.Worker/Unary',
+                request_serializer=worker__pb2.Call.SerializeToString,
+                response_deserializer=worker__pb2.Result.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -52,11 +57,25 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unary(self, request, context):
+        """Unary runs one call as a unary RPC, through the same function path as
+        Serve. The node does not use it: it is the benchmark's direct ceiling
+        (make bench), the cost of one plain gRPC call per request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Serve': grpc.stream_stream_rpc_method_handler(
                     servicer.Serve,
+                    request_deserializer=worker__pb2.Call.FromString,
+                    response_serializer=worker__pb2.Result.SerializeToString,
+            ),
+            'Unary': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unary,
                     request_deserializer=worker__pb2.Call.FromString,
                     response_serializer=worker__pb2.Result.SerializeToString,
             ),
@@ -86,6 +105,33 @@ class Worker:
             request_iterator,
             target,
             '/pyfleet.worker.v1.Worker/Serve',
+            worker__pb2.Call.SerializeToString,
+            worker__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pyfleet.worker.v1.Worker/Unary',
             worker__pb2.Call.SerializeToString,
             worker__pb2.Result.FromString,
             options,

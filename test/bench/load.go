@@ -1,0 +1,233 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"google.golang.org/grpc"
+
+	"github.com/pyfleet/pyfleet/proto/workerpb"
+)
+
+// runStats is one timed run of one load.
+type runStats struct {
+	n, errs  int
+	elapsed  time.Duration
+	p50, p99 time.Duration
+	firstErr error
+	// cpu is CPU time spent during the run, by component.
+	cpu map[string]time.Duration
+}
+
+func (r runStats) rps() float64 { return float64(r.n) / r.elapsed.Seconds() }
+
+// cpuPerReq is the CPU per successful request of a component, in µs.
+func (r runStats) cpuPerReq(component string) float64 {
+	if r.n == 0 {
+		return 0
+	}
+	return float64(r.cpu[component].Microseconds()) / float64(r.n)
+}
+
+// caller makes one request; worker says which of several targets to use.
+type caller func(ctx context.Context, requester int) error
+
+// load runs conc requesters, each making one request at a time, for dur.
+// watch names the processes whose CPU time is taken for the run.
+func load(ctx context.Context, conc int, dur time.Duration, do caller, watch map[string][]int) runStats {
+	before := cpuOf(watch)
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		lats     []time.Duration
+		errs     atomic.Int64
+		firstErr atomic.Pointer[error]
+	)
+	start := time.Now()
+	end := start.Add(dur)
+	for i := range conc {
+		wg.Go(func() {
+			mine := make([]time.Duration, 0, 1<<16)
+			for ctx.Err() == nil {
+				t0 := time.Now()
+				if !t0.Before(end) {
+					break
+				}
+				err := do(ctx, i)
+				if err != nil {
+					if ctx.Err() != nil {
+						break
+					}
+					errs.Add(1)
+					firstErr.CompareAndSwap(nil, &err)
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+			}
+			mu.Lock()
+			lats = append(lats, mine...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	st := runStats{elapsed: time.Since(start), n: len(lats), errs: int(errs.Load())}
+	after := cpuOf(watch)
+	st.cpu = map[string]time.Duration{}
+	for k, v := range after {
+		st.cpu[k] = v - before[k]
+	}
+	if p := firstErr.Load(); p != nil {
+		st.firstErr = *p
+	}
+	slices.Sort(lats)
+	st.p50 = percentile(lats, 0.50)
+	st.p99 = percentile(lats, 0.99)
+	return st
+}
+
+// cpuOf sums the CPU time of each group of pids; "harness" is this process.
+func cpuOf(watch map[string][]int) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for name, pids := range watch {
+		for _, pid := range pids {
+			if d, err := cpuTime(pid); err == nil {
+				out[name] += d
+			}
+		}
+	}
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) == nil {
+		out["harness"] = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	return out
+}
+
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q*float64(len(sorted))+0.999999) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+// natsCaller requests subj through NATS, as any client of pyfleet does.
+func natsCaller(nc *nats.Conn, subj string, payload []byte) caller {
+	return func(ctx context.Context, _ int) error {
+		m, err := nc.Request(subj, payload, 10*time.Second)
+		if err != nil {
+			return err
+		}
+		if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
+			return fmt.Errorf("error %s: %s", code, m.Header.Get("Nats-Service-Error"))
+		}
+		return nil
+	}
+}
+
+// unaryCaller calls the workers' unary RPC, requester i on worker i mod n:
+// one plain gRPC call per request, the usual way to call a Python service.
+func unaryCaller(conns []*grpc.ClientConn, function string, payload []byte) caller {
+	clients := make([]workerpb.WorkerClient, len(conns))
+	for i, c := range conns {
+		clients[i] = workerpb.NewWorkerClient(c)
+	}
+	var ids atomic.Uint64
+	return func(ctx context.Context, i int) error {
+		r, err := clients[i%len(clients)].Unary(ctx, &workerpb.Call{Id: ids.Add(1), Function: function, Payload: payload})
+		if err != nil {
+			return err
+		}
+		if r.Error != nil {
+			return fmt.Errorf("error %d: %s", r.Error.Code, r.Error.Message)
+		}
+		return nil
+	}
+}
+
+// streamClient drives one worker's Serve stream directly: the ceiling for
+// anything that forwards calls to the worker over that stream.
+type streamClient struct {
+	stream  workerpb.Worker_ServeClient
+	sendMu  sync.Mutex
+	mu      sync.Mutex
+	pending map[uint64]chan *workerpb.Result
+	ids     atomic.Uint64
+	err     atomic.Pointer[error]
+}
+
+func openStream(ctx context.Context, conn *grpc.ClientConn) (*streamClient, error) {
+	st, err := workerpb.NewWorkerClient(conn).Serve(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s := &streamClient{stream: st, pending: map[uint64]chan *workerpb.Result{}}
+	go s.recv()
+	return s, nil
+}
+
+func (s *streamClient) recv() {
+	for {
+		r, err := s.stream.Recv()
+		if err != nil {
+			s.err.Store(&err)
+			s.mu.Lock()
+			for id, ch := range s.pending {
+				close(ch)
+				delete(s.pending, id)
+			}
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Lock()
+		ch := s.pending[r.Id]
+		delete(s.pending, r.Id)
+		s.mu.Unlock()
+		if ch != nil {
+			ch <- r
+		}
+	}
+}
+
+func (s *streamClient) call(ch chan *workerpb.Result, function string, payload []byte) error {
+	if p := s.err.Load(); p != nil {
+		return *p
+	}
+	id := s.ids.Add(1)
+	s.mu.Lock()
+	s.pending[id] = ch
+	s.mu.Unlock()
+	s.sendMu.Lock()
+	err := s.stream.Send(&workerpb.Call{Id: id, Function: function, Payload: payload})
+	s.sendMu.Unlock()
+	if err != nil {
+		return err
+	}
+	r, ok := <-ch
+	if !ok {
+		return errors.New("stream closed")
+	}
+	if r.Error != nil {
+		return fmt.Errorf("error %d: %s", r.Error.Code, r.Error.Message)
+	}
+	return nil
+}
+
+func (s *streamClient) close() { _ = s.stream.CloseSend() }
+
+// streamCaller spreads requesters over the streams, i on stream i mod n.
+func streamCaller(streams []*streamClient, conc int, function string, payload []byte) caller {
+	chans := make([]chan *workerpb.Result, conc)
+	for i := range chans {
+		chans[i] = make(chan *workerpb.Result, 1)
+	}
+	return func(ctx context.Context, i int) error {
+		return streams[i%len(streams)].call(chans[i], function, payload)
+	}
+}

@@ -1,0 +1,184 @@
+// Command bench is `make bench` (SPEC section 8, issue 6): it measures
+// pyfleet on this machine, each figure beside its baseline, alternating the
+// two (A B A B) and quoting medians, and writes docs/benchmarks.md.
+//
+//	PYFLEET_TEST_PYTHON=python/.venv/bin/python go run ./test/bench [flags]
+//
+// It builds poolnode, starts its own nodes (state dirs under a temporary
+// directory, NATS on random ports) and its own Python workers for the
+// direct-gRPC ceilings, and kills every process it started however it ends.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type harness struct {
+	root, python, tmp, poolnode string
+	id                          string // prefix of node names and markers
+	ps                          *procs
+	res                         *results
+
+	rounds   int
+	duration time.Duration
+	jobs     int
+	big      int    // workers for the start/kill/memory figures
+	profile  string // directory for profiles, or ""
+	pyspy    string // py-spy binary, or ""
+}
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	h := &harness{res: newResults()}
+	var sections, out string
+	flag.IntVar(&h.rounds, "rounds", 3, "runs of each side of each comparison")
+	flag.DurationVar(&h.duration, "duration", 3*time.Second, "length of one throughput or latency run")
+	flag.IntVar(&h.jobs, "jobs", 6000, "jobs per jobs run")
+	flag.IntVar(&h.big, "big", 100, "workers of the start, kill and memory figures")
+	flag.StringVar(&sections, "sections", "rr,c1,jobs,start", "which figures to measure")
+	flag.StringVar(&out, "out", "docs/benchmarks.md", "report file, relative to the repository (empty: none)")
+	flag.StringVar(&h.profile, "profile", "", "write a poolnode CPU profile (and worker py-spy profiles with -pyspy) of the first pyfleet run of each kind to this directory")
+	flag.StringVar(&h.pyspy, "pyspy", "", "py-spy binary for -profile")
+	flag.Parse()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	// Ten minutes is the budget of make bench; past it, stop cleanly.
+	ctx, cancel := context.WithTimeout(ctx, 9*time.Minute+30*time.Second)
+	defer cancel()
+
+	var err error
+	if h.root, err = repoRoot(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	h.python = os.Getenv("PYFLEET_TEST_PYTHON")
+	if h.python == "" {
+		h.python = filepath.Join(h.root, "python", ".venv", "bin", "python")
+	}
+	if h.python, err = filepath.Abs(h.python); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	if h.tmp, err = os.MkdirTemp("", "pyfleet-bench-"); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		return 2
+	}
+	defer os.RemoveAll(h.tmp)
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	h.id = "pfb" + hex.EncodeToString(b)
+	logs := filepath.Join(h.tmp, "logs")
+	_ = os.MkdirAll(logs, 0o700)
+	h.ps = &procs{dir: logs}
+	if h.profile != "" {
+		if h.profile, err = filepath.Abs(h.profile); err == nil {
+			err = os.MkdirAll(h.profile, 0o755)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 2
+		}
+	}
+
+	code := 0
+	started := time.Now()
+	err = h.measure(ctx, strings.Split(sections, ","))
+	h.ps.killAll()
+	if left := markedPIDs(h.id); len(left) > 0 {
+		// Every node and worker the harness started carries a marker
+		// beginning with h.id: none may outlive it.
+		fmt.Fprintf(os.Stderr, "bench: LEFTOVER processes %v; killing them\n", left)
+		for _, pid := range left {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		code = 1
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		if ctx.Err() != nil {
+			fmt.Fprintln(os.Stderr, "bench: interrupted or out of time")
+		}
+		return 1
+	}
+	report := h.report(time.Since(started))
+	fmt.Print(report)
+	if out != "" {
+		if !filepath.IsAbs(out) {
+			out = filepath.Join(h.root, out)
+		}
+		if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+		fmt.Fprintf(os.Stderr, "bench: wrote %s\n", out)
+	}
+	return code
+}
+
+func (h *harness) measure(ctx context.Context, sections []string) error {
+	h.logf("building poolnode")
+	h.poolnode = filepath.Join(h.tmp, "poolnode")
+	build := exec.CommandContext(ctx, "go", "build", "-o", h.poolnode, "./cmd/poolnode")
+	build.Dir = h.root
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build poolnode: %w", err)
+	}
+	for _, s := range sections {
+		var err error
+		switch strings.TrimSpace(s) {
+		case "rr":
+			err = h.requestReply(ctx)
+		case "c1":
+			err = h.oneAtATime(ctx)
+		case "jobs":
+			err = h.jobsRun(ctx)
+		case "start":
+			err = h.startKillMemory(ctx)
+		case "":
+		default:
+			err = fmt.Errorf("unknown section %q", s)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (h *harness) logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s bench: %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("not inside the repository (no go.mod above the working directory)")
+		}
+		dir = parent
+	}
+}

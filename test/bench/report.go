@@ -1,0 +1,232 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+// results holds every run, in the order they were made.
+type results struct {
+	order []string
+	runs  map[string][]runStats
+	vals  map[string][]float64
+}
+
+func newResults() *results {
+	return &results{runs: map[string][]runStats{}, vals: map[string][]float64{}}
+}
+
+func (r *results) add(key string, st runStats) {
+	r.order = append(r.order, key)
+	r.runs[key] = append(r.runs[key], st)
+}
+
+func (r *results) addValue(key string, v float64) {
+	r.order = append(r.order, key)
+	r.vals[key] = append(r.vals[key], v)
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// med is the median over the runs of key of f.
+func (r *results) med(key string, f func(runStats) float64) float64 {
+	var xs []float64
+	for _, st := range r.runs[key] {
+		xs = append(xs, f(st))
+	}
+	return median(xs)
+}
+
+func (r *results) has(key string) bool { return len(r.runs[key]) > 0 || len(r.vals[key]) > 0 }
+
+func rps(st runStats) float64 { return st.rps() }
+func p50(st runStats) float64 { return us(st.p50) }
+func p99(st runStats) float64 { return us(st.p99) }
+
+func yesNo(ok bool) string {
+	if ok {
+		return "**yes**"
+	}
+	return "no"
+}
+
+func commas(x float64) string {
+	s := fmt.Sprintf("%.0f", x)
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+func shell(name string, args ...string) string {
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(string(out))
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}
+
+func (h *harness) report(took time.Duration) string {
+	r := h.res
+	var b strings.Builder
+	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+
+	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	commit := shell("git", "-C", h.root, "rev-parse", "--short", "HEAD")
+	if dirty := shell("git", "-C", h.root, "status", "--porcelain", "--untracked-files=no"); dirty != "" && dirty != "?" {
+		commit += " (with uncommitted changes)"
+	}
+	args := strings.Join(os.Args[1:], " ")
+	w("# Benchmarks\n\n")
+	w("Written by `make bench` (`test/bench`); every figure is the median of %d runs, ", h.rounds)
+	w("pyfleet and its baseline alternating (A B A B), each throughput or latency run %s long.\n\n", h.duration)
+	w("- machine: %d cores (`nproc`), %s, Linux %s, shared and noisy\n", runtime.NumCPU(), cpuModel(), strings.TrimSpace(string(kernel)))
+	w("- date: %s\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	w("- commit: %s\n", commit)
+	w("- command: `make bench` (`PYFLEET_TEST_PYTHON=%s go run ./test/bench %s`), took %s\n", h.python, args, took.Round(time.Second))
+	w("- %s, %s\n\n", runtime.Version(), shell(h.python, "--version"))
+
+	w("| # | figure | pyfleet | baseline | ratio | target (issue 6) | met |\n")
+	w("|---|---|---|---|---|---|---|\n")
+	for _, fn := range []string{"echo", "echo_async"} {
+		kind := "`def echo`, on a call thread"
+		if fn == "echo_async" {
+			kind = "`async def echo_async`, on the event loop"
+		}
+		for _, conc := range []int{16, 64} {
+			g := rrGroup(fn, conc)
+			if !r.has(g + "/pyfleet") {
+				continue
+			}
+			pf, un, sm := r.med(g+"/pyfleet", rps), r.med(g+"/unary", rps), r.med(g+"/stream", rps)
+			w("| 1 | %s, 100 B, 2 workers, %d in flight | %s req/s (p50 %.0f µs) | direct unary gRPC %s req/s (p50 %.0f µs) | %.2f× | ≥ 1.0× unary and ≥ 12,000 req/s | %s |\n",
+				kind, conc, commas(pf), r.med(g+"/pyfleet", p50), commas(un), r.med(g+"/unary", p50), pf/un, yesNo(pf >= un && pf >= 12000))
+			w("| 1 | the same, against the stream ceiling | | direct Serve stream %s req/s (p50 %.0f µs) | %.2f× | stretch: ≥ 0.8× stream | %s |\n",
+				commas(sm), r.med(g+"/stream", p50), pf/sm, yesNo(pf >= 0.8*sm))
+		}
+	}
+	if r.has("c1/pyfleet") {
+		pf, un, sm := r.med("c1/pyfleet", p50), r.med("c1/unary", p50), r.med("c1/stream", p50)
+		w("| 2 | one request at a time, p50 | %.0f µs | direct unary %.0f µs (stream %.0f µs) | +%.0f µs over unary | ≤ ceiling + 150 µs | %s |\n",
+			pf, un, sm, pf-un, yesNo(pf <= un+150))
+	}
+	if r.has("jobs/pyfleet") {
+		j := r.med("jobs/pyfleet", rps)
+		w("| 3 | jobs through JetStream (file store), each result stored, one node | %s jobs/s | | | ≥ 3,000 jobs/s | %s |\n", commas(j), yesNo(j >= 3000))
+	}
+	for _, size := range []int{8, h.big} {
+		k := fmt.Sprintf("start%d", size)
+		if !r.has(k + "/pyfleet") {
+			continue
+		}
+		pf, bare := median(r.vals[k+"/pyfleet"]), median(r.vals[k+"/bare"])
+		target, met := "", ""
+		if size == 100 {
+			target, met = "≤ 1.3× bare", yesNo(pf <= 1.3*bare)
+		}
+		w("| 4 | %d workers ready (node start to the last `ready` event) | %.2f s | %d bare `python -c 'import grpc'`, %d at a time: %.2f s | %.2f× | %s | %s |\n",
+			size, pf, size, runtime.NumCPU(), bare, pf/bare, target, met)
+	}
+	if k := fmt.Sprintf("kill%d/pyfleet", h.big); r.has(k) {
+		v := median(r.vals[k])
+		w("| 5 | `kill -9` of a node with %d workers to its last process gone | %.0f ms | | | ≤ 1 s | %s |\n", h.big, v*1000, yesNo(v <= 1))
+	}
+	if k := fmt.Sprintf("rss%d/loaded", h.big); r.has(k) {
+		v := median(r.vals[k])
+		w("| 6 | poolnode RSS with %d workers (after 1 s of load; idle %.1f MB) | %.1f MB | | | ≤ 60 MB | %s |\n",
+			h.big, median(r.vals[fmt.Sprintf("rss%d/idle", h.big)]), v, yesNo(v <= 60))
+	}
+
+	// Where the CPU goes.
+	if r.has("rr16/pyfleet") || r.has("c1/pyfleet") || r.has("jobs/pyfleet") {
+		w("\n## CPU per request (µs, medians)\n\n")
+		w("Measured from /proc over each run: the node (poolnode, with its embedded NATS server), its Python workers, and the harness (the load generator; for the ceilings it is the gRPC client).\n\n")
+		w("| run | poolnode | workers | load generator | total |\n|---|---|---|---|---|\n")
+		for _, g := range []string{"rr16", "rr64", "rr16-async", "rr64-async", "c1", "jobs"} {
+			for _, v := range []string{"pyfleet", "unary", "stream"} {
+				k := g + "/" + v
+				if !r.has(k) {
+					continue
+				}
+				pn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("poolnode") })
+				wk := r.med(k, func(st runStats) float64 { return st.cpuPerReq("workers") })
+				hn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("harness") })
+				pns := fmt.Sprintf("%.0f", pn)
+				if v != "pyfleet" {
+					pns = "—"
+				}
+				w("| %s %s | %s | %.0f | %.0f | %.0f |\n", g, v, pns, wk, hn, pn+wk+hn)
+			}
+		}
+	}
+
+	w("\n## Every run, in the order made\n\n")
+	w("| run | result |\n|---|---|\n")
+	seen := map[string]int{}
+	for _, k := range r.order {
+		i := seen[k]
+		seen[k]++
+		if sts := r.runs[k]; i < len(sts) {
+			st := sts[i]
+			extra := ""
+			if st.errs > 0 {
+				extra = fmt.Sprintf(", %d errors", st.errs)
+			}
+			if strings.HasPrefix(k, "jobs") {
+				w("| %s | %d jobs in %.2f s: %s jobs/s |\n", k, st.n, st.elapsed.Seconds(), commas(st.rps()))
+			} else {
+				w("| %s | %s req/s, p50 %.0f µs, p99 %.0f µs%s |\n", k, commas(st.rps()), us(st.p50), us(st.p99), extra)
+			}
+			continue
+		}
+		if vs := r.vals[k]; i < len(vs) {
+			unit := "s"
+			v := vs[i]
+			switch {
+			case strings.HasPrefix(k, "rss"):
+				unit = "MB"
+			case strings.HasPrefix(k, "kill"):
+				unit, v = "ms", v*1000
+			}
+			w("| %s | %.2f %s |\n", k, v, unit)
+		}
+	}
+	w("\n## How each figure is made\n\n")
+	w(`1. A node (` + "`poolnode --workers 2 --concurrency 32`" + `, embedded NATS on a random port) serves test/bench/benchapp.py: ` + "`echo`" + ` (a plain function, which the worker runs on a call thread) and ` + "`echo_async`" + ` (a coroutine, run on its event loop); the harness's own Go NATS client keeps 16 or 64 requests in flight (one goroutine each, one connection) with a 100-byte JSON body. The ceiling: two more workers started the same way (` + "`python -m pyfleet.worker --concurrency 32`" + `, same app, same function path), called from Go over their Unix sockets with the same body and the same number in flight, spread over both workers: once with one unary ` + "`Unary`" + ` RPC per request, once over one long-lived ` + "`Serve`" + ` stream per worker. Load generator and workers share the same 2 cores.
+2. The same with one request in flight, a node with the default ` + "`--concurrency 1`" + ` and a ceiling worker started with ` + "`--concurrency 1`" + `.
+3. A node with 2 workers (` + "`--concurrency 32`" + `) and its embedded NATS (JetStream file store in the node's state dir); the harness publishes N jobs to ` + "`pyfleet.job.default.echo`" + ` (async, each with its own ` + "`Nats-Msg-Id`" + `) and stops the clock when PYFLEET_RESULTS holds all N results; the last result is checked.
+4. A node started with ` + "`--nats`" + ` to a NATS server inside the harness: time from starting poolnode to the N-th ` + "`ready`" + ` event. Baseline: N runs of ` + "`python -c 'import grpc'`" + `, as many at a time as there are cores.
+5. The same node with 100 workers, SIGKILLed: time until poolnode is reaped and no process carrying its ` + "`PYFLEET_WORKER_RUN=<node>/`" + ` marker is alive (zombies count as gone), scanning /proc every 2 ms.
+6. VmRSS of that poolnode (/proc/<pid>/status), read after its workers are ready and after 1 s of echo load at 64 in flight.
+`)
+	return b.String()
+}
