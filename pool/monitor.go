@@ -31,7 +31,9 @@ func (w *worker) askRecycle(why string) {
 
 // watch checks one worker on a timer until it goes away: its age, and its
 // health (a worker that stops answering health checks is killed and
-// replaced; its calls fail at once rather than at their deadlines).
+// replaced; its calls fail at once rather than at their deadlines). Checks
+// that fail while the worker runs a sync call on its event loop do not
+// count.
 // Request counts are checked as calls end, memory by watchMemory.
 func (p *Pool) watch(w *worker) {
 	maxAge := jitter(p.cfg.MaxAge)
@@ -59,6 +61,13 @@ func (p *Pool) watch(w *worker) {
 		}
 		if p.isClosed() {
 			return
+		}
+		if w.inlineBusy.Load() > 0 {
+			// The worker runs a sync function on its event loop
+			// (--concurrency 1) and answers nothing until it returns:
+			// busy, not hung. The call's deadline bounds the wait: past
+			// it, plus the grace, the worker is killed.
+			continue
 		}
 		failures++
 		p.log.Warn("worker health check failed", zap.String("worker", w.name), zap.Int("failures", failures), zap.Error(err))

@@ -46,6 +46,9 @@ type handshake struct {
 		Name   string `json:"name"`
 		Raw    bool   `json:"raw"`
 		Stream bool   `json:"stream"`
+		// Inline says the worker runs the function on its event loop,
+		// which answers nothing else (health checks included) meanwhile.
+		Inline bool `json:"inline"`
 	} `json:"functions"`
 }
 
@@ -60,8 +63,8 @@ func (e *AppError) Error() string {
 	return fmt.Sprintf("the app failed to load: %s: %s", e.Type, e.Message)
 }
 
-// worker is one running Python process and its Serve stream. Its calls are
-// matched to results by id; recv owns the stream's receive side.
+// worker is one running Python process and its Batches stream. Its calls
+// are matched to results by id; recv owns the stream's receive side.
 type worker struct {
 	name  string // e.g. "w3", unique in the node
 	start string // this start of it, e.g. "w3-17": its socket, registry key and marker
@@ -69,12 +72,29 @@ type worker struct {
 	conn  *grpc.ClientConn
 	log   *zap.Logger
 
-	stream workerpb.Worker_ServeClient
+	stream workerpb.Worker_BatchesClient
 	sendMu sync.Mutex // grpc streams allow one sender at a time
 
+	// out holds frames waiting to be sent; sending says a goroutine is in
+	// flush's loop and will send them; unanswered says a message went out
+	// and no result has come back since; hold flushes held frames when
+	// the worker takes too long to answer. See send.
+	outMu      sync.Mutex
+	out        []*workerpb.Call
+	sending    bool
+	unanswered bool
+	held       bool // hold is armed
+	hold       *time.Timer
+
 	mu      sync.Mutex
-	pending map[uint64]chan *workerpb.Result
+	pending map[uint64]pendingCall
 	broken  error // set once the stream failed; no call can start after
+
+	// inline names the functions the worker runs on its event loop, and
+	// inlineBusy counts such calls under way: while there is one, failed
+	// health checks say the worker is busy, not hung (see watch).
+	inline     map[string]bool
+	inlineBusy atomic.Int64
 
 	nextID      atomic.Uint64
 	handled     atomic.Uint64
@@ -152,7 +172,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		name:    name,
 		start:   start,
 		log:     p.log.With(zap.String("worker", name)),
-		pending: make(map[uint64]chan *workerpb.Result),
+		pending: make(map[uint64]pendingCall),
 		lost:    make(chan struct{}),
 		pinned:  make(chan *job),
 		retire:  make(chan struct{}),
@@ -268,12 +288,20 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		return fail(fmt.Errorf("worker %s: health check: %w", name, err))
 	}
 	// The stream lives as long as the worker, not as long as this start.
-	stream, err := workerpb.NewWorkerClient(conn).Serve(context.Background())
+	stream, err := workerpb.NewWorkerClient(conn).Batches(context.Background())
 	if err != nil {
 		conn.Close()
 		return fail(fmt.Errorf("worker %s: open stream: %w", name, err))
 	}
 	w.stream = stream
+	for _, f := range hs.Functions {
+		if f.Inline {
+			if w.inline == nil {
+				w.inline = map[string]bool{}
+			}
+			w.inline[f.Name] = true
+		}
+	}
 	p.setFunctions(hs)
 
 	p.goroutines.Add(2)
@@ -293,30 +321,50 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	return w, nil
 }
 
+// pendingCall is a call sent to the worker whose END has not come back.
+type pendingCall struct {
+	ch     chan *workerpb.Result
+	inline bool // counted in inlineBusy
+}
+
 // recv routes results to the calls waiting for them until the stream ends.
 func (w *worker) recv() {
+	var chans []chan *workerpb.Result
 	for {
-		r, err := w.stream.Recv()
+		b, err := w.stream.Recv()
 		if err != nil {
 			w.markLost(fmt.Errorf("worker %s: stream closed: %w", w.name, err))
 			return
 		}
+		// The worker is between two messages: what waits for it goes now.
+		w.answered()
+		chans = chans[:0]
 		w.mu.Lock()
-		ch := w.pending[r.Id]
-		if r.Kind == workerpb.Result_END {
-			delete(w.pending, r.Id)
+		for _, r := range b.Results {
+			pc := w.pending[r.Id]
+			chans = append(chans, pc.ch)
+			if r.Kind == workerpb.Result_END && pc.ch != nil {
+				delete(w.pending, r.Id)
+				if pc.inline {
+					w.inlineBusy.Add(-1)
+				}
+			}
 		}
 		w.mu.Unlock()
-		if ch == nil {
-			continue // a call the node already gave up on
-		}
-		// Each call's channel is buffered for its END frame, and the one
-		// slot goroutine that reads it always drains to END, so this send
-		// blocks only while a streaming caller is still consuming chunks.
-		select {
-		case ch <- r:
-		case <-w.lost:
-			return
+		for i, r := range b.Results {
+			ch := chans[i]
+			if ch == nil {
+				continue // a call the node already gave up on
+			}
+			// Each call's channel is buffered for its END frame, and the
+			// one slot goroutine that reads it always drains to END, so
+			// this send blocks only while a streaming caller is still
+			// consuming chunks.
+			select {
+			case ch <- r:
+			case <-w.lost:
+				return
+			}
 		}
 	}
 }
@@ -341,19 +389,110 @@ func (w *worker) begin(c *workerpb.Call) (<-chan *workerpb.Result, error) {
 		w.mu.Unlock()
 		return nil, err
 	}
-	w.pending[c.Id] = ch
+	inline := w.inline[c.Function]
+	if inline {
+		w.inlineBusy.Add(1)
+	}
+	w.pending[c.Id] = pendingCall{ch: ch, inline: inline}
 	w.mu.Unlock()
 	if err := w.send(c); err != nil {
-		w.markLost(fmt.Errorf("worker %s: send: %w", w.name, err))
 		return nil, err
 	}
 	return ch, nil
 }
 
+// maxHold bounds how long a frame waits for the worker to answer the last
+// message before it is sent anyway (see send).
+const maxHold = 2 * time.Millisecond
+
+// send queues c to be sent and sees that it is. In Python each gRPC message
+// costs the worker far more than the frames in it, so frames travel
+// together when they can, without making a lone one wait:
+//
+//   - If the worker has answered (sent results) since the last message went
+//     out, or nothing went out yet, the frame goes at once, with any others
+//     queued: an idle worker gets each call without delay.
+//   - Otherwise the worker is busy with what it got, and could not read the
+//     frame before it answers anyway: the frame waits for that answer (recv
+//     sends what waits as one message when results come), or for maxHold,
+//     whichever is first, in case the worker is busy with long calls.
+//   - While a goroutine sends, frames queue up and it sends them next.
+//
+// A nil error means the frame was sent or will be; if a send fails the
+// stream is lost, and every call learns it from w.lost.
 func (w *worker) send(c *workerpb.Call) error {
-	w.sendMu.Lock()
-	defer w.sendMu.Unlock()
-	return w.stream.Send(c)
+	w.outMu.Lock()
+	w.out = append(w.out, c)
+	if w.sending {
+		w.outMu.Unlock()
+		return nil
+	}
+	if w.unanswered {
+		if !w.held {
+			w.held = true
+			if w.hold == nil {
+				w.hold = time.AfterFunc(maxHold, w.holdExpired)
+			} else {
+				w.hold.Reset(maxHold)
+			}
+		}
+		w.outMu.Unlock()
+		return nil
+	}
+	return w.flush()
+}
+
+// answered is called by recv when results came: frames held for them go.
+func (w *worker) answered() {
+	w.outMu.Lock()
+	w.unanswered = false
+	if w.sending || len(w.out) == 0 {
+		w.outMu.Unlock()
+		return
+	}
+	_ = w.flush()
+}
+
+func (w *worker) holdExpired() {
+	w.outMu.Lock()
+	w.held = false
+	if w.sending || len(w.out) == 0 {
+		w.outMu.Unlock()
+		return
+	}
+	_ = w.flush()
+}
+
+// flush sends the queued frames as one message, and again while more queue
+// up meanwhile. It is called with outMu held and releases it.
+func (w *worker) flush() error {
+	w.sending = true
+	if w.held {
+		w.held = false
+		w.hold.Stop()
+	}
+	var err error
+	for len(w.out) > 0 {
+		// A fresh slice each time: gRPC may still hold the last message.
+		batch := &workerpb.CallBatch{Calls: w.out}
+		w.out = make([]*workerpb.Call, 0, cap(w.out))
+		w.unanswered = true
+		w.outMu.Unlock()
+		w.sendMu.Lock()
+		err = w.stream.Send(batch)
+		w.sendMu.Unlock()
+		w.outMu.Lock()
+		if err != nil {
+			w.out = nil
+			break
+		}
+	}
+	w.sending = false
+	w.outMu.Unlock()
+	if err != nil {
+		w.markLost(fmt.Errorf("worker %s: send: %w", w.name, err))
+	}
+	return err
 }
 
 // cancel asks the worker to stop call id; best effort.

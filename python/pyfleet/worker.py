@@ -31,9 +31,10 @@ import signal
 import stat
 import sys
 import threading
+import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 # gRPC's fork handlers cannot pause its poller thread ("Other threads are
@@ -64,6 +65,11 @@ STOP_GRACE_S = 30.0
 # have queued but not yet written. Beyond it they wait, so a fast generator
 # and a slow reader cannot fill memory.
 CHUNK_WINDOW = 256
+# On Batches, a message whose calls produce no result this soon is answered
+# with an empty ResultBatch: the node holds frames back while the worker is
+# busy with its last message (to send them together), and this tells it the
+# worker is free to read again (its calls are long ones).
+ACK_AFTER_S = 0.0002
 # The node enforces its own limit (413); this one only has to be above it.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -71,6 +77,7 @@ CALL_THREAD_PREFIX = "pyfleet-call"
 PR_SET_PDEATHSIG = 1
 
 Result = worker_pb2.Result
+ResultBatch = worker_pb2.ResultBatch
 Error = worker_pb2.Error
 CHUNK = worker_pb2.Result.CHUNK
 
@@ -147,26 +154,189 @@ async def _call_async(call: worker_pb2.Call, spec: FunctionSpec) -> Result:
         return _failure(call, spec, exc)
 
 
+# ---------------------------------------------------------------- call threads
+
+
+def _inline(concurrency: int, kind: str) -> bool:
+    """Whether a function of this kind runs on the event loop itself rather
+    than on a call thread: a sync one, when calls come one at a time."""
+    return concurrency == 1 and kind == "sync"
+
+
+class _CallThreads:
+    """Runs sync calls (and generators) on up to `size` threads, waking as
+    few threads as it can.
+
+    A thread pool that hands each call to a thread and each result back to
+    the loop pays a wake-up, a context switch and a change of GIL holder
+    every time, and for a short function that costs many times the call.
+    Here one awake thread takes queued calls one after another for as long
+    as there are any, and results reach the loop in bursts, one wake-up per
+    burst. When the calls it runs take a while (they sleep, wait for I/O or
+    compute), the loop's check sees every awake thread busy on one call for
+    STUCK_S and wakes more, so up to `size` calls still run at once: a call
+    waits at most about STUCK_S for a free thread while fewer than `size`
+    are busy."""
+
+    STUCK_S = 0.002
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self._loop = loop
+        self._size = size
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._jobs: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._threads: list[threading.Thread] = []
+        self._awake = 0  # threads taking jobs (or told to)
+        self._idle = 0  # threads waiting for a job
+        self._busy_since: dict[int, float] = {}  # thread ident -> its call's start
+        self._check_armed = False
+        self._done: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._posted = False
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Queue fn(*args) for a thread (on the loop thread)."""
+        with self._lock:
+            if self._shutdown:
+                return
+            self._jobs.append((fn, args))
+            if self._awake == 0:
+                self._wake_one()
+            if not self._check_armed:
+                self._check_armed = True
+                self._loop.call_later(self.STUCK_S, self._check)
+
+    def _wake_one(self) -> bool:
+        # With the lock held.
+        if self._idle:
+            self._idle -= 1
+            self._awake += 1
+            self._cond.notify()
+            return True
+        if len(self._threads) < self._size:
+            self._awake += 1
+            thread = threading.Thread(
+                target=self._work,
+                name=f"{CALL_THREAD_PREFIX}_{len(self._threads)}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+            return True
+        return False
+
+    def _check(self) -> None:
+        """Wakes more threads while queued calls wait behind busy ones."""
+        now = time.monotonic()
+        with self._lock:
+            self._check_armed = False
+            if not self._jobs or self._shutdown:
+                return
+            busy = self._busy_since.values()
+            if self._awake <= len(self._busy_since) and all(
+                now - since >= self.STUCK_S for since in busy
+            ):
+                for _ in range(len(self._jobs)):
+                    if not self._wake_one():
+                        break
+            self._check_armed = True
+            self._loop.call_later(self.STUCK_S, self._check)
+
+    def _work(self) -> None:
+        me = threading.get_ident()
+        jobs = self._jobs
+        lock = self._lock
+        clock = time.monotonic
+        while True:
+            with lock:
+                self._busy_since.pop(me, None)
+                while not jobs:
+                    if self._shutdown:
+                        self._awake -= 1
+                        return
+                    self._awake -= 1
+                    self._idle += 1
+                    self._cond.wait()  # whoever notifies counts us awake
+                fn, args = jobs.popleft()
+                self._busy_since[me] = clock()
+            fn(*args)
+
+    def post(self, callback: Callable[..., None], *args: Any) -> None:
+        """Runs callback(*args) on the loop (from a call thread), in order
+        with everything else posted; one wake-up of the loop per burst."""
+        with self._lock:
+            self._done.append((callback, args))
+            if self._posted:
+                return
+            self._posted = True
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            self._posted = False
+        for callback, args in done:
+            try:
+                callback(*args)
+            except BaseException:  # one failure must not drop the others
+                traceback.print_exc()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on a call thread; its result. fn must not raise."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+
+        def settle(result: Any) -> None:
+            if not future.done():  # the caller may have gone
+                future.set_result(result)
+
+        def job() -> None:
+            self.post(settle, fn(*args))
+
+        self.submit(job)
+        return await future
+
+    def shutdown(self) -> None:
+        """Drops queued calls; idle threads end, busy ones after their call."""
+        with self._lock:
+            self._shutdown = True
+            self._jobs.clear()
+            self._cond.notify_all()
+
+
 # ---------------------------------------------------------------- one stream
 
 
 class _Stream:
-    """One Serve stream: a reader task starts every call as its own task (or
-    thread job), and results reach the single writer through a queue."""
+    """One Batches (or Serve) stream: a reader task starts every call as its
+    own task (or thread job, or at once on the loop: see _start), and results
+    reach the single writer through a queue. On Batches the writer sends all
+    the frames queued when it wakes as one message: Python's gRPC costs far
+    more per message than per byte, so frames that are ready together go
+    together."""
 
     def __init__(
         self,
         functions: dict[str, FunctionSpec],
-        executor: ThreadPoolExecutor,
-        threads: int,
+        calls: _CallThreads,
+        concurrency: int,
+        batched: bool,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._functions = functions
-        self._executor = executor
-        self._threads = threads
+        self._calls = calls
+        self._threads = concurrency
+        self._batched = batched
+        # With one call at a time, a sync function runs on the loop itself:
+        # handing it to a thread and back costs more than most calls.
+        self._inline = _inline(concurrency, "sync")
         # (frame, release): release() runs once the frame is written; None
-        # for the frame ends the stream.
-        self._out: asyncio.Queue[tuple[Result | None, Callable[[], None] | None]] = asyncio.Queue()
+        # for the frame ends the stream. _wake is the writer's, while it
+        # waits for the queue to fill.
+        self._out: deque[tuple[Result | None, Callable[[], None] | None]] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._writes = 0  # messages written
+        self._ack = False  # write an empty ResultBatch, even with no frames
         self._tasks: dict[int, asyncio.Task[Result]] = {}
         self._cancel_reasons: dict[int, str] = {}
         self._pending = 0  # calls started whose END is not queued yet
@@ -176,17 +346,59 @@ class _Stream:
         self._thread_room = threading.Semaphore(CHUNK_WINDOW)
         self._task_room = asyncio.Semaphore(CHUNK_WINDOW)
 
+    def _put(self, item: tuple[Result | None, Callable[[], None] | None]) -> None:
+        """Queue a frame for the writer (on the loop thread)."""
+        self._out.append(item)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)
+
+    def _ack_if_silent(self, writes: int) -> None:
+        """Tells the node the worker reads again, if nothing has since."""
+        if self._writes == writes and not self._out:
+            self._ack = True
+            self._wake_writer()
+
     async def run(self, context: grpc.aio.ServicerContext) -> None:
         reader = asyncio.create_task(self._read(context))
         try:
             out = self._out
+            write = context.write
             while True:
-                frame, release = await out.get()
-                if frame is None:
+                if not out and not self._ack:
+                    self._wake = self._loop.create_future()
+                    await self._wake
+                frames: list[Result] = []
+                releases: list[Callable[[], None]] = []
+                end = False
+                while out:
+                    frame, release = out.popleft()
+                    if frame is None:
+                        end = True
+                        break
+                    frames.append(frame)
+                    if release is not None:
+                        releases.append(release)
+                if self._ack and not frames:
+                    self._writes += 1
+                    await write(ResultBatch())
+                self._ack = False
+                if frames:
+                    self._writes += 1
+                    if self._batched:
+                        await write(ResultBatch(results=frames))
+                    else:
+                        for frame in frames:
+                            await write(frame)
+                    for release in releases:
+                        release()
+                if end:
                     return
-                await context.write(frame)
-                if release is not None:
-                    release()
         finally:
             reader.cancel()
             self._close()
@@ -197,21 +409,25 @@ class _Stream:
         self._finish_if_idle()
 
     async def _read(self, context: grpc.aio.ServicerContext) -> None:
+        read = context.read
         try:
             while True:
-                call = await context.read()
-                if call is grpc.aio.EOF:
+                message = await read()
+                if message is grpc.aio.EOF:
                     break
-                if call.cancel:
-                    self._cancel(call.id, "Cancelled")
-                else:
-                    self._start(call)
+                for call in message.calls if self._batched else (message,):
+                    if call.cancel:
+                        self._cancel(call.id, "Cancelled")
+                    else:
+                        self._start(call)
+                if self._batched:
+                    self._loop.call_later(ACK_AFTER_S, self._ack_if_silent, self._writes)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # The stream broke under us: nothing more can be written either.
             sys.stderr.write(f"pyfleet: Serve stream failed: {exc!r}\n")
-            self._out.put_nowait((None, None))
+            self._put((None, None))
             return
         # The node closed its side: finish what runs, then end the stream.
         self._eof = True
@@ -228,9 +444,16 @@ class _Stream:
             return
         kind = spec.kind
         if kind == "sync":
-            self._executor.submit(self._run_sync, call, spec)
+            if self._inline:
+                # The loop waits for the call: nothing else of this worker
+                # could run meanwhile anyway. The node stops counting
+                # failed health checks while a call is in flight, and kills
+                # the worker if the call overruns its deadline.
+                self._end(_call_sync(call, spec))
+            else:
+                self._calls.submit(self._run_sync, call, spec)
         elif kind == "gen":
-            self._executor.submit(self._run_gen, call, spec)
+            self._calls.submit(self._run_gen, call, spec)
         else:
             runner = _call_async if kind == "async" else self._run_asyncgen
             task = self._loop.create_task(runner(call, spec))
@@ -244,13 +467,13 @@ class _Stream:
 
     def _end(self, frame: Result) -> None:
         """Queue the one END frame of a call (on the loop thread)."""
-        self._out.put_nowait((frame, None))
+        self._put((frame, None))
         self._pending -= 1
         self._finish_if_idle()
 
     def _finish_if_idle(self) -> None:
         if self._pending == 0 and (self._eof or self._draining):
-            self._out.put_nowait((None, None))
+            self._put((None, None))
 
     def _cancel(self, call_id: int, reason: str) -> None:
         task = self._tasks.get(call_id)
@@ -293,11 +516,11 @@ class _Stream:
     # frame, even if the function calls sys.exit().
 
     def _run_sync(self, call: worker_pb2.Call, spec: FunctionSpec) -> None:
-        self._loop.call_soon_threadsafe(self._end, _call_sync(call, spec))
+        self._calls.post(self._end, _call_sync(call, spec))
 
     def _run_gen(self, call: worker_pb2.Call, spec: FunctionSpec) -> None:
-        post = self._loop.call_soon_threadsafe
-        put = self._out.put_nowait
+        post = self._calls.post
+        put = self._put
         room = self._thread_room
         try:
             with contextlib.closing(spec.fn(_decode(spec, call.payload))) as gen:
@@ -308,7 +531,7 @@ class _Stream:
                     room.acquire()
                     if self._closed:
                         break
-                    # Posted in order through the loop's FIFO, before the END.
+                    # Posted in order, before the END.
                     post(put, (chunk, room.release))
             frame = Result(id=call.id)
         except BaseException as exc:
@@ -317,7 +540,7 @@ class _Stream:
 
     async def _run_asyncgen(self, call: worker_pb2.Call, spec: FunctionSpec) -> Result:
         room = self._task_room
-        put = self._out.put_nowait
+        put = self._put
         try:
             async with contextlib.aclosing(spec.fn(_decode(spec, call.payload))) as agen:
                 async for item in agen:
@@ -334,17 +557,23 @@ class _Stream:
 
 
 class _Servicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, app: App, executor: ThreadPoolExecutor, threads: int) -> None:
+    def __init__(self, app: App, calls: _CallThreads, threads: int) -> None:
         self._functions = dict(app.functions)
-        self._executor = executor
+        self._calls = calls
         self._threads = threads
         self._streams: set[_Stream] = set()
         self._draining = False
 
+    async def Batches(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(context, batched=True)
+
     async def Serve(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await self._serve(context, batched=False)
+
+    async def _serve(self, context: grpc.aio.ServicerContext, batched: bool) -> None:
         # Frames are read with context.read() in _Stream, not request_iterator:
         # one layer less per call.
-        stream = _Stream(self._functions, self._executor, self._threads)
+        stream = _Stream(self._functions, self._calls, self._threads, batched)
         self._streams.add(stream)
         if self._draining:
             stream.drain()
@@ -364,8 +593,10 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         if spec.stream:
             return _error(call.id, 400, "BadRequest", f"{spec.name} streams: call it on Serve")
         if spec.kind == "sync":
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, _call_sync, call, spec)
+            if _inline(self._threads, spec.kind):
+                return _call_sync(call, spec)  # as a stream runs it: see _Stream._start
+            result: Result = await self._calls.call(_call_sync, call, spec)
+            return result
         try:
             timeout = call.timeout_ms / 1000 if call.timeout_ms else None
             return await asyncio.wait_for(_call_async(call, spec), timeout)
@@ -494,9 +725,17 @@ def _die_with_parent_after_fork() -> None:
     os.register_at_fork(before=before, after_in_child=after_in_child)
 
 
-def _handshake(app: App) -> str:
+def _handshake(app: App, concurrency: int) -> str:
+    # inline: the function runs on the event loop, which answers nothing
+    # else meanwhile (see _Stream._start), so the node must not take the
+    # silence for a hang.
     functions = [
-        {"name": spec.name, "raw": spec.raw, "stream": spec.stream}
+        {
+            "name": spec.name,
+            "raw": spec.raw,
+            "stream": spec.stream,
+            "inline": _inline(concurrency, spec.kind),
+        }
         for spec in app.functions.values()
     ]
     body = {"v": 1, "pid": os.getpid(), "functions": functions}
@@ -517,7 +756,7 @@ async def _serve(app: App, args: argparse.Namespace, secret: str, at_line_start:
 
     socket_path: str = args.socket
     concurrency: int = args.concurrency
-    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=CALL_THREAD_PREFIX)
+    calls = _CallThreads(loop, concurrency)
     server = grpc.aio.server(
         interceptors=[_SecretCheck(secret)],
         options=[
@@ -525,7 +764,7 @@ async def _serve(app: App, args: argparse.Namespace, secret: str, at_line_start:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    servicer = _Servicer(app, executor, concurrency)
+    servicer = _Servicer(app, calls, concurrency)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -542,7 +781,7 @@ async def _serve(app: App, args: argparse.Namespace, secret: str, at_line_start:
         os.umask(old_umask)
     await server.start()
 
-    sys.stdout.write(("" if at_line_start else "\n") + _handshake(app) + "\n")
+    sys.stdout.write(("" if at_line_start else "\n") + _handshake(app, concurrency) + "\n")
     sys.stdout.flush()
 
     await stop.wait()
@@ -551,7 +790,7 @@ async def _serve(app: App, args: argparse.Namespace, secret: str, at_line_start:
     # Returns once every stream has drained (or after the grace, cancelling
     # what is left).
     await server.stop(args.stop_grace)
-    executor.shutdown(wait=False, cancel_futures=True)
+    calls.shutdown()
     return 0
 
 
@@ -560,7 +799,7 @@ def _exit_if_threads_stuck(code: int) -> None:
     exit (it joins the call threads) for as long as the call runs."""
     threads = [t for t in threading.enumerate() if t.name.startswith(CALL_THREAD_PREFIX)]
     for thread in threads:
-        thread.join(0.5)  # idle ones end at once: the executor is shut down
+        thread.join(0.5)  # idle ones end at once: the call threads are shut down
     if any(thread.is_alive() for thread in threads):
         sys.stdout.flush()
         sys.stderr.flush()

@@ -151,19 +151,26 @@ func unaryCaller(conns []*grpc.ClientConn, function string, payload []byte) call
 	}
 }
 
-// streamClient drives one worker's Serve stream directly: the ceiling for
-// anything that forwards calls to the worker over that stream.
+// streamClient drives one worker's Batches stream directly, the way the
+// node does (frames ready together go in one message) with nothing else
+// around it: the ceiling for anything that forwards calls over that stream.
 type streamClient struct {
-	stream  workerpb.Worker_ServeClient
-	sendMu  sync.Mutex
+	stream  workerpb.Worker_BatchesClient
 	mu      sync.Mutex
 	pending map[uint64]chan *workerpb.Result
 	ids     atomic.Uint64
 	err     atomic.Pointer[error]
+
+	outMu      sync.Mutex
+	out        []*workerpb.Call
+	sending    bool
+	unanswered bool
+	held       bool
+	hold       *time.Timer
 }
 
 func openStream(ctx context.Context, conn *grpc.ClientConn) (*streamClient, error) {
-	st, err := workerpb.NewWorkerClient(conn).Serve(ctx)
+	st, err := workerpb.NewWorkerClient(conn).Batches(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -174,7 +181,7 @@ func openStream(ctx context.Context, conn *grpc.ClientConn) (*streamClient, erro
 
 func (s *streamClient) recv() {
 	for {
-		r, err := s.stream.Recv()
+		b, err := s.stream.Recv()
 		if err != nil {
 			s.err.Store(&err)
 			s.mu.Lock()
@@ -185,14 +192,83 @@ func (s *streamClient) recv() {
 			s.mu.Unlock()
 			return
 		}
-		s.mu.Lock()
-		ch := s.pending[r.Id]
-		delete(s.pending, r.Id)
-		s.mu.Unlock()
-		if ch != nil {
-			ch <- r
+		s.answered()
+		for _, r := range b.Results {
+			s.mu.Lock()
+			ch := s.pending[r.Id]
+			delete(s.pending, r.Id)
+			s.mu.Unlock()
+			if ch != nil {
+				ch <- r
+			}
 		}
 	}
+}
+
+// send sends c as the node sends frames (pool/worker.go): at once while
+// the worker has answered the last message, else held until it answers (or
+// for 2 ms at most) and sent with whatever else waits.
+func (s *streamClient) send(c *workerpb.Call) error {
+	s.outMu.Lock()
+	s.out = append(s.out, c)
+	if s.sending {
+		s.outMu.Unlock()
+		return nil
+	}
+	if s.unanswered {
+		if !s.held {
+			s.held = true
+			if s.hold == nil {
+				s.hold = time.AfterFunc(2*time.Millisecond, s.holdExpired)
+			} else {
+				s.hold.Reset(2 * time.Millisecond)
+			}
+		}
+		s.outMu.Unlock()
+		return nil
+	}
+	return s.flush()
+}
+
+func (s *streamClient) answered() {
+	s.outMu.Lock()
+	s.unanswered = false
+	if s.sending || len(s.out) == 0 {
+		s.outMu.Unlock()
+		return
+	}
+	_ = s.flush()
+}
+
+func (s *streamClient) holdExpired() {
+	s.outMu.Lock()
+	s.held = false
+	if s.sending || len(s.out) == 0 {
+		s.outMu.Unlock()
+		return
+	}
+	_ = s.flush()
+}
+
+// flush is called with outMu held and releases it.
+func (s *streamClient) flush() error {
+	s.sending = true
+	if s.held {
+		s.held = false
+		s.hold.Stop()
+	}
+	var err error
+	for len(s.out) > 0 && err == nil {
+		batch := &workerpb.CallBatch{Calls: s.out}
+		s.out = nil
+		s.unanswered = true
+		s.outMu.Unlock()
+		err = s.stream.Send(batch)
+		s.outMu.Lock()
+	}
+	s.sending = false
+	s.outMu.Unlock()
+	return err
 }
 
 func (s *streamClient) call(ch chan *workerpb.Result, function string, payload []byte) error {
@@ -203,10 +279,7 @@ func (s *streamClient) call(ch chan *workerpb.Result, function string, payload [
 	s.mu.Lock()
 	s.pending[id] = ch
 	s.mu.Unlock()
-	s.sendMu.Lock()
-	err := s.stream.Send(&workerpb.Call{Id: id, Function: function, Payload: payload})
-	s.sendMu.Unlock()
-	if err != nil {
+	if err := s.send(&workerpb.Call{Id: id, Function: function, Payload: payload}); err != nil {
 		return err
 	}
 	r, ok := <-ch

@@ -34,6 +34,11 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Batches = channel.stream_stream(
+                '/pyfleet.worker.v1.Worker/Batches',
+                request_serializer=worker__pb2.CallBatch.SerializeToString,
+                response_deserializer=worker__pb2.ResultBatch.FromString,
+                _registered_method=True)
         self.Serve = channel.stream_stream(
                 '/pyfleet.worker.v1.Worker/Serve',
                 request_serializer=worker__pb2.Call.SerializeToString,
@@ -49,9 +54,18 @@ class WorkerStub:
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Batches(self, request_iterator, context):
+        """Batches carries calls from the node and their results back, any number
+        of frames per message. Results of different calls interleave; frames of
+        one call arrive in order. This is the stream the node uses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Serve(self, request_iterator, context):
-        """Serve carries calls from the node and their results back. Results of
-        different calls interleave; frames of one call arrive in order.
+        """Serve is Batches with one frame per message: simpler for a client
+        written by hand, dearer per call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,6 +83,11 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Batches': grpc.stream_stream_rpc_method_handler(
+                    servicer.Batches,
+                    request_deserializer=worker__pb2.CallBatch.FromString,
+                    response_serializer=worker__pb2.ResultBatch.SerializeToString,
+            ),
             'Serve': grpc.stream_stream_rpc_method_handler(
                     servicer.Serve,
                     request_deserializer=worker__pb2.Call.FromString,
@@ -89,6 +108,33 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Batches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pyfleet.worker.v1.Worker/Batches',
+            worker__pb2.CallBatch.SerializeToString,
+            worker__pb2.ResultBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Serve(request_iterator,
