@@ -1,0 +1,1221 @@
+package test
+
+// The zero-orphan promise (SPEC section 6, issue 3), proven by killing
+// things: one test per row of the issue, each with a real poolnode, real
+// Python workers running test/apps/nasty.py, and real signals. Each test
+// names every process of the tree the node started by pid and start time
+// before the event, and after it checks (a) that each one is gone and no
+// process carries the node's marker any more, (b) that processes pyfleet did
+// not start survive (bystanders: a plain sleep and one carrying the marker
+// of a run the state dir does not know), and (c) which lifecycle events were
+// published.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"golang.org/x/sys/unix"
+
+	"github.com/pyfleet/pyfleet/lifecycle"
+)
+
+// nastyApp is the test app with the functions the rows need.
+func nastyApp() string { return filepath.Join(repoRoot, "test", "apps", "nasty.py") }
+
+// fnSubject is the subject that calls function fn of the pool "default".
+func fnSubject(fn string) string { return "pyfleet.req.default." + fn }
+
+// nodeSubject calls fn on one node only.
+func nodeSubject(node, fn string) string { return "pyfleet.node." + node + ".default." + fn }
+
+// request sends a call with a Pyfleet-Timeout of timeout and waits a little
+// longer than that for the answer.
+func request(nc *nats.Conn, subject, body string, timeout time.Duration) (*nats.Msg, error) {
+	msg := nats.NewMsg(subject)
+	msg.Data = []byte(body)
+	msg.Header.Set("Pyfleet-Timeout", strconv.FormatInt(timeout.Milliseconds(), 10))
+	return nc.RequestMsg(msg, timeout+5*time.Second)
+}
+
+// callOK calls subject, fails the test unless the answer is ok, and decodes
+// the answer into out (if not nil).
+func callOK(t *testing.T, nc *nats.Conn, subject, body string, out any) *nats.Msg {
+	t.Helper()
+	msg, err := request(nc, subject, body, 30*time.Second)
+	if err != nil {
+		t.Fatalf("%s %s: %v", subject, body, err)
+	}
+	if msg.Header.Get("Pyfleet-Status") != "ok" {
+		t.Fatalf("%s %s: %v %s", subject, body, msg.Header, msg.Data)
+	}
+	if out != nil {
+		if err := json.Unmarshal(msg.Data, out); err != nil {
+			t.Fatalf("%s: answer %q: %v", subject, msg.Data, err)
+		}
+	}
+	return msg
+}
+
+// Answers of the nasty app.
+type (
+	pidReply struct {
+		PID int `json:"pid"`
+	}
+	spawnReply struct {
+		PID   int `json:"pid"`
+		Child int `json:"child"`
+	}
+	setsidReply struct {
+		PID        int `json:"pid"`
+		Grandchild int `json:"grandchild"`
+	}
+	mpReply struct {
+		PID        int  `json:"pid"`
+		Child      int  `json:"child"`
+		Grandchild int  `json:"grandchild"`
+		New        bool `json:"new"`
+	}
+)
+
+// startTestNATS starts a real nats-server (JetStream on, stored in a temp
+// dir) owned by the test, killed in cleanup, and returns its URL. Nodes that
+// a test kills with SIGKILL run against it: an embedded server would die with
+// them, and with it the events of the node that starts next.
+func startTestNATS(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(repoRoot, ".tools", "bin", "nats-server")
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("no nats-server at %s: run `make tools` (make test does)", bin)
+	}
+	store := shortTempDir(t)
+	var lastErr error
+	for range 5 {
+		port, err := pickFreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+		cmd := exec.Command(bin, "-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", store)
+		out := &strings.Builder{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan struct{})
+		go func() {
+			_ = cmd.Wait()
+			close(exited)
+		}()
+		stop := func() {
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		deadline := time.Now().Add(15 * time.Second)
+		for time.Now().Before(deadline) {
+			select {
+			case <-exited:
+				lastErr = fmt.Errorf("nats-server exited: %s", out)
+			default:
+			}
+			if lastErr != nil {
+				break
+			}
+			nc, err := nats.Connect(url, nats.Timeout(time.Second))
+			if err == nil {
+				nc.Close()
+				t.Cleanup(stop)
+				return url
+			}
+			lastErr = nil
+			time.Sleep(20 * time.Millisecond)
+		}
+		stop()
+		if lastErr == nil {
+			lastErr = fmt.Errorf("nats-server on %s not ready after 15 s: %s", url, out)
+		}
+	}
+	t.Fatal(lastErr)
+	return ""
+}
+
+func pickFreePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// connectURL connects to a NATS server the test owns; the connection keeps
+// trying to reconnect rather than close, since nodes come and go.
+func connectURL(t *testing.T, url string) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(url, nats.Timeout(5*time.Second))
+	if err != nil {
+		t.Fatalf("connect to %s: %v", url, err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// onNATS returns o for a node that joins the NATS server at url.
+func onNATS(url string, o nodeOptions) nodeOptions {
+	o.extra = append(slices.Clip(o.extra), "--nats", url)
+	return o
+}
+
+// startSleeper starts `sleep 600` in a process group of its own, with env
+// added to the test's environment, and kills it in cleanup. pyfleet did not
+// start it, so nothing pyfleet does may kill it.
+func startSleeper(t *testing.T, env ...string) lifecycle.Identity {
+	t.Helper()
+	cmd := exec.Command("sleep", "600")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Unreaped until cleanup, so this pid cannot be reused meanwhile.
+	id, err := lifecycle.ReadIdentity(cmd.Process.Pid)
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// bystanders are processes pyfleet did not start: a plain sleep, and one
+// that carries pyfleet's worker marker for a run no state dir knows.
+type bystanders []lifecycle.Identity
+
+func startBystanders(t *testing.T) bystanders {
+	t.Helper()
+	fake := fmt.Sprintf("bystander%d/0badc0de", os.Getpid())
+	return bystanders{
+		startSleeper(t),
+		startSleeper(t, lifecycle.EnvWorkerRun+"="+fake, lifecycle.EnvWorkerID+"="+fake+"/w1-1", lifecycle.EnvWorkerSpawn+"=1"),
+	}
+}
+
+// assertAlive fails the test if a bystander was killed.
+func (b bystanders) assertAlive(t *testing.T) {
+	t.Helper()
+	for _, id := range b {
+		if !id.Alive() {
+			t.Errorf("bystander %v was killed; pyfleet did not start it", id)
+		}
+	}
+}
+
+// identify reads the identities of pids, failing the test if one is gone.
+func identify(t *testing.T, pids ...int) []lifecycle.Identity {
+	t.Helper()
+	out := make([]lifecycle.Identity, 0, len(pids))
+	for _, pid := range pids {
+		id, err := lifecycle.ReadIdentity(pid)
+		if err != nil || !id.Alive() {
+			t.Fatalf("pid %d is not running: %v", pid, err)
+		}
+		out = append(out, id)
+	}
+	return out
+}
+
+// aliveOf returns the identities in ids whose process still runs.
+func aliveOf(ids []lifecycle.Identity) []lifecycle.Identity {
+	var out []lifecycle.Identity
+	for _, id := range ids {
+		if id.Alive() {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// waitGone polls /proc until no process in ids runs, or timeout passes. It
+// returns how long that took and what is still running.
+func waitGone(ids []lifecycle.Identity, timeout time.Duration) (time.Duration, []lifecycle.Identity) {
+	start := time.Now()
+	for {
+		left := aliveOf(ids)
+		if len(left) == 0 || time.Since(start) > timeout {
+			return time.Since(start), left
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+}
+
+// assertGone fails the test unless every process in ids is gone within
+// timeout; what is left is killed so that it cannot leak into other tests.
+func assertGone(t *testing.T, what string, ids []lifecycle.Identity, timeout time.Duration) {
+	t.Helper()
+	if _, left := waitGone(ids, timeout); len(left) > 0 {
+		killIdentities(left)
+		t.Errorf("%s: %d processes still running after %s: %v", what, len(left), timeout, left)
+	}
+}
+
+// killIdentities kills processes that a failed test left, by pidfd after
+// checking the identity.
+func killIdentities(ids []lifecycle.Identity) {
+	for _, id := range ids {
+		p, err := os.FindProcess(id.PID)
+		if err != nil {
+			continue
+		}
+		if id.Alive() {
+			_ = p.Kill()
+		}
+		_ = p.Release()
+	}
+}
+
+// pidsOf lists the pids of ids.
+func pidsOf(ids []lifecycle.Identity) []int {
+	out := make([]int, len(ids))
+	for i, id := range ids {
+		out[i] = id.PID
+	}
+	slices.Sort(out)
+	return out
+}
+
+// runProcesses lists the live processes carrying the marker of one run of a node.
+func runProcesses(node, run string) []lifecycle.Identity {
+	return markedProcesses(lifecycle.EnvWorkerRun + "=" + node + "/" + run + "\x00")
+}
+
+// procInfo holds the fields of /proc/<pid>/stat the tests look at.
+type procInfo struct {
+	state           byte
+	ppid, pgrp, sid int
+}
+
+func readProcInfo(pid int) (procInfo, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return procInfo{}, err
+	}
+	end := strings.LastIndexByte(string(b), ')')
+	if end < 0 {
+		return procInfo{}, errors.New("bad stat")
+	}
+	f := strings.Fields(string(b[end+1:]))
+	if len(f) < 4 {
+		return procInfo{}, errors.New("bad stat")
+	}
+	var pi procInfo
+	pi.state = f[0][0]
+	pi.ppid, _ = strconv.Atoi(f[1])
+	pi.pgrp, _ = strconv.Atoi(f[2])
+	pi.sid, _ = strconv.Atoi(f[3])
+	return pi, nil
+}
+
+// workerPIDs lists the node's worker processes: its children that lead a
+// process group of their own. (A grandchild that called setsid and lost its
+// parent is the node's child too, as the node is a child subreaper, but it
+// does not lead its group.)
+func (n *nodeProc) workerPIDs() []int {
+	var out []int
+	for _, id := range n.processes() {
+		pi, err := readProcInfo(id.PID)
+		if err == nil && pi.ppid == n.cmd.Process.Pid && pi.pgrp == id.PID {
+			out = append(out, id.PID)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// tree names every live process the node started, and checks that want are
+// among them.
+func (n *nodeProc) tree(t *testing.T, want ...int) []lifecycle.Identity {
+	t.Helper()
+	ids := n.processes()
+	have := pidsOf(ids)
+	for _, pid := range want {
+		if !slices.Contains(have, pid) {
+			t.Fatalf("pid %d does not carry node %s's marker; the node's processes: %v", pid, n.name, have)
+		}
+	}
+	return ids
+}
+
+// killNine sends SIGKILL to the poolnode and returns the moment it did.
+func (n *nodeProc) killNine(t *testing.T) time.Time {
+	t.Helper()
+	at := time.Now()
+	if err := n.cmd.Process.Kill(); err != nil {
+		t.Fatalf("kill -9 %s: %v", n.name, err)
+	}
+	return at
+}
+
+// killNineWithHelpers sends SIGKILL to the poolnode and, first, to each of
+// its children that is not a worker (carries no worker marker): whatever
+// the node runs beside its workers dies with it, as when the OOM killer or a
+// cgroup kill takes them all. It returns the moment the node was killed.
+func (n *nodeProc) killNineWithHelpers(t *testing.T) time.Time {
+	t.Helper()
+	node := n.cmd.Process.Pid
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if pi, err := readProcInfo(pid); err != nil || pi.ppid != node {
+			continue
+		}
+		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil || strings.Contains(string(env), lifecycle.EnvWorkerRun+"=") {
+			continue
+		}
+		p, err := os.FindProcess(pid) // a pidfd: the signal reaches this process or none
+		if err != nil {
+			continue
+		}
+		// Our grandchild: its pid cannot be reused while the node, which
+		// has not reaped it, lives; the check after the pidfd closes the gap.
+		if pi, err := readProcInfo(pid); err == nil && pi.ppid == node {
+			t.Logf("kill -9 of the node's helper %d", pid)
+			_ = p.Kill()
+		}
+		_ = p.Release()
+	}
+	return n.killNine(t)
+}
+
+// waitTouch waits for a blocking nasty function to write its touch file and
+// returns the worker pid it wrote.
+func waitTouch(t *testing.T, path string, timeout time.Duration) int {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		b, err := os.ReadFile(path)
+		if err == nil {
+			var r pidReply
+			if err := json.Unmarshal(b, &r); err != nil {
+				t.Fatalf("%s: %q: %v", path, b, err)
+			}
+			return r.PID
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not written within %s: the call did not start", path, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// matching returns the events so far that match, in order.
+func matching(ev *events, match func(lifecycle.Event) bool) []lifecycle.Event {
+	ev.mu.Lock()
+	defer ev.mu.Unlock()
+	var out []lifecycle.Event
+	for _, e := range ev.got {
+		if match(e) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// firstIndex is the position of the first matching event, or -1.
+func firstIndex(ev *events, match func(lifecycle.Event) bool) int {
+	ev.mu.Lock()
+	defer ev.mu.Unlock()
+	for i, e := range ev.got {
+		if match(e) {
+			return i
+		}
+	}
+	return -1
+}
+
+// lastIndex is the position of the last matching event, or -1.
+func lastIndex(ev *events, match func(lifecycle.Event) bool) int {
+	ev.mu.Lock()
+	defer ev.mu.Unlock()
+	for i := len(ev.got) - 1; i >= 0; i-- {
+		if match(ev.got[i]) {
+			return i
+		}
+	}
+	return -1
+}
+
+func allOf(ms ...func(lifecycle.Event) bool) func(lifecycle.Event) bool {
+	return func(e lifecycle.Event) bool {
+		for _, m := range ms {
+			if !m(e) {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+func ofNode(node string) func(lifecycle.Event) bool {
+	return func(e lifecycle.Event) bool { return e.Node == node }
+}
+
+func withPID(pid int) func(lifecycle.Event) bool {
+	return func(e lifecycle.Event) bool { return e.PID == pid }
+}
+
+func terminatedFor(reason string) func(lifecycle.Event) bool {
+	return func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindTerminated && e.Reason == reason }
+}
+
+// runOf waits for the node_started event of the poolnode n and returns its run.
+func runOf(t *testing.T, ev *events, n *nodeProc) string {
+	t.Helper()
+	e := ev.waitFor(10*time.Second, allOf(kind(lifecycle.KindNodeStarted), ofNode(n.name), withPID(n.cmd.Process.Pid)))
+	if e.Run == "" {
+		t.Fatalf("node_started without a run: %+v", e)
+	}
+	return e.Run
+}
+
+// stopClean sends SIGTERM and expects exit status 0 and nothing left.
+func (n *nodeProc) stopClean(t *testing.T) {
+	t.Helper()
+	n.signal(syscall.SIGTERM)
+	if code := n.wait(60 * time.Second); code != 0 {
+		t.Fatalf("node %s: exit status %d after SIGTERM, want 0", n.name, code)
+	}
+	n.assertNoLeftovers(time.Second)
+}
+
+// Row 1: a clean stop with SIGTERM, and a second SIGTERM during the drain.
+func TestOrphansCleanStop(t *testing.T) {
+	by := startBystanders(t)
+
+	t.Run("SIGTERM", func(t *testing.T) {
+		n := startNode(t, nodeOptions{app: nastyApp(), workers: 2})
+		nc := n.connect()
+		ev := watchEvents(t, nc, "default")
+		var sp spawnReply
+		callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
+		var ss setsidReply
+		callOK(t, nc, fnSubject("setsid_sleep"), `{"how":"sh"}`, &ss)
+		workers := n.workerPIDs()
+		tree := n.tree(t, sp.Child, ss.Grandchild)
+		if len(workers) != 2 || len(tree) != 4 {
+			t.Fatalf("want 2 workers, a child and a setsid grandchild; have workers %v in %v", workers, pidsOf(tree))
+		}
+
+		n.signal(syscall.SIGTERM)
+		if code := n.wait(30 * time.Second); code != 0 {
+			t.Fatalf("exit status %d, want 0", code)
+		}
+		assertGone(t, "after the clean stop", tree, time.Second)
+		n.assertNoLeftovers(time.Second)
+
+		ev.waitFor(5*time.Second, kind(lifecycle.KindNodeStopped))
+		stopping := firstIndex(ev, kind(lifecycle.KindNodeStopping))
+		stopped := firstIndex(ev, kind(lifecycle.KindNodeStopped))
+		terminated := matching(ev, terminatedFor(lifecycle.ReasonStop))
+		var termPIDs []int
+		for _, e := range terminated {
+			termPIDs = append(termPIDs, e.PID)
+		}
+		slices.Sort(termPIDs)
+		if !slices.Equal(termPIDs, workers) {
+			t.Errorf("terminated(stop) for pids %v, want one per worker %v; events %v", termPIDs, workers, ev.kinds())
+		}
+		if stopping < 0 || stopping > firstIndex(ev, terminatedFor(lifecycle.ReasonStop)) ||
+			lastIndex(ev, terminatedFor(lifecycle.ReasonStop)) > stopped {
+			t.Errorf("want node_stopping, terminated(stop)..., node_stopped in that order; got %v", ev.kinds())
+		}
+		// The grandchild left the worker's group: the node found it by its
+		// marker, and every kill is an event.
+		if len(matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(ss.Grandchild)))) != 1 {
+			t.Errorf("no orphan_reaped event for the setsid grandchild %d: %v", ss.Grandchild, ev.kinds())
+		}
+		if c := ev.count(kind(lifecycle.KindCrashed)); c != 0 {
+			t.Errorf("%d crashed events on a clean stop: %v", c, ev.kinds())
+		}
+		by.assertAlive(t)
+	})
+
+	t.Run("second SIGTERM during the drain", func(t *testing.T) {
+		const grace = 10 * time.Second
+		n := startNode(t, nodeOptions{app: nastyApp(), workers: 2, extra: []string{"--shutdown-grace", grace.String()}})
+		nc := n.connect()
+		ev := watchEvents(t, nc, "default")
+		var sp spawnReply
+		callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
+		touch := filepath.Join(shortTempDir(t), "busy")
+		answered := make(chan error, 1)
+		go func() {
+			_, err := request(nc, fnSubject("sleep_ms"), fmt.Sprintf(`{"ms":60000,"touch":%q}`, touch), 120*time.Second)
+			answered <- err
+		}()
+		busy := waitTouch(t, touch, 30*time.Second)
+		workers := n.workerPIDs()
+		tree := n.tree(t, sp.Child, busy)
+		if len(workers) != 2 || len(tree) != 3 {
+			t.Fatalf("want 2 workers and a child; have workers %v in %v", workers, pidsOf(tree))
+		}
+
+		first := time.Now()
+		n.signal(syscall.SIGTERM)
+		ev.waitFor(10*time.Second, kind(lifecycle.KindNodeStopping))
+		// The long call holds the drain; the second signal ends it.
+		select {
+		case <-n.done:
+			t.Fatal("the node exited before the second signal: the long call did not hold the drain")
+		default:
+		}
+		n.signal(syscall.SIGTERM)
+		code := n.wait(30 * time.Second)
+		took := time.Since(first)
+		t.Logf("first SIGTERM to exit: %s (grace %s)", took.Round(time.Millisecond), grace)
+		if code != 0 {
+			t.Errorf("exit status %d, want 0", code)
+		}
+		if took > grace/2 {
+			t.Errorf("the node took %s to stop after a second signal; it should not wait for the %s grace", took, grace)
+		}
+		assertGone(t, "after the second signal", tree, time.Second)
+		n.assertNoLeftovers(time.Second)
+		ev.waitFor(5*time.Second, kind(lifecycle.KindNodeStopped))
+		if got := ev.count(terminatedFor(lifecycle.ReasonStop)); got != 2 {
+			t.Errorf("%d terminated(stop) events, want 2: %v", got, ev.kinds())
+		}
+		select {
+		case <-answered: // an error answer or a closed connection: either way, not a hang
+		case <-time.After(10 * time.Second):
+			t.Error("the caller of the long call still waits after the node exited")
+		}
+		by.assertAlive(t)
+	})
+}
+
+// Row 2: kill -9 of the poolnode with 8 workers, each with a multiprocessing
+// child and grandchild: all 24 gone within 1 s, without a restart.
+func TestOrphansKillNineNode(t *testing.T) {
+	const workers = 8
+	url := startTestNATS(t)
+	by := startBystanders(t)
+	nc := connectURL(t, url)
+	ev := watchEvents(t, nc, "default")
+	state := shortTempDir(t)
+	n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: workers, stateDir: state}))
+	run := runOf(t, ev, n)
+
+	// One tree per worker: each call keeps its worker busy a while, so
+	// concurrent calls land on different workers; once=true makes a worker
+	// that already has its tree answer without making another.
+	trees := map[int]mpReply{}
+	for round := 0; len(trees) < workers && round < 20; round++ {
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for range workers {
+			wg.Go(func() {
+				msg, err := request(nc, fnSubject("mp_tree"), `{"once":true,"hold_ms":300}`, 30*time.Second)
+				if err != nil || msg.Header.Get("Pyfleet-Status") != "ok" {
+					t.Errorf("mp_tree: %v %v", err, msgData(msg))
+					return
+				}
+				var r mpReply
+				if err := json.Unmarshal(msg.Data, &r); err != nil {
+					t.Errorf("mp_tree: %q: %v", msg.Data, err)
+					return
+				}
+				mu.Lock()
+				trees[r.PID] = r
+				mu.Unlock()
+			})
+		}
+		wg.Wait()
+		if t.Failed() {
+			t.FailNow()
+		}
+	}
+	if len(trees) != workers {
+		t.Fatalf("multiprocessing trees on %d workers, want %d", len(trees), workers)
+	}
+	var pids []int
+	for _, r := range trees {
+		pids = append(pids, r.PID, r.Child, r.Grandchild)
+	}
+	ids := identify(t, pids...)
+	tree := n.tree(t, pids...)
+	if len(tree) != 3*workers {
+		t.Fatalf("the node has %d processes, want %d: %v", len(tree), 3*workers, pidsOf(tree))
+	}
+
+	killed := n.killNine(t)
+	_, left := waitGone(ids, 10*time.Second)
+	took := time.Since(killed)
+	t.Logf("kill -9 of the node to the last of its %d processes gone: %s", len(ids), took.Round(100*time.Microsecond))
+	if len(left) > 0 {
+		killIdentities(left)
+		t.Fatalf("still running 10 s after the node's SIGKILL: %v", left)
+	}
+	if took > time.Second {
+		t.Errorf("the last process went %s after the node's SIGKILL, want within 1 s", took)
+	}
+	if left := runProcesses(n.name, run); len(left) > 0 {
+		t.Errorf("processes of the killed run still running: %v", left)
+	}
+	n.wait(10 * time.Second)
+
+	// A node that starts again on the state dir finds nothing to reap.
+	again := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 1, stateDir: state, name: n.name}))
+	run2 := runOf(t, ev, again)
+	ev.waitFor(30*time.Second, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady && e.Run == run2 })
+	if reaped := matching(ev, kind(lifecycle.KindOrphanReaped)); len(reaped) > 0 {
+		t.Errorf("the next node had orphans to reap; they outlived the node's SIGKILL: %+v", reaped)
+	}
+	again.stopClean(t)
+	by.assertAlive(t)
+}
+
+// Row 3: a worker that ignores SIGTERM, and workers stuck in a C-level
+// sleep (in a call thread, and on the event loop): a clean stop still ends
+// them, with SIGKILL after the worker stop grace.
+func TestOrphansStubbornWorkers(t *testing.T) {
+	by := startBystanders(t)
+	n := startNode(t, nodeOptions{app: nastyApp(), workers: 3, extra: []string{"--shutdown-grace", "1s"}})
+	nc := n.connect()
+	ev := watchEvents(t, nc, "default")
+	dir := shortTempDir(t)
+	block := func(fn string) int {
+		touch := filepath.Join(dir, fn)
+		go func() {
+			// Answered with an error when the node kills the worker, or
+			// cut off when the node exits.
+			_, _ = request(nc, fnSubject(fn), fmt.Sprintf(`{"touch":%q}`, touch), 120*time.Second)
+		}()
+		return waitTouch(t, touch, 30*time.Second)
+	}
+	// Each blocked call holds its worker's only slot, so the three calls
+	// land on three workers.
+	inThread := block("c_sleep")
+	onLoop := block("c_sleep_loop")
+	var ig pidReply
+	callOK(t, nc, fnSubject("ignore_sigterm"), `{}`, &ig)
+	workers := n.workerPIDs()
+	stubborn := []int{inThread, onLoop, ig.PID}
+	if slices.Sort(stubborn); !slices.Equal(stubborn, workers) {
+		t.Fatalf("want the three calls on the three workers %v, got %v", workers, stubborn)
+	}
+	if !ignores(t, ig.PID, syscall.SIGTERM) {
+		t.Fatalf("worker %d does not ignore SIGTERM", ig.PID)
+	}
+	tree := n.tree(t, workers...)
+
+	start := time.Now()
+	n.signal(syscall.SIGTERM)
+	code := n.wait(60 * time.Second)
+	t.Logf("SIGTERM to exit with three stubborn workers: %s", time.Since(start).Round(time.Millisecond))
+	if code != 0 {
+		t.Errorf("exit status %d, want 0", code)
+	}
+	assertGone(t, "after the clean stop", tree, time.Second)
+	n.assertNoLeftovers(time.Second)
+
+	ev.waitFor(5*time.Second, kind(lifecycle.KindNodeStopped))
+	for _, pid := range workers {
+		es := matching(ev, allOf(kind(lifecycle.KindTerminated), withPID(pid)))
+		if len(es) != 1 || es[0].Reason != lifecycle.ReasonStop || es[0].Signal != "SIGKILL" {
+			t.Errorf("worker %d: want one terminated event, reason stop, signal SIGKILL; got %+v", pid, es)
+		}
+	}
+	if c := ev.count(kind(lifecycle.KindCrashed)); c != 0 {
+		t.Errorf("%d crashed events: %v", c, ev.kinds())
+	}
+	by.assertAlive(t)
+}
+
+// ignores reports whether pid ignores sig (/proc/<pid>/status SigIgn).
+func ignores(t *testing.T, pid int, sig syscall.Signal) bool {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "SigIgn:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return mask&(1<<(uint(sig)-1)) != 0
+		}
+	}
+	t.Fatalf("no SigIgn in /proc/%d/status", pid)
+	return false
+}
+
+// Row 3: a worker that exits by itself: crashed with its exit code, then
+// restarted, and the replacement serves; its child goes with it.
+func TestOrphansWorkerExits(t *testing.T) {
+	by := startBystanders(t)
+	n := startNode(t, nodeOptions{app: nastyApp(), workers: 1})
+	nc := n.connect()
+	ev := watchEvents(t, nc, "default")
+	var sp spawnReply
+	callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
+	tree := n.tree(t, sp.PID, sp.Child)
+
+	msg, err := request(nc, fnSubject("exit_now"), `{"code":3}`, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code := msg.Header.Get("Nats-Service-Error-Code"); code != "500" || !strings.Contains(string(msg.Data), "WorkerLost") {
+		t.Errorf("the call whose worker exited got %v %s, want 500 WorkerLost", msg.Header, msg.Data)
+	}
+	crashed := ev.waitFor(10*time.Second, allOf(kind(lifecycle.KindCrashed), withPID(sp.PID)))
+	if crashed.ExitCode == nil || *crashed.ExitCode != 3 || crashed.Signal != "" {
+		t.Errorf("crashed event %+v, want exit code 3", crashed)
+	}
+	assertGone(t, "after the worker exited", tree, 5*time.Second)
+	restarted := ev.waitFor(30*time.Second, kind(lifecycle.KindRestarted))
+	if restarted.Worker != crashed.Worker || restarted.PID == sp.PID || restarted.PID == 0 {
+		t.Errorf("restarted event %+v after crashed %+v", restarted, crashed)
+	}
+	if firstIndex(ev, kind(lifecycle.KindCrashed)) > firstIndex(ev, kind(lifecycle.KindRestarted)) {
+		t.Errorf("restarted before crashed: %v", ev.kinds())
+	}
+	var p pidReply
+	callOK(t, nc, fnSubject("pid"), `{}`, &p)
+	if p.PID != restarted.PID {
+		t.Errorf("served by pid %d, want the replacement %d", p.PID, restarted.PID)
+	}
+	n.stopClean(t)
+	by.assertAlive(t)
+}
+
+// Row 4: a grandchild that called setsid and double-forked (two ways), then
+// kill -9 of the poolnode: gone at the latest when a node starts again on the
+// state dir, and its kill reported as an orphan_reaped event naming its pid,
+// its old node and its run. Killed alone, the node may leave helpers that act
+// on its death; killed with them (as the OOM killer or a cgroup kill would),
+// only the next node on the state dir is left to do it.
+func TestOrphansSetsidGrandchild(t *testing.T) {
+	url := startTestNATS(t)
+	by := startBystanders(t)
+	for _, tc := range []struct {
+		name    string
+		helpers bool
+	}{
+		{"kill -9 of the node", false},
+		{"kill -9 of the node and its helpers", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nc := connectURL(t, url)
+			ev := watchEvents(t, nc, "default")
+			state := shortTempDir(t)
+			n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 2, stateDir: state}))
+			run := runOf(t, ev, n)
+
+			var sh, fk setsidReply
+			callOK(t, nc, nodeSubject(n.name, "setsid_sleep"), `{"how":"sh"}`, &sh)
+			callOK(t, nc, nodeSubject(n.name, "setsid_sleep"), `{"how":"fork"}`, &fk)
+			var sp spawnReply
+			callOK(t, nc, nodeSubject(n.name, "spawn"), `{}`, &sp)
+			grandchildren := identify(t, sh.Grandchild, fk.Grandchild)
+			ourSession, _ := unix.Getsid(0)
+			for _, id := range grandchildren {
+				pi, err := readProcInfo(id.PID)
+				if err != nil || pi.sid == ourSession || pi.sid == id.PID {
+					t.Fatalf("grandchild %d: %+v %v; want a new session that it does not lead", id.PID, pi, err)
+				}
+			}
+			workers := identify(t, n.workerPIDs()...)
+			tree := n.tree(t, sh.Grandchild, fk.Grandchild, sp.Child)
+			if len(workers) != 2 || len(tree) != 5 {
+				t.Fatalf("want 2 workers, a child and two grandchildren; have workers %v in %v", pidsOf(workers), pidsOf(tree))
+			}
+			started, groups := startedBy(workers, tree)
+
+			if tc.helpers {
+				n.killNineWithHelpers(t)
+			} else {
+				n.killNine(t)
+			}
+			n.wait(10 * time.Second)
+			// The workers die with the node: the kernel sends their
+			// parent-death signal.
+			took, left := waitGone(workers, 5*time.Second)
+			if len(left) > 0 {
+				killIdentities(left)
+				t.Fatalf("workers still running 5 s after the node's SIGKILL: %v", left)
+			}
+			if took > time.Second {
+				t.Errorf("the workers went %s after the node's SIGKILL, want within 1 s", took)
+			}
+			waitGone(started, time.Second)
+			survivors := undoomed(started)
+			if len(survivors) > 0 {
+				t.Logf("1 s after the node's SIGKILL, still running: %v of the workers' children %v", pidsOf(survivors), pidsOf(started))
+			}
+
+			again := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 1, stateDir: state, name: n.name}))
+			// The sweep runs before the node serves, and its events come
+			// before the first worker's.
+			assertGone(t, "once a node started again on the state dir", tree, time.Second)
+			run2 := runOf(t, ev, again)
+			ev.waitFor(30*time.Second, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady && e.Run == run2 })
+			if left := runProcesses(n.name, run); len(left) > 0 {
+				t.Errorf("processes of the killed run still running: %v", left)
+			}
+			// Every kill is an event: published by the next node's reaper;
+			// or, for what the node's guardian killed as the node died
+			// (its NATS connection gone with it), logged on the node's
+			// stderr. Only a worker's lifeline, killing its own group as
+			// the node dies, leaves no event.
+			logged := n.loggedEvents()
+			for _, id := range started {
+				survived := slices.Contains(survivors, id)
+				es := matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(id.PID)))
+				where := "published"
+				if len(es) == 0 && !survived {
+					es = filterEvents(logged, allOf(kind(lifecycle.KindOrphanReaped), withPID(id.PID)))
+					where = "logged on the dead node's stderr, not published"
+				}
+				switch {
+				case len(es) == 0 && !survived && groups[id.PID]:
+					t.Logf("pid %d, in its worker's process group, died with the node without an event: its worker's lifeline killed the group", id.PID)
+				case len(es) == 0:
+					t.Errorf("pid %d (started by a worker) was killed, but no orphan_reaped event names it; published: %v", id.PID, ev.kinds())
+				case es[0].Node != n.name || es[0].Run != run:
+					t.Errorf("orphan_reaped for %d names node %q run %q, want %q %q", id.PID, es[0].Node, es[0].Run, n.name, run)
+				default:
+					t.Logf("orphan_reaped for pid %d %s: %s", id.PID, where, es[0].Detail)
+				}
+			}
+			reg, err := lifecycle.OpenRegistry(filepath.Join(state, "registry.db"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			recs, err := reg.List()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range recs {
+				if r.Run == run {
+					t.Errorf("the killed run's record is still there: %+v", r)
+				}
+			}
+			again.stopClean(t)
+			by.assertAlive(t)
+		})
+	}
+}
+
+// startedBy splits a node's tree: the processes its workers started, and
+// for each of those whether it is in a worker's process group.
+func startedBy(workers, tree []lifecycle.Identity) ([]lifecycle.Identity, map[int]bool) {
+	var started []lifecycle.Identity
+	inGroup := map[int]bool{}
+	for _, id := range tree {
+		if slices.Contains(workers, id) {
+			continue
+		}
+		started = append(started, id)
+		if pi, err := readProcInfo(id.PID); err == nil && slices.Contains(pidsOf(workers), pi.pgrp) {
+			inGroup[id.PID] = true
+		}
+	}
+	return started, inGroup
+}
+
+// undoomed returns the processes in ids that run and have no SIGKILL
+// pending: nothing already sent will end them.
+func undoomed(ids []lifecycle.Identity) []lifecycle.Identity {
+	var out []lifecycle.Identity
+	for _, id := range aliveOf(ids) {
+		if !killPending(id.PID) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// killPending reports whether a SIGKILL waits for pid (for one of its
+// threads or the whole process).
+func killPending(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return false
+	}
+	for line := range strings.Lines(string(b)) {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok || k != "SigPnd" && k != "ShdPnd" {
+			continue
+		}
+		if mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64); err == nil && mask&(1<<(uint(syscall.SIGKILL)-1)) != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// loggedEvents returns the lifecycle events the node's log holds as JSON
+// lines of their own (what its guardian reports after the node died).
+func (n *nodeProc) loggedEvents() []lifecycle.Event {
+	var out []lifecycle.Event
+	for line := range strings.Lines(n.log()) {
+		var e lifecycle.Event
+		if json.Unmarshal([]byte(line), &e) == nil && e.Kind != "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func filterEvents(es []lifecycle.Event, match func(lifecycle.Event) bool) []lifecycle.Event {
+	var out []lifecycle.Event
+	for _, e := range es {
+		if match(e) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// Row 5: a registry record whose pid now belongs to a process pyfleet did not
+// start (PID reuse, simulated by a fake record of a dead run): that process
+// survives the next node's sweep, and the record goes.
+func TestOrphansPIDReuse(t *testing.T) {
+	url := startTestNATS(t)
+	by := startBystanders(t)
+	nc := connectURL(t, url)
+	ev := watchEvents(t, nc, "default")
+	state := shortTempDir(t)
+
+	reused := startSleeper(t)   // holds a recorded pid, with another start time
+	rebooted := startSleeper(t) // holds a recorded pid and start time, of another boot
+	control := startSleeper(t)  // matches its record: the sweep must kill it
+	ghost := fmt.Sprintf("ghost%d", os.Getpid())
+	const deadRun = "deadrun"
+	rec := func(worker string, id lifecycle.Identity) lifecycle.Record {
+		return lifecycle.Record{Node: ghost, Run: deadRun, Worker: worker, Pool: "default",
+			PID: id.PID, PGID: id.PID, StartTime: id.StartTime, BootID: id.BootID, State: lifecycle.StateRunning}
+	}
+	stale := reused
+	stale.StartTime++
+	otherBoot := rebooted
+	otherBoot.BootID = "00000000-0000-0000-0000-000000000000"
+	reg, err := lifecycle.OpenRegistry(filepath.Join(state, "registry.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []lifecycle.Record{rec("w1-1", stale), rec("w2-2", otherBoot), rec("w3-3", control)} {
+		if err := reg.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 1, stateDir: state}))
+	run := runOf(t, ev, n)
+	// The sweep runs before the first worker starts: its events come first.
+	ev.waitFor(30*time.Second, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady && e.Run == run })
+
+	for _, id := range []lifecycle.Identity{reused, rebooted} {
+		if !id.Alive() {
+			t.Errorf("pid %d was killed on a record whose identity does not match it", id.PID)
+		}
+	}
+	assertGone(t, "the process that matched its record", []lifecycle.Identity{control}, 2*time.Second)
+	reaped := matching(ev, kind(lifecycle.KindOrphanReaped))
+	if len(reaped) != 1 || reaped[0].PID != control.PID || reaped[0].Node != ghost || reaped[0].Run != deadRun {
+		t.Errorf("orphan_reaped events %+v, want exactly one, for the control %d of %s/%s", reaped, control.PID, ghost, deadRun)
+	}
+	recs, err := reg.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs {
+		if r.Node == ghost {
+			t.Errorf("the dead run's record is still there: %+v", r)
+		}
+	}
+	n.stopClean(t)
+	by.assertAlive(t)
+}
+
+// Row 6: two nodes on one machine and one state dir; kill -9 one. The other's
+// workers all survive and serve, and its reaper reaps only what the dead one
+// left.
+func TestOrphansTwoNodesOneStateDir(t *testing.T) {
+	url := startTestNATS(t)
+	by := startBystanders(t)
+	nc := connectURL(t, url)
+	ev := watchEvents(t, nc, "default")
+	state := shortTempDir(t)
+	base := fmt.Sprintf("t%d-two", os.Getpid())
+	a := startNode(t, onNATS(url, nodeOptions{name: base + "-a", app: nastyApp(), workers: 2, stateDir: state}))
+	b := startNode(t, onNATS(url, nodeOptions{name: base + "-b", app: nastyApp(), workers: 2, stateDir: state}))
+	runA := runOf(t, ev, a)
+
+	// Each node gets a child in a worker's group and a setsid grandchild.
+	var aSetsid, bSetsid setsidReply
+	var aSpawn, bSpawn spawnReply
+	callOK(t, nc, nodeSubject(a.name, "setsid_sleep"), `{}`, &aSetsid)
+	callOK(t, nc, nodeSubject(a.name, "spawn"), `{}`, &aSpawn)
+	callOK(t, nc, nodeSubject(b.name, "setsid_sleep"), `{}`, &bSetsid)
+	callOK(t, nc, nodeSubject(b.name, "spawn"), `{}`, &bSpawn)
+	workersA := identify(t, a.workerPIDs()...)
+	treeA := a.tree(t, aSetsid.Grandchild, aSpawn.Child)
+	startedA, groupsA := startedBy(workersA, treeA)
+	treeB := b.tree(t, bSetsid.Grandchild, bSpawn.Child)
+	workersB := b.workerPIDs()
+	if len(treeA) != 4 || len(treeB) != 4 || len(workersB) != 2 {
+		t.Fatalf("node a has %v, node b %v (workers %v); want 2 workers, a child and a grandchild each",
+			pidsOf(treeA), pidsOf(treeB), workersB)
+	}
+
+	// Node a dies with its helpers (its guardian would otherwise kill
+	// what its workers started, and leave the survivor nothing to reap).
+	a.killNineWithHelpers(t)
+	a.wait(10 * time.Second)
+	if _, left := waitGone(workersA, 5*time.Second); len(left) > 0 {
+		killIdentities(left)
+		t.Fatalf("workers of the killed node still running 5 s after its SIGKILL: %v", left)
+	}
+	// What a's workers started is left for the survivor's reaper, which
+	// sweeps the state dir every 10 s; only a worker's lifeline may have
+	// killed its own group as the node died.
+	leftA := undoomed(startedA)
+	if !slices.ContainsFunc(leftA, func(id lifecycle.Identity) bool { return id.PID == aSetsid.Grandchild }) {
+		t.Fatalf("the setsid grandchild %d of the killed node died with it; nothing left to test the survivor's reaper with", aSetsid.Grandchild)
+	}
+	for _, id := range startedA {
+		if !slices.Contains(leftA, id) {
+			t.Logf("pid %d (in a worker's group: %v) died with node a: its worker's lifeline killed the group", id.PID, groupsA[id.PID])
+		}
+	}
+	for _, id := range leftA {
+		e := ev.waitFor(30*time.Second, allOf(kind(lifecycle.KindOrphanReaped), withPID(id.PID)))
+		if e.Node != a.name || e.Run != runA {
+			t.Errorf("orphan_reaped for %d names %q/%q, want %q/%q", e.PID, e.Node, e.Run, a.name, runA)
+		}
+	}
+	assertGone(t, "the dead node's processes", treeA, time.Second)
+	if left := a.processes(); len(left) > 0 {
+		t.Errorf("the dead node's processes still running: %v", left)
+	}
+
+	// Every process of the survivor is the one it was: same pid, same start time.
+	for _, id := range treeB {
+		if !id.Alive() {
+			t.Errorf("the surviving node lost %v", id)
+		}
+	}
+	seen := map[int]bool{}
+	for range 8 {
+		var p pidReply
+		msg := callOK(t, nc, fnSubject("pid"), `{}`, &p)
+		if msg.Header.Get("Pyfleet-Node") != b.name || !slices.Contains(workersB, p.PID) {
+			t.Errorf("served by node %q pid %d, want node %s, one of %v", msg.Header.Get("Pyfleet-Node"), p.PID, b.name, workersB)
+		}
+		seen[p.PID] = true
+	}
+	for _, e := range matching(ev, kind(lifecycle.KindOrphanReaped)) {
+		if e.Node != a.name || slices.Contains(pidsOf(treeB), e.PID) {
+			t.Errorf("the reaper killed what is not the dead node's: %+v", e)
+		}
+	}
+	for _, k := range []string{lifecycle.KindCrashed, lifecycle.KindTerminated, lifecycle.KindRestarted} {
+		if es := matching(ev, allOf(kind(k), ofNode(b.name))); len(es) > 0 {
+			t.Errorf("the surviving node's workers were disturbed: %+v", es)
+		}
+	}
+
+	b.stopClean(t)
+	assertGone(t, "the surviving node's processes after its stop", treeB, time.Second)
+	by.assertAlive(t)
+}
+
+// Row 7: a worker killed with SIGKILL mid-request: the caller gets 500
+// WorkerLost at once, not at its deadline; crashed, then restarted; what
+// the worker started goes with it.
+func TestOrphansWorkerKilledMidRequest(t *testing.T) {
+	by := startBystanders(t)
+	n := startNode(t, nodeOptions{app: nastyApp(), workers: 1})
+	nc := n.connect()
+	ev := watchEvents(t, nc, "default")
+	var sp spawnReply
+	callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
+	var ss setsidReply
+	callOK(t, nc, fnSubject("setsid_sleep"), `{}`, &ss)
+	tree := n.tree(t, sp.PID, sp.Child, ss.Grandchild)
+	worker := identify(t, sp.PID)[0]
+
+	touch := filepath.Join(shortTempDir(t), "busy")
+	const deadline = 30 * time.Second
+	type answer struct {
+		msg *nats.Msg
+		err error
+		at  time.Time
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		msg, err := request(nc, fnSubject("sleep_ms"), fmt.Sprintf(`{"ms":60000,"touch":%q}`, touch), deadline)
+		answered <- answer{msg, err, time.Now()}
+	}()
+	if busy := waitTouch(t, touch, 30*time.Second); busy != worker.PID {
+		t.Fatalf("the call runs on %d, want the worker %d", busy, worker.PID)
+	}
+	killed := time.Now()
+	killIdentities([]lifecycle.Identity{worker})
+
+	select {
+	case a := <-answered:
+		if a.err != nil {
+			t.Fatalf("the caller got %v, want an error answer", a.err)
+		}
+		t.Logf("the caller's answer came %s after the worker's SIGKILL", a.at.Sub(killed).Round(time.Millisecond))
+		if code := a.msg.Header.Get("Nats-Service-Error-Code"); code != "500" || !strings.Contains(string(a.msg.Data), "WorkerLost") {
+			t.Errorf("answer %v %s, want 500 WorkerLost", a.msg.Header, a.msg.Data)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("no answer 5 s after the worker's SIGKILL (the deadline is %s)", deadline)
+	}
+	crashed := ev.waitFor(10*time.Second, kind(lifecycle.KindCrashed))
+	if crashed.PID != worker.PID || crashed.Signal != "SIGKILL" {
+		t.Errorf("crashed event %+v, want pid %d, SIGKILL", crashed, worker.PID)
+	}
+	assertGone(t, "the killed worker's tree", tree, 5*time.Second)
+	if e := matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(ss.Grandchild))); len(e) != 1 {
+		t.Errorf("want one orphan_reaped for the setsid grandchild %d: %v", ss.Grandchild, ev.kinds())
+	}
+	restarted := ev.waitFor(30*time.Second, kind(lifecycle.KindRestarted))
+	if restarted.Worker != crashed.Worker || restarted.PID == worker.PID {
+		t.Errorf("restarted %+v after crashed %+v", restarted, crashed)
+	}
+	if firstIndex(ev, kind(lifecycle.KindCrashed)) > firstIndex(ev, kind(lifecycle.KindRestarted)) {
+		t.Errorf("restarted before crashed: %v", ev.kinds())
+	}
+	var p pidReply
+	callOK(t, nc, fnSubject("pid"), `{}`, &p)
+	if p.PID != restarted.PID {
+		t.Errorf("served by %d, want the replacement %d", p.PID, restarted.PID)
+	}
+	n.stopClean(t)
+	by.assertAlive(t)
+}
