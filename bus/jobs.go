@@ -799,13 +799,23 @@ func (j *Jobs) storeResult(id string, seq uint64, m *nats.Msg) error {
 	// The job's stream sequence makes the id unique per submission and the
 	// same across redeliveries, so a second store of one run is dropped.
 	m.Header[HeaderMsgID] = []string{id + ":" + strconv.FormatUint(seq, 10)}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err := j.js.PublishMsg(ctx, m)
-	if errors.Is(err, nats.ErrMaxPayload) {
-		return call.Errorf(call.CodeTooLarge, TypeTooLarge, "result of %d bytes is over the limit of %d bytes", len(m.Data), j.nc.MaxPayload())
+	// A stream electing a leader (its server died) stores nothing for a
+	// few seconds. Sending again is harmless (the Nats-Msg-Id above) and
+	// better than running the job again; the lease is kept meanwhile.
+	giveUp := time.Now().Add(j.cfg.AckWait)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_, err := j.js.PublishMsg(ctx, m)
+		cancel()
+		if errors.Is(err, nats.ErrMaxPayload) {
+			return call.Errorf(call.CodeTooLarge, TypeTooLarge, "result of %d bytes is over the limit of %d bytes", len(m.Data), j.nc.MaxPayload())
+		}
+		if err == nil || errors.Is(err, nats.ErrConnectionClosed) || time.Now().After(giveUp) {
+			return err
+		}
+		j.log.Warn("cannot store result yet; trying again", zap.String("job", id), zap.Error(err))
+		time.Sleep(500 * time.Millisecond)
 	}
-	return err
 }
 
 // forward sends the result to the job's Pyfleet-Reply-To, if any. Core NATS:
