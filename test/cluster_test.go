@@ -360,16 +360,17 @@ func TestClusterRequestsSpreadAndFailOver(t *testing.T) {
 		onVictim := startedOn(t, dir, victim.name)
 		t.Logf("killed %s with calls %v running on it", victim.name, onVictim)
 
-		// Later calls succeed on the others.
-		for i := range 30 {
-			m, err := nc.Request("pyfleet.req.default.echo", []byte(fmt.Sprint(i)), 10*time.Second)
-			if err != nil {
-				t.Fatalf("call %d after the kill: %v", i, err)
+		t.Run("later calls succeed on the others", func(t *testing.T) {
+			for i := range 30 {
+				m, err := nc.Request("pyfleet.req.default.echo", []byte(fmt.Sprint(i)), 10*time.Second)
+				if err != nil {
+					t.Fatalf("call %d after the kill: %v", i, err)
+				}
+				if m.Header.Get(bus.HeaderStatus) != bus.StatusOK || m.Header.Get(bus.HeaderNode) == victim.name {
+					t.Fatalf("call %d after the kill: %v %s", i, m.Header, m.Data)
+				}
 			}
-			if m.Header.Get(bus.HeaderStatus) != bus.StatusOK || m.Header.Get(bus.HeaderNode) == victim.name {
-				t.Fatalf("call %d after the kill: %v %s", i, m.Header, m.Data)
-			}
-		}
+		})
 
 		var failed []outcome
 		for range inFlight {
@@ -391,17 +392,24 @@ func TestClusterRequestsSpreadAndFailOver(t *testing.T) {
 				t.Errorf("call c%d failed without a message", o.i)
 			}
 		}
-		// Fail fast: well before the deadline, not at it.
-		var slow []string
-		for _, o := range failed {
-			if after := o.ended.Sub(killed); after > deadline/3 {
-				slow = append(slow, fmt.Sprintf("c%d after %s", o.i, after.Round(time.Millisecond)))
+		t.Run("in-flight calls fail fast", func(t *testing.T) {
+			// Well before the deadline, not at it. A SIGKILLed node
+			// answers nothing and core NATS tells the requester nothing,
+			// so this needs the product to tell the client which node
+			// holds its call and that the node is gone (or to keep the
+			// call alive with heartbeats); as this is written it does
+			// not, and the calls wait out their deadline.
+			var slow []string
+			for _, o := range failed {
+				if after := o.ended.Sub(killed); after > deadline/3 {
+					slow = append(slow, fmt.Sprintf("c%d after %s", o.i, after.Round(time.Millisecond)))
+				}
 			}
-		}
-		if len(slow) > 0 {
-			t.Errorf("calls in flight on the killed node did not fail fast: %d of %d failed only at their %s deadline (%v) instead of "+
-				"within %s of the kill with an error naming the lost node", len(slow), len(failed), deadline, slow, deadline/3)
-		}
+			if len(slow) > 0 {
+				t.Errorf("calls in flight on the killed node did not fail fast: %d of %d failed only at their %s deadline (%v) instead of "+
+					"within %s of the kill with an error naming the lost node", len(slow), len(failed), deadline, slow, deadline/3)
+			}
+		})
 	})
 }
 
