@@ -275,10 +275,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		return fail(fmt.Errorf("worker %s sent no handshake within %s", name, p.cfg.StartTimeout))
 	}
 
-	conn, err := grpc.NewClient("unix:"+sock,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithPerRPCCredentials(secretCreds(secret)),
-	)
+	conn, err := grpc.NewClient("unix:"+sock, workerDialOptions(secret)...)
 	if err != nil {
 		return fail(fmt.Errorf("worker %s: dial: %w", name, err))
 	}
@@ -544,6 +541,23 @@ func (w *worker) stoppedFor() string {
 		return *r
 	}
 	return ""
+}
+
+// workerDialOptions are how the node dials a worker.
+func workerDialOptions(secret string) []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithPerRPCCredentials(secretCreds(secret)),
+		// Fixed flow-control windows: otherwise gRPC estimates the
+		// bandwidth-delay product by pinging the worker after the data it
+		// gets, frames that Python's gRPC pays for about as much as a
+		// message. A Unix socket needs no estimate.
+		grpc.WithInitialWindowSize(4 << 20),
+		grpc.WithInitialConnWindowSize(16 << 20),
+		// Connections share write buffers while idle: with many workers
+		// those buffers are much of the node's memory.
+		grpc.WithSharedWriteBuffer(true),
+	}
 }
 
 // secretCreds puts the worker's secret on every RPC. The socket is already

@@ -762,6 +762,10 @@ async def _serve(app: App, args: argparse.Namespace, secret: str, at_line_start:
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # No bandwidth-delay probes: each is a ping frame that costs
+            # this process about as much as a message, on a Unix socket
+            # where the node sets fixed windows anyway.
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     servicer = _Servicer(app, calls, concurrency)

@@ -367,7 +367,15 @@ func (h *harness) bare(ctx context.Context, n int) (time.Duration, error) {
 	var next atomic.Int64
 	var firstErr atomic.Pointer[error]
 	var wg sync.WaitGroup
+	var ru0 syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru0)
 	start := time.Now()
+	defer func() {
+		var ru syscall.Rusage
+		_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru)
+		cpu := time.Duration(ru.Utime.Nano()+ru.Stime.Nano()-ru0.Utime.Nano()-ru0.Stime.Nano()) * time.Nanosecond
+		h.logf("bare x%d: CPU %.2f s", n, cpu.Seconds())
+	}()
 	for range runtime.NumCPU() {
 		wg.Go(func() {
 			for next.Add(1) <= int64(n) && ctx.Err() == nil {
@@ -425,8 +433,15 @@ func (h *harness) nodeLife(ctx context.Context, nc *nats.Conn, url string, size,
 		}
 	}
 	took := time.Since(start)
+	nodeCPU, _ := cpuTime(n.p.pid())
+	var workersCPU time.Duration
+	for _, pid := range n.workers() {
+		d, _ := cpuTime(pid)
+		workersCPU += d
+	}
 	h.res.addValue(fmt.Sprintf("start%d/pyfleet", size), took.Seconds())
-	h.logf("start %d round %d: node ready with %d workers in %.2f s", size, round+1, size, took.Seconds())
+	h.logf("start %d round %d: node ready with %d workers in %.2f s (CPU: poolnode %.2f s, workers %.2f s)",
+		size, round+1, size, took.Seconds(), nodeCPU.Seconds(), workersCPU.Seconds())
 
 	if err := n.waitServing(ctx, time.Minute); err != nil {
 		return fmt.Errorf("node with %d workers: %w", size, err)

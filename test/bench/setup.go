@@ -239,9 +239,13 @@ func (h *harness) startWorker(ctx context.Context, short string, concurrency int
 	case <-ctx.Done():
 		return fail(ctx.Err())
 	}
+	// The node's dial options (pool/worker.go workerDialOptions).
 	conn, err := grpc.NewClient("unix:"+sock,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithPerRPCCredentials(secretCreds(secret)))
+		grpc.WithPerRPCCredentials(secretCreds(secret)),
+		grpc.WithInitialWindowSize(4<<20),
+		grpc.WithInitialConnWindowSize(16<<20),
+		grpc.WithSharedWriteBuffer(true))
 	if err != nil {
 		return fail(err)
 	}
