@@ -697,25 +697,40 @@ func TestOrphansKillNineNode(t *testing.T) {
 // them, with SIGKILL after the worker stop grace.
 func TestOrphansStubbornWorkers(t *testing.T) {
 	by := startBystanders(t)
-	n := startNode(t, nodeOptions{app: nastyApp(), workers: 3, extra: []string{"--shutdown-grace", "1s"}})
+	// Two calls per worker: a sync call then runs in a call thread, not
+	// inline on the worker's event loop.
+	n := startNode(t, nodeOptions{app: nastyApp(), workers: 3, extra: []string{"--shutdown-grace", "1s", "--concurrency", "2"}})
 	nc := n.connect()
 	ev := watchEvents(t, nc, "default")
 	dir := shortTempDir(t)
+	// A new session goes to the worker with the fewest calls in flight, so
+	// each of these lands on a worker of its own.
+	session := func(fn, body string) (*nats.Msg, error) {
+		msg := nats.NewMsg(fnSubject(fn))
+		msg.Data = []byte(body)
+		msg.Header.Set("Pyfleet-Timeout", "120000")
+		msg.Header.Set("Pyfleet-Session", fn)
+		return nc.RequestMsg(msg, 125*time.Second)
+	}
 	block := func(fn string) int {
 		touch := filepath.Join(dir, fn)
 		go func() {
 			// Answered with an error when the node kills the worker, or
 			// cut off when the node exits.
-			_, _ = request(nc, fnSubject(fn), fmt.Sprintf(`{"touch":%q}`, touch), 120*time.Second)
+			_, _ = session(fn, fmt.Sprintf(`{"touch":%q}`, touch))
 		}()
 		return waitTouch(t, touch, 30*time.Second)
 	}
-	// Each blocked call holds its worker's only slot, so the three calls
-	// land on three workers.
-	inThread := block("c_sleep")
-	onLoop := block("c_sleep_loop")
+	inThread := block("c_sleep")    // a call thread in C; the loop still sees SIGTERM
+	onLoop := block("c_sleep_loop") // the event loop itself in C: SIGTERM never handled
+	msg, err := session("ignore_sigterm", `{}`)
+	if err != nil || msg.Header.Get("Pyfleet-Status") != "ok" {
+		t.Fatalf("ignore_sigterm: %v %s", err, msgData(msg))
+	}
 	var ig pidReply
-	callOK(t, nc, fnSubject("ignore_sigterm"), `{}`, &ig)
+	if err := json.Unmarshal(msg.Data, &ig); err != nil {
+		t.Fatal(err)
+	}
 	workers := n.workerPIDs()
 	stubborn := []int{inThread, onLoop, ig.PID}
 	if slices.Sort(stubborn); !slices.Equal(stubborn, workers) {
@@ -723,6 +738,12 @@ func TestOrphansStubbornWorkers(t *testing.T) {
 	}
 	if !ignores(t, ig.PID, syscall.SIGTERM) {
 		t.Fatalf("worker %d does not ignore SIGTERM", ig.PID)
+	}
+	if th := touchThread(t, filepath.Join(dir, "c_sleep")); !strings.HasPrefix(th, "pyfleet-call") {
+		t.Fatalf("c_sleep runs on thread %q, want a call thread", th)
+	}
+	if th := touchThread(t, filepath.Join(dir, "c_sleep_loop")); th != "MainThread" {
+		t.Fatalf("c_sleep_loop runs on thread %q, want the event loop's MainThread", th)
 	}
 	tree := n.tree(t, workers...)
 
@@ -747,6 +768,22 @@ func TestOrphansStubbornWorkers(t *testing.T) {
 		t.Errorf("%d crashed events: %v", c, ev.kinds())
 	}
 	by.assertAlive(t)
+}
+
+// touchThread is the thread that ran a call, as its touch file says.
+func touchThread(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Thread string `json:"thread"`
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		t.Fatalf("%s: %q: %v", path, b, err)
+	}
+	return r.Thread
 }
 
 // ignores reports whether pid ignores sig (/proc/<pid>/status SigIgn).

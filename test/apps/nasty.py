@@ -3,19 +3,21 @@ to a process supervisor on a bad day.
 
 Every function answers with the pids it made, so a test can name each
 process by pid and start time and check, after a stop or a kill, that each
-one is gone. Functions that block write {"pid": <worker pid>} to the file
-named by payload["touch"] first, so a test knows the call is running
+one is gone. Functions that block write {"pid": <worker pid>, "thread": ...}
+to the file named by payload["touch"] first, so a test knows the call is running
 without sleeping.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -37,13 +39,14 @@ def _arg(payload: Any, key: str, default: Any) -> Any:
 
 
 def _touch(payload: Any) -> None:
-    """Writes {"pid": ...} to payload["touch"], atomically, if given."""
+    """Writes {"pid": ..., "thread": ...} to payload["touch"], atomically,
+    if given: the worker's pid and the thread that runs the call."""
     path = _arg(payload, "touch", None)
     if not path:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write('{"pid":%d}' % os.getpid())
+        json.dump({"pid": os.getpid(), "thread": threading.current_thread().name}, f)
     os.rename(tmp, path)
 
 
@@ -188,8 +191,9 @@ async def ignore_sigterm(payload: Any) -> dict[str, int]:
 
 @app.function
 def c_sleep(payload: Any) -> None:
-    """Blocks a call thread in C for good: a signal only interrupts one
-    sleep(3), and the loop goes straight back in."""
+    """Blocks the call in C for good: a signal only interrupts one sleep(3),
+    and the loop goes straight back in. A sync call: in a call thread with
+    --concurrency above 1, inline on the event loop otherwise."""
     _touch(payload)
     while True:
         _libc.sleep(3600)
