@@ -402,6 +402,15 @@ func (w *worker) begin(c *workerpb.Call) (<-chan *workerpb.Result, error) {
 // message before it is sent anyway (see send).
 const maxHold = 2 * time.Millisecond
 
+// batchBytes bounds the payload bytes of one CallBatch (which holds at
+// least one frame): batching is for small frames.
+const batchBytes = 1 << 20
+
+// maxMessageBytes is the largest message the node takes from a worker: the
+// worker's own limit (python/pyfleet/worker.py), plus room for a batch's
+// other frames.
+const maxMessageBytes = 65 << 20
+
 // send queues c to be sent and sees that it is. In Python each gRPC message
 // costs the worker far more than the frames in it, so frames travel
 // together when they can, without making a lone one wait:
@@ -470,9 +479,14 @@ func (w *worker) flush() error {
 	}
 	var err error
 	for len(w.out) > 0 {
-		// A fresh slice each time: gRPC may still hold the last message.
-		batch := &workerpb.CallBatch{Calls: w.out}
-		w.out = make([]*workerpb.Call, 0, cap(w.out))
+		n, size := 0, 0
+		for n < len(w.out) && (n == 0 || size+len(w.out[n].Payload) <= batchBytes) {
+			size += len(w.out[n].Payload)
+			n++
+		}
+		// Fresh slices: gRPC may still hold the last message.
+		batch := &workerpb.CallBatch{Calls: w.out[:n:n]}
+		w.out = append(make([]*workerpb.Call, 0, max(cap(w.out), 1)), w.out[n:]...)
 		w.unanswered = true
 		w.outMu.Unlock()
 		w.sendMu.Lock()
@@ -557,6 +571,7 @@ func workerDialOptions(secret string) []grpc.DialOption {
 		// Connections share write buffers while idle: with many workers
 		// those buffers are much of the node's memory.
 		grpc.WithSharedWriteBuffer(true),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessageBytes)),
 	}
 }
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import functools
-import hmac
 import importlib
 import io
 import json
@@ -33,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from _operator import _compare_digest  # hmac.compare_digest, without importing hashlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
@@ -70,6 +69,10 @@ CHUNK_WINDOW = 256
 # busy with its last message (to send them together), and this tells it the
 # worker is free to read again (its calls are long ones).
 ACK_AFTER_S = 0.0002
+# A ResultBatch holds frames up to about this many payload bytes (and at
+# least one frame): batching is for small frames, and the node's limit on a
+# message must hold for the batch, not only for each frame.
+BATCH_BYTES = 1 << 20
 # The node enforces its own limit (413); this one only has to be above it.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -376,12 +379,14 @@ class _Stream:
                 frames: list[Result] = []
                 releases: list[Callable[[], None]] = []
                 end = False
-                while out:
+                size = 0
+                while out and size < BATCH_BYTES:
                     frame, release = out.popleft()
                     if frame is None:
                         end = True
                         break
                     frames.append(frame)
+                    size += len(frame.payload)
                     if release is not None:
                         releases.append(release)
                 if self._ack and not frames:
@@ -632,7 +637,7 @@ class _SecretCheck(grpc.aio.ServerInterceptor):
             if key == SECRET_METADATA:
                 if isinstance(value, str):
                     value = value.encode()
-                if hmac.compare_digest(value, self._secret):
+                if _compare_digest(value, self._secret):
                     return await continuation(handler_call_details)
                 break
         return self._deny
@@ -700,13 +705,13 @@ def _die_with_parent_after_fork() -> None:
     Linux sends that signal when the forking *thread* exits, so it is set only
     for forks from threads that live as long as the process: the main thread
     and the call threads. subprocess does not run these hooks; its children
-    are covered by the lifeline's group kill."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return  # not Linux
-    parent = {"pid": 0, "long_lived": False}
+    are covered by the lifeline's group kill.
+
+    ctypes is loaded at the first fork, in the parent: most workers never
+    fork, and every worker start pays for what it imports."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent: dict[str, Any] = {"pid": 0, "long_lived": False, "prctl": None}
 
     def before() -> None:
         thread = threading.current_thread()
@@ -714,9 +719,17 @@ def _die_with_parent_after_fork() -> None:
         parent["long_lived"] = thread is threading.main_thread() or thread.name.startswith(
             CALL_THREAD_PREFIX
         )
+        if parent["long_lived"] and parent["prctl"] is None:
+            try:
+                import ctypes
+
+                parent["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
+            except (OSError, AttributeError):
+                parent["prctl"] = False  # no prctl after all
 
     def after_in_child() -> None:
-        if not parent["long_lived"]:
+        prctl = parent["prctl"]
+        if not parent["long_lived"] or not prctl:
             return
         prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent["pid"]:

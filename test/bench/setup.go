@@ -32,8 +32,18 @@ type node struct {
 	nc      *nats.Conn
 }
 
-// workers lists the node's worker pids (its children).
-func (n *node) workers() []int { return childrenOf(n.p.pid()) }
+// workers lists the node's worker pids: its children that run
+// pyfleet.worker (not its guardian).
+func (n *node) workers() []int {
+	var out []int
+	for _, pid := range childrenOf(n.p.pid()) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		if err == nil && strings.Contains(string(b), "pyfleet.worker") {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
 
 type nodeOpts struct {
 	workers, concurrency int
