@@ -18,6 +18,13 @@ const (
 	HeaderTimeout   = "Pyfleet-Timeout" // positive integer milliseconds
 	HeaderSession   = "Pyfleet-Session"
 	HeaderRequestID = "Pyfleet-Request-Id"
+	// HeaderHeartbeat on a request asks the node to send a heartbeat
+	// (HeaderStream StreamHeartbeat) to the reply subject at once and then
+	// every that many milliseconds until the answer: a client that stops
+	// hearing them knows the node holding its call died, without waiting
+	// for its deadline. Plain requesters send no such header and get one
+	// plain reply, as before.
+	HeaderHeartbeat = "Pyfleet-Heartbeat"
 	// HeaderReplyTo on a job names a subject that also gets the result.
 	HeaderReplyTo = "Pyfleet-Reply-To"
 	// HeaderMsgID is JetStream's dedup header; on a job it is the job id.
@@ -37,10 +44,11 @@ const (
 
 // Values of HeaderStatus and HeaderStream.
 const (
-	StatusOK    = "ok"
-	StatusError = "error"
-	StreamChunk = "chunk"
-	StreamEnd   = "end"
+	StatusOK        = "ok"
+	StatusError     = "error"
+	StreamChunk     = "chunk"
+	StreamEnd       = "end"
+	StreamHeartbeat = "heartbeat"
 )
 
 // Types of the errors bus itself answers with (the Python side names the

@@ -388,6 +388,11 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 		refuse(err)
 		return
 	}
+	heartbeat, err := parseHeartbeat(hdr)
+	if err != nil {
+		refuse(err)
+		return
+	}
 	if !fn.Raw {
 		if err := checkJSON(data); err != nil {
 			refuse(err)
@@ -407,13 +412,60 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	go func() {
 		defer s.end()
 		defer c.inFlight.Add(-1)
-		s.run(reply, *fn, req, timeout, c, arrived)
+		s.run(reply, *fn, req, timeout, heartbeat, c, arrived)
 	}()
 }
 
 func (s *Service) observed(function string, code int, arrived time.Time) {
 	if s.observe != nil {
 		s.observe(function, code, time.Since(arrived))
+	}
+}
+
+// minHeartbeat bounds how often a client may ask for heartbeats.
+const minHeartbeat = 100 * time.Millisecond
+
+// parseHeartbeat reads Pyfleet-Heartbeat; 0 when absent.
+func parseHeartbeat(h nats.Header) (time.Duration, *call.Error) {
+	v := header(h, HeaderHeartbeat)
+	if v == "" {
+		return 0, nil
+	}
+	ms, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || time.Duration(ms)*time.Millisecond < minHeartbeat || ms > 3600_000 {
+		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a whole number of milliseconds from %d to 3600000", HeaderHeartbeat, v, minHeartbeat.Milliseconds())
+	}
+	return time.Duration(ms) * time.Millisecond, nil
+}
+
+// heartbeats sends a heartbeat to reply now and every interval until the
+// returned stop is called; stop returns once no heartbeat can follow, so
+// the answer is always the last message the client gets.
+func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (stop func()) {
+	beat := func() {
+		m := &nats.Msg{Subject: reply, Header: replyHeader(StatusOK, s.node, "", requestID)}
+		m.Header[HeaderStream] = []string{StreamHeartbeat}
+		_ = s.nc.PublishMsg(m)
+	}
+	beat()
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				beat()
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-stopped
 	}
 }
 
@@ -453,9 +505,13 @@ func checkJSON(data []byte) *call.Error {
 
 // run makes the call and answers it. It publishes straight to the reply
 // subject: micro's Request is not safe to use once its handler returned.
-func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout time.Duration, c *endpointCounters, arrived time.Time) {
+func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout, heartbeat time.Duration, c *endpointCounters, arrived time.Time) {
 	ctx, cancel := context.WithDeadline(s.abortCtx, req.Deadline)
 	defer cancel()
+	stopBeats := func() {}
+	if heartbeat > 0 {
+		stopBeats = s.heartbeats(reply, req.RequestID, heartbeat)
+	}
 
 	var emit call.Emit
 	var done atomic.Bool // an Emit after Call returned would land after the end message
@@ -481,6 +537,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 		emit = func(call.Chunk) error { return fmt.Errorf("function %q does not stream", fn.Name) }
 	}
 	res, err := s.h.Call(ctx, req, emit)
+	stopBeats() // no heartbeat may follow the answer
 	done.Store(true)
 	if emitErr != nil {
 		err = emitErr

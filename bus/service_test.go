@@ -505,3 +505,51 @@ func TestInProcessConnection(t *testing.T) {
 		t.Errorf("%d of 10 ok", ok.Load())
 	}
 }
+
+// A request that asks for heartbeats gets one at once, then one per
+// interval while its call runs, and the answer is the last message.
+func TestHeartbeats(t *testing.T) {
+	nc, _, _ := setup(t)
+	inbox := nc.NewRespInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	m := nats.NewMsg("pyfleet.req.p.sleep")
+	m.Reply, m.Data = inbox, []byte(`450`)
+	m.Header.Set(bus.HeaderHeartbeat, "100")
+	if err := nc.PublishMsg(m); err != nil {
+		t.Fatal(err)
+	}
+	beats := 0
+	for {
+		msg, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("after %d heartbeats: %v", beats, err)
+		}
+		if msg.Header.Get(bus.HeaderStream) == bus.StreamHeartbeat {
+			if msg.Header.Get(bus.HeaderNode) != "n1" {
+				t.Errorf("heartbeat without its node: %v", msg.Header)
+			}
+			beats++
+			continue
+		}
+		if msg.Header.Get(bus.HeaderStatus) != bus.StatusOK || string(msg.Data) != "null" {
+			t.Errorf("answer %q %v", msg.Data, msg.Header)
+		}
+		break
+	}
+	// One at once and about four more in 450 ms; a loaded machine may
+	// delay ticks, never add them.
+	if beats < 2 || beats > 6 {
+		t.Errorf("%d heartbeats for a 450 ms call at 100 ms", beats)
+	}
+	if extra, err := sub.NextMsg(300 * time.Millisecond); err == nil {
+		t.Errorf("a message after the answer: %v", extra.Header)
+	}
+	for _, v := range []string{"abc", "10", "-1"} {
+		r := request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderHeartbeat, v)
+		wantError(t, r, call.CodeBadRequest, bus.TypeBadRequest)
+	}
+}

@@ -394,11 +394,9 @@ func TestClusterRequestsSpreadAndFailOver(t *testing.T) {
 		}
 		t.Run("in-flight calls fail fast", func(t *testing.T) {
 			// Well before the deadline, not at it. A SIGKILLed node
-			// answers nothing and core NATS tells the requester nothing,
-			// so this needs the product to tell the client which node
-			// holds its call and that the node is gone (or to keep the
-			// call alive with heartbeats); as this is written it does
-			// not, and the calls wait out their deadline.
+			// answers nothing and core NATS tells the requester nothing:
+			// submit asks for heartbeats (Pyfleet-Heartbeat) and gives
+			// up on a node that falls silent.
 			var slow []string
 			for _, o := range failed {
 				if after := o.ended.Sub(killed); after > deadline/3 {

@@ -73,7 +73,19 @@ func (c *callCmd) run(ctx context.Context, a *app, args []string) error {
 	return request(ctx, nc, msg, c.timeout, out)
 }
 
-var errDeadline = errors.New("deadline passed")
+var (
+	errDeadline = errors.New("deadline passed")
+	errNodeLost = errors.New("node lost")
+)
+
+// A call asks its node for a heartbeat at once and then every
+// heartbeatEvery; silence for heartbeatLoss means the node died holding the
+// call (or after it was routed to it, before it read it), which core NATS
+// would otherwise never tell: the call fails then, not at its deadline.
+const (
+	heartbeatEvery = time.Second
+	heartbeatLoss  = 3 * heartbeatEvery
+)
 
 // request sends msg and prints its answer. It does not use nc.Request: a
 // streaming function answers with many messages, so it reads its own inbox
@@ -88,11 +100,29 @@ func request(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout time.Dur
 
 	ctx, cancel := context.WithTimeoutCause(ctx, timeout+replyMargin(timeout), errDeadline)
 	defer cancel()
+	msg.Header.Set(hdrHeartbeat, millis(heartbeatEvery))
 	if err := nc.PublishMsg(msg); err != nil {
 		return err
 	}
+	heard := time.Now() // the last sign of life of the node holding the call
+	var holder string
 	for {
-		m, err := sub.NextMsgWithContext(ctx)
+		waitCtx, cancelWait := context.WithDeadlineCause(ctx, heard.Add(heartbeatLoss), errNodeLost)
+		m, err := sub.NextMsgWithContext(waitCtx)
+		cancelWait()
+		if err != nil && errors.Is(context.Cause(waitCtx), errNodeLost) {
+			if holder == "" {
+				return unavailablef("no node took the call on %s within %v (the node it reached may have died)", msg.Subject, heartbeatLoss)
+			}
+			return unavailablef("node %s stopped answering while it held the call (no heartbeat for %v): the call is lost", holder, heartbeatLoss)
+		}
+		if err == nil {
+			heard = time.Now()
+			if isHeartbeat(m.Header) {
+				holder = header(m.Header, hdrNode)
+				continue
+			}
+		}
 		switch {
 		case errors.Is(err, nats.ErrNoResponders), err == nil && isNoResponders(m):
 			return unavailablef("no node serves %s", msg.Subject)

@@ -28,6 +28,7 @@ func TestCall(t *testing.T) {
 		{"stream error", "", []string{"call", "countfail"}, 1, "0\n1\n", "500 ValueError: boom\n"},
 		{"node deadline", "", []string{"call", "late"}, 3, "", "408 DeadlineExceeded: deadline passed after 1000 ms\n"},
 		{"no answer", "", []string{"call", "--timeout", "100ms", "silent"}, 3, "", "no answer from pyfleet.req.default.silent within 100ms"},
+		{"node lost", "", []string{"call", "--timeout", "60s", "vanish"}, 3, "", "node node-a stopped answering while it held the call"},
 		{"no responders", "", []string{"call", "--pool", "nobody", "echo"}, 3, "", "no node serves pyfleet.req.nobody.echo"},
 		{"prefix", "", []string{"--prefix", "acme", "call", "echo"}, 3, "", "no node serves acme.req.default.echo"},
 		{"global flag after command", "", []string{"call", "--prefix", "acme", "echo"}, 3, "", "no node serves acme.req.default.echo"},

@@ -138,6 +138,7 @@ func errorReply(code int, typ, msg string) (nats.Header, []byte) {
 //	late       408
 //	flaky      503 on every even-numbered request
 //	silent     never answers
+//	vanish     one heartbeat, then nothing: a node that died holding the call
 func fakeNode(t *testing.T, nc *nats.Conn, node string) {
 	t.Helper()
 	var served atomic.Int64
@@ -187,6 +188,11 @@ func fakeNode(t *testing.T, nc *nats.Conn, node string) {
 			}
 			reply(okHeader(node), m.Data)
 		case "silent":
+		case "vanish":
+			// Takes the call, says so with one heartbeat, and dies.
+			h := okHeader(node)
+			h.Set(hdrStream, "heartbeat")
+			reply(h, nil)
 		}
 	}
 	if _, err := nc.QueueSubscribe("pyfleet.req.default.*", "pyfleet", handler); err != nil {

@@ -27,6 +27,7 @@ const (
 	hdrNode      = "Pyfleet-Node"
 	hdrWorker    = "Pyfleet-Worker"
 	hdrStream    = "Pyfleet-Stream"
+	hdrHeartbeat = "Pyfleet-Heartbeat"
 	hdrError     = "Nats-Service-Error"
 	hdrErrorCode = "Nats-Service-Error-Code"
 )
@@ -72,6 +73,8 @@ func header(h nats.Header, key string) string {
 }
 
 func isChunk(h nats.Header) bool { return header(h, hdrStream) == "chunk" }
+
+func isHeartbeat(h nats.Header) bool { return header(h, hdrStream) == "heartbeat" }
 
 // isNoResponders recognises the server's answer to a request nobody listens
 // to: a status 503 with no body, never a node's 503, which has a body.
