@@ -69,10 +69,10 @@ func EnsureStreams(ctx context.Context, nc *nats.Conn, prefix string, log *zap.L
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return ensureStreams(ctx, js, Subjects{Prefix: prefix}, log)
+	return ensureStreams(ctx, js, Subjects{Prefix: prefix}, 1, log)
 }
 
-func ensureStreams(ctx context.Context, js jetstream.JetStream, sub Subjects, log *zap.Logger) error {
+func ensureStreams(ctx context.Context, js jetstream.JetStream, sub Subjects, replicas int, log *zap.Logger) error {
 	names := Streams(sub.Prefix)
 	p := sub.prefix()
 	for _, cfg := range []jetstream.StreamConfig{{
@@ -104,6 +104,7 @@ func ensureStreams(ctx context.Context, js jetstream.JetStream, sub Subjects, lo
 		Storage:     jetstream.FileStorage,
 		MaxAge:      24 * time.Hour,
 	}} {
+		cfg.Replicas = max(replicas, 1)
 		s, err := js.Stream(ctx, cfg.Name)
 		if errors.Is(err, jetstream.ErrStreamNotFound) {
 			_, err = js.CreateStream(ctx, cfg)
@@ -152,6 +153,10 @@ type JobsConfig struct {
 	// FetchWait bounds one pull request; Stop waits for the current one
 	// to end. 0 means DefaultFetchWait.
 	FetchWait time.Duration
+	// Replicas of the streams this node creates when they are missing (in a
+	// cluster, 3 lets jobs survive a server's loss); 0 means 1. Streams
+	// that exist are left as they are.
+	Replicas int
 	// Outcome, when set, is told how each delivery ended: "acked",
 	// "duplicate" (its result was already stored), "redelivered" or "dead".
 	Outcome func(outcome string)
@@ -295,7 +300,7 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 // start and again when the consumer vanishes under a running node (an
 // operator deleted it, or the server lost its store).
 func (j *Jobs) setup(ctx context.Context) error {
-	if err := ensureStreams(ctx, j.js, j.subj, j.log); err != nil {
+	if err := ensureStreams(ctx, j.js, j.subj, j.cfg.Replicas, j.log); err != nil {
 		return err
 	}
 	var st jsState

@@ -34,6 +34,7 @@ type Config struct {
 	RequestTimeout time.Duration
 	ShutdownGrace  time.Duration
 	MaxDeliver     int
+	StreamReplicas int
 	StateDir       string
 
 	// Recycling limits; zero is off.
@@ -64,6 +65,7 @@ func Defaults() Config {
 		RequestTimeout: 60 * time.Second,
 		ShutdownGrace:  10 * time.Second,
 		MaxDeliver:     5,
+		StreamReplicas: 1,
 	}
 }
 
@@ -107,6 +109,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxAge < 0 {
 		return bad("--max-age must not be negative, not %s", c.MaxAge)
+	}
+	if c.StreamReplicas < 1 || c.StreamReplicas > 5 {
+		return bad("--stream-replicas must be from 1 to 5, not %d", c.StreamReplicas)
 	}
 	if c.MaxDeliver < 1 {
 		return bad("--max-deliver must be at least 1, not %d", c.MaxDeliver)

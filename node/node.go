@@ -233,6 +233,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Pool:           cfg.Pool,
 		Node:           cfg.Node,
 		MaxDeliver:     cfg.MaxDeliver,
+		Replicas:       cfg.StreamReplicas,
 		DefaultTimeout: cfg.RequestTimeout,
 		Capacity:       p.Idle,
 	}

@@ -47,6 +47,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 	fs.IntVar(&cfg.MaxRequests, "max-requests", 0, "recycle a worker after about this many requests (0: off)")
 	fs.IntVar(&cfg.MaxMemoryMB, "max-memory", 0, "recycle a worker whose process tree's RSS passes this many `MB` (0: off)")
 	fs.DurationVar(&cfg.MaxAge, "max-age", 0, "recycle a worker after this long (0: off)")
+	fs.IntVar(&cfg.StreamReplicas, "stream-replicas", cfg.StreamReplicas, "replicas of the JetStream streams a node creates when they are missing")
 	fs.IntVar(&cfg.MaxDeliver, "max-deliver", cfg.MaxDeliver, "deliveries of a job before it is dead-lettered")
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "`dir`ectory for the registry and sockets (default $XDG_STATE_HOME/pyfleet or ~/.local/state/pyfleet)")
 	fs.StringVar(&cfg.Metrics, "metrics", "", "`address` serving Prometheus /metrics and /healthz (empty: off)")

@@ -214,6 +214,8 @@ max-requests: 7
 max-memory: 8
 max-age: 9s
 max-deliver: 10
+stream-replicas: 3
+metrics: 127.0.0.1:9100
 state-dir: /s
 log-level: error
 log-format: console
@@ -231,7 +233,7 @@ nats-tls-key: /key
 					App: "mod:attr", AppDir: "/a", Python: "/usr/bin/python3",
 					Workers: 2, Concurrency: 3, QueueLimit: 4,
 					RequestTimeout: 5 * time.Second, ShutdownGrace: 6 * time.Second,
-					MaxDeliver: 10, StateDir: "/s",
+					MaxDeliver: 10, StreamReplicas: 3, Metrics: "127.0.0.1:9100", StateDir: "/s",
 					MaxRequests: 7, MaxMemoryMB: 8, MaxAge: 9 * time.Second,
 					NATSCreds: "/c", NATSUser: "u", NATSPassword: "pw", NATSToken: "tk",
 					NATSTLSCA: "/ca", NATSTLSCert: "/cert", NATSTLSKey: "/key",
