@@ -10,7 +10,7 @@ start so that children do not inherit it) and PYFLEET_WORKER_LIFELINE_FD (the
 read end of a pipe whose write end only the node holds).
 
 Stdout protocol, one line each:
-    PYFLEET-READY {"v":1,"pid":...,"functions":[{"name":...,"raw":...,"stream":...}]}
+    PYFLEET-READY {"v":1,"pid":...,"functions":[{"name":...,"raw":...,"stream":...,"inline":...}]}
     PYFLEET-ERROR {"type":...,"message":...}   (the app failed to import; exit 3)
 Every other stdout and stderr line is the app's, and the node logs it.
 """
@@ -450,10 +450,11 @@ class _Stream:
         kind = spec.kind
         if kind == "sync":
             if self._inline:
-                # The loop waits for the call: nothing else of this worker
-                # could run meanwhile anyway. The node stops counting
-                # failed health checks while a call is in flight, and kills
-                # the worker if the call overruns its deadline.
+                # The loop waits for the call: with one call at a time,
+                # nothing else of this worker would run meanwhile anyway.
+                # The handshake says so ("inline"), so that the node does
+                # not count failed health checks during such a call; it
+                # kills the worker if the call overruns its deadline.
                 self._end(_call_sync(call, spec))
             else:
                 self._calls.submit(self._run_sync, call, spec)
