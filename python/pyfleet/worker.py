@@ -204,7 +204,7 @@ class _CallThreads:
             if self._shutdown:
                 return
             self._jobs.append((fn, args))
-            if self._awake == 0:
+            if self._awake == 0 or self._all_stuck(time.monotonic()):
                 self._wake_one()
             if not self._check_armed:
                 self._check_armed = True
@@ -229,6 +229,14 @@ class _CallThreads:
             return True
         return False
 
+    def _all_stuck(self, now: float) -> bool:
+        """Whether every awake thread is in a call begun STUCK_S ago or more
+        (with the lock held)."""
+        busy = self._busy_since
+        return self._awake <= len(busy) and all(
+            now - since >= self.STUCK_S for since in busy.values()
+        )
+
     def _check(self) -> None:
         """Wakes more threads while queued calls wait behind busy ones."""
         now = time.monotonic()
@@ -236,10 +244,7 @@ class _CallThreads:
             self._check_armed = False
             if not self._jobs or self._shutdown:
                 return
-            busy = self._busy_since.values()
-            if self._awake <= len(self._busy_since) and all(
-                now - since >= self.STUCK_S for since in busy
-            ):
+            if self._all_stuck(now):
                 for _ in range(len(self._jobs)):
                     if not self._wake_one():
                         break
