@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -38,7 +40,7 @@ type Guardian struct {
 // write end, so EOF comes when the node stops it or dies, however it dies.
 // The guardian stays in the node's process group (so the node's subreaper
 // does not take it for an orphan) and ignores the terminal's signals.
-func StartGuardian(m Marker) (*Guardian, error) {
+func StartGuardian(m Marker, stateDir string) (*Guardian, error) {
 	if m.Worker != "" || !validName(m.Node) || !validName(m.Run) {
 		return nil, fmt.Errorf("%w: a guardian keeps a whole run, not %+v", ErrInvalidName, m)
 	}
@@ -57,7 +59,7 @@ func StartGuardian(m Marker) (*Guardian, error) {
 		return nil, fmt.Errorf("lifecycle: guardian: %w", err)
 	}
 	defer ready.Close()
-	cmd := exec.Command(exe, GuardianArg, m.Node, m.Run)
+	cmd := exec.Command(exe, GuardianArg, m.Node, m.Run, journalPath(stateDir, m))
 	cmd.Stdin = r
 	cmd.Stdout = readyW
 	cmd.Stderr = os.Stderr
@@ -105,12 +107,21 @@ func (g *Guardian) Stop() {
 	}
 }
 
-// GuardianMain is the guardian's whole life: args are the node and the run.
-// It returns the exit status. Each kill is logged to stderr as one JSON
-// lifecycle event (the node, and so its NATS connection, may be gone).
+// journalSuffix ends the file in which a guardian records its kills: its
+// node, and so the node's NATS connection, is gone, so the next node on the
+// state dir publishes them (PublishJournals).
+const journalSuffix = ".reaped"
+
+func journalPath(stateDir string, m Marker) string {
+	return filepath.Join(nodesDir(stateDir), m.Node+"."+m.Run+journalSuffix)
+}
+
+// GuardianMain is the guardian's whole life: args are the node, the run and
+// the journal file. It returns the exit status. Each kill is logged to
+// stderr and appended to the journal as one JSON lifecycle event.
 func GuardianMain(args []string, stdin io.Reader, stderr io.Writer) int {
-	if len(args) != 2 {
-		fmt.Fprintln(stderr, "usage: "+GuardianArg+" NODE RUN")
+	if len(args) != 3 {
+		fmt.Fprintln(stderr, "usage: "+GuardianArg+" NODE RUN JOURNAL")
 		return 2
 	}
 	// Ctrl-C on a terminal reaches the whole foreground group; the node
@@ -120,14 +131,55 @@ func GuardianMain(args []string, stdin io.Reader, stderr io.Writer) int {
 	_, _ = io.Copy(io.Discard, stdin)
 
 	m := Marker{Node: args[0], Run: args[1]}
-	enc := json.NewEncoder(stderr)
+	var journal []byte
 	_, err := KillMarked(m, func(e Event) {
 		e.Detail = "guardian: the node of run " + m.RunValue() + " is gone; " + e.Detail
-		_ = enc.Encode(e)
+		line, _ := json.Marshal(e)
+		line = append(line, '\n')
+		_, _ = stderr.Write(line)
+		journal = append(journal, line...)
 	})
+	if len(journal) > 0 {
+		// Written once, at the end: a partly written journal would be
+		// published as a partial one, never as garbage.
+		if werr := os.WriteFile(args[2]+".tmp", journal, 0o600); werr == nil {
+			_ = os.Rename(args[2]+".tmp", args[2])
+		}
+	}
 	if err != nil && !errors.Is(err, ErrNoProcess) {
 		fmt.Fprintf(stderr, "guardian of %s: %v\n", m.RunValue(), err)
 		return 1
 	}
 	return 0
+}
+
+// PublishJournals reports, through events, the kills that guardians of dead
+// runs recorded in stateDir, and removes their journals. A node calls it at
+// start, once it can publish.
+func PublishJournals(stateDir string, events Events) (int, error) {
+	paths, err := filepath.Glob(filepath.Join(nodesDir(stateDir), "*"+journalSuffix))
+	if err != nil {
+		return 0, fmt.Errorf("lifecycle: journals: %w", err)
+	}
+	n := 0
+	var errs []error
+	for _, path := range paths {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, line := range bytes.Split(data, []byte("\n")) {
+			var e Event
+			if len(line) == 0 || json.Unmarshal(line, &e) != nil {
+				continue
+			}
+			emit(events, e)
+			n++
+		}
+		if err := os.Remove(path); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return n, errors.Join(errs...)
 }

@@ -1,6 +1,8 @@
 package lifecycle
 
 import (
+	"os"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -35,7 +37,11 @@ func TestGuardianKillsTheRunWhenTheNodeGoes(t *testing.T) {
 	waitFor(t, "worker and escapee", 5*time.Second, func() bool { ids = markedPids(t, m); return len(ids) == 2 })
 
 	t.Setenv("GORACE", "atexit_sleep_ms=0") // the guardian is this test binary
-	g, err := StartGuardian(Marker{Node: m.Node, Run: m.Run})
+	state := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(state, "nodes"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	g, err := StartGuardian(Marker{Node: m.Node, Run: m.Run}, state)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +73,22 @@ func TestGuardianKillsTheRunWhenTheNodeGoes(t *testing.T) {
 	if id, err := ReadIdentity(bystander.Process.Pid); err != nil || !id.Alive() {
 		t.Error("the guardian killed a process of another run")
 	}
-	if _, err := StartGuardian(Marker{Node: "n", Run: "r", Worker: "w"}); err == nil {
+	if _, err := StartGuardian(Marker{Node: "n", Run: "r", Worker: "w"}, state); err == nil {
 		t.Error("a guardian of a single worker was accepted")
+	}
+
+	// The kills reach NATS through the next node on the state dir.
+	var published eventLog
+	n, err := PublishJournals(state, published.add)
+	if err != nil || n != len(ids) {
+		t.Fatalf("PublishJournals = %d, %v; want %d", n, err, len(ids))
+	}
+	for _, ev := range published.get() {
+		if ev.Kind != KindOrphanReaped || ev.Run != m.Run || ev.PID == 0 {
+			t.Errorf("published %+v", ev)
+		}
+	}
+	if n, _ := PublishJournals(state, published.add); n != 0 {
+		t.Errorf("a journal was published twice")
 	}
 }

@@ -145,6 +145,10 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	if err := reaper.Sweep(); err != nil {
 		log.Warn("reaper sweep", zap.Error(err))
 	}
+	// Guardians of dead runs could not publish their kills; we can.
+	if _, err := lifecycle.PublishJournals(cfg.StateDir, events); err != nil {
+		log.Warn("guardian journals", zap.Error(err))
+	}
 	reaperCtx, stopReaper := context.WithCancel(context.Background())
 	reaperDone := make(chan struct{})
 	go func() {
@@ -159,7 +163,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	// If this process dies without stopping its workers, the guardian
 	// kills what they started within milliseconds instead of at the next
 	// start. Its Stop runs after the pool's close (defers run last first).
-	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run})
+	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run}, cfg.StateDir)
 	if err != nil {
 		return err
 	}

@@ -200,7 +200,9 @@ func (n *nodeProc) readLog(r io.Reader) {
 			}
 		}
 		n.mu.Unlock()
-		if entry != nil && entry["msg"] == "serving" {
+		// The node's own "serving" comes once jobs are pulled too; bus
+		// logs one of its own (under a logger name) before that.
+		if entry != nil && entry["msg"] == "serving" && entry["logger"] == nil {
 			n.once.Do(func() { close(n.serving) })
 		}
 	}
