@@ -268,7 +268,10 @@ class _CallThreads:
                     self._cond.wait()  # whoever notifies counts us awake
                 fn, args = jobs.popleft()
                 self._busy_since[me] = clock()
-            fn(*args)
+            try:
+                fn(*args)  # the runners catch what the function raises
+            except BaseException:  # a bug here must not cost the thread
+                traceback.print_exc()
 
     def post(self, callback: Callable[..., None], *args: Any) -> None:
         """Runs callback(*args) on the loop (from a call thread), in order

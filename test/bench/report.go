@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -130,7 +131,7 @@ func (h *harness) report(took time.Duration) string {
 			pf, un, sm := r.med(g+"/pyfleet", rps), r.med(g+"/unary", rps), r.med(g+"/stream", rps)
 			w("| 1 | %s, 100 B, 2 workers, %d in flight | %s req/s (p50 %.0f µs) | direct unary gRPC %s req/s (p50 %.0f µs) | %.2f× | ≥ 1.0× unary and ≥ 12,000 req/s | %s |\n",
 				kind, conc, commas(pf), r.med(g+"/pyfleet", p50), commas(un), r.med(g+"/unary", p50), pf/un, yesNo(pf >= un && pf >= 12000))
-			w("| 1 | the same, against the stream ceiling | | direct Serve stream %s req/s (p50 %.0f µs) | %.2f× | stretch: ≥ 0.8× stream | %s |\n",
+			w("| 1 | the same, against the stream ceiling | | direct Batches stream %s req/s (p50 %.0f µs) | %.2f× | stretch: ≥ 0.8× stream | %s |\n",
 				commas(sm), r.med(g+"/stream", p50), pf/sm, yesNo(pf >= 0.8*sm))
 		}
 	}
@@ -219,6 +220,11 @@ func (h *harness) report(took time.Duration) string {
 			}
 			w("| %s | %.2f %s |\n", k, v, unit)
 		}
+	}
+	if notes, err := os.ReadFile(filepath.Join(h.root, "test", "bench", "notes.md")); err == nil {
+		// What the profiles showed and what was changed: written by hand,
+		// kept beside the harness so that every run's report carries it.
+		w("\n%s", notes)
 	}
 	w("\n## How each figure is made\n\n")
 	w(`1. A node (` + "`poolnode --workers 2 --concurrency 32`" + `, embedded NATS on a random port) serves test/bench/benchapp.py: ` + "`echo`" + ` (a plain function, which the worker runs on a call thread) and ` + "`echo_async`" + ` (a coroutine, run on its event loop); the harness's own Go NATS client keeps 16 or 64 requests in flight (one goroutine each, one connection) with a 100-byte JSON body. The ceiling: two more workers started the same way (` + "`python -m pyfleet.worker --concurrency 32`" + `, same app, same function path), called from Go over their Unix sockets with the same body and the same number in flight, spread over both workers: once with one unary ` + "`Unary`" + ` RPC per request, once over one long-lived ` + "`Batches`" + ` stream per worker, frames sent as the node sends them (those ready together in one message). Load generator and workers share the same 2 cores.
