@@ -198,23 +198,6 @@ func (cfg *JobsConfig) normalize() error {
 	return nil
 }
 
-// consumerBackOff is the server-side BackOff, which only paces redelivery
-// of jobs whose node vanished (failures are Nak'ed with their own delay).
-// The server uses BackOff[n] in place of AckWait as the lease of delivery
-// n+1, so no entry may be shorter than AckWait, or InProgress every
-// AckWait/3 would not keep a long job; and it allows at most MaxDeliver
-// entries.
-func (cfg *JobsConfig) consumerBackOff() []time.Duration {
-	var bo []time.Duration
-	for _, d := range cfg.BackOff {
-		bo = append(bo, max(d, cfg.AckWait))
-	}
-	if cfg.MaxDeliver > 0 && len(bo) > cfg.MaxDeliver {
-		bo = bo[:cfg.MaxDeliver]
-	}
-	return bo
-}
-
 // Jobs runs the JetStream jobs of one pool on one node: a loop that pulls
 // only as many jobs as there is idle capacity, and a goroutine per running
 // job. See SPEC section 4, "Jobs".
@@ -318,10 +301,10 @@ func (j *Jobs) setup(ctx context.Context) error {
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       j.cfg.AckWait,
 		MaxDeliver:    j.cfg.MaxDeliver,
-		BackOff:       j.cfg.consumerBackOff(),
-	}
-	if len(ccfg.BackOff) > 0 {
-		ccfg.AckWait = ccfg.BackOff[0] // the server insists
+		// No server-side BackOff: the server would use its entries in
+		// place of AckWait as later deliveries' leases, which both delays
+		// the redelivery of a job whose node died and stretches the
+		// NakWithDelay of a failed one. Failures set their own delay.
 	}
 	// Create or update: the node started last sets --max-deliver for the
 	// pool, rather than the first one forever.

@@ -26,11 +26,8 @@ func jobsApp() string { return filepath.Join(repoRoot, "test", "apps", "jobs.py"
 // TestJobRetriesDeadLetterAndLease runs one node against a real nats-server
 // with --max-deliver 4 and the node's real AckWait (bus.DefaultAckWait, 30 s:
 // poolnode has no flag for it) and redelivery backoff (bus.DefaultBackOff:
-// 1 s, 10 s, 60 s, ...), so it takes about 101 s, spent waiting: the third
-// retry comes 90 s after the third failure, not 60 s, because nats-server
-// offsets a NAK's delay from AckWait while the consumer's BackOff (60 s for
-// that delivery) decides when it expires. It runs in parallel with the busy
-// tests.
+// 1 s, 10 s, 60 s, ...), so it takes about 75 s, spent waiting. It runs in
+// parallel with the busy tests.
 //   - a job that fails three times, then succeeds, is stored ok after its
 //     fourth delivery, the last one the limit allows;
 //   - a job that always fails is in PYFLEET_DEAD after four deliveries,
