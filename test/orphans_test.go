@@ -178,12 +178,13 @@ func onNATS(url string, o nodeOptions) nodeOptions {
 	return o
 }
 
-// startSleeper starts `sleep 600` in a process group of its own, with env
+// startSleeper starts `sleep 86400` in a process group of its own, with env
 // added to the test's environment, and kills it in cleanup. pyfleet did not
-// start it, so nothing pyfleet does may kill it.
+// start it, so nothing pyfleet does may kill it. It must outlive the longest
+// test (200 stress rounds take over ten minutes), or it would seem killed.
 func startSleeper(t *testing.T, env ...string) lifecycle.Identity {
 	t.Helper()
-	cmd := exec.Command("sleep", "600")
+	cmd := exec.Command("sleep", "86400")
 	cmd.Env = append(os.Environ(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
