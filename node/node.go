@@ -191,11 +191,18 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}
-	// Whatever happens below, nothing this run started outlives Run.
-	defer func() {
-		p.Close()
+	// Whatever happens below, nothing this run started outlives Run. The
+	// drain at the end does this itself, before node_stopped.
+	killLeftovers := func() {
 		if _, err := lifecycle.KillMarked(lifecycle.Marker{Node: cfg.Node, Run: run}, events); err != nil {
 			log.Warn("kill leftovers of this run", zap.Error(err))
+		}
+	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			p.Close()
+			killLeftovers()
 		}
 	}()
 
@@ -307,9 +314,8 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	if err := svc.Stop(stopCtx); err != nil {
 		log.Warn("service stop", zap.Error(err))
 	}
-	if _, err := lifecycle.KillMarked(lifecycle.Marker{Node: cfg.Node, Run: run}, events); err != nil {
-		log.Warn("kill leftovers of this run", zap.Error(err))
-	}
+	killLeftovers()
+	stopped = true
 	events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run})
 	log.Info("stopped")
 	return nil

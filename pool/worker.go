@@ -258,16 +258,14 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		}
 		hs = res.hs
 	case <-proc.Done():
-		// The stdout reader may not have passed on the worker's last line
-		// yet; it reaches EOF as soon as the worker and its children are gone.
-		t := time.NewTimer(2 * time.Second)
-		defer t.Stop()
+		// Done closes only after the output readers have passed on every
+		// line, so an error line the worker printed before exiting is here.
 		select {
 		case res := <-ready:
 			if res.err != nil {
 				return nil, res.err
 			}
-		case <-t.C:
+		default:
 		}
 		st := proc.Exit()
 		return nil, fmt.Errorf("worker %s exited before its handshake (%s): %s", name, st, stderrTail.String())
