@@ -145,6 +145,13 @@ type JobsConfig struct {
 	// DefaultTimeout applies when a job has no Pyfleet-Timeout; 0 means
 	// DefaultTimeout. It runs from the job's start, not its submission.
 	DefaultTimeout time.Duration
+	// MaxTimeout caps a job's Pyfleet-Timeout (the job is dead-lettered as
+	// a bad request above it); 0 means DefaultMaxTimeout.
+	MaxTimeout time.Duration
+	// MaxResultBytes caps a job's result, a streamed job's collected items
+	// included (413 and a dead letter beyond); 0 means the connection's max
+	// payload.
+	MaxResultBytes int
 	// Capacity says how many more calls the handler can start now without
 	// queueing them (idle worker slots). Jobs fetches at most that many,
 	// less the jobs it fetched that have not reached Call yet; 0 or less

@@ -26,6 +26,9 @@ const ServiceName = "pyfleet"
 // DefaultTimeout is the deadline of a request that names none.
 const DefaultTimeout = 60 * time.Second
 
+// DefaultMaxTimeout is the largest Pyfleet-Timeout a node takes by default.
+const DefaultMaxTimeout = time.Hour
+
 // ServiceConfig configures Serve.
 type ServiceConfig struct {
 	Prefix string // subject prefix; empty means DefaultPrefix
@@ -36,6 +39,8 @@ type ServiceConfig struct {
 	// DefaultTimeout applies when a request has no Pyfleet-Timeout;
 	// 0 means DefaultTimeout.
 	DefaultTimeout time.Duration
+	// MaxTimeout caps Pyfleet-Timeout (400 above it); 0 means DefaultMaxTimeout.
+	MaxTimeout time.Duration
 	// MaxPayload limits request bodies; 0 means the connection's limit.
 	MaxPayload int
 	// Stats, when set, adds node-wide figures (workers, busy, queued) to

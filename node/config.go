@@ -32,7 +32,18 @@ type Config struct {
 	Concurrency    int
 	QueueLimit     int
 	RequestTimeout time.Duration
-	ShutdownGrace  time.Duration
+	// MaxTimeout caps the Pyfleet-Timeout a request or job may ask for.
+	MaxTimeout    time.Duration
+	ShutdownGrace time.Duration
+	// QueueLimitBytes caps the payload bytes of calls waiting for a worker.
+	QueueLimitBytes int64
+	// MaxSessions caps the sessions a node remembers at once.
+	MaxSessions int
+	// MaxResultBytes caps a job's result, streamed chunks included; 0 is
+	// the NATS max payload.
+	MaxResultBytes int
+	// ConnectWait is how long a node retries a NATS server that is not up.
+	ConnectWait    time.Duration
 	MaxDeliver     int
 	StreamReplicas int
 	StateDir       string
@@ -55,17 +66,21 @@ var ErrConfig = errors.New("bad configuration")
 // Defaults returns the documented defaults (SPEC section 3).
 func Defaults() Config {
 	return Config{
-		Listen:         "127.0.0.1:4222",
-		Prefix:         "pyfleet",
-		Pool:           "default",
-		AppDir:         ".",
-		Workers:        runtime.NumCPU(),
-		Concurrency:    1,
-		QueueLimit:     1000,
-		RequestTimeout: 60 * time.Second,
-		ShutdownGrace:  10 * time.Second,
-		MaxDeliver:     5,
-		StreamReplicas: 1,
+		Listen:          "127.0.0.1:4222",
+		Prefix:          "pyfleet",
+		Pool:            "default",
+		AppDir:          ".",
+		Workers:         runtime.NumCPU(),
+		Concurrency:     1,
+		QueueLimit:      1000,
+		RequestTimeout:  60 * time.Second,
+		MaxTimeout:      time.Hour,
+		ShutdownGrace:   10 * time.Second,
+		QueueLimitBytes: 256 << 20,
+		MaxSessions:     10_000,
+		ConnectWait:     30 * time.Second,
+		MaxDeliver:      5,
+		StreamReplicas:  1,
 	}
 }
 
@@ -97,6 +112,24 @@ func (c *Config) Validate() error {
 	}
 	if c.RequestTimeout <= 0 {
 		return bad("--request-timeout must be positive, not %s", c.RequestTimeout)
+	}
+	if c.MaxTimeout <= 0 {
+		return bad("--max-timeout must be positive, not %s", c.MaxTimeout)
+	}
+	if c.RequestTimeout > c.MaxTimeout {
+		return bad("--request-timeout %s is over --max-timeout %s", c.RequestTimeout, c.MaxTimeout)
+	}
+	if c.QueueLimitBytes < 1 {
+		return bad("--queue-limit-bytes must be at least 1, not %d", c.QueueLimitBytes)
+	}
+	if c.MaxSessions < 1 {
+		return bad("--max-sessions must be at least 1, not %d", c.MaxSessions)
+	}
+	if c.MaxResultBytes < 0 {
+		return bad("--max-result-bytes must not be negative, not %d", c.MaxResultBytes)
+	}
+	if c.ConnectWait < 0 {
+		return bad("--connect-wait must not be negative, not %s", c.ConnectWait)
 	}
 	if c.ShutdownGrace < 0 {
 		return bad("--shutdown-grace must not be negative, not %s", c.ShutdownGrace)

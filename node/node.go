@@ -170,23 +170,25 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	defer guardian.Stop()
 
 	p, err := pool.New(pool.Config{
-		Python:      cfg.Python,
-		App:         cfg.App,
-		AppDir:      cfg.AppDir,
-		SocketDir:   socketDir,
-		Node:        cfg.Node,
-		Run:         run,
-		Pool:        cfg.Pool,
-		Workers:     cfg.Workers,
-		Concurrency: cfg.Concurrency,
-		QueueLimit:  cfg.QueueLimit,
-		MaxRequests: cfg.MaxRequests,
-		MaxMemory:   uint64(cfg.MaxMemoryMB) << 20,
-		MaxAge:      cfg.MaxAge,
-		Registry:    registry,
-		Spawner:     spawner,
-		Events:      events,
-		Logger:      log,
+		Python:          cfg.Python,
+		App:             cfg.App,
+		AppDir:          cfg.AppDir,
+		SocketDir:       socketDir,
+		Node:            cfg.Node,
+		Run:             run,
+		Pool:            cfg.Pool,
+		Workers:         cfg.Workers,
+		Concurrency:     cfg.Concurrency,
+		QueueLimit:      cfg.QueueLimit,
+		QueueLimitBytes: cfg.QueueLimitBytes,
+		MaxSessions:     cfg.MaxSessions,
+		MaxRequests:     cfg.MaxRequests,
+		MaxMemory:       uint64(cfg.MaxMemoryMB) << 20,
+		MaxAge:          cfg.MaxAge,
+		Registry:        registry,
+		Spawner:         spawner,
+		Events:          events,
+		Logger:          log,
 	})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
@@ -237,6 +239,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Node:           cfg.Node,
 		Version:        Version,
 		DefaultTimeout: cfg.RequestTimeout,
+		MaxTimeout:     cfg.MaxTimeout,
 		Stats:          func() any { return p.Stats() },
 	}
 	jobsCfg := bus.JobsConfig{
@@ -246,6 +249,8 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		MaxDeliver:     cfg.MaxDeliver,
 		Replicas:       cfg.StreamReplicas,
 		DefaultTimeout: cfg.RequestTimeout,
+		MaxTimeout:     cfg.MaxTimeout,
+		MaxResultBytes: cfg.MaxResultBytes,
 		Capacity:       p.Idle,
 	}
 	if m != nil {

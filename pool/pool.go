@@ -28,6 +28,12 @@ type Config struct {
 	Workers     int    // default 1
 	Concurrency int    // calls in flight per worker; default 1
 	QueueLimit  int    // calls waiting for a worker before 503; default 1000
+	// QueueLimitBytes caps the payload bytes of the calls waiting for a
+	// worker (503 beyond); default 256 MB.
+	QueueLimitBytes int64
+	// MaxSessions caps the sessions remembered at once (a new one gets 503
+	// beyond); default 10,000.
+	MaxSessions int
 
 	// StartTimeout bounds a worker's start, from spawn to handshake; default 60 s.
 	StartTimeout time.Duration
