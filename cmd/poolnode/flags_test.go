@@ -208,7 +208,12 @@ python: /usr/bin/python3
 workers: 2
 concurrency: 3
 queue-limit: 4
+queue-limit-bytes: 11
+max-sessions: 12
 request-timeout: 5s
+max-timeout: 2h
+max-result-bytes: 13
+connect-wait: 14s
 shutdown-grace: 6s
 max-requests: 7
 max-memory: 8
@@ -231,8 +236,9 @@ nats-tls-key: /key
 				*c = node.Config{
 					NATS: "nats://n:4222", Listen: "127.0.0.1:0", Prefix: "px", Pool: "pl", Node: "nd",
 					App: "mod:attr", AppDir: "/a", Python: "/usr/bin/python3",
-					Workers: 2, Concurrency: 3, QueueLimit: 4,
-					RequestTimeout: 5 * time.Second, ShutdownGrace: 6 * time.Second,
+					Workers: 2, Concurrency: 3, QueueLimit: 4, QueueLimitBytes: 11, MaxSessions: 12,
+					RequestTimeout: 5 * time.Second, MaxTimeout: 2 * time.Hour, ShutdownGrace: 6 * time.Second,
+					MaxResultBytes: 13, ConnectWait: 14 * time.Second,
 					MaxDeliver: 10, StreamReplicas: 3, Metrics: "127.0.0.1:9100", StateDir: "/s",
 					MaxRequests: 7, MaxMemoryMB: 8, MaxAge: 9 * time.Second,
 					NATSCreds: "/c", NATSUser: "u", NATSPassword: "pw", NATSToken: "tk",
