@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,7 +21,8 @@ const DefaultListen = "127.0.0.1:4222"
 // --nats URL.
 type EmbeddedConfig struct {
 	// Listen is the client address, "host:port"; empty means DefaultListen
-	// and port 0 a random free port (see the server's ClientURL).
+	// and port 0 a random free port (see the server's ClientURL). A host
+	// other than loopback needs client authentication (see Authenticated).
 	Listen string
 	// StoreDir holds JetStream's files; it is created if missing. Required:
 	// a default under /tmp would lose jobs on reboot without a word.
@@ -31,7 +33,9 @@ type EmbeddedConfig struct {
 	// Client authentication: a user and password, or a token, not both.
 	User, Password string
 	Token          string
-	// TLS for client connections; TLSCA makes client certificates required.
+	// TLS for client connections: the server's certificate and key. Once
+	// they are set every TCP client must use TLS (in-process ones need
+	// not). TLSCA makes client certificates signed by it required.
 	TLSCert, TLSKey, TLSCA string
 	// ReadyTimeout bounds the wait for the server to accept clients;
 	// 0 means 10 s.
@@ -91,6 +95,23 @@ func StartEmbedded(cfg EmbeddedConfig, log *zap.Logger) (*server.Server, error) 
 	return srv, nil
 }
 
+// Authenticated reports whether cfg makes clients prove who they are: a user
+// and password, a token, or a client certificate signed by TLSCA.
+func (cfg EmbeddedConfig) Authenticated() bool {
+	return cfg.User != "" && cfg.Password != "" || cfg.Token != "" || cfg.TLSCA != "" && cfg.TLSCert != "" && cfg.TLSKey != ""
+}
+
+// LoopbackHost reports whether a listen host can only be reached from this
+// machine: "localhost" or a loopback IP (127.0.0.0/8, ::1). Any other name
+// counts as reachable from outside, whatever it resolves to today.
+func LoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(strings.TrimSuffix(strings.TrimPrefix(host, "["), "]"))
+	return ip != nil && ip.IsLoopback()
+}
+
 func (cfg EmbeddedConfig) listen() string {
 	if cfg.Listen == "" {
 		return DefaultListen
@@ -115,6 +136,12 @@ func (cfg EmbeddedConfig) options() (*server.Options, error) {
 		// An empty host would mean every interface; say so explicitly
 		// rather than open a node to the network by accident.
 		return nil, fmt.Errorf("listen address %q: host is empty (use 0.0.0.0 to listen on every interface)", cfg.listen())
+	}
+	if !LoopbackHost(host) && !cfg.Authenticated() {
+		// Anyone who can reach the port could call every function and
+		// publish jobs, events and results as the pool.
+		return nil, fmt.Errorf("listen address %q is not loopback and clients need no credentials: "+
+			"set a user and password, a token, or a TLS CA for client certificates", cfg.listen())
 	}
 	if err := checkStoreDir(cfg.StoreDir); err != nil {
 		return nil, err

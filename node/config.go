@@ -5,10 +5,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -149,8 +152,23 @@ func (c *Config) Validate() error {
 	if c.MaxDeliver < 1 {
 		return bad("--max-deliver must be at least 1, not %d", c.MaxDeliver)
 	}
-	if c.NATS == "" && c.Listen == "" {
-		return bad("--listen is empty and no --nats server is given")
+	if c.NATS == "" {
+		if err := c.checkListen(); err != nil {
+			return bad("%v", err)
+		}
+	} else if err := checkNATSURLs(c.NATS); err != nil {
+		return bad("--nats: %v", err)
+	}
+	for _, f := range []struct{ flag, path string }{
+		{"--nats-creds", c.NATSCreds}, {"--nats-tls-ca", c.NATSTLSCA},
+		{"--nats-tls-cert", c.NATSTLSCert}, {"--nats-tls-key", c.NATSTLSKey},
+	} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			return bad("%s: %v", f.flag, err)
+		}
 	}
 
 	if c.App == "" {
@@ -196,6 +214,83 @@ func (c *Config) Validate() error {
 		return bad("--state-dir: %v", err)
 	}
 	return nil
+}
+
+// authFlags is how an error names the settings that protect the embedded
+// server.
+const authFlags = "--nats-user and --nats-password, or --nats-token, or --nats-tls-ca with --nats-tls-cert and --nats-tls-key (client certificates)"
+
+// checkListen refuses an embedded server that anyone on the network could
+// use: a --listen host other than loopback needs credentials.
+func (c *Config) checkListen() error {
+	if c.Listen == "" {
+		return errors.New("--listen is empty and no --nats server is given")
+	}
+	host, _, err := net.SplitHostPort(c.Listen)
+	if err != nil {
+		return fmt.Errorf("--listen %q: %v", c.Listen, err)
+	}
+	emb := bus.EmbeddedConfig{User: c.NATSUser, Password: c.NATSPassword, Token: c.NATSToken,
+		TLSCA: c.NATSTLSCA, TLSCert: c.NATSTLSCert, TLSKey: c.NATSTLSKey}
+	authed := emb.Authenticated()
+	switch {
+	case host == "" && !authed:
+		return fmt.Errorf("--listen %q has no host, which would open the embedded NATS server on every interface "+
+			"with no credentials: listen on 127.0.0.1, or write 0.0.0.0 and set %s", c.Listen, authFlags)
+	case host == "":
+		return fmt.Errorf("--listen %q has no host: write 0.0.0.0 to listen on every interface", c.Listen)
+	case !bus.LoopbackHost(host) && !authed:
+		return fmt.Errorf("--listen %q is not a loopback address, and the embedded NATS server has no credentials: "+
+			"anyone who can reach it could call every function; set %s, or listen on 127.0.0.1", c.Listen, authFlags)
+	}
+	return nil
+}
+
+// natsSchemes are the URL schemes nats.go can dial; it would take any other
+// (http://…) as plain NATS and fail later with a vaguer error.
+var natsSchemes = map[string]bool{"nats": true, "tls": true, "ws": true, "wss": true}
+
+// checkNATSURLs catches a --nats list that no wait would make work.
+func checkNATSURLs(list string) error {
+	for _, raw := range strings.Split(list, ",") {
+		raw = strings.TrimSpace(raw)
+		if raw == "" {
+			return errors.New("an empty URL in the list")
+		}
+		full := raw
+		if !strings.Contains(raw, "://") {
+			full = "nats://" + raw // nats.go's default
+		}
+		u, err := url.Parse(full)
+		if err != nil {
+			return fmt.Errorf("%q is not a URL", redactURL(raw))
+		}
+		if !natsSchemes[u.Scheme] {
+			return fmt.Errorf("%q: scheme %q is not one of nats, tls, ws, wss", redactURL(raw), u.Scheme)
+		}
+		if u.Hostname() == "" {
+			return fmt.Errorf("%q has no host", redactURL(raw))
+		}
+		if p := u.Port(); p != "" {
+			if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+				return fmt.Errorf("%q: port %q is not a number from 1 to 65535", redactURL(raw), p)
+			}
+		}
+	}
+	return nil
+}
+
+// redactURL hides what could be a password or token before a URL goes into
+// an error: everything before the last '@'.
+func redactURL(s string) string {
+	if at := strings.LastIndex(s, "@"); at >= 0 {
+		scheme := ""
+		if k := strings.Index(s, "://"); k >= 0 && k < at {
+			scheme = s[:k+3]
+		}
+		return scheme + "***" + s[at:]
+	}
+	return s
 }
 
 // findExecutable resolves an interpreter to an absolute path without

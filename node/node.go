@@ -104,8 +104,14 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		log.Warn("cannot become a child subreaper; orphans of live workers go to init", zap.Error(err))
 	}
 
-	nc, ns, err := connect(cfg, log)
+	nc, ns, err := connect(ctx, cfg, log)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Stopped while waiting for NATS: nothing has started, so
+			// this is a clean stop.
+			log.Info("stopped before NATS could be reached", zap.Error(err))
+			return nil
+		}
 		return err
 	}
 	defer func() {
@@ -263,12 +269,22 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	}
 	jobsCtx, stopJobs := context.WithCancel(context.Background())
 	defer stopJobs()
-	jobs, err := bus.StartJobs(jobsCtx, nc, jobsCfg, p, log)
-	if err != nil {
-		stopCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		_ = svc.Stop(stopCtx)
-		return fmt.Errorf("jobs: %w", err)
+	// Calls need core NATS only; jobs need JetStream. A server without it
+	// leaves this node serving calls, with one warning, rather than not
+	// serving at all. Anything but a clear "no JetStream" goes on to
+	// StartJobs, which names what failed.
+	var jobs *bus.Jobs
+	if err := bus.CheckJetStream(jobsCtx, nc); errors.Is(err, bus.ErrNoJetStream) {
+		log.Warn("jobs are off: the NATS server has no JetStream; calls are served", zap.String("server", nc.ConnectedServerName()),
+			zap.String("url", nc.ConnectedUrlRedacted()), zap.Error(err))
+	} else {
+		jobs, err = bus.StartJobs(jobsCtx, nc, jobsCfg, p, log)
+		if err != nil {
+			stopCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_ = svc.Stop(stopCtx)
+			return fmt.Errorf("jobs: %w", err)
+		}
 	}
 	ready.Store(nil)
 	log.Info("serving", zap.String("subject", cfg.Prefix+".req."+cfg.Pool+".*"), zap.Int("functions", len(p.Functions())))
@@ -290,8 +306,10 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		case <-drainCtx.Done():
 		}
 	}()
-	if err := jobs.Stop(drainCtx); err != nil {
-		log.Warn("jobs did not finish within the grace", zap.Error(err))
+	if jobs != nil {
+		if err := jobs.Stop(drainCtx); err != nil {
+			log.Warn("jobs did not finish within the grace", zap.Error(err))
+		}
 	}
 	if err := p.Drain(drainCtx); err != nil {
 		log.Warn("in-flight calls did not finish within the grace", zap.Error(err))
@@ -326,9 +344,12 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	return nil
 }
 
-// connect joins the NATS servers in cfg, or starts an embedded one (loopback
-// by default, JetStream stored in the state dir) and connects in-process.
-func connect(cfg Config, log *zap.Logger) (*nats.Conn, *server.Server, error) {
+// connect joins the NATS servers in cfg, retrying for cfg.ConnectWait while
+// none can be reached, or starts an embedded one (loopback by default,
+// JetStream stored in the state dir) and connects in-process. A server that
+// stayed unreachable is a runtime error (exit 1); everything else that
+// fails here is configuration (exit 2).
+func connect(ctx context.Context, cfg Config, log *zap.Logger) (*nats.Conn, *server.Server, error) {
 	conn := bus.ConnConfig{
 		URLs:     cfg.NATS,
 		Name:     "poolnode " + cfg.Node,
@@ -339,16 +360,23 @@ func connect(cfg Config, log *zap.Logger) (*nats.Conn, *server.Server, error) {
 		TLSCA:    cfg.NATSTLSCA,
 		TLSCert:  cfg.NATSTLSCert,
 		TLSKey:   cfg.NATSTLSKey,
+		Wait:     cfg.ConnectWait,
 	}
 	var ns *server.Server
 	if cfg.NATS == "" {
 		var err error
+		// With an embedded server the TLS flags are the server's side:
+		// its certificate, and the CA its clients' certificates must be
+		// signed by.
 		ns, err = bus.StartEmbedded(bus.EmbeddedConfig{
 			Listen:   cfg.Listen,
 			StoreDir: filepath.Join(cfg.StateDir, "jetstream"),
 			User:     cfg.NATSUser,
 			Password: cfg.NATSPassword,
 			Token:    cfg.NATSToken,
+			TLSCert:  cfg.NATSTLSCert,
+			TLSKey:   cfg.NATSTLSKey,
+			TLSCA:    cfg.NATSTLSCA,
 		}, log)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w: embedded NATS server: %v", ErrConfig, err)
@@ -356,13 +384,16 @@ func connect(cfg Config, log *zap.Logger) (*nats.Conn, *server.Server, error) {
 		log.Info("embedded NATS server listening", zap.String("url", ns.ClientURL()))
 		conn.InProcess = ns
 	}
-	nc, err := bus.Connect(conn, log)
+	nc, err := bus.ConnectContext(ctx, conn, log)
 	if err != nil {
 		if ns != nil {
 			ns.Shutdown()
 			ns.WaitForShutdown()
 		}
-		return nil, nil, fmt.Errorf("%w: connect to NATS: %v", ErrConfig, err)
+		if errors.Is(err, bus.ErrUnreachable) || ctx.Err() != nil {
+			return nil, nil, err
+		}
+		return nil, nil, fmt.Errorf("%w: %v", ErrConfig, err)
 	}
 	return nc, ns, nil
 }

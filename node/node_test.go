@@ -2,9 +2,11 @@ package node
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -12,6 +14,7 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
@@ -98,5 +101,38 @@ func connectWhenUp(t *testing.T, url string) *nats.Conn {
 			t.Fatalf("no NATS at %s: %v", url, err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestRunWaitsForNATS: a --nats server that stays unreachable ends Run
+// after ConnectWait with a runtime error (exit 1) naming the URL, not a
+// configuration error; a stop during the wait is a clean return.
+func TestRunWaitsForNATS(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+
+	cfg := validConfig(t)
+	cfg.NATS = "nats://" + addr
+	cfg.ConnectWait = 500 * time.Millisecond
+	err = Run(context.Background(), cfg, zaptest.NewLogger(t), make(chan struct{}))
+	if err == nil || errors.Is(err, ErrConfig) || !errors.Is(err, bus.ErrUnreachable) || !strings.Contains(err.Error(), addr) {
+		t.Errorf("Run = %v, want a runtime error naming %s", err, addr)
+	}
+
+	cfg = validConfig(t)
+	cfg.NATS = "nats://" + addr
+	cfg.ConnectWait = time.Hour
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := Run(ctx, cfg, zaptest.NewLogger(t), make(chan struct{})); err != nil {
+		t.Errorf("Run stopped during the wait = %v, want nil", err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("Run took %s to stop during the wait", took)
 	}
 }

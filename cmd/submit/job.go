@@ -70,7 +70,7 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	if c.wait {
 		// Before publishing: a job whose result could never be read should
 		// not be queued.
-		if results, err = streamFor(ctx, js, resultSubj, "PYFLEET_RESULTS"); err != nil {
+		if results, err = streamFor(ctx, nc, js, resultSubj, "PYFLEET_RESULTS"); err != nil {
 			return err
 		}
 	}
@@ -86,6 +86,9 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	cancel()
 	switch {
 	case errors.Is(err, jetstream.ErrNoStreamResponse):
+		if err := noJetStream(ctx, nc, js); err != nil {
+			return err
+		}
 		return unavailablef("no PYFLEET_JOBS stream: is a poolnode running?")
 	case err != nil && ctx.Err() != nil:
 		return errInterrupted
@@ -105,18 +108,40 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 
 // streamFor names the stream that stores subj, looked up by subject so a
 // non-default prefix needs no naming convention.
-func streamFor(ctx context.Context, js jetstream.JetStream, subj, want string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
+func streamFor(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, subj, want string) (string, error) {
+	lctx, cancel := context.WithTimeout(ctx, publishTimeout)
 	defer cancel()
-	name, err := js.StreamNameBySubject(ctx, subj)
+	name, err := js.StreamNameBySubject(lctx, subj)
 	switch {
-	case errors.Is(err, jetstream.ErrStreamNotFound), errors.Is(err, jetstream.ErrJetStreamNotEnabled),
-		errors.Is(err, nats.ErrNoResponders):
+	case errors.Is(err, jetstream.ErrJetStreamNotEnabled), errors.Is(err, nats.ErrNoResponders):
+		if err := noJetStream(ctx, nc, js); err != nil {
+			return "", err
+		}
+		return "", unavailablef("no %s stream: is a poolnode running?", want)
+	case errors.Is(err, jetstream.ErrStreamNotFound):
 		return "", unavailablef("no %s stream: is a poolnode running?", want)
 	case err != nil:
 		return "", fmt.Errorf("looking up the stream of %s: %w", subj, err)
 	}
 	return name, nil
+}
+
+// noJetStream explains a JetStream request nobody answered when the reason
+// is that the server has no JetStream at all (nats-server's default), which
+// "no stream" would hide; nil when that is not it.
+func noJetStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream) error {
+	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	_, err := js.AccountInfo(ctx)
+	server := fmt.Sprintf("%q at %s", nc.ConnectedServerName(), redactURLs(nc.ConnectedUrl()))
+	switch {
+	case errors.Is(err, jetstream.ErrJetStreamNotEnabled):
+		return unavailablef("the NATS server %s has no JetStream, so jobs are unavailable "+
+			"(start it with -js; `submit call` works without JetStream)", server)
+	case errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount):
+		return unavailablef("JetStream is not enabled for this account on the NATS server %s, so jobs are unavailable", server)
+	}
+	return nil
 }
 
 // await reads the job's result from the results stream. An ordered consumer

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -156,5 +157,34 @@ func TestJobErrors(t *testing.T) {
 	r.want(t, 3, "")
 	if !strings.Contains(r.stderr, "no result for job never within 300ms") {
 		t.Fatalf("stderr %q", r.stderr)
+	}
+}
+
+// TestJobWithoutJetStream: against a server that has no JetStream (nats-server's
+// default), `submit job` says so at once rather than blaming a missing stream
+// or hanging, with and without --wait.
+func TestJobWithoutJetStream(t *testing.T) {
+	s, err := server.NewServer(&server.Options{ServerName: "plain", Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	t.Cleanup(func() {
+		s.Shutdown()
+		s.WaitForShutdown()
+	})
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats server not ready")
+	}
+	for _, args := range [][]string{{"job", "echo"}, {"job", "--wait", "echo"}, {"job", "--wait", "--timeout", "1h", "echo"}} {
+		start := time.Now()
+		r := submit(t, s, "", append(args, `{}`)...)
+		r.want(t, 3, "")
+		if !strings.Contains(r.stderr, `the NATS server "plain"`) || !strings.Contains(r.stderr, "has no JetStream, so jobs are unavailable") {
+			t.Errorf("submit %v: stderr %q, want it to say the server has no JetStream", args, r.stderr)
+		}
+		if took := time.Since(start); took > 10*time.Second {
+			t.Errorf("submit %v took %s", args, took)
+		}
 	}
 }
