@@ -1130,14 +1130,14 @@ func refusal(err error, nc *nats.Conn) *streamRefusal {
 	case jsErrStreamMessageExceedsMaximum:
 		return &streamRefusal{tooLarge: true, reason: ae.Description + " (the stream's max message size)"}
 	case jsErrStreamStoreFailed:
-		if strings.Contains(ae.Description, "too large") {
-			return &streamRefusal{tooLarge: true, reason: ae.Description}
+		// The same code says "store is closed" while a stream moves or
+		// restarts, and that passes.
+		switch d := ae.Description; {
+		case strings.Contains(d, "too large"):
+			return &streamRefusal{tooLarge: true, reason: d}
+		case strings.HasPrefix(d, "maximum"): // messages, bytes, messages per subject
+			return &streamRefusal{reason: d + " (the stream is full and its discard policy is new)"}
 		}
-		reason := ae.Description
-		if strings.HasPrefix(reason, "maximum") {
-			reason += " (the stream is full and its discard policy is new)"
-		}
-		return &streamRefusal{reason: reason}
 	case jsErrAccountResourcesExceeded, jsErrInsufficientResources:
 		return &streamRefusal{reason: ae.Description}
 	}
