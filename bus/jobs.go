@@ -545,7 +545,7 @@ type job struct {
 // the node may not publish to is never used.
 func (j *Jobs) identify(hdr nats.Header, seq uint64) (id, requestID, replyTo, idNote string) {
 	id = header(hdr, HeaderMsgID)
-	if id != "" && badHeaderValue(id) != "" {
+	if id != "" && !safeHeader(HeaderMsgID, id) {
 		idNote = fmt.Sprintf("; the job is named by its stream sequence %d instead", seq)
 		id = ""
 	}
@@ -553,7 +553,7 @@ func (j *Jobs) identify(hdr nats.Header, seq uint64) (id, requestID, replyTo, id
 		id = strconv.FormatUint(seq, 10)
 	}
 	requestID = header(hdr, HeaderRequestID)
-	if requestID == "" || badHeaderValue(requestID) != "" {
+	if requestID == "" || !safeHeader(HeaderRequestID, requestID) {
 		requestID = id
 	}
 	replyTo = header(hdr, HeaderReplyTo)
@@ -561,6 +561,11 @@ func (j *Jobs) identify(hdr nats.Header, seq uint64) (id, requestID, replyTo, id
 		replyTo = ""
 	}
 	return id, requestID, replyTo, idNote
+}
+
+// safeHeader reports whether v passes checkHeaders as the value of name.
+func safeHeader(name, v string) bool {
+	return checkHeaders(nats.Header{name: {v}}) == nil
 }
 
 // admit refuses, before anything else, a job whose headers say it can never
@@ -586,8 +591,8 @@ func (j *Jobs) admit(jb *job) *call.Error {
 // as an event or a dead letter, and in $JS.>, $KV.>, $O.> or $SYS.> taken
 // as a JetStream API call, a key, an object or a system request.
 func (j *Jobs) checkReplyTo(to string) *call.Error {
-	if why := badHeaderValue(to); why != "" {
-		return call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %s", HeaderReplyTo, why)
+	if e := checkHeaders(nats.Header{HeaderReplyTo: {to}}); e != nil {
+		return e
 	}
 	for _, tok := range strings.Split(to, ".") {
 		if err := ValidToken(tok); err != nil {
