@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -199,6 +200,12 @@ func (cfg *JobsConfig) normalize() error {
 	if cfg.DefaultTimeout <= 0 {
 		cfg.DefaultTimeout = DefaultTimeout
 	}
+	if cfg.MaxTimeout <= 0 {
+		cfg.MaxTimeout = DefaultMaxTimeout
+	}
+	if cfg.MaxResultBytes < 0 {
+		return fmt.Errorf("max result bytes %d: want a positive number, or 0 for the NATS max payload", cfg.MaxResultBytes)
+	}
 	if cfg.FetchWait <= 0 {
 		cfg.FetchWait = DefaultFetchWait
 	}
@@ -217,6 +224,8 @@ type Jobs struct {
 	streams StreamNames
 	funcs   map[string]call.Function
 	log     *zap.Logger
+	// noReplyTo are the subject trees no Pyfleet-Reply-To may point into.
+	noReplyTo []string
 	// state is replaced when the consumer is recreated under a running node.
 	state      atomic.Pointer[jsState]
 	advisories *nats.Subscription
@@ -254,18 +263,19 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 		return nil, fmt.Errorf("jobs: %w", err)
 	}
 	j := &Jobs{
-		nc:       nc,
-		js:       js,
-		h:        h,
-		cfg:      cfg,
-		subj:     Subjects{Prefix: cfg.Prefix},
-		streams:  Streams(cfg.Prefix),
-		funcs:    map[string]call.Function{},
-		log:      log,
-		stop:     make(chan struct{}),
-		loopDone: make(chan struct{}),
-		wake:     make(chan struct{}, 1),
-		idle:     make(chan struct{}),
+		nc:        nc,
+		js:        js,
+		h:         h,
+		cfg:       cfg,
+		subj:      Subjects{Prefix: cfg.Prefix},
+		streams:   Streams(cfg.Prefix),
+		funcs:     map[string]call.Function{},
+		log:       log,
+		noReplyTo: noReplyTo(Subjects{Prefix: cfg.Prefix}),
+		stop:      make(chan struct{}),
+		loopDone:  make(chan struct{}),
+		wake:      make(chan struct{}, 1),
+		idle:      make(chan struct{}),
 	}
 	for _, f := range h.Functions() {
 		j.funcs[f.Name] = f
@@ -498,6 +508,20 @@ func (j *Jobs) settled() {
 	}
 }
 
+// HeaderFunction on a stored result names the function of its job. With
+// Pyfleet-Job-Id it is how a later delivery of a job knows that a stored
+// result is this job's own before it acks the job without running it.
+const HeaderFunction = "Pyfleet-Function"
+
+// TypeResultRefused is the error of a job that ran but whose result the
+// results stream would not store (full with discard new, say).
+const TypeResultRefused = "ResultRefused"
+
+// maxStoredError bounds the message of an error in a dead letter or a stored
+// result when the whole one does not fit: an exception's message may quote
+// the whole payload.
+const maxStoredError = 4096
+
 // job is one delivery of a job being handled.
 type job struct {
 	msg       jetstream.Msg
@@ -507,8 +531,110 @@ type job struct {
 	delivery  uint64
 	hdr       nats.Header
 	requestID string
+	replyTo   string // Pyfleet-Reply-To if the node may publish to it, else ""
+	idNote    string // why id is not the job's Nats-Msg-Id, when it is not
 	log       *zap.Logger
 	endBeat   func()
+}
+
+// identify reads who a job is from its headers, using no value the node
+// could not carry safely. The id goes into the subjects and headers of the
+// job's result and dead letter, so a Nats-Msg-Id that is not a safe header
+// value (checkHeaders) gives way to the stream sequence, and idNote says so
+// for the dead letter; a bad request id gives way to the id, and a Reply-To
+// the node may not publish to is never used.
+func (j *Jobs) identify(hdr nats.Header, seq uint64) (id, requestID, replyTo, idNote string) {
+	id = header(hdr, HeaderMsgID)
+	if id != "" && !safeHeader(HeaderMsgID, id) {
+		idNote = fmt.Sprintf("; the job is named by its stream sequence %d instead", seq)
+		id = ""
+	}
+	if id == "" {
+		id = strconv.FormatUint(seq, 10)
+	}
+	requestID = header(hdr, HeaderRequestID)
+	if requestID == "" || !safeHeader(HeaderRequestID, requestID) {
+		requestID = id
+	}
+	replyTo = header(hdr, HeaderReplyTo)
+	if replyTo != "" && j.checkReplyTo(replyTo) != nil {
+		replyTo = ""
+	}
+	return id, requestID, replyTo, idNote
+}
+
+// safeHeader reports whether v passes checkHeaders as the value of name.
+func safeHeader(name, v string) bool {
+	return checkHeaders(nats.Header{name: {v}}) == nil
+}
+
+// admit refuses, before anything else, a job whose headers say it can never
+// run: no such job reaches a worker or is delivered again.
+func (j *Jobs) admit(jb *job) *call.Error {
+	if e := checkHeaders(jb.hdr); e != nil {
+		e.Message += jb.idNote
+		return e
+	}
+	if err := ValidToken(jb.id); err != nil {
+		return call.Errorf(call.CodeBadRequest, TypeInvalidJobID, "job id (%s) cannot be a subject token: %v", HeaderMsgID, err)
+	}
+	if to := header(jb.hdr, HeaderReplyTo); to != "" {
+		return j.checkReplyTo(to)
+	}
+	return nil
+}
+
+// checkReplyTo refuses a Pyfleet-Reply-To that is not a plain subject (a
+// wildcard, an empty token) or that lies where a message means more than a
+// result to whoever reads it: in <prefix>.result.> it would be stored as
+// another job's result, in .job.> run as a job, in .evt.> and .dead.> read
+// as an event or a dead letter, and in $JS.>, $KV.>, $O.> or $SYS.> taken
+// as a JetStream API call, a key, an object or a system request.
+func (j *Jobs) checkReplyTo(to string) *call.Error {
+	if e := checkHeaders(nats.Header{HeaderReplyTo: {to}}); e != nil {
+		return e
+	}
+	for _, tok := range strings.Split(to, ".") {
+		if err := ValidToken(tok); err != nil {
+			return call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a subject a result can be sent to: %v", HeaderReplyTo, to, err)
+		}
+	}
+	for _, root := range j.noReplyTo {
+		if to == root || strings.HasPrefix(to, root+".") {
+			return call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is inside %s.>, where the node sends no results", HeaderReplyTo, to, root)
+		}
+	}
+	return nil
+}
+
+// noReplyTo lists the subject trees checkReplyTo keeps results out of.
+func noReplyTo(sub Subjects) []string {
+	p := sub.prefix()
+	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", "$JS", "$KV", "$O", "$SYS"}
+}
+
+// jobTimeout reads a job's Pyfleet-Timeout, which may not exceed MaxTimeout.
+func (j *Jobs) jobTimeout(h nats.Header) (time.Duration, *call.Error) {
+	d, e := parseTimeout(h, j.cfg.DefaultTimeout)
+	if e == nil && header(h, HeaderTimeout) != "" && d > j.cfg.MaxTimeout {
+		e = call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %d ms is over the limit of %d ms",
+			HeaderTimeout, d.Milliseconds(), j.cfg.MaxTimeout.Milliseconds())
+	}
+	return d, e
+}
+
+// maxResult is the largest result a job may have: MaxResultBytes, and never
+// more than the connection's max payload, since a larger one cannot be
+// stored.
+func (j *Jobs) maxResult() int {
+	limit := j.cfg.MaxResultBytes
+	if mp := int(j.nc.MaxPayload()); mp > 0 && (limit <= 0 || limit > mp) {
+		limit = mp
+	}
+	if limit <= 0 {
+		limit = 1 << 20 // not connected yet: the NATS default max payload
+	}
+	return limit
 }
 
 // run handles one delivery. The order is the at-least-once contract: the
@@ -526,14 +652,7 @@ func (j *Jobs) run(msg jetstream.Msg) {
 		return
 	}
 	jb := &job{msg: msg, seq: meta.Sequence.Stream, delivery: meta.NumDelivered, hdr: msg.Headers()}
-	jb.id = header(jb.hdr, HeaderMsgID)
-	if jb.id == "" {
-		jb.id = strconv.FormatUint(jb.seq, 10)
-	}
-	jb.requestID = header(jb.hdr, HeaderRequestID)
-	if jb.requestID == "" {
-		jb.requestID = jb.id
-	}
+	jb.id, jb.requestID, jb.replyTo, jb.idNote = j.identify(jb.hdr, jb.seq)
 	jb.function = strings.TrimPrefix(msg.Subject(), j.subj.Job(j.cfg.Pool, ""))
 	jb.log = j.log.With(zap.String("job", jb.id), zap.String("function", jb.function), zap.Uint64("delivery", jb.delivery))
 	// The lease is kept from the first moment: the lookup below and the
@@ -541,8 +660,8 @@ func (j *Jobs) run(msg jetstream.Msg) {
 	jb.endBeat = j.heartbeat(jb)
 	defer jb.endBeat()
 
-	if err := ValidToken(jb.id); err != nil {
-		j.bury(jb, call.Errorf(call.CodeBadRequest, TypeInvalidJobID, "job id (%s) cannot be a subject token: %v", HeaderMsgID, err))
+	if e := j.admit(jb); e != nil {
+		j.bury(jb, e)
 		return
 	}
 	if done, err := j.storedResult(jb); err != nil {
@@ -559,7 +678,7 @@ func (j *Jobs) run(msg jetstream.Msg) {
 		j.bury(jb, call.Errorf(call.CodeNotFound, TypeNotFound, "no function %q in pool %q", jb.function, j.cfg.Pool))
 		return
 	}
-	timeout, cerr := parseTimeout(jb.hdr, j.cfg.DefaultTimeout)
+	timeout, cerr := j.jobTimeout(jb.hdr)
 	if cerr == nil && !fn.Raw {
 		cerr = checkJSON(msg.Data())
 	}
@@ -577,15 +696,24 @@ func (j *Jobs) run(msg jetstream.Msg) {
 	}
 	ctx, cancel := context.WithDeadline(j.abortCtx, req.Deadline)
 	defer cancel()
-	var chunks [][]byte
-	var worker string
+	col := &collector{raw: fn.Raw, limit: j.maxResult()}
 	emit := func(ch call.Chunk) error {
-		chunks = append(chunks, ch.Data)
-		worker = ch.Worker
+		if err := col.add(ch); err != nil {
+			// The result is lost already: stop the worker's
+			// generator rather than let it stream to the deadline.
+			cancel()
+			return err
+		}
 		return nil
 	}
 	j.started(&startedOnce)
 	res, err := j.h.Call(ctx, req, emit)
+	if e := col.failure(); e != nil {
+		// Whatever the cancelled call returned, this is why it ended;
+		// a 413 is permanent.
+		j.bury(jb, e)
+		return
+	}
 	if err != nil && j.abortCtx.Err() != nil {
 		jb.log.Info("job cut short by stop; handed back")
 		jb.endBeat()
@@ -601,19 +729,29 @@ func (j *Jobs) run(msg jetstream.Msg) {
 		return
 	}
 
-	out := &nats.Msg{Header: replyHeader(StatusOK, j.cfg.Node, res.Worker, jb.requestID), Data: res.Data}
+	data, worker := res.Data, res.Worker
 	if fn.Stream {
 		// A job has one result: the chunks as a JSON array, or end to
 		// end for a raw function.
-		out.Data = joinChunks(chunks, fn.Raw)
-		if res.Worker == "" && worker != "" {
-			out.Header[HeaderWorker] = []string{worker}
+		data = col.join()
+		if worker == "" {
+			worker = col.worker
 		}
 	}
-	if err := j.storeResult(jb.id, jb.seq, out); err != nil {
+	if len(data) > col.limit {
+		e := call.Errorf(call.CodeTooLarge, TypeTooLarge, "result of %d bytes is over the limit of %d bytes", len(data), col.limit)
+		e.Worker = worker
+		j.bury(jb, e)
+		return
+	}
+	out := &nats.Msg{Header: replyHeader(StatusOK, j.cfg.Node, worker, jb.requestID), Data: data}
+	if err := j.storeResult(jb.id, jb.function, jb.seq, out); err != nil {
 		var e *call.Error
 		if errors.As(err, &e) {
-			j.failed(jb, e)
+			// Too large, or a stream that refuses it: running the job
+			// again would end the same way.
+			e.Worker = worker
+			j.bury(jb, e)
 			return
 		}
 		jb.log.Error("cannot store result; the job will run again", zap.Error(err))
@@ -625,18 +763,76 @@ func (j *Jobs) run(msg jetstream.Msg) {
 	j.outcome("acked")
 }
 
+// collector gathers a streamed job's items as they come and refuses the one
+// that would make the joined result larger than limit: a generator that
+// never ends costs the node one result's worth of memory, not all of it.
+type collector struct {
+	raw   bool
+	limit int
+
+	mu     sync.Mutex
+	chunks [][]byte
+	size   int // of the joined result so far
+	worker string
+	err    *call.Error
+}
+
+func (c *collector) add(ch call.Chunk) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return c.err
+	}
+	size := c.size + len(ch.Data)
+	if !c.raw {
+		if len(c.chunks) == 0 {
+			size += 2 // [ and ]
+		} else {
+			size++ // ,
+		}
+	}
+	if size > c.limit {
+		c.err = call.Errorf(call.CodeTooLarge, TypeTooLarge, "streamed result is over the limit of %d bytes after %d items (%d bytes); the call was cancelled",
+			c.limit, len(c.chunks), c.size)
+		c.err.Worker = ch.Worker
+		c.chunks = nil // the job is lost: free it now
+		return c.err
+	}
+	c.size = size
+	c.chunks = append(c.chunks, ch.Data)
+	c.worker = ch.Worker
+	return nil
+}
+
+func (c *collector) failure() *call.Error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+func (c *collector) join() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return joinChunks(c.chunks, c.raw, c.size)
+}
+
 // failed settles a job whose call failed: at once to the dead letters when
 // it can never succeed (the request itself is wrong), after the last
 // delivery otherwise, and back to the stream with a delay before that.
 func (j *Jobs) failed(jb *job, e *call.Error) {
-	permanent := e.Code == call.CodeBadRequest || e.Code == call.CodeNotFound || e.Code == call.CodeTooLarge
 	maxDeliver := j.state.Load().maxDeliver
-	if permanent || (maxDeliver > 0 && jb.delivery >= uint64(maxDeliver)) {
+	if permanent(e) || (maxDeliver > 0 && jb.delivery >= uint64(maxDeliver)) {
 		j.bury(jb, e)
 		return
 	}
 	jb.log.Info("job failed; will be delivered again", zap.Int("code", e.Code), zap.String("type", e.Type), zap.String("error", e.Message))
 	j.retry(jb)
+}
+
+// permanent reports whether a job that failed with e would fail the same way
+// every time.
+func permanent(e *call.Error) bool {
+	return e.Code == call.CodeBadRequest || e.Code == call.CodeNotFound || e.Code == call.CodeTooLarge || e.Type == TypeResultRefused
 }
 
 func (j *Jobs) retry(jb *job) {
@@ -668,17 +864,28 @@ func (j *Jobs) ack(jb *job) {
 	}
 }
 
-// bury dead-letters jb with its last error and terminates it.
+// bury dead-letters jb with its last error and terminates it. The job ends
+// here whenever its dead letter or at least its error result is stored.
+// When neither is, a job that might still succeed goes back to the stream;
+// one that never can (permanent) is terminated all the same, since another
+// delivery would only fail, and fail to bury, again.
 func (j *Jobs) bury(jb *job, e *call.Error) {
 	jb.log.Warn("job dead-lettered", zap.Int("code", e.Code), zap.String("type", e.Type), zap.String("error", e.Message))
 	dl := deadLetter{id: jb.id, seq: jb.seq, subject: jb.msg.Subject(), function: jb.function,
-		deliveries: jb.delivery, payload: jb.msg.Data(), hdr: jb.hdr, requestID: jb.requestID}
-	if err := j.publishDead(dl, e); err != nil {
-		// Without a dead letter the job must stay in the stream rather
-		// than vanish: leave it to be delivered again.
-		jb.log.Error("cannot publish dead letter; the job will be delivered again", zap.Error(err))
+		deliveries: jb.delivery, payload: jb.msg.Data(), replyTo: jb.replyTo, requestID: jb.requestID}
+	deadErr, resErr := j.publishDead(dl, e)
+	switch {
+	case deadErr == nil:
+	case resErr == nil:
+		jb.log.Error("cannot publish the dead letter; the job ends with its error stored as its result", zap.Error(deadErr))
+	case !permanent(e):
+		jb.log.Error("cannot publish the dead letter nor store the error; the job will be delivered again",
+			zap.NamedError("dead_letter", deadErr), zap.NamedError("result", resErr))
 		j.retry(jb)
 		return
+	default:
+		jb.log.Error("cannot publish the dead letter nor store the error of a job that can never succeed; the job is dropped",
+			zap.Int("code", e.Code), zap.String("error", e.Message), zap.NamedError("dead_letter", deadErr), zap.NamedError("result", resErr))
 	}
 	jb.endBeat()
 	if err := jb.msg.TermWithReason(fmt.Sprintf("%d %s", e.Code, e.Type)); err != nil {
@@ -689,39 +896,93 @@ func (j *Jobs) bury(jb *job, e *call.Error) {
 
 // deadLetter is what publishDead needs to know of a job.
 type deadLetter struct {
-	id, subject, function, requestID string
-	seq, deliveries                  uint64
-	payload                          []byte
-	hdr                              nats.Header
+	id, subject, function, requestID, replyTo string
+	seq, deliveries                           uint64
+	payload                                   []byte
 }
 
 // publishDead publishes a job with its last error to
-// <prefix>.dead.<pool>.<function> and waits for the stream to store it; then
-// it stores that error as the job's result and sends it to the job's
-// Pyfleet-Reply-To, so that whoever waits for the job learns its end.
-func (j *Jobs) publishDead(dl deadLetter, e *call.Error) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+// <prefix>.dead.<pool>.<function>, stores that error as the job's result
+// and sends it to the job's Reply-To, so that whoever waits for the job
+// learns its end; it returns why the dead letter, and why the result, could
+// not be stored. A dead letter too large to publish keeps only the start of
+// the payload, or none of it (DeadJob.PayloadTruncated), and an error too
+// large to store is cut short.
+func (j *Jobs) publishDead(dl deadLetter, e *call.Error) (deadErr, resErr error) {
 	h, _ := errorMsg(e, j.cfg.Node, dl.requestID)
 	h[HeaderJobID] = []string{dl.id}
 	h[HeaderMsgID] = []string{dl.id + ":" + strconv.FormatUint(dl.seq, 10)}
-	dead := &nats.Msg{
-		Subject: j.subj.Dead(j.cfg.Pool, deadFunction(dl.function)),
-		Header:  h,
-		Data:    deadBody(e, dl),
+	dead := &nats.Msg{Subject: j.subj.Dead(j.cfg.Pool, deadFunction(dl.function)), Header: h}
+	short := shortError(e, maxStoredError)
+	for _, try := range []struct {
+		e    *call.Error
+		keep int // bytes of the payload; -1 all
+	}{{e, -1}, {short, j.payloadRoom(dead, short, dl)}, {short, 0}} {
+		dead.Data = deadBody(try.e, dl, try.keep)
+		deadErr = j.jsPublish(dead)
+		if r := refusal(deadErr, j.nc); r == nil || !r.tooLarge {
+			break
+		}
+		j.log.Warn("dead letter too large; publishing it with less of the payload", zap.String("job", dl.id),
+			zap.Int("bytes", len(dead.Data)), zap.Error(deadErr))
 	}
-	if _, err := j.js.PublishMsg(ctx, dead); err != nil {
-		return err
-	}
+
 	res := &nats.Msg{}
-	res.Header, res.Data = errorMsg(e, j.cfg.Node, dl.requestID)
-	if ValidToken(dl.id) == nil {
-		if err := j.storeResult(dl.id, dl.seq, res); err != nil {
-			j.log.Warn("cannot store the error as the job's result", zap.String("job", dl.id), zap.Error(err))
+	if err := ValidToken(dl.id); err != nil {
+		resErr = fmt.Errorf("no result stored: %w", err)
+	} else {
+		for _, ee := range []*call.Error{e, short} {
+			res = &nats.Msg{}
+			res.Header, res.Data = errorMsg(ee, j.cfg.Node, dl.requestID)
+			resErr = j.storeResult(dl.id, dl.function, dl.seq, res)
+			var ce *call.Error
+			if resErr == nil || !errors.As(resErr, &ce) || ce.Code != call.CodeTooLarge {
+				break
+			}
+		}
+		if resErr != nil {
+			j.log.Warn("cannot store the error as the job's result", zap.String("job", dl.id), zap.Error(resErr))
 		}
 	}
-	j.forwardTo(header(dl.hdr, HeaderReplyTo), dl.id, res)
-	return nil
+	if res.Header == nil {
+		res.Header, res.Data = errorMsg(short, j.cfg.Node, dl.requestID)
+	}
+	j.forwardTo(dl.replyTo, dl.id, res)
+	return deadErr, resErr
+}
+
+// payloadRoom is how many bytes of dl's payload fit in a dead letter m with
+// error e without going over the max payload.
+func (j *Jobs) payloadRoom(m *nats.Msg, e *call.Error, dl deadLetter) int {
+	room := int(j.nc.MaxPayload()) - headerBytes(m.Header) - len(deadBody(e, dl, 0)) - 64
+	// PayloadBytes is base64 in JSON: 4 bytes for every 3.
+	return max(room/4*3, 0)
+}
+
+// headerBytes is the size of h on the wire, which counts against the max
+// payload too.
+func headerBytes(h nats.Header) int {
+	n := len("NATS/1.0\r\n\r\n")
+	for k, vs := range h {
+		for _, v := range vs {
+			n += len(k) + len(": \r\n") + len(v)
+		}
+	}
+	return n
+}
+
+// shortError returns e with its message cut to about n bytes.
+func shortError(e *call.Error, n int) *call.Error {
+	if len(e.Message) <= n {
+		return e
+	}
+	c := *e
+	cut := n
+	for cut > 0 && !utf8.RuneStart(c.Message[cut]) {
+		cut--
+	}
+	c.Message = fmt.Sprintf("%s… (%d bytes in all)", c.Message[:cut], len(e.Message))
+	return &c
 }
 
 // deadFunction keeps the dead-letter subject one token long even for a job
@@ -743,23 +1004,39 @@ type DeadLetter struct {
 
 // DeadJob describes the job in a DeadLetter.
 type DeadJob struct {
-	ID         string `json:"id"`
-	Subject    string `json:"subject"`
+	ID      string `json:"id"`
+	Subject string `json:"subject"`
+	// Seq is the job's sequence in the jobs stream (what its submitter's
+	// publish acknowledgement said); a job without a usable Nats-Msg-Id
+	// is named by it.
+	Seq        uint64 `json:"seq"`
 	Deliveries uint64 `json:"deliveries"`
 	// Payload is the job's body when it is JSON, else PayloadBytes holds
 	// it (base64 in JSON).
 	Payload      json.RawMessage `json:"payload,omitempty"`
 	PayloadBytes []byte          `json:"payload_bytes,omitempty"`
+	// PayloadTruncated says that the whole dead letter would have been too
+	// large to publish: PayloadBytes holds only the first bytes of the
+	// body (maybe none), and PayloadSize its size.
+	PayloadTruncated bool `json:"payload_truncated,omitempty"`
+	PayloadSize      int  `json:"payload_size,omitempty"`
 }
 
-func deadBody(e *call.Error, dl deadLetter) []byte {
+// deadBody is the DeadLetter of dl with error e and keep bytes of its
+// payload, or all of it when keep is negative.
+func deadBody(e *call.Error, dl deadLetter, keep int) []byte {
 	d := DeadLetter{
 		Error: ErrorDetail{Code: e.Code, Type: e.Type, Message: e.Message},
-		Job:   DeadJob{ID: dl.id, Subject: dl.subject, Deliveries: dl.deliveries},
+		Job:   DeadJob{ID: dl.id, Subject: dl.subject, Seq: dl.seq, Deliveries: dl.deliveries},
 	}
-	if json.Valid(dl.payload) {
+	switch {
+	case keep >= 0 && keep < len(dl.payload):
+		d.Job.PayloadBytes = dl.payload[:keep]
+		d.Job.PayloadTruncated = true
+		d.Job.PayloadSize = len(dl.payload)
+	case json.Valid(dl.payload):
 		d.Job.Payload = dl.payload
-	} else {
+	default:
 		d.Job.PayloadBytes = dl.payload
 	}
 	b, _ := json.Marshal(d)
@@ -768,7 +1045,10 @@ func deadBody(e *call.Error, dl deadLetter) []byte {
 
 // storedResult returns the stored result of jb's job if it succeeded. A
 // stored error does not count: it was the final answer to an earlier
-// submission, and submitting the job again asks for another try.
+// submission, and submitting the job again asks for another try. Nor does a
+// result that does not name this job and its function: anyone who can
+// publish to the results subjects could have put it there, and running the
+// job again is safe where trusting it is not.
 func (j *Jobs) storedResult(jb *job) (*nats.Msg, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -782,41 +1062,106 @@ func (j *Jobs) storedResult(jb *job) (*nats.Msg, error) {
 	if header(raw.Header, HeaderStatus) != StatusOK {
 		return nil, nil
 	}
+	if id, fn := header(raw.Header, HeaderJobID), header(raw.Header, HeaderFunction); id != jb.id || fn != jb.function {
+		jb.log.Warn("stored result is not this job's; ignored, the job runs",
+			zap.Uint64("result_seq", raw.Sequence), zap.String("its_job", id), zap.String("its_function", fn))
+		return nil, nil
+	}
 	return &nats.Msg{Header: raw.Header, Data: raw.Data}, nil
 }
 
 // storeResult stores m as the result of job id and waits for the stream's
-// acknowledgement. A result over the size limit comes back as a 413
-// *call.Error: the job would fail the same way every time.
-func (j *Jobs) storeResult(id string, seq uint64, m *nats.Msg) error {
+// acknowledgement. A result too large for the stream comes back as a 413
+// *call.Error, and one the stream refuses (full, with discard new) as a 503
+// TypeResultRefused one: the job would end the same way every time.
+func (j *Jobs) storeResult(id, function string, seq uint64, m *nats.Msg) error {
 	m.Subject = j.subj.Result(j.cfg.Pool, id)
 	m.Header[HeaderJobID] = []string{id}
+	if ValidToken(function) == nil {
+		m.Header[HeaderFunction] = []string{function}
+	}
 	// The job's stream sequence makes the id unique per submission and the
 	// same across redeliveries, so a second store of one run is dropped.
 	m.Header[HeaderMsgID] = []string{id + ":" + strconv.FormatUint(seq, 10)}
-	// A stream electing a leader (its server died) stores nothing for a
-	// few seconds. Sending again is harmless (the Nats-Msg-Id above) and
-	// better than running the job again; the lease is kept meanwhile.
+	err := j.jsPublish(m)
+	r := refusal(err, j.nc)
+	switch {
+	case r == nil:
+		return err
+	case r.tooLarge:
+		return call.Errorf(call.CodeTooLarge, TypeTooLarge, "result of %d bytes cannot be stored: %s", len(m.Data), r.reason)
+	default:
+		return call.Errorf(call.CodeUnavailable, TypeResultRefused, "the results stream %s refused to store the job's result: %s", j.streams.Results, r.reason)
+	}
+}
+
+// jsPublish publishes m to a stream and waits for its acknowledgement. A
+// stream electing a leader (its server died) stores nothing for a few
+// seconds: it sends again, for up to AckWait, which is harmless (m has a
+// Nats-Msg-Id) and better than running the job again. A stream that
+// answers with a refusal is not asked again.
+func (j *Jobs) jsPublish(m *nats.Msg) error {
 	giveUp := time.Now().Add(j.cfg.AckWait)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		_, err := j.js.PublishMsg(ctx, m)
 		cancel()
-		if errors.Is(err, nats.ErrMaxPayload) {
-			return call.Errorf(call.CodeTooLarge, TypeTooLarge, "result of %d bytes is over the limit of %d bytes", len(m.Data), j.nc.MaxPayload())
-		}
-		if err == nil || errors.Is(err, nats.ErrConnectionClosed) || time.Now().After(giveUp) {
+		if err == nil || refusal(err, j.nc) != nil || errors.Is(err, nats.ErrConnectionClosed) || time.Now().After(giveUp) {
 			return err
 		}
-		j.log.Warn("cannot store result yet; trying again", zap.String("job", id), zap.Error(err))
+		j.log.Warn("cannot store in a stream yet; trying again", zap.String("subject", m.Subject), zap.Error(err))
 		time.Sleep(500 * time.Millisecond)
 	}
 }
 
+// streamRefusal is a publish a stream will refuse again if asked again.
+type streamRefusal struct {
+	tooLarge bool
+	reason   string
+}
+
+// refusal says whether err is a stream's refusal to store a message, and
+// why: too large for the max payload or the stream's max message size, or
+// the stream (or the account) is full and discards new messages.
+func refusal(err error, nc *nats.Conn) *streamRefusal {
+	if errors.Is(err, nats.ErrMaxPayload) {
+		return &streamRefusal{tooLarge: true, reason: fmt.Sprintf("over the NATS max payload of %d bytes", nc.MaxPayload())}
+	}
+	var ae *jetstream.APIError
+	if !errors.As(err, &ae) {
+		return nil
+	}
+	switch ae.ErrorCode {
+	case jsErrStreamMessageExceedsMaximum:
+		return &streamRefusal{tooLarge: true, reason: ae.Description + " (the stream's max message size)"}
+	case jsErrStreamStoreFailed:
+		// The same code says "store is closed" while a stream moves or
+		// restarts, and that passes.
+		switch d := ae.Description; {
+		case strings.Contains(d, "too large"):
+			return &streamRefusal{tooLarge: true, reason: d}
+		case strings.HasPrefix(d, "maximum"): // messages, bytes, messages per subject
+			return &streamRefusal{reason: d + " (the stream is full and its discard policy is new)"}
+		}
+	case jsErrAccountResourcesExceeded, jsErrInsufficientResources:
+		return &streamRefusal{reason: ae.Description}
+	}
+	return nil
+}
+
+// JetStream error codes of a publish that storing again would not change
+// (nats-server's jetstream_errors_generated.go); jetstream names only some.
+const (
+	jsErrAccountResourcesExceeded    jetstream.ErrorCode = 10002
+	jsErrInsufficientResources       jetstream.ErrorCode = 10023
+	jsErrStreamMessageExceedsMaximum                     = jetstream.JSErrCodeStreamMessageExceedsMaximum
+	jsErrStreamStoreFailed           jetstream.ErrorCode = 10077
+)
+
 // forward sends the result to the job's Pyfleet-Reply-To, if any. Core NATS:
 // the result is already stored, so this is a courtesy that may be missed.
 func (j *Jobs) forward(jb *job, m *nats.Msg) {
-	j.forwardTo(header(jb.hdr, HeaderReplyTo), jb.id, m)
+	j.forwardTo(jb.replyTo, jb.id, m)
 }
 
 func (j *Jobs) forwardTo(to, id string, m *nats.Msg) {
@@ -888,20 +1233,15 @@ func (j *Jobs) maxDeliveries(m *nats.Msg) {
 		j.log.Error("cannot read job that reached its delivery limit", zap.Uint64("seq", adv.StreamSeq), zap.Error(err))
 		return
 	}
-	id := header(raw.Header, HeaderMsgID)
-	if id == "" {
-		id = strconv.FormatUint(adv.StreamSeq, 10)
-	}
-	rid := header(raw.Header, HeaderRequestID)
-	if rid == "" {
-		rid = id
-	}
+	id, rid, replyTo, _ := j.identify(raw.Header, adv.StreamSeq)
 	fn := strings.TrimPrefix(raw.Subject, j.subj.Job(j.cfg.Pool, ""))
 	e := call.Errorf(call.CodeFailed, "DeliveryLimit", "no node finished the job in %d deliveries (its node stopped or died during the last one)", adv.Deliveries)
 	dl := deadLetter{id: id, seq: adv.StreamSeq, subject: raw.Subject, function: fn,
-		deliveries: adv.Deliveries, payload: raw.Data, hdr: raw.Header, requestID: rid}
-	if err := j.publishDead(dl, e); err != nil {
-		j.log.Error("cannot publish dead letter", zap.String("job", id), zap.Error(err))
+		deliveries: adv.Deliveries, payload: raw.Data, replyTo: replyTo, requestID: rid}
+	if deadErr, resErr := j.publishDead(dl, e); deadErr != nil && resErr != nil {
+		// Left in the stream, where an operator can still see it.
+		j.log.Error("cannot publish dead letter nor store the error", zap.String("job", id),
+			zap.NamedError("dead_letter", deadErr), zap.NamedError("result", resErr))
 		return
 	}
 	if err := jobs.DeleteMsg(ctx, adv.StreamSeq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -910,9 +1250,10 @@ func (j *Jobs) maxDeliveries(m *nats.Msg) {
 	j.log.Warn("job dead-lettered after its delivery limit", zap.String("job", id), zap.String("function", fn))
 }
 
-// joinChunks makes one result of a streamed job's chunks.
-func joinChunks(chunks [][]byte, raw bool) []byte {
-	var b []byte
+// joinChunks makes one result of a streamed job's chunks; size is its
+// length, known beforehand so that the result is allocated once.
+func joinChunks(chunks [][]byte, raw bool, size int) []byte {
+	b := make([]byte, 0, size)
 	if raw {
 		for _, c := range chunks {
 			b = append(b, c...)

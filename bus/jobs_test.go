@@ -27,10 +27,12 @@ type jobHandler struct {
 	runs      map[string]int
 	active    int
 	maxActive int
+	cancelled int // calls of forever that ended by their context
 }
 
 func (h *jobHandler) Functions() []call.Function {
-	return []call.Function{{Name: "echo"}, {Name: "flaky"}, {Name: "fail"}, {Name: "bad"}, {Name: "sleep"}, {Name: "count", Stream: true}}
+	return []call.Function{{Name: "echo"}, {Name: "flaky"}, {Name: "fail"}, {Name: "bad"}, {Name: "sleep"}, {Name: "count", Stream: true},
+		{Name: "forever", Stream: true}, {Name: "big"}, {Name: "quote"}}
 }
 
 func (h *jobHandler) Call(ctx context.Context, req *call.Request, emit call.Emit) (call.Result, error) {
@@ -68,6 +70,23 @@ func (h *jobHandler) Call(ctx context.Context, req *call.Request, emit call.Emit
 		case <-ctx.Done():
 			return call.Result{}, ctx.Err()
 		}
+	case "forever":
+		// Streams until told to stop, then waits for its context as a
+		// worker's generator would wait to be cancelled.
+		item := []byte(`"` + strings.Repeat("x", 998) + `"`)
+		for emit(call.Chunk{Worker: "w3", Data: item}) == nil {
+		}
+		<-ctx.Done()
+		h.mu.Lock()
+		h.cancelled++
+		h.mu.Unlock()
+		return call.Result{}, ctx.Err()
+	case "big":
+		n, _ := strconv.Atoi(string(req.Payload))
+		return call.Result{Worker: "w1", Data: []byte(`"` + strings.Repeat("b", n) + `"`)}, nil
+	case "quote":
+		// Like a Python function whose BadRequest quotes its payload.
+		return call.Result{}, &call.Error{Code: call.CodeBadRequest, Type: "BadRequest", Message: "want a number, got " + string(req.Payload) + string(req.Payload), Worker: "w1"}
 	case "count":
 		for i := range 3 {
 			if err := emit(call.Chunk{Worker: "w2", Data: []byte(strconv.Itoa(i))}); err != nil {
@@ -302,6 +321,8 @@ func TestStoredResultNotRunAgain(t *testing.T) {
 	// A node stored this result and died before its ack.
 	done := nats.NewMsg("pyfleet.result.p.j2")
 	done.Header.Set(bus.HeaderStatus, "ok")
+	done.Header.Set(bus.HeaderJobID, "j2")
+	done.Header.Set(bus.HeaderFunction, "echo")
 	done.Data = []byte(`"earlier"`)
 	if _, err := js.PublishMsg(context.Background(), done); err != nil {
 		t.Fatal(err)
@@ -523,5 +544,418 @@ func TestConsumerRecreated(t *testing.T) {
 	submit(t, js, "echo", "after", `1`, bus.HeaderReplyTo, "my.results")
 	if m := next(t, inbox, 15*time.Second); string(m.Data) != "1" {
 		t.Errorf("result %q", m.Data)
+	}
+}
+
+// readDead decodes a dead letter's body.
+func readDead(t *testing.T, m *nats.Msg) bus.DeadLetter {
+	t.Helper()
+	var d bus.DeadLetter
+	if err := json.Unmarshal(m.Data, &d); err != nil {
+		t.Fatalf("dead letter body %.200q: %v", m.Data, err)
+	}
+	return d
+}
+
+// storedResult returns the stored result of job id in pool p, or nil.
+func storedResult(t *testing.T, js jetstream.JetStream, id string) *jetstream.RawStreamMsg {
+	t.Helper()
+	s, err := js.Stream(context.Background(), "PYFLEET_RESULTS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetLastMsgForSubject(context.Background(), "pyfleet.result.p."+id)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// waitStored waits for the stored result of job id in pool p.
+func waitStored(t *testing.T, js jetstream.JetStream, id string) *jetstream.RawStreamMsg {
+	t.Helper()
+	var r *jetstream.RawStreamMsg
+	eventually(t, "result of "+id+" stored", func() bool {
+		r = storedResult(t, js, id)
+		return r != nil
+	})
+	return r
+}
+
+// TestJobBadHeadersDeadLetteredAtOnce: a job whose headers the node could
+// not carry (not UTF-8, over MaxHeaderValue, a control character), whose
+// Pyfleet-Timeout is bad or over MaxTimeout, or whose body is not JSON is
+// dead-lettered on its first delivery with a 400 that names the problem,
+// and never reaches the handler. A bad Nats-Msg-Id is replaced by the
+// stream sequence in everything the node writes.
+func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
+	nc, js := jobsSetup(t)
+	h := &jobHandler{}
+	dead := mustSub(t, nc, "pyfleet.dead.>")
+	MustJobs(t, nc, h, func(c *bus.JobsConfig) { c.MaxTimeout = time.Minute })
+	type badJob struct {
+		name, header, value, body, naming string
+	}
+	var cases []badJob
+	for _, name := range []string{bus.HeaderRequestID, bus.HeaderSession, bus.HeaderTimeout, bus.HeaderHeartbeat, bus.HeaderReplyTo, bus.HeaderMsgID} {
+		for _, fault := range []struct{ what, value string }{
+			{"not UTF-8", "a\xff\xfeb"},
+			{"too long", strings.Repeat("a", bus.MaxHeaderValue+1)},
+			{"control character", "a\x01b"},
+			{"DEL", "a\x7fb"},
+		} {
+			cases = append(cases, badJob{name + " " + fault.what, name, fault.value, `{}`, "header " + name})
+		}
+	}
+	cases = append(cases,
+		badJob{"timeout over MaxTimeout", bus.HeaderTimeout, "60001", `{}`, "over the limit of 60000 ms"},
+		badJob{"timeout not a number", bus.HeaderTimeout, "soon", `{}`, "header " + bus.HeaderTimeout},
+		badJob{"timeout that would wrap", bus.HeaderTimeout, "9223372036854775807", `{}`, "header " + bus.HeaderTimeout},
+		badJob{"malformed JSON", "", "", `{"a":`, "malformed JSON"},
+	)
+	for i, c := range cases {
+		id := "bad-" + strconv.Itoa(i)
+		var hdr []string
+		if c.header != "" {
+			hdr = []string{c.header, c.value}
+		}
+		if c.header == bus.HeaderMsgID {
+			id = "" // the header is the id
+		}
+		ack := submit(t, js, "echo", id, c.body, hdr...)
+		if id == "" {
+			id = strconv.FormatUint(ack.Sequence, 10)
+		}
+		m := next(t, dead, 10*time.Second)
+		d := readDead(t, m)
+		if d.Error.Code != 400 || !strings.Contains(d.Error.Message, c.naming) || d.Job.Deliveries != 1 || d.Job.Seq != ack.Sequence {
+			t.Errorf("%s: dead letter %s; want a 400 naming %q on the first delivery", c.name, m.Data, c.naming)
+		}
+		if got := m.Header.Get(bus.HeaderJobID); got != id || d.Job.ID != id {
+			t.Errorf("%s: dead letter of job %q (body %q), want %q", c.name, got, d.Job.ID, id)
+		}
+		if c.header == bus.HeaderMsgID && !strings.Contains(d.Error.Message, "named by its stream sequence "+id) {
+			t.Errorf("%s: the dead letter does not say the job was renamed: %q", c.name, d.Error.Message)
+		}
+		for k, vs := range m.Header {
+			for _, v := range vs {
+				if len(v) > 1100 || strings.ContainsAny(v, "\xff\x01\x7f") {
+					t.Errorf("%s: dead letter header %s = %q carries the bad value", c.name, k, v)
+				}
+			}
+		}
+		// The job ended: its error is its stored result (stored just
+		// after the dead letter).
+		if r := waitStored(t, js, id); r.Header.Get(bus.HeaderStatus) != bus.StatusError {
+			t.Errorf("%s: stored result %v, want the error", c.name, r.Header)
+		}
+	}
+	eventually(t, "every job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+	time.Sleep(300 * time.Millisecond) // a redelivery would show now
+	if n := h.total(); n != 0 {
+		t.Errorf("the handler ran %d of the bad jobs", n)
+	}
+	if n := streamMsgs(t, js, "PYFLEET_DEAD"); n != uint64(len(cases)) {
+		t.Errorf("%d dead letters for %d bad jobs", n, len(cases))
+	}
+	// A good job with the largest allowed timeout still runs.
+	inbox := mustSub(t, nc, "my.results")
+	submit(t, js, "echo", "good", `{"ok":1}`, bus.HeaderTimeout, "60000", bus.HeaderReplyTo, "my.results")
+	if m := next(t, inbox, 10*time.Second); string(m.Data) != `{"ok":1}` {
+		t.Errorf("good job result %q %v", m.Data, m.Header)
+	}
+}
+
+// TestJobReplyToRestricted: a Pyfleet-Reply-To into the pool's own result,
+// job, event or dead-letter subjects, into $JS, $KV, $O or $SYS, or that is
+// not a plain subject is a 400 dead-lettered at once; nothing is sent there.
+func TestJobReplyToRestricted(t *testing.T) {
+	nc, js := jobsSetup(t)
+	h := &jobHandler{}
+	dead := mustSub(t, nc, "pyfleet.dead.>")
+	MustJobs(t, nc, h)
+	watch := mustSub(t, nc, ">") // everything published, to see where results go
+	for i, to := range []string{
+		"pyfleet.result.p.victim", "pyfleet.result.other.victim", "pyfleet.job.p.echo", "pyfleet.evt.p.n1.ready",
+		"pyfleet.dead.p.echo", "pyfleet.result", "$JS.API.STREAM.DELETE.PYFLEET_JOBS", "$KV.cfg.key", "$O.store.x",
+		"$SYS.REQ.SERVER.PING", "a..b", ".a", "a.", "a.*", "a.>", "*", "a b", "a\tb",
+	} {
+		id := "rt-" + strconv.Itoa(i)
+		submit(t, js, "echo", id, `{"forged":true}`, bus.HeaderReplyTo, to)
+		m := next(t, dead, 10*time.Second)
+		d := readDead(t, m)
+		if d.Error.Code != 400 || !strings.Contains(d.Error.Message, bus.HeaderReplyTo) || d.Job.ID != id || d.Job.Deliveries != 1 {
+			t.Errorf("Reply-To %q: dead letter %s, want a 400 naming %s", to, m.Data, bus.HeaderReplyTo)
+		}
+	}
+	if n := h.total(); n != 0 {
+		t.Errorf("the handler ran %d jobs with a forbidden Reply-To", n)
+	}
+	if r := storedResult(t, js, "victim"); r != nil {
+		t.Errorf("a result was stored for the victim: %v %s", r.Header, r.Data)
+	}
+	if _, err := js.Stream(context.Background(), "PYFLEET_JOBS"); err != nil {
+		t.Errorf("PYFLEET_JOBS: %v", err)
+	}
+	// Only the node's own traffic: no message carries the job's body.
+	for {
+		m, err := watch.NextMsg(200 * time.Millisecond)
+		if err != nil {
+			break
+		}
+		if strings.Contains(string(m.Data), "forged") && !strings.HasPrefix(m.Subject, "pyfleet.job.") &&
+			!strings.HasPrefix(m.Subject, "pyfleet.dead.") && !strings.HasPrefix(m.Subject, "$JS.API.") {
+			t.Errorf("the job's body was sent to %s", m.Subject)
+		}
+	}
+}
+
+// TestStoredResultOfAnotherJobIgnored: a redelivered job trusts a stored
+// result only when it names the job and its function; another is ignored
+// and the job runs (its own result replaces the stranger).
+func TestStoredResultOfAnotherJobIgnored(t *testing.T) {
+	nc, js := jobsSetup(t)
+	if err := bus.EnsureStreams(context.Background(), nc, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	forged := map[string][2]string{ // job id: the stored result's job id and function
+		"f1": {"someone-else", "echo"},
+		"f2": {"f2", "fail"},
+		"f3": {"", ""},
+	}
+	for id, names := range forged {
+		m := nats.NewMsg("pyfleet.result.p." + id)
+		m.Header.Set(bus.HeaderStatus, bus.StatusOK)
+		if names[0] != "" {
+			m.Header.Set(bus.HeaderJobID, names[0])
+			m.Header.Set(bus.HeaderFunction, names[1])
+		}
+		m.Data = []byte(`"forged"`)
+		if _, err := js.PublishMsg(context.Background(), m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inbox := mustSub(t, nc, "my.results")
+	h := &jobHandler{}
+	MustJobs(t, nc, h)
+	for id := range forged {
+		submit(t, js, "echo", id, `"real"`, bus.HeaderReplyTo, "my.results")
+	}
+	for range forged {
+		if m := next(t, inbox, 10*time.Second); string(m.Data) != `"real"` {
+			t.Errorf("job %s forwarded %q, want its own result", m.Header.Get(bus.HeaderJobID), m.Data)
+		}
+	}
+	for id := range forged {
+		if n := h.runsOf(id); n != 1 {
+			t.Errorf("job %s ran %d times, want 1", id, n)
+		}
+		r := storedResult(t, js, id)
+		if r == nil || string(r.Data) != `"real"` || r.Header.Get(bus.HeaderJobID) != id || r.Header.Get(bus.HeaderFunction) != "echo" {
+			t.Errorf("job %s stored result %v", id, r)
+		}
+	}
+}
+
+// TestStreamedJobOverMaxResultBytes: a generator that never ends is stopped
+// once its items pass MaxResultBytes: the call is cancelled and the job is
+// dead-lettered with a 413 on its first delivery, not redelivered.
+func TestStreamedJobOverMaxResultBytes(t *testing.T) {
+	nc, js := jobsSetup(t)
+	h := &jobHandler{}
+	dead := mustSub(t, nc, "pyfleet.dead.>")
+	inbox := mustSub(t, nc, "my.results")
+	MustJobs(t, nc, h, func(c *bus.JobsConfig) { c.MaxResultBytes = 10_000 })
+	// A deadline far off: only the limit can end it within the wait below.
+	submit(t, js, "forever", "endless", `{}`, bus.HeaderTimeout, "600000", bus.HeaderReplyTo, "my.results")
+	m := next(t, dead, 10*time.Second)
+	d := readDead(t, m)
+	if d.Error.Code != 413 || d.Error.Type != bus.TypeTooLarge || !strings.Contains(d.Error.Message, "over the limit of 10000 bytes") ||
+		d.Job.Deliveries != 1 || m.Header.Get(bus.HeaderWorker) != "w3" {
+		t.Errorf("dead letter %v %s", m.Header, m.Data)
+	}
+	if r := next(t, inbox, 5*time.Second); bus.ReplyError(r) == nil || bus.ReplyError(r).Code != 413 {
+		t.Errorf("forwarded %v %s, want the 413", r.Header, r.Data)
+	}
+	eventually(t, "call cancelled", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		return h.cancelled == 1
+	})
+	eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+	time.Sleep(300 * time.Millisecond)
+	if n := h.runsOf("endless"); n != 1 {
+		t.Errorf("ran %d times, want 1", n)
+	}
+
+	// Within the limit a streamed job succeeds as before.
+	submit(t, js, "count", "three", `null`, bus.HeaderReplyTo, "my.results")
+	if r := next(t, inbox, 10*time.Second); string(r.Data) != "[0,1,2]" {
+		t.Errorf("count result %q", r.Data)
+	}
+}
+
+// TestLargeResultOverMaxResultBytes: a plain result over MaxResultBytes, and
+// by default one over the max payload, is a 413 dead-lettered at once.
+func TestLargeResultOverMaxResultBytes(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		limit int
+		size  int
+		want  string
+	}{
+		{"MaxResultBytes", 5000, 6000, "over the limit of 5000 bytes"},
+		{"max payload", 0, 2 << 20, "over the limit of 1048576 bytes"},
+		{"streamed, max payload", 0, -1, "over the limit of 1048576 bytes"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			nc, js := jobsSetup(t)
+			h := &jobHandler{}
+			dead := mustSub(t, nc, "pyfleet.dead.>")
+			MustJobs(t, nc, h, func(cfg *bus.JobsConfig) { cfg.MaxResultBytes = c.limit })
+			if c.size < 0 {
+				submit(t, js, "forever", "large", `{}`)
+			} else {
+				submit(t, js, "big", "large", strconv.Itoa(c.size))
+			}
+			m := next(t, dead, 10*time.Second)
+			d := readDead(t, m)
+			if d.Error.Code != 413 || !strings.Contains(d.Error.Message, c.want) || d.Job.Deliveries != 1 {
+				t.Errorf("dead letter %s, want a 413 %q", m.Data, c.want)
+			}
+			if r := waitStored(t, js, "large"); bus.ReplyError(&nats.Msg{Header: r.Header, Data: r.Data}).Code != 413 {
+				t.Errorf("stored result %v, want the 413", r.Header)
+			}
+			eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+			if n := h.runsOf("large"); n != 1 {
+				t.Errorf("ran %d times, want 1", n)
+			}
+		})
+	}
+}
+
+// TestDeadLetterOfOversizedJob: when the job's payload and its error (here
+// quoting the payload twice) make a dead letter over the max payload, the
+// dead letter holds the start of the payload and its size, and a shortened
+// error; the error result is shortened too. Nothing is retried.
+func TestDeadLetterOfOversizedJob(t *testing.T) {
+	nc, js := jobsSetup(t)
+	h := &jobHandler{}
+	dead := mustSub(t, nc, "pyfleet.dead.>")
+	inbox := mustSub(t, nc, "my.results")
+	MustJobs(t, nc, h)
+	body := `"` + strings.Repeat("p", int(nc.MaxPayload())-1000) + `"`
+	ack := submit(t, js, "quote", "huge", body, bus.HeaderReplyTo, "my.results")
+	m := next(t, dead, 20*time.Second)
+	d := readDead(t, m)
+	if d.Error.Code != 400 || len(d.Error.Message) > 5000 || !strings.Contains(d.Error.Message, "bytes in all") {
+		t.Errorf("dead letter error %d %.200q (%d bytes), want the 400, shortened", d.Error.Code, d.Error.Message, len(d.Error.Message))
+	}
+	if !d.Job.PayloadTruncated || d.Job.PayloadSize != len(body) || d.Job.Seq != ack.Sequence || d.Job.Payload != nil ||
+		len(d.Job.PayloadBytes) == 0 || !strings.HasPrefix(body, string(d.Job.PayloadBytes)) {
+		t.Errorf("dead letter job: truncated %v, size %d of %d, seq %d of %d, %d payload bytes",
+			d.Job.PayloadTruncated, d.Job.PayloadSize, len(body), d.Job.Seq, ack.Sequence, len(d.Job.PayloadBytes))
+	}
+	t.Logf("dead letter of %d bytes keeps %d of the payload's %d bytes", len(m.Data), len(d.Job.PayloadBytes), len(body))
+	r := waitStored(t, js, "huge")
+	if e := bus.ReplyError(&nats.Msg{Header: r.Header, Data: r.Data}); e.Code != 400 || len(e.Message) > 5000 {
+		t.Errorf("stored error %d of %d bytes", e.Code, len(e.Message))
+	}
+	if f := next(t, inbox, 5*time.Second); bus.ReplyError(f) == nil {
+		t.Errorf("forwarded %v, want the error", f.Header)
+	}
+	eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+	time.Sleep(300 * time.Millisecond)
+	if n := h.runsOf("huge"); n != 1 {
+		t.Errorf("ran %d times, want 1", n)
+	}
+}
+
+// fullStream creates stream name on subject holding one message and
+// refusing more, as an operator's stream with tiny limits and discard new.
+func fullStream(t *testing.T, js jetstream.JetStream, name, subject string, bytes bool) {
+	t.Helper()
+	cfg := jetstream.StreamConfig{Name: name, Subjects: []string{subject}, Discard: jetstream.DiscardNew, MaxMsgs: 1}
+	if bytes {
+		cfg.MaxMsgs, cfg.MaxBytes = -1, 200
+	}
+	if _, err := js.CreateStream(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	filler := strings.TrimSuffix(subject, ">") + "filler"
+	if _, err := js.Publish(context.Background(), filler, []byte(strings.Repeat("f", 100))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestResultsStreamRefusesWrites: a results stream that is full with discard
+// new gets the job dead-lettered at once, with an error that says the
+// results stream refused the write and why; the job is not run again.
+func TestResultsStreamRefusesWrites(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		bytes bool
+		why   string
+	}{{"max msgs", false, "maximum messages exceeded"}, {"max bytes", true, "maximum bytes exceeded"}} {
+		t.Run(c.name, func(t *testing.T) {
+			nc, js := jobsSetup(t)
+			fullStream(t, js, "PYFLEET_RESULTS", "pyfleet.result.>", c.bytes)
+			h := &jobHandler{}
+			dead := mustSub(t, nc, "pyfleet.dead.>")
+			inbox := mustSub(t, nc, "my.results")
+			MustJobs(t, nc, h)
+			submit(t, js, "echo", "unstorable", `{"x":1}`, bus.HeaderReplyTo, "my.results")
+			m := next(t, dead, 20*time.Second)
+			d := readDead(t, m)
+			if d.Error.Type != bus.TypeResultRefused || !strings.Contains(d.Error.Message, "results stream PYFLEET_RESULTS refused") ||
+				!strings.Contains(d.Error.Message, c.why) || d.Job.Deliveries != 1 || string(d.Job.Payload) != `{"x":1}` {
+				t.Errorf("dead letter %s", m.Data)
+			}
+			if f := next(t, inbox, 5*time.Second); bus.ReplyError(f) == nil || bus.ReplyError(f).Type != bus.TypeResultRefused {
+				t.Errorf("forwarded %v %s, want the refusal", f.Header, f.Data)
+			}
+			eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+			time.Sleep(300 * time.Millisecond)
+			if n := h.runsOf("unstorable"); n != 1 {
+				t.Errorf("ran %d times, want 1", n)
+			}
+		})
+	}
+}
+
+// TestPermanentFailureEndsWhenNothingCanBeStored: with both the dead-letter
+// and the results stream refusing writes, a job that can never succeed is
+// still terminated (and its error forwarded), never redelivered; one that
+// might succeed stays in the stream.
+func TestPermanentFailureEndsWhenNothingCanBeStored(t *testing.T) {
+	nc, js := jobsSetup(t)
+	fullStream(t, js, "PYFLEET_RESULTS", "pyfleet.result.>", false)
+	fullStream(t, js, "PYFLEET_DEAD", "pyfleet.dead.>", false)
+	h := &jobHandler{}
+	inbox := mustSub(t, nc, "my.results")
+	MustJobs(t, nc, h, func(c *bus.JobsConfig) {
+		c.MaxDeliver = 2
+		c.BackOff = []time.Duration{10 * time.Millisecond}
+	})
+	submit(t, js, "bad", "doomed", `{}`, bus.HeaderReplyTo, "my.results")
+	if f := next(t, inbox, 10*time.Second); bus.ReplyError(f) == nil || bus.ReplyError(f).Code != 400 {
+		t.Errorf("forwarded %v %s, want the 400", f.Header, f.Data)
+	}
+	eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+	time.Sleep(300 * time.Millisecond)
+	if n := h.runsOf("doomed"); n != 1 {
+		t.Errorf("ran %d times, want 1", n)
+	}
+
+	// A failure that may pass is kept: its last delivery is handed back,
+	// so the job stays in the stream for an operator to see.
+	submit(t, js, "fail", "kept", `{}`)
+	eventually(t, "two deliveries", func() bool { return h.runsOf("kept") == 2 })
+	time.Sleep(300 * time.Millisecond)
+	if n := streamMsgs(t, js, "PYFLEET_JOBS"); n != 1 {
+		t.Errorf("%d jobs in the stream, want the one that could not be buried", n)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -67,12 +68,14 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	}
 	resultSubj := a.subject("result", c.pool, c.id)
 	var results string
+	var dead *deadWatch
 	if c.wait {
 		// Before publishing: a job whose result could never be read should
 		// not be queued.
 		if results, err = streamFor(ctx, nc, js, resultSubj, "PYFLEET_RESULTS"); err != nil {
 			return err
 		}
+		dead = deadLetters(ctx, nc, js, a.subject("dead", c.pool, fn))
 	}
 
 	msg := nats.NewMsg(a.subject("job", c.pool, fn))
@@ -103,7 +106,32 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 		return nil
 	}
 	out := &output{stdout: a.stdout, stderr: a.stderr, headers: c.headers, raw: c.raw}
-	return c.await(ctx, js, results, resultSubj, out)
+	return c.await(ctx, js, results, resultSubj, dead, out)
+}
+
+// deadWatch is where the job's dead letter would appear. A node that
+// cannot store a job's error as its result (the results stream is full)
+// still dead-letters the job, and then the dead letter is the only word of
+// how the job ended.
+type deadWatch struct {
+	stream, subject string
+	from            uint64 // the first sequence stored after the job's submission
+}
+
+// deadLetters finds the stream of subj and where it ends now, or nil if it
+// cannot: the result alone is waited for then.
+func deadLetters(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, subj string) *deadWatch {
+	name, err := streamFor(ctx, nc, js, subj, "PYFLEET_DEAD")
+	if err != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	s, err := js.Stream(ctx, name)
+	if err != nil {
+		return nil
+	}
+	return &deadWatch{stream: name, subject: subj, from: s.CachedInfo().State.LastSeq + 1}
 }
 
 // streamFor names the stream that stores subj, looked up by subject so a
@@ -144,37 +172,80 @@ func noJetStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream) err
 	return nil
 }
 
-// await reads the job's result from the results stream. An ordered consumer
-// from the first message on the subject finds a result stored before it was
-// created as well as one stored later, and all chunks of a streamed result
-// in order.
-func (c *jobCmd) await(ctx context.Context, js jetstream.JetStream, stream, subj string, out *output) error {
+// await reads the job's result from the results stream, and its dead
+// letter, if one comes first. An ordered consumer from the first message on
+// the result's subject finds a result stored before it was created as well
+// as one stored later, and all chunks of a streamed result in order.
+func (c *jobCmd) await(ctx context.Context, js jetstream.JetStream, stream, subj string, dead *deadWatch, out *output) error {
 	if c.timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeoutCause(ctx, c.timeout, errDeadline)
 		defer cancel()
 	}
-	cons, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{subj},
-		DeliverPolicy:  jetstream.DeliverAllPolicy,
-	})
-	if err != nil {
-		return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
-	}
-	it, err := cons.Messages()
-	if err != nil {
-		return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
-	}
-	defer it.Stop()
-	// Next has no context; stopping the iterator is what unblocks it.
-	defer context.AfterFunc(ctx, it.Stop)()
-	for {
-		m, err := it.Next()
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	msgs := make(chan jetstream.Msg)
+	failed := make(chan error, 1)
+	read := func(stream string, cfg jetstream.OrderedConsumerConfig, keep func(jetstream.Msg) bool) error {
+		cons, err := js.OrderedConsumer(ctx, stream, cfg)
 		if err != nil {
-			return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
-		}
-		if done, err := out.handle(m.Headers(), m.Data()); done || err != nil {
 			return err
+		}
+		it, err := cons.Messages()
+		if err != nil {
+			return err
+		}
+		defer it.Stop()
+		// Next has no context; stopping the iterator is what unblocks it.
+		defer context.AfterFunc(ctx, it.Stop)()
+		for {
+			m, err := it.Next()
+			if err != nil {
+				return err
+			}
+			if !keep(m) {
+				continue
+			}
+			select {
+			case msgs <- m:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		failed <- read(stream, jetstream.OrderedConsumerConfig{
+			FilterSubjects: []string{subj},
+			DeliverPolicy:  jetstream.DeliverAllPolicy,
+		}, func(jetstream.Msg) bool { return true })
+	}()
+	if dead != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Its failure is not the wait's: the result may still come.
+			_ = read(dead.stream, jetstream.OrderedConsumerConfig{
+				FilterSubjects: []string{dead.subject},
+				DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+				OptStartSeq:    dead.from,
+			}, func(m jetstream.Msg) bool { return m.Headers().Get(hdrJobID) == c.id })
+		}()
+	}
+	for {
+		select {
+		case m := <-msgs:
+			// A dead letter's body holds the error as an error reply's does.
+			if done, err := out.handle(m.Headers(), m.Data()); done || err != nil {
+				return err
+			}
+		case err := <-failed:
+			return c.waitErr(ctx, fmt.Errorf("reading %s: %w", subj, err))
 		}
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"regexp"
 	"strings"
 	"testing"
@@ -186,5 +187,53 @@ func TestJobWithoutJetStream(t *testing.T) {
 		if took := time.Since(start); took > 10*time.Second {
 			t.Errorf("submit %v took %s", args, took)
 		}
+	}
+}
+
+// TestJobWaitEndsOnDeadLetter: when the node can dead-letter a job but not
+// store its error as the result (a full results stream), --wait ends with
+// the dead letter's error. Dead letters of other jobs, and one of the same
+// id from before this submission, are not taken for it.
+func TestJobWaitEndsOnDeadLetter(t *testing.T) {
+	s := mustServer(t)
+	nc := mustConn(t, s)
+	js := mustStreams(t, nc)
+	ctx := withTimeout(t, 10*time.Second)
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "PYFLEET_DEAD", Subjects: []string{"pyfleet.dead.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	deadLetter := func(id, msg string) {
+		h, body := errorReply(503, "ResultRefused", msg)
+		h.Set(hdrJobID, id)
+		var d map[string]any
+		_ = json.Unmarshal(body, &d)
+		d["job"] = map[string]any{"id": id, "subject": "pyfleet.job.default.echo", "seq": 1, "deliveries": 1}
+		body, _ = json.Marshal(d)
+		if _, err := js.PublishMsg(ctx, &nats.Msg{Subject: "pyfleet.dead.default.echo", Header: h, Data: body}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadLetter("d1", "an earlier submission of d1")
+	// A node that dead-letters every job, another job's first.
+	cons, err := js.CreateOrUpdateConsumer(ctx, "PYFLEET_JOBS", jetstream.ConsumerConfig{Durable: "n", AckPolicy: jetstream.AckExplicitPolicy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		deadLetter("someone-else", "not this job")
+		deadLetter(m.Headers().Get(jetstream.MsgIDHeader), "the results stream PYFLEET_RESULTS refused to store the job's result")
+		_ = m.Term()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cc.Stop()
+		<-cc.Closed()
+	})
+	r := submit(t, s, "", "job", "--wait", "--id", "d1", "--timeout", "10s", "echo", `{}`)
+	r.want(t, 1, "")
+	if r.stderr != "503 ResultRefused: the results stream PYFLEET_RESULTS refused to store the job's result\n" {
+		t.Fatalf("stderr %q", r.stderr)
 	}
 }

@@ -27,6 +27,7 @@ const (
 	hdrNode      = "Pyfleet-Node"
 	hdrWorker    = "Pyfleet-Worker"
 	hdrStream    = "Pyfleet-Stream"
+	hdrJobID     = "Pyfleet-Job-Id"
 	hdrHeartbeat = "Pyfleet-Heartbeat"
 	hdrError     = "Nats-Service-Error"
 	hdrErrorCode = "Nats-Service-Error-Code"
