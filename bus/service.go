@@ -96,6 +96,15 @@ type endpointCounters struct {
 	lastError atomic.Pointer[string]
 }
 
+// failed counts an error reply. The last error is kept as its one-line,
+// capped description: a function may raise with a message of megabytes,
+// and `nats micro stats` must still fit in a message.
+func (c *endpointCounters) failed(e *call.Error) {
+	c.errors.Add(1)
+	d := errorDescription(e)
+	c.lastError.Store(&d)
+}
+
 // EndpointData is the "data" of each endpoint in `nats micro stats`.
 type EndpointData struct {
 	InFlight  int64  `json:"in_flight"`
@@ -366,8 +375,7 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	refuse := func(e *call.Error) {
 		h, body := errorMsg(e, s.node, a.requestID)
 		s.observed(name, e.Code, arrived)
-		c.errors.Add(1)
-		c.lastError.Store(&e.Message)
+		c.failed(e)
 		if err := r.Error(strconv.Itoa(e.Code), errorDescription(e), body, micro.WithHeaders(micro.Headers(h))); err != nil {
 			s.log.Warn("cannot answer request", zap.String("subject", r.Subject()), zap.Error(err))
 		}
@@ -585,8 +593,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 	if err != nil {
 		e := callError(ctx, err, timeout, s.node)
 		s.observed(fn.Name, e.Code, arrived)
-		c.errors.Add(1)
-		c.lastError.Store(&e.Message)
+		c.failed(e)
 		m = &nats.Msg{Subject: reply}
 		m.Header, m.Data = errorMsg(e, s.node, req.RequestID)
 		if e.Code == call.CodeFailed && e.Type == TypeInternal {

@@ -723,3 +723,37 @@ func TestReplyHeadersTooLarge(t *testing.T) {
 		t.Errorf("the bare 413 carries the request id")
 	}
 }
+
+// A function that raises with a message of megabytes gets a 413, and the
+// node's `nats micro stats` (which shows the last error) still fits in a
+// message.
+func TestHugeErrorMessage(t *testing.T) {
+	nc, _, _ := setup(t)
+	max := int(nc.MaxPayload())
+	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(2*max)), call.CodeTooLarge, bus.TypeTooLarge)
+	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(max/2)), call.CodeFailed, "ValueError")
+	subj, err := micro.ControlSubject(micro.StatsVerb, bus.ServiceName, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stats micro.Stats
+	if err := json.Unmarshal(request(t, nc, subj, "").Data, &stats); err != nil {
+		t.Fatal(err)
+	}
+	seen := false
+	for _, ep := range stats.Endpoints {
+		var d bus.EndpointData
+		if err := json.Unmarshal(ep.Data, &d); err != nil {
+			t.Fatal(err)
+		}
+		if d.LastError != "" {
+			seen = true
+			if len(d.LastError) > 1100 {
+				t.Errorf("%s: last error of %d bytes", ep.Subject, len(d.LastError))
+			}
+		}
+	}
+	if !seen {
+		t.Error("no endpoint shows its last error")
+	}
+}
