@@ -7,6 +7,7 @@ import (
 	"math"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -449,11 +450,13 @@ func admit(l admitLimits, hdr nats.Header, name string, fn *call.Function, data 
 		}
 	}
 	a.timeout, a.heartbeat = timeout, heartbeat
+	// Copies: a value may share memory with the whole header block, and a
+	// session key outlives the request in the pool.
 	a.req = &call.Request{
 		Function:  fn.Name,
 		Payload:   data,
-		Session:   header(hdr, HeaderSession),
-		RequestID: a.requestID,
+		Session:   strings.Clone(header(hdr, HeaderSession)),
+		RequestID: strings.Clone(a.requestID),
 	}
 	return a, nil
 }
