@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -84,6 +85,7 @@ func (h *fakeHandler) Functions() []call.Function {
 		{Name: "sleep"},
 		{Name: "fail"},
 		{Name: "oops"},
+		{Name: "shout"},
 		{Name: "count", Stream: true},
 		{Name: "countfail", Stream: true},
 	}
@@ -108,6 +110,9 @@ func (h *fakeHandler) Call(ctx context.Context, req *call.Request, emit call.Emi
 		return call.Result{}, &call.Error{Code: call.CodeFailed, Type: "ValueError", Message: "boom\nsecond line", Worker: h.worker}
 	case "oops":
 		return call.Result{}, errors.New("pipe broke")
+	case "shout": // an error message of payload bytes
+		n, _ := strconv.Atoi(string(req.Payload))
+		return call.Result{}, &call.Error{Code: call.CodeFailed, Type: "ValueError", Message: strings.Repeat("x", n), Worker: h.worker}
 	case "count", "countfail":
 		n, _ := strconv.Atoi(string(req.Payload))
 		for i := range n {

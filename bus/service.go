@@ -2,12 +2,12 @@ package bus
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,16 +55,15 @@ type ServiceConfig struct {
 
 // Service serves a call.Handler on NATS until Stop.
 type Service struct {
-	nc       *nats.Conn
-	h        call.Handler
-	log      *zap.Logger
-	svc      micro.Service
-	funcs    map[string]call.Function
-	node     string
-	timeout  time.Duration
-	maxBytes int
-	stats    func() any
-	observe  func(function string, code int, d time.Duration)
+	nc      *nats.Conn
+	h       call.Handler
+	log     *zap.Logger
+	svc     micro.Service
+	funcs   map[string]call.Function
+	node    string
+	limits  admitLimits
+	stats   func() any
+	observe func(function string, code int, d time.Duration)
 
 	// abortCtx is the parent of every call's context. It is stored, against
 	// the usual rule, because calls outlive Serve's caller; cancelling it is
@@ -96,6 +95,15 @@ type endpointCounters struct {
 	completed atomic.Int64
 	errors    atomic.Int64
 	lastError atomic.Pointer[string]
+}
+
+// failed counts an error reply. The last error is kept as its one-line,
+// capped description: a function may raise with a message of megabytes,
+// and `nats micro stats` must still fit in a message.
+func (c *endpointCounters) failed(e *call.Error) {
+	c.errors.Add(1)
+	d := errorDescription(e)
+	c.lastError.Store(&d)
 }
 
 // EndpointData is the "data" of each endpoint in `nats micro stats`.
@@ -133,18 +141,23 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		log:       log.Named("service"),
 		funcs:     map[string]call.Function{},
 		node:      cfg.Node,
-		timeout:   cfg.DefaultTimeout,
-		maxBytes:  cfg.MaxPayload,
+		limits:    admitLimits{defaultTimeout: cfg.DefaultTimeout, maxTimeout: cfg.MaxTimeout, maxBytes: cfg.MaxPayload},
 		stats:     cfg.Stats,
 		observe:   cfg.Observe,
 		idle:      make(chan struct{}),
 		endpoints: map[string]*endpointCounters{},
 	}
-	if s.timeout <= 0 {
-		s.timeout = DefaultTimeout
+	if s.limits.maxTimeout <= 0 {
+		s.limits.maxTimeout = DefaultMaxTimeout
 	}
-	if limit := int(nc.MaxPayload()); s.maxBytes <= 0 || (limit > 0 && s.maxBytes > limit) {
-		s.maxBytes = limit
+	if s.limits.defaultTimeout <= 0 {
+		s.limits.defaultTimeout = min(DefaultTimeout, s.limits.maxTimeout)
+	}
+	if s.limits.defaultTimeout > s.limits.maxTimeout {
+		return nil, fmt.Errorf("serve pool %q: default timeout %s is over the max timeout %s", cfg.Pool, s.limits.defaultTimeout, s.limits.maxTimeout)
+	}
+	if limit := int(nc.MaxPayload()); s.limits.maxBytes <= 0 || (limit > 0 && s.limits.maxBytes > limit) {
+		s.limits.maxBytes = limit
 	}
 	fns := h.Functions()
 	for _, f := range fns {
@@ -351,74 +364,101 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 			zap.String("subject", r.Subject()))
 		return
 	}
-	hdr := nats.Header(r.Headers())
-	requestID := header(hdr, HeaderRequestID)
-	refuse := func(e *call.Error) {
-		h, body := errorMsg(e, s.node, requestID)
-		s.observed(lastToken(r.Subject()), e.Code, arrived)
-		c.errors.Add(1)
-		c.lastError.Store(&e.Message)
-		if err := r.Error(strconv.Itoa(e.Code), errorDescription(e), body, micro.WithHeaders(micro.Headers(h))); err != nil {
-			s.log.Warn("cannot answer request", zap.String("subject", r.Subject()), zap.Error(err))
-		}
-	}
-
 	name := lastToken(r.Subject())
 	if fn == nil {
 		if f, ok := s.funcs[name]; ok {
 			fn = &f
 		}
 	}
+	// The headers are checked before any value of theirs is used, even to
+	// echo the request id in a refusal.
+	a, refusal := admit(s.limits, nats.Header(r.Headers()), name, fn, r.Data())
+	refuse := func(e *call.Error) {
+		h, body := errorMsg(e, s.node, a.requestID)
+		s.observed(name, e.Code, arrived)
+		c.failed(e)
+		if err := r.Error(strconv.Itoa(e.Code), errorDescription(e), body, micro.WithHeaders(micro.Headers(h))); err != nil {
+			s.log.Warn("cannot answer request", zap.String("subject", r.Subject()), zap.Error(err))
+		}
+	}
+	// Draining comes first: another node may take what this one would
+	// refuse (it may have the function this one lacks).
 	if !s.begin() {
 		refuse(call.Errorf(call.CodeUnavailable, TypeDraining, "node %s is draining: retry on another node", s.node))
 		return
 	}
-	ok := false
-	defer func() {
-		if !ok {
-			s.end()
-		}
-	}()
-	if fn == nil {
-		refuse(call.Errorf(call.CodeNotFound, TypeNotFound, "no function %q in this pool", name))
+	if refusal != nil {
+		refuse(refusal)
+		s.end()
 		return
 	}
-	data := r.Data()
-	if len(data) > s.maxBytes {
-		refuse(call.Errorf(call.CodeTooLarge, TypeTooLarge, "request body of %d bytes is over the limit of %d bytes", len(data), s.maxBytes))
-		return
-	}
-	timeout, err := parseTimeout(hdr, s.timeout)
-	if err != nil {
-		refuse(err)
-		return
-	}
-	heartbeat, err := parseHeartbeat(hdr)
-	if err != nil {
-		refuse(err)
-		return
-	}
-	if !fn.Raw {
-		if err := checkJSON(data); err != nil {
-			refuse(err)
-			return
-		}
-	}
-	deadline := time.Now().Add(timeout)
-	req := &call.Request{
-		Function:  fn.Name,
-		Payload:   data,
-		Session:   header(hdr, HeaderSession),
-		RequestID: requestID,
-		Deadline:  deadline,
-	}
-	ok = true
+	a.req.Deadline = time.Now().Add(a.timeout)
 	c.inFlight.Add(1)
 	go func() {
 		defer s.end()
 		defer c.inFlight.Add(-1)
-		s.run(reply, *fn, req, timeout, heartbeat, c, arrived)
+		s.run(reply, *fn, a.req, a.timeout, a.heartbeat, c, arrived)
 	}()
+}
+
+// admitLimits are what admit holds a request to.
+type admitLimits struct {
+	defaultTimeout time.Duration
+	maxTimeout     time.Duration
+	maxBytes       int
+}
+
+// admission is what admit makes of a request.
+type admission struct {
+	// requestID is the request's Pyfleet-Request-Id once the headers are
+	// known to be safe to echo, even if the request is refused later.
+	requestID string
+	// req, timeout and heartbeat are set when the request is admitted;
+	// req.Deadline is left to the caller.
+	req                *call.Request
+	timeout, heartbeat time.Duration
+}
+
+// admit decides whether the node takes a request for fn (nil when the pool
+// has no function called name) with these headers and body: everything a
+// node can refuse without running the call. It touches neither NATS nor the
+// clock, so that the fuzz tests in this package can call it. Anything it
+// admits is safe to put in a worker's frame (see FuzzAdmit).
+func admit(l admitLimits, hdr nats.Header, name string, fn *call.Function, data []byte) (admission, *call.Error) {
+	var a admission
+	if err := checkHeaders(hdr); err != nil {
+		return a, err
+	}
+	a.requestID = header(hdr, HeaderRequestID)
+	if fn == nil {
+		return a, call.Errorf(call.CodeNotFound, TypeNotFound, "no function %q in this pool", name)
+	}
+	if len(data) > l.maxBytes {
+		return a, call.Errorf(call.CodeTooLarge, TypeTooLarge, "request body of %d bytes is over the limit of %d bytes", len(data), l.maxBytes)
+	}
+	timeout, err := checkTimeout(hdr, l.defaultTimeout, l.maxTimeout)
+	if err != nil {
+		return a, err
+	}
+	heartbeat, err := parseHeartbeat(hdr)
+	if err != nil {
+		return a, err
+	}
+	if !fn.Raw {
+		if err := checkJSON(data); err != nil {
+			return a, err
+		}
+	}
+	a.timeout, a.heartbeat = timeout, heartbeat
+	// Copies: a value may share memory with the whole header block, and a
+	// session key outlives the request in the pool.
+	a.req = &call.Request{
+		Function:  fn.Name,
+		Payload:   data,
+		Session:   strings.Clone(header(hdr, HeaderSession)),
+		RequestID: strings.Clone(a.requestID),
+	}
+	return a, nil
 }
 
 func (s *Service) observed(function string, code int, arrived time.Time) {
@@ -490,22 +530,26 @@ func parseTimeout(h nats.Header, def time.Duration) (time.Duration, *call.Error)
 	return time.Duration(ms) * time.Millisecond, nil
 }
 
-// checkJSON refuses a body that is not JSON here, so that no worker spends
-// a round trip on it; an empty body is refused too, since Python's
-// json.loads would fail on it.
-func checkJSON(data []byte) *call.Error {
-	if json.Valid(data) {
-		return nil
+// checkTimeout is parseTimeout held to max (--max-timeout): a caller may not
+// hold a worker slot, a queue place and a session longer than the node
+// allows. The default (--request-timeout) is held to max where it is set.
+func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.Error) {
+	v := header(h, HeaderTimeout)
+	if v == "" {
+		return def, nil
 	}
-	var v any
-	err := json.Unmarshal(data, &v)
-	if err == nil {
-		err = errors.New("invalid JSON")
+	ms, err := strconv.ParseInt(v, 10, 64)
+	if errors.Is(err, strconv.ErrRange) && ms > 0 {
+		ms, err = math.MaxInt64, nil // over any limit, and said so below
 	}
-	if len(data) == 0 {
-		err = errors.New("empty body")
+	if err != nil || ms <= 0 {
+		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a positive whole number of milliseconds", HeaderTimeout, v)
 	}
-	return call.Errorf(call.CodeBadRequest, TypeBadRequest, "malformed JSON: %v", err)
+	if ms > max.Milliseconds() {
+		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q milliseconds is over this node's limit of %d (%s, --max-timeout)",
+			HeaderTimeout, v, max.Milliseconds(), max)
+	}
+	return time.Duration(ms) * time.Millisecond, nil
 }
 
 // run makes the call and answers it. It publishes straight to the reply
@@ -552,8 +596,7 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 	if err != nil {
 		e := callError(ctx, err, timeout, s.node)
 		s.observed(fn.Name, e.Code, arrived)
-		c.errors.Add(1)
-		c.lastError.Store(&e.Message)
+		c.failed(e)
 		m = &nats.Msg{Subject: reply}
 		m.Header, m.Data = errorMsg(e, s.node, req.RequestID)
 		if e.Code == call.CodeFailed && e.Type == TypeInternal {
@@ -592,18 +635,45 @@ func callError(ctx context.Context, err error, timeout time.Duration, node strin
 	return asCallError(err)
 }
 
-// publish sends m; a body over the server's limit is answered with a 413
+// publish sends m; a reply over the server's limit is answered with a 413
 // instead, so the caller is not left waiting for a reply that never comes.
+// The 413 carries none of the oversized reply, and if even it cannot be sent
+// (a server whose max_payload is smaller than a few headers), a bare 413
+// without the request id is.
 func (s *Service) publish(m *nats.Msg) error {
 	err := s.nc.PublishMsg(m)
-	if errors.Is(err, nats.ErrMaxPayload) {
-		e := call.Errorf(call.CodeTooLarge, TypeTooLarge, "reply of %d bytes is over the limit of %d bytes", len(m.Data), s.nc.MaxPayload())
-		e.Worker = m.Header.Get(HeaderWorker)
-		h, body := errorMsg(e, s.node, m.Header.Get(HeaderRequestID))
-		if m.Header.Get(HeaderStream) != "" {
+	if !errors.Is(err, nats.ErrMaxPayload) {
+		return err
+	}
+	e := call.Errorf(call.CodeTooLarge, TypeTooLarge, "reply of %d bytes (headers included) is over the limit of %d bytes", msgSize(m), s.nc.MaxPayload())
+	e.Worker = m.Header.Get(HeaderWorker)
+	h, body := errorMsg(e, s.node, m.Header.Get(HeaderRequestID))
+	stream := m.Header.Get(HeaderStream) != ""
+	if stream {
+		h[HeaderStream] = []string{StreamEnd}
+	}
+	err2 := s.nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: h, Data: body})
+	if errors.Is(err2, nats.ErrMaxPayload) {
+		h, body = errorMsg(call.Errorf(call.CodeTooLarge, TypeTooLarge, "reply too large"), s.node, "")
+		if stream {
 			h[HeaderStream] = []string{StreamEnd}
 		}
-		return errors.Join(err, s.nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: h, Data: body}))
+		err2 = errors.Join(err2, s.nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: h, Data: body}))
 	}
-	return err
+	return errors.Join(err, err2)
+}
+
+// msgSize is about what m takes of the server's max_payload: its body and
+// its header block, as nats.go encodes it.
+func msgSize(m *nats.Msg) int {
+	n := len(m.Data)
+	if len(m.Header) > 0 {
+		n += len("NATS/1.0\r\n\r\n")
+		for k, vs := range m.Header {
+			for _, v := range vs {
+				n += len(k) + len(": \r\n") + len(v)
+			}
+		}
+	}
+	return n
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
@@ -551,5 +552,208 @@ func TestHeartbeats(t *testing.T) {
 	for _, v := range []string{"abc", "10", "-1"} {
 		r := request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderHeartbeat, v)
 		wantError(t, r, call.CodeBadRequest, bus.TypeBadRequest)
+	}
+}
+
+// requestMsg sends m and waits for the reply.
+func requestMsg(t *testing.T, nc *nats.Conn, m *nats.Msg) *nats.Msg {
+	t.Helper()
+	reply, err := nc.RequestMsg(m, 5*time.Second)
+	if err != nil {
+		t.Fatalf("request %s: %v", m.Subject, err)
+	}
+	return reply
+}
+
+// Issue 9: a header value the node cannot carry (to a worker's proto
+// string, to a reply) is a 400 that names the header and echoes none of it,
+// and the next request is served as usual.
+func TestHostileHeaders(t *testing.T) {
+	nc, h, _ := setup(t)
+	values := map[string]string{
+		"not UTF-8":     "\xff\xfe",
+		"too long":      strings.Repeat("x", bus.MaxHeaderValue+1),
+		"control chars": "a\x00b\x1b[31m",
+	}
+	for _, name := range []string{bus.HeaderRequestID, bus.HeaderSession, bus.HeaderTimeout,
+		bus.HeaderHeartbeat, bus.HeaderReplyTo, bus.HeaderMsgID} {
+		for what, v := range values {
+			t.Run(name+"/"+what, func(t *testing.T) {
+				m := nats.NewMsg("pyfleet.req.p.echo")
+				m.Data = []byte(`{"a":1}`)
+				m.Header[name] = []string{v}
+				if name != bus.HeaderRequestID {
+					m.Header.Set(bus.HeaderRequestID, "fine-id")
+				}
+				reply := requestMsg(t, nc, m)
+				msg := wantError(t, reply, call.CodeBadRequest, bus.TypeBadRequest)
+				if !strings.HasPrefix(msg, "header "+name+": ") {
+					t.Errorf("message %q does not name the header", msg)
+				}
+				if id, ok := reply.Header[bus.HeaderRequestID]; ok {
+					t.Errorf("the 400 carries %s %q", bus.HeaderRequestID, id)
+				}
+				if strings.Contains(string(reply.Data), v) || strings.Contains(reply.Header.Get(bus.HeaderError), v) {
+					t.Errorf("the 400 echoes the bad value: %q", reply.Data)
+				}
+			})
+		}
+	}
+	if n := h.count(); n != 0 {
+		t.Errorf("handler ran %d times", n)
+	}
+	// The limit itself passes, and is echoed whole.
+	id := strings.Repeat("é", bus.MaxHeaderValue/2)
+	reply := request(t, nc, "pyfleet.req.p.echo", `{"a":1}`, bus.HeaderRequestID, id)
+	if reply.Header.Get(bus.HeaderStatus) != bus.StatusOK || reply.Header.Get(bus.HeaderRequestID) != id {
+		t.Errorf("256-byte request id: %v", reply.Header)
+	}
+}
+
+// Issue 9: Pyfleet-Timeout is held to --max-timeout, with no wrap on the
+// way (2^32+1 ms was once about 1 ms on the wire to the worker).
+func TestMaxTimeout(t *testing.T) {
+	nc, h, _ := setup(t, func(c *bus.ServiceConfig) { c.MaxTimeout = 2 * time.Second })
+	request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, "2000")
+	for _, v := range []string{"2001", "4294967297", "9223372036854775"} {
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, v), call.CodeBadRequest, bus.TypeBadRequest)
+		if !strings.Contains(msg, bus.HeaderTimeout) || !strings.Contains(msg, "limit of 2000") || !strings.Contains(msg, "--max-timeout") {
+			t.Errorf("%s: message %q does not name the header and the limit", v, msg)
+		}
+	}
+	if n := h.count(); n != 1 {
+		t.Errorf("handler ran %d times, want 1", n)
+	}
+
+	// The default limit is an hour.
+	nc2, h2, _ := setup(t)
+	request(t, nc2, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, "3600000")
+	wantError(t, request(t, nc2, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, "3600001"), call.CodeBadRequest, bus.TypeBadRequest)
+	if left := time.Until(h2.requests()[0].Deadline); left < 59*time.Minute {
+		t.Errorf("deadline of a 1 h timeout in %s", left)
+	}
+}
+
+func TestDefaultTimeoutOverMaxIsRefused(t *testing.T) {
+	srv := MustServer(t)
+	nc := MustConn(t, srv)
+	_, err := bus.Serve(nc, bus.ServiceConfig{Pool: "p", Node: "n1", DefaultTimeout: 2 * time.Hour}, &fakeHandler{}, nil)
+	if err == nil || !strings.Contains(err.Error(), "max timeout") {
+		t.Fatalf("Serve = %v, want an error about the max timeout", err)
+	}
+}
+
+// Issue 9: JSON that Go accepts but Python cannot take is a 400 from the
+// node, before any worker sees it; raw functions still take any bytes.
+func TestJSONRule(t *testing.T) {
+	nc, h, _ := setup(t)
+	for body, why := range map[string]string{
+		strings.Repeat("[", 65) + strings.Repeat("]", 65): "nested deeper than 64 levels",
+		`{"x":1e999999}`:          "beyond the range of a 64-bit float",
+		strings.Repeat("7", 4301): "over the limit of 4300",
+		`"\ud800"`:                "unpaired surrogate",
+		"\"\xff\xfe\"":            "not valid UTF-8",
+	} {
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", body), call.CodeBadRequest, bus.TypeBadRequest)
+		if !strings.Contains(msg, why) {
+			t.Errorf("%.30q: message %q, want %q", body, msg, why)
+		}
+	}
+	if n := h.count(); n != 0 {
+		t.Errorf("handler ran %d times", n)
+	}
+	deep := strings.Repeat("[", 64) + strings.Repeat("]", 64)
+	if reply := request(t, nc, "pyfleet.req.p.echo", deep); string(reply.Data) != deep {
+		t.Errorf("64 levels: %q", reply.Data)
+	}
+	if reply := request(t, nc, "pyfleet.req.p.raw", `1e999999`); string(reply.Data) != `1e999999` {
+		t.Errorf("raw: %q", reply.Data)
+	}
+}
+
+// Issue 9: a result too big for the server's max_payload (body and headers
+// together) is answered 413, with none of the result in it.
+func TestReplyTooLarge(t *testing.T) {
+	nc, _, _ := setup(t)
+	max := int(nc.MaxPayload())
+	body := `"` + strings.Repeat("x", max-64) + `"`
+	reply := request(t, nc, "pyfleet.req.p.echo", body, bus.HeaderRequestID, "big-1")
+	msg := wantError(t, reply, call.CodeTooLarge, bus.TypeTooLarge)
+	if !strings.Contains(msg, "over the limit of "+strconv.Itoa(max)) {
+		t.Errorf("message %q", msg)
+	}
+	if len(reply.Data) > 1024 {
+		t.Errorf("the 413 is %d bytes", len(reply.Data))
+	}
+	if got := reply.Header.Get(bus.HeaderRequestID); got != "big-1" {
+		t.Errorf("%s = %q", bus.HeaderRequestID, got)
+	}
+	if got := reply.Header.Get(bus.HeaderWorker); got != "w1" {
+		t.Errorf("%s = %q", bus.HeaderWorker, got)
+	}
+}
+
+// Issue 9: on a server whose max_payload barely holds a request, a reply
+// whose headers alone are too big (a 256-byte request id and an error) is
+// still answered: with a bare 413 if the full one does not fit either.
+func TestReplyHeadersTooLarge(t *testing.T) {
+	srv, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, MaxPayload: 400, NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Start()
+	t.Cleanup(func() {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	})
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	nc := MustConn(t, srv)
+	MustServe(t, nc, "n1", &fakeHandler{worker: "w1"})
+	id := strings.Repeat("i", bus.MaxHeaderValue)
+	// An echo of {} fits with its id…
+	if reply := request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderRequestID, id); reply.Header.Get(bus.HeaderRequestID) != id {
+		t.Fatalf("echo: %v", reply.Header)
+	}
+	// …an error does not, nor does a 413 that names the id.
+	reply := request(t, nc, "pyfleet.req.p.fail", `{}`, bus.HeaderRequestID, id)
+	wantError(t, reply, call.CodeTooLarge, bus.TypeTooLarge)
+	if _, ok := reply.Header[bus.HeaderRequestID]; ok {
+		t.Errorf("the bare 413 carries the request id")
+	}
+}
+
+// A function that raises with a message of megabytes gets a 413, and the
+// node's `nats micro stats` (which shows the last error) still fits in a
+// message.
+func TestHugeErrorMessage(t *testing.T) {
+	nc, _, _ := setup(t)
+	max := int(nc.MaxPayload())
+	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(2*max)), call.CodeTooLarge, bus.TypeTooLarge)
+	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(max/2)), call.CodeFailed, "ValueError")
+	subj, err := micro.ControlSubject(micro.StatsVerb, bus.ServiceName, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stats micro.Stats
+	if err := json.Unmarshal(request(t, nc, subj, "").Data, &stats); err != nil {
+		t.Fatal(err)
+	}
+	seen := false
+	for _, ep := range stats.Endpoints {
+		var d bus.EndpointData
+		if err := json.Unmarshal(ep.Data, &d); err != nil {
+			t.Fatal(err)
+		}
+		if d.LastError != "" {
+			seen = true
+			if len(d.LastError) > 1100 {
+				t.Errorf("%s: last error of %d bytes", ep.Subject, len(d.LastError))
+			}
+		}
+	}
+	if !seen {
+		t.Error("no endpoint shows its last error")
 	}
 }

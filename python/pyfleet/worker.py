@@ -87,13 +87,28 @@ CHUNK = worker_pb2.Result.CHUNK
 # Built once: json.dumps with arguments builds a new encoder on every call.
 # allow_nan=False because NaN and Infinity are not JSON to other languages.
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_decode_json = json.JSONDecoder().decode
+
+
+def _not_json(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+# parse_constant is called for NaN and (-)Infinity only, so refusing them
+# costs ordinary payloads nothing.
+_decode_json = json.JSONDecoder(parse_constant=_not_json).decode
 
 
 # ---------------------------------------------------------------- one call
 
 
 def _decode(spec: FunctionSpec, payload: bytes) -> Any:
+    """The function's argument: a payload that cannot be decoded is the
+    caller's fault (400), never a 500 with a traceback.
+
+    The node refuses such payloads first, by one rule (checkJSON in
+    bus/validate.go: nesting over 64 levels, numbers beyond a float64,
+    integers over 4300 digits, text that is not UTF-8, lone surrogates);
+    this is the same promise kept here should one get through."""
     if spec.raw:
         return payload
     if not payload:
@@ -101,8 +116,12 @@ def _decode(spec: FunctionSpec, payload: bytes) -> Any:
         return None
     try:
         return _decode_json(payload.decode())
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: an integer over sys.get_int_max_str_digits();
+        # RecursionError: nesting deeper than the interpreter's stack.
+        raise BadRequest(f"JSON not accepted: {exc}") from None
 
 
 def _encode(spec: FunctionSpec, value: Any, what: str = "return value") -> bytes:
@@ -116,7 +135,7 @@ def _encode(spec: FunctionSpec, value: Any, what: str = "return value") -> bytes
         )
     try:
         return _encode_json(value).encode()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{what} of {spec.name!r} is not JSON-serialisable: {exc}") from None
 
 
