@@ -613,14 +613,9 @@ func noReplyTo(sub Subjects) []string {
 	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", "$JS", "$KV", "$O", "$SYS"}
 }
 
-// jobTimeout reads a job's Pyfleet-Timeout, which may not exceed MaxTimeout.
+// jobTimeout reads a job's Pyfleet-Timeout by the same rule as a call's.
 func (j *Jobs) jobTimeout(h nats.Header) (time.Duration, *call.Error) {
-	d, e := parseTimeout(h, j.cfg.DefaultTimeout)
-	if e == nil && header(h, HeaderTimeout) != "" && d > j.cfg.MaxTimeout {
-		e = call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %d ms is over the limit of %d ms",
-			HeaderTimeout, d.Milliseconds(), j.cfg.MaxTimeout.Milliseconds())
-	}
-	return d, e
+	return checkTimeout(h, j.cfg.DefaultTimeout, j.cfg.MaxTimeout)
 }
 
 // maxResult is the largest result a job may have: MaxResultBytes, and never

@@ -514,25 +514,9 @@ func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (s
 	}
 }
 
-// parseTimeout reads Pyfleet-Timeout, or returns def when it is absent.
-func parseTimeout(h nats.Header, def time.Duration) (time.Duration, *call.Error) {
-	v := header(h, HeaderTimeout)
-	if v == "" {
-		return def, nil
-	}
-	ms, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || ms <= 0 {
-		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a positive whole number of milliseconds", HeaderTimeout, v)
-	}
-	if ms > math.MaxInt64/int64(time.Millisecond) {
-		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q milliseconds is too long", HeaderTimeout, v)
-	}
-	return time.Duration(ms) * time.Millisecond, nil
-}
-
-// checkTimeout is parseTimeout held to max (--max-timeout): a caller may not
-// hold a worker slot, a queue place and a session longer than the node
-// allows. The default (--request-timeout) is held to max where it is set.
+// checkTimeout reads Pyfleet-Timeout, or returns def when it is absent,
+// held to max (--max-timeout): a caller may not hold a worker slot, a queue
+// place and a session longer than the node allows. The default (--request-timeout) is held to max where it is set.
 func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.Error) {
 	v := header(h, HeaderTimeout)
 	if v == "" {

@@ -137,7 +137,7 @@ func TestHostileJobBadHeaders(t *testing.T) {
 	// `submit job --wait` on one of them (the same id again: not queued
 	// twice) returns its error at once.
 	out, errOut, code := runSubmit(t, n.url, "", "job", "--wait", "--timeout", "30s", "--id", "timeout-over-max", "echo", "{}")
-	if code != 1 || !strings.Contains(errOut, "400 BadRequest: header Pyfleet-Timeout: 120001 ms is over the limit of 120000 ms") {
+	if code != 1 || !strings.Contains(errOut, "400 BadRequest: header Pyfleet-Timeout: \"120001\" milliseconds is over this node's limit of 120000") {
 		t.Errorf("submit job --wait: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 	time.Sleep(500 * time.Millisecond) // a redelivery would show now
