@@ -67,22 +67,13 @@ func otherUser(t *testing.T) (uid, gid int) {
 	return uid, gid
 }
 
-// plantDeadRun writes into dir what a dead run would leave for the reaper:
-// a registry record naming victim as its worker (pid, start time, boot id,
-// all readable from /proc for anyone's process) and the run's lock file,
-// unlocked. It is written with bbolt directly, as an attacker would.
-func plantDeadRun(t *testing.T, dir string, victim lifecycle.Identity, mode os.FileMode) {
+// writeRecords stores recs in the registry at path as they are, with bbolt
+// directly, the way a dead node left them (or an attacker forged them):
+// lifecycle.Registry.Put would name the calling process, alive, as their
+// node, and the run would count as alive.
+func writeRecords(t *testing.T, path string, mode os.FileMode, recs ...lifecycle.Record) {
 	t.Helper()
-	if err := os.MkdirAll(filepath.Join(dir, "nodes"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	rec := lifecycle.Record{Node: "planted", Run: "deadbeef", Worker: "w1-1", Pool: "default",
-		PID: victim.PID, PGID: victim.PID, StartTime: victim.StartTime, BootID: victim.BootID, State: lifecycle.StateRunning}
-	v, err := json.Marshal(rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	db, err := bolt.Open(filepath.Join(dir, "registry.db"), mode, nil)
+	db, err := bolt.Open(path, mode, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +82,16 @@ func plantDeadRun(t *testing.T, dir string, victim lifecycle.Identity, mode os.F
 		if err != nil {
 			return err
 		}
-		return b.Put([]byte(rec.Node+"\x00"+rec.Run+"\x00"+rec.Worker), v)
+		for _, rec := range recs {
+			v, err := json.Marshal(rec)
+			if err != nil {
+				return err
+			}
+			if err := b.Put([]byte(rec.Node+"\x00"+rec.Run+"\x00"+rec.Worker), v); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if cerr := db.Close(); err == nil {
 		err = cerr
@@ -99,13 +99,29 @@ func plantDeadRun(t *testing.T, dir string, victim lifecycle.Identity, mode os.F
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "nodes", rec.Node+"."+rec.Run+".lock"), nil, mode); err != nil {
+	if err := os.Chmod(path, mode); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{filepath.Join(dir, "registry.db"), filepath.Join(dir, "nodes", rec.Node+"."+rec.Run+".lock")} {
-		if err := os.Chmod(p, mode); err != nil {
-			t.Fatal(err)
-		}
+}
+
+// plantDeadRun writes into dir what a dead run would leave for the reaper:
+// a registry record naming victim as its worker (pid, start time, boot id,
+// all readable from /proc for anyone's process) and the run's lock file,
+// unlocked.
+func plantDeadRun(t *testing.T, dir string, victim lifecycle.Identity, mode os.FileMode) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Join(dir, "nodes"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rec := lifecycle.Record{Node: "planted", Run: "deadbeef", Worker: "w1-1", Pool: "default",
+		PID: victim.PID, PGID: victim.PID, StartTime: victim.StartTime, BootID: victim.BootID, State: lifecycle.StateRunning}
+	writeRecords(t, filepath.Join(dir, "registry.db"), mode, rec)
+	lock := filepath.Join(dir, "nodes", rec.Node+"."+rec.Run+".lock")
+	if err := os.WriteFile(lock, nil, mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(lock, mode); err != nil {
+		t.Fatal(err)
 	}
 }
 
