@@ -95,11 +95,11 @@ func (l *NodeLock) Marker() Marker { return Marker{Node: l.node, Run: l.run} }
 
 // Ensure puts the lock file back if it is gone or is no longer the file
 // this run holds locked (someone removed it, a cleaner of old files in /tmp
-// did, or a file was put in its place), and reports whether it had to. A
-// run whose lock file is missing looks dead to nobody who can also see its
-// registry records (see Reaper), but it leaves no trace for a run that has
-// none yet, and NodeAlive says no. The Reaper of the run calls it at every
-// sweep; calling it after Release does nothing.
+// did, or a file was put in its place), and reports whether it had to.
+// Without its lock file a run still counts as alive for a Reaper that finds
+// its records (they name its node process), but NodeAlive says no, and a
+// run with no records yet leaves no trace at all. The Reaper of the run
+// calls it at every sweep; calling it after Release does nothing.
 func (l *NodeLock) Ensure() (bool, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
