@@ -16,8 +16,12 @@
 //     (Marker, KillMarked);
 //   - node liveness: a run of a node holds a flock for its life
 //     (AcquireNodeLock, NodeAlive), which the kernel drops when it dies;
+//     its registry records name its node process too, so a run whose lock
+//     file was removed under it still counts as alive, and its own Reaper
+//     puts the file back (NodeLock.Ensure);
 //   - the registry of worker processes per state dir (Registry), shared by
-//     the nodes that use the dir;
+//     the nodes that use the dir; it and the lock files are 0600, and one
+//     that another user owns or could write is refused (ErrNotPrivate);
 //   - reaping: the orphans this process adopts as a child subreaper
 //     (SetChildSubreaper, Spawner.ReapAdopted), and everything dead runs left
 //     (Reaper);
@@ -39,7 +43,7 @@
 //	_ = lifecycle.SetChildSubreaper()
 //	reg, _ := lifecycle.OpenRegistry(filepath.Join(stateDir, "registry.db"))
 //	spawner := lifecycle.NewSpawner()
-//	reaper, _ := lifecycle.NewReaper(lifecycle.ReaperConfig{StateDir: stateDir, Registry: reg, Spawner: spawner, Events: publish})
+//	reaper, _ := lifecycle.NewReaper(lifecycle.ReaperConfig{StateDir: stateDir, Registry: reg, Spawner: spawner, Lock: lock, Events: publish})
 //	_ = reaper.Sweep()    // before any worker starts: clears what dead runs left
 //	go reaper.Run(ctx)    // owned and waited for by the node
 //

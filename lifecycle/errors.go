@@ -31,4 +31,9 @@ var (
 	// ErrRegistryBusy means the registry file stayed locked by another
 	// process for longer than the registry's timeout.
 	ErrRegistryBusy = errors.New("lifecycle: registry busy")
+
+	// ErrNotPrivate means a file of the state dir (the registry, a lock
+	// file) is not one only this user can write, so the Reaper cannot
+	// trust it (see securePrivateFile).
+	ErrNotPrivate = errors.New("lifecycle: state file not private")
 )

@@ -1,18 +1,22 @@
 package lifecycle
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
 	"go.uber.org/goleak"
 )
 
@@ -282,4 +286,84 @@ func waitDone(t *testing.T, p *Process, d time.Duration) {
 	case <-time.After(d):
 		t.Fatalf("process %d not done after %v", p.PID(), d)
 	}
+}
+
+// stamped is rec as Put stores it from this process.
+func stamped(t *testing.T, rec Record) Record {
+	t.Helper()
+	self, err := ReadIdentity(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.NodePID, rec.NodeStartTime, rec.NodeBootID = self.PID, self.StartTime, self.BootID
+	return rec
+}
+
+// putRaw stores rec as it is, without Put's node identity: a record written
+// by another process (or by an older version, which wrote none).
+func putRaw(t *testing.T, reg *Registry, rec Record) {
+	t.Helper()
+	v, err := json.Marshal(rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.update(func(b *bolt.Bucket) error { return b.Put(rec.key(), v) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// deadIdentity is the identity of a process that has exited and been reaped.
+func deadIdentity(t *testing.T) Identity {
+	t.Helper()
+	cmd := helperCmd("exit7")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	id, err := ReadIdentity(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	return id
+}
+
+var otherUsers atomic.Int64
+
+// otherUser creates a throwaway system user for the test (deleted at its
+// end) and returns its uid and gid, for files that must belong to someone
+// else. It needs root, as chown does.
+func otherUser(t *testing.T) (uid, gid int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: only root can give a file to another user")
+	}
+	if _, err := exec.LookPath("useradd"); err != nil {
+		t.Skip("useradd is missing: cannot create another user to own the file")
+	}
+	name := fmt.Sprintf("pyfleet-test-%d-%d", os.Getpid(), otherUsers.Add(1))
+	var out []byte
+	var err error
+	// useradd fails while another one holds /etc/passwd's lock: retry.
+	for range 20 {
+		out, err = exec.Command("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name).CombinedOutput()
+		if err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("useradd %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
+			t.Errorf("userdel %s: %v: %s", name, err, out)
+		}
+	})
+	u, err := user.Lookup(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ = strconv.Atoi(u.Uid)
+	gid, _ = strconv.Atoi(u.Gid)
+	return uid, gid
 }

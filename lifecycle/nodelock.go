@@ -24,10 +24,13 @@ const lockSuffix = ".lock"
 
 // NodeLock is the lock a running node holds.
 type NodeLock struct {
-	f       *os.File
-	path    string
-	release sync.Once
-	err     error
+	stateDir, node, run string
+
+	mu       sync.Mutex
+	f        *os.File // holds the flock; its file is the one at path, unless someone removed it
+	path     string
+	released bool
+	err      error
 }
 
 func nodesDir(stateDir string) string { return filepath.Join(stateDir, "nodes") }
@@ -38,30 +41,22 @@ func lockPath(stateDir, node, run string) string {
 
 // AcquireNodeLock takes the lock of run run of node node. Take it before
 // anything else a run does, so that no process or registry record of the run
-// can exist while the run looks dead.
+// can exist while the run looks dead. It refuses a state dir whose nodes
+// directory holds a file that is not private to this user (ErrNotPrivate):
+// the Reaper would act on it.
 func AcquireNodeLock(stateDir, node, run string) (*NodeLock, error) {
 	if !validName(node) || !validName(run) {
 		return nil, fmt.Errorf("%w: node %q, run %q", ErrInvalidName, node, run)
 	}
-	if err := os.MkdirAll(nodesDir(stateDir), 0o700); err != nil {
-		return nil, fmt.Errorf("lifecycle: node lock: %w", err)
+	if err := secureNodeFiles(stateDir); err != nil {
+		return nil, err
 	}
 	path := lockPath(stateDir, node, run)
-	// The file appears under its name already locked (locked under a
-	// temporary name, then linked): a lock file that exists unlocked is a
-	// tombstone, and a Reaper finding a starting node's file unlocked would
-	// take the run for dead. os.CreateTemp sets O_CLOEXEC, as it must: a
-	// worker that inherited this descriptor would hold the lock after the
-	// node died and make it look alive.
-	f, err := os.CreateTemp(nodesDir(stateDir), "."+node+"."+run+".*.tmp")
+	f, err := lockedTemp(stateDir, node, run)
 	if err != nil {
-		return nil, fmt.Errorf("lifecycle: node lock: %w", err)
+		return nil, err
 	}
 	defer os.Remove(f.Name())
-	if err := flock(f, unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lifecycle: node lock %s: %w", f.Name(), err)
-	}
 	if err := os.Link(f.Name(), path); err != nil {
 		f.Close()
 		if errors.Is(err, fs.ErrExist) {
@@ -69,7 +64,74 @@ func AcquireNodeLock(stateDir, node, run string) (*NodeLock, error) {
 		}
 		return nil, fmt.Errorf("lifecycle: node lock: %w", err)
 	}
-	return &NodeLock{f: f, path: path}, nil
+	return &NodeLock{stateDir: stateDir, node: node, run: run, f: f, path: path}, nil
+}
+
+// lockedTemp creates a new file beside the lock file, 0600, and locks it.
+// The lock file appears under its name already locked (linked or renamed
+// from this one): a lock file that exists unlocked is a tombstone, and a
+// Reaper finding a starting node's file unlocked would take the run for
+// dead. os.CreateTemp sets O_CLOEXEC, as it must: a worker that inherited
+// this descriptor would hold the lock after the node died and make it look
+// alive.
+func lockedTemp(stateDir, node, run string) (*os.File, error) {
+	if err := os.MkdirAll(nodesDir(stateDir), 0o700); err != nil {
+		return nil, fmt.Errorf("lifecycle: node lock: %w", err)
+	}
+	f, err := os.CreateTemp(nodesDir(stateDir), "."+node+"."+run+".*.tmp")
+	if err != nil {
+		return nil, fmt.Errorf("lifecycle: node lock: %w", err)
+	}
+	if err := flock(f, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, fmt.Errorf("lifecycle: node lock %s: %w", f.Name(), err)
+	}
+	return f, nil
+}
+
+// Marker names the run the lock belongs to.
+func (l *NodeLock) Marker() Marker { return Marker{Node: l.node, Run: l.run} }
+
+// Ensure puts the lock file back if it is gone or is no longer the file
+// this run holds locked (someone removed it, a cleaner of old files in /tmp
+// did, or a file was put in its place), and reports whether it had to.
+// Without its lock file a run still counts as alive for a Reaper that finds
+// its records (they name its node process), but NodeAlive says no, and a
+// run with no records yet leaves no trace at all. The Reaper of the run
+// calls it at every sweep; calling it after Release does nothing.
+func (l *NodeLock) Ensure() (bool, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released {
+		return false, nil
+	}
+	held, err := l.f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("lifecycle: node lock: %w", err)
+	}
+	cur, err := os.Lstat(l.path)
+	if err == nil && os.SameFile(cur, held) {
+		return false, nil
+	}
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("lifecycle: node lock: %w", err)
+	}
+	f, err := lockedTemp(l.stateDir, l.node, l.run)
+	if err != nil {
+		return false, err
+	}
+	// Rename, not link: whatever took the name is not this run's lock and
+	// must go, atomically, so that the name never shows an unlocked file.
+	if err := os.Rename(f.Name(), l.path); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return false, fmt.Errorf("lifecycle: node lock: %w", err)
+	}
+	old := l.f
+	l.f = f
+	old.Close()
+	return true, nil
 }
 
 // Release ends the run: it removes the lock file and drops the lock. Call it
@@ -77,15 +139,19 @@ func AcquireNodeLock(stateDir, node, run string) (*NodeLock, error) {
 // deleted; a run that ends without Release (a crash) leaves a tombstone for
 // the Reaper instead. Release is idempotent.
 func (l *NodeLock) Release() error {
-	l.release.Do(func() {
-		// Removed while still locked, so a Reaper cannot find the run dead
-		// and sweep it in between.
-		err := os.Remove(l.path)
-		if errors.Is(err, fs.ErrNotExist) {
-			err = nil
-		}
-		l.err = errors.Join(err, l.f.Close())
-	})
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released {
+		return l.err
+	}
+	l.released = true
+	// Removed while still locked, so a Reaper cannot find the run dead and
+	// sweep it in between.
+	err := os.Remove(l.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		err = nil
+	}
+	l.err = errors.Join(err, l.f.Close())
 	return l.err
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"syscall"
 	"time"
 
@@ -20,12 +21,22 @@ type ReaperConfig struct {
 	Spawner *Spawner
 	// Events receives an orphan_reaped event for every kill. May be nil.
 	Events Events
-	// Interval between sweeps of the registry in Run; default 10 s.
+	// Lock, if set, is the lock of the run this Reaper works for: that run
+	// is never swept, and every Sweep first puts its lock file back if
+	// someone removed it (NodeLock.Ensure).
+	Lock *NodeLock
+	// Interval between sweeps of the registry in Run; default 10 s, or
+	// PYFLEET_REAPER_INTERVAL (a Go duration) if set. That variable is for
+	// tests, which must see several sweeps without waiting minutes; it is
+	// not a setting.
 	Interval time.Duration
 	// AdoptInterval between reaps of adopted orphans in Run; default 1 s.
 	AdoptInterval time.Duration
 	Logger        *zap.Logger // default: no logging
 }
+
+// envReaperInterval shortens the sweep interval, for tests only.
+const envReaperInterval = "PYFLEET_REAPER_INTERVAL"
 
 // Reaper finds and kills what dead runs left behind, on this state dir.
 type Reaper struct {
@@ -43,6 +54,9 @@ func NewReaper(cfg ReaperConfig) (*Reaper, error) {
 	}
 	if cfg.Interval <= 0 {
 		cfg.Interval = 10 * time.Second
+		if d, err := time.ParseDuration(os.Getenv(envReaperInterval)); err == nil && d > 0 {
+			cfg.Interval = d
+		}
 	}
 	if cfg.AdoptInterval <= 0 {
 		cfg.AdoptInterval = time.Second
@@ -83,8 +97,7 @@ func (r *Reaper) Run(ctx context.Context) error {
 	}
 }
 
-// Sweep makes one pass over the state dir. For every run that is over (its
-// node lock can be taken, or it left records but no lock file):
+// Sweep makes one pass over the state dir. For every run that is over:
 //
 //   - each recorded worker whose identity (pid, start time, boot id) still
 //     matches is killed with its process group;
@@ -93,14 +106,30 @@ func (r *Reaper) Run(ctx context.Context) error {
 //   - its records are deleted, and once a pass finds nothing left of it,
 //     its lock file.
 //
-// Runs that are alive are left alone, except that records of their workers
-// that are no longer running are deleted. Processes that carry the marker of
-// a run this state dir has no trace of are never touched: they may belong to
-// a node using another state dir. Every kill is reported as orphan_reaped.
+// A run is alive while some process holds its lock, or while the node
+// process that wrote its records (Record.NodeIdentity) runs: a lock file
+// removed or replaced under a live node does not make it look dead. The
+// run of ReaperConfig.Lock is alive by definition, and its lock file is put
+// back first if it is gone. Runs that are alive are left alone, except that
+// records of their workers that are no longer running are deleted.
+// Processes that carry the marker of a run this state dir has no trace of
+// are never touched: they may belong to a node using another state dir.
+// Every kill is reported as orphan_reaped.
 func (r *Reaper) Sweep() error {
+	var errs []error
+	var self Marker
+	if r.cfg.Lock != nil {
+		self = r.cfg.Lock.Marker()
+		restored, err := r.cfg.Lock.Ensure()
+		if err != nil {
+			errs = append(errs, err)
+		} else if restored {
+			r.log.Warn("the node's lock file was removed or replaced under it; put it back", zap.String("path", r.cfg.Lock.path))
+		}
+	}
 	recs, err := r.cfg.Registry.List()
 	if err != nil {
-		return err
+		return errors.Join(append(errs, err)...)
 	}
 	runs := make(map[Marker][]Record)
 	for _, rec := range recs {
@@ -109,7 +138,7 @@ func (r *Reaper) Sweep() error {
 	}
 	locked, err := lockedRuns(r.cfg.StateDir)
 	if err != nil {
-		return err
+		return errors.Join(append(errs, err)...)
 	}
 	for _, m := range locked {
 		if _, ok := runs[m]; !ok {
@@ -117,9 +146,8 @@ func (r *Reaper) Sweep() error {
 		}
 	}
 
-	var errs []error
 	for m, recs := range runs {
-		if runStateOf(r.cfg.StateDir, m.Node, m.Run) == runAlive {
+		if m == self || runAliveByRecords(r.cfg.StateDir, m, recs) {
 			for _, rec := range recs {
 				// The node replaces or deletes these itself; deleteIf
 				// never removes a record it updated meanwhile.
@@ -132,6 +160,22 @@ func (r *Reaper) Sweep() error {
 		errs = append(errs, r.sweepDeadRun(m, recs))
 	}
 	return errors.Join(errs...)
+}
+
+// runAliveByRecords reports whether run m is alive: its lock is held, or a
+// node process that wrote one of its records still runs. The second half
+// is what keeps a live run alive when its lock file was removed (or
+// replaced by an unlocked file) before its node noticed.
+func runAliveByRecords(stateDir string, m Marker, recs []Record) bool {
+	if runStateOf(stateDir, m.Node, m.Run) == runAlive {
+		return true
+	}
+	for _, rec := range recs {
+		if rec.NodeIdentity().Alive() {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *Reaper) sweepDeadRun(m Marker, recs []Record) error {

@@ -216,10 +216,11 @@ func TestReaperNeverKillsReusedPID(t *testing.T) {
 	run := uniqueRun(t)
 	stale := Record{Node: "gone", Run: run, Worker: "w1", PID: id.PID, PGID: id.PID, StartTime: id.StartTime - 1, BootID: id.BootID, State: StateRunning}
 	otherBoot := Record{Node: "gone", Run: run, Worker: "w2", PID: id.PID, PGID: id.PID, StartTime: id.StartTime, BootID: "another-boot", State: StateRunning}
+	// Written by a node that is gone, and no lock file: a dead run.
+	dead := deadIdentity(t)
 	for _, rec := range []Record{stale, otherBoot} {
-		if err := reg.Put(rec); err != nil {
-			t.Fatal(err)
-		}
+		rec.NodePID, rec.NodeStartTime, rec.NodeBootID = dead.PID, dead.StartTime, dead.BootID
+		putRaw(t, reg, rec)
 	}
 	var events eventLog
 	if err := mustReaper(t, dir, reg, &events).Sweep(); err != nil {
@@ -300,7 +301,7 @@ func TestReaperDropsStaleRecordsOfLiveRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	// List orders by key: node, run, worker.
-	want := []Record{recs[1], recs[0]}
+	want := []Record{stamped(t, recs[1]), stamped(t, recs[0])}
 	if !slices.Equal(got, want) {
 		t.Errorf("records after the sweep: %+v, want %+v", got, want)
 	}
@@ -484,5 +485,109 @@ func TestReapAdopted(t *testing.T) {
 	}
 	if _, err := readStat(kept[0].PID); !errors.Is(err, ErrNoProcess) {
 		t.Errorf("zombie left: %v", err)
+	}
+}
+
+// A live run whose lock file was removed, or replaced by an unlocked file
+// (which looks like a tombstone), is still alive: its records name its node
+// process, which runs. Once that process is dead, the same run is reaped.
+func TestReaperKeepsLiveRunWhoseLockFileIsGone(t *testing.T) {
+	dir := t.TempDir()
+	s := mustSpawner(t)
+	m := Marker{Node: "live", Run: uniqueRun(t)}
+	node, ids := startFakeNode(t, s, dir, m)
+	reg := mustRegistry(t, dir)
+	path := lockPath(dir, m.Node, m.Run)
+	var events eventLog
+	for _, replaced := range []bool{false, true} {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+		if replaced {
+			if err := os.WriteFile(path, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Each a fresh Reaper, as at the start of another node.
+		for range 2 {
+			if err := mustReaper(t, dir, reg, &events).Sweep(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, id := range ids {
+			if !id.Alive() {
+				t.Fatalf("lock file removed (replaced: %v): %v of a live run was killed", replaced, id)
+			}
+		}
+		if ev := events.get(); len(ev) != 0 {
+			t.Fatalf("events for a live run: %+v", ev)
+		}
+		if recs, _ := reg.List(); len(recs) != 1 {
+			t.Fatalf("records of a live run: %+v", recs)
+		}
+	}
+
+	node.Kill()
+	waitDone(t, node, 5*time.Second)
+	_ = os.Remove(path)
+	if err := mustReaper(t, dir, reg, &events).Sweep(); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if id.Alive() {
+			t.Errorf("%v of the dead run survived the sweep", id)
+		}
+	}
+	if n := len(events.get()); n != len(ids) {
+		t.Errorf("%d orphan_reaped events, want %d", n, len(ids))
+	}
+}
+
+// The Reaper of a run never sweeps it and puts its lock file back: here the
+// run's record says nothing of its node (as an older version wrote it), so
+// only the lock can keep the run alive, for this Reaper and for another
+// node's.
+func TestReaperRestoresItsOwnLockFile(t *testing.T) {
+	dir := t.TempDir()
+	run := uniqueRun(t)
+	lock, err := AcquireNodeLock(dir, "me", run)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Release()
+	reg := mustRegistry(t, dir)
+	p, _ := mustStart(t, mustSpawner(t), "sleep")
+	id := p.Identity()
+	putRaw(t, reg, Record{Node: "me", Run: run, Worker: "w1", PID: id.PID, PGID: p.PGID(), StartTime: id.StartTime, BootID: id.BootID, State: StateRunning})
+	var events eventLog
+	own, err := NewReaper(ReaperConfig{StateDir: dir, Registry: reg, Lock: lock, Events: events.add, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := lockPath(dir, "me", run)
+	for _, replaced := range []bool{false, true} {
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+		if replaced {
+			if err := os.WriteFile(path, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := own.Sweep(); err != nil {
+			t.Fatal(err)
+		}
+		if !NodeAlive(dir, "me", run) {
+			t.Fatalf("replaced %v: the lock file is not back after the run's own sweep", replaced)
+		}
+		if err := mustReaper(t, dir, reg, &events).Sweep(); err != nil {
+			t.Fatal(err)
+		}
+		if !id.Alive() || len(events.get()) != 0 {
+			t.Fatalf("replaced %v: worker alive %v, events %+v", replaced, id.Alive(), events.get())
+		}
+	}
+	if recs, _ := reg.List(); len(recs) != 1 {
+		t.Errorf("records: %+v", recs)
 	}
 }

@@ -36,11 +36,22 @@ type Record struct {
 	StartTime uint64 `json:"start_time,omitempty"`
 	BootID    string `json:"boot_id,omitempty"`
 	State     string `json:"state"`
+	// The node process that wrote the record (Put fills these in): while
+	// it lives, so does the run, whatever happened to its lock file.
+	NodePID       int    `json:"node_pid,omitempty"`
+	NodeStartTime uint64 `json:"node_start_time,omitempty"`
+	NodeBootID    string `json:"node_boot_id,omitempty"`
 }
 
 // Identity returns the identity of the recorded process.
 func (r Record) Identity() Identity {
 	return Identity{PID: r.PID, StartTime: r.StartTime, BootID: r.BootID}
+}
+
+// NodeIdentity returns the identity of the node process that wrote the
+// record; zero for records of older versions, which did not say.
+func (r Record) NodeIdentity() Identity {
+	return Identity{PID: r.NodePID, StartTime: r.NodeStartTime, BootID: r.NodeBootID}
 }
 
 // SetProcess records p as the record's process.
@@ -55,6 +66,9 @@ func (r Record) key() []byte {
 }
 
 var bucketName = []byte("workers")
+
+// selfIdentity is this process's identity, which cannot change while it runs.
+var selfIdentity = sync.OnceValues(func() (Identity, error) { return ReadIdentity(os.Getpid()) })
 
 // Registry is the list of worker processes of every run that used a state
 // dir, kept in a bbolt file. bbolt holds an exclusive flock for as long as
@@ -71,11 +85,16 @@ type Registry struct {
 	mu      sync.Mutex // in-process turns; the flock orders processes
 }
 
-// OpenRegistry opens (creating if needed) the registry at path, usually
-// <state-dir>/registry.db.
+// OpenRegistry opens (creating if needed, 0600) the registry at path,
+// usually <state-dir>/registry.db. It refuses an existing file that another
+// user owns or could have written, and makes one that others could read
+// 0600 (see securePrivateFile): the Reaper kills what the records name.
 func OpenRegistry(path string) (*Registry, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("lifecycle: registry: %w", err)
+	}
+	if err := securePrivateFile(path); err != nil {
+		return nil, err
 	}
 	r := &Registry{path: path, timeout: 5 * time.Second}
 	err := r.update(func(*bolt.Bucket) error { return nil })
@@ -119,11 +138,18 @@ func (r *Registry) with(readOnly bool, fn func(*bolt.Tx) error) error {
 	return nil
 }
 
-// Put stores rec, replacing the record of the same node, run and worker.
+// Put stores rec, replacing the record of the same node, run and worker. It
+// records the calling process as the run's node (Record.NodeIdentity): only
+// the node of a run writes its records.
 func (r *Registry) Put(rec Record) error {
 	if !validName(rec.Node) || !validName(rec.Run) || !validName(rec.Worker) {
 		return fmt.Errorf("%w: record %q/%q/%q", ErrInvalidName, rec.Node, rec.Run, rec.Worker)
 	}
+	self, err := selfIdentity()
+	if err != nil {
+		return fmt.Errorf("lifecycle: registry: %w", err)
+	}
+	rec.NodePID, rec.NodeStartTime, rec.NodeBootID = self.PID, self.StartTime, self.BootID
 	v, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("lifecycle: registry: %w", err)

@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -27,8 +29,13 @@ func TestRegistryPutListDelete(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Put records the writer as the run's node.
+	rec = stamped(t, rec)
 	if len(recs) != 2 || recs[0] != rec {
 		t.Fatalf("List = %+v", recs)
+	}
+	if self, _ := ReadIdentity(os.Getpid()); recs[1].NodeIdentity() != self {
+		t.Errorf("NodeIdentity = %v, want this process, %v", recs[1].NodeIdentity(), self)
 	}
 	if id := recs[0].Identity(); id != (Identity{PID: 42, StartTime: 7, BootID: "boot"}) {
 		t.Errorf("Identity = %v", id)
@@ -181,5 +188,157 @@ func TestReaperRun(t *testing.T) {
 	}
 	if _, err := NewReaper(ReaperConfig{StateDir: dir}); err == nil {
 		t.Error("NewReaper without a registry succeeded")
+	}
+}
+
+func TestNodeLockEnsure(t *testing.T) {
+	dir := t.TempDir()
+	lock, err := AcquireNodeLock(dir, "n", "r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := lockPath(dir, "n", "r1")
+	if restored, err := lock.Ensure(); restored || err != nil {
+		t.Fatalf("Ensure with the file in place = %v, %v", restored, err)
+	}
+	for _, how := range []string{"removed", "replaced", "nodes dir removed"} {
+		switch how {
+		case "removed":
+			err = os.Remove(path)
+		case "replaced":
+			err = os.WriteFile(path+".new", nil, 0o644)
+			if err == nil {
+				err = os.Rename(path+".new", path)
+			}
+		case "nodes dir removed":
+			err = os.RemoveAll(nodesDir(dir))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if NodeAlive(dir, "n", "r1") {
+			t.Fatalf("%s: alive before Ensure", how)
+		}
+		if restored, err := lock.Ensure(); !restored || err != nil {
+			t.Fatalf("%s: Ensure = %v, %v", how, restored, err)
+		}
+		if !NodeAlive(dir, "n", "r1") {
+			t.Fatalf("%s: not alive after Ensure", how)
+		}
+		if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: lock file after Ensure: %v, %v", how, st.Mode(), err)
+		}
+		if runs, err := lockedRuns(dir); err != nil || len(runs) != 1 {
+			t.Fatalf("%s: lockedRuns = %v, %v (temporary files must be gone)", how, runs, err)
+		}
+	}
+	if err := lock.Release(); err != nil {
+		t.Fatal(err)
+	}
+	if restored, err := lock.Ensure(); restored || err != nil {
+		t.Fatalf("Ensure after Release = %v, %v", restored, err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lock file after Release and Ensure: %v", err)
+	}
+}
+
+// The registry and the lock files are 0600; existing ones that others could
+// read are made 0600, ones that others could write or that belong to someone
+// else are refused with an error naming the file.
+func TestStateFilesArePrivate(t *testing.T) {
+	mode := func(path string) os.FileMode {
+		t.Helper()
+		st, err := os.Lstat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Mode().Perm()
+	}
+	refused := func(err error, path, why string) {
+		t.Helper()
+		if !errors.Is(err, ErrNotPrivate) || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), why) {
+			t.Errorf("%s: error %v, want ErrNotPrivate naming it and %q", path, err, why)
+		}
+	}
+
+	dir := t.TempDir()
+	db := filepath.Join(dir, "registry.db")
+	mustRegistry(t, dir)
+	lock, err := AcquireNodeLock(dir, "n", "r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Release()
+	tomb := lockPath(dir, "n", "r1")
+	if m := mode(db); m != 0o600 {
+		t.Errorf("new registry mode %04o", m)
+	}
+	if m := mode(tomb); m != 0o600 {
+		t.Errorf("new lock file mode %04o", m)
+	}
+
+	// Readable by others: fixed.
+	for _, path := range []string{db, tomb} {
+		if err := os.Chmod(path, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustRegistry(t, dir)
+	if _, err := AcquireNodeLock(dir, "n", "r2"); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{db, tomb} {
+		if m := mode(path); m != 0o600 {
+			t.Errorf("%s: mode %04o after opening, want 0600", path, m)
+		}
+	}
+
+	// Writable by others: refused.
+	for _, m := range []os.FileMode{0o620, 0o602} {
+		if err := os.Chmod(db, m); err != nil {
+			t.Fatal(err)
+		}
+		_, err := OpenRegistry(db)
+		refused(err, db, "writable by group or others")
+		if err := os.Chmod(tomb, m); err != nil {
+			t.Fatal(err)
+		}
+		_, err = AcquireNodeLock(dir, "n", "r3")
+		refused(err, tomb, "writable by group or others")
+	}
+	for _, path := range []string{db, tomb} {
+		if err := os.Chmod(path, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Not a regular file: refused.
+	other := filepath.Join(t.TempDir(), "elsewhere.db")
+	if err := os.WriteFile(other, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(t.TempDir(), "registry.db")
+	if err := os.Symlink(other, link); err != nil {
+		t.Fatal(err)
+	}
+	_, err = OpenRegistry(link)
+	refused(err, link, "not a regular file")
+
+	// Another user's: refused.
+	uid, gid := otherUser(t)
+	for _, path := range []string{db, tomb} {
+		if err := os.Chown(path, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = OpenRegistry(db)
+	refused(err, db, "owned by uid "+strconv.Itoa(uid))
+	_, err = AcquireNodeLock(dir, "n", "r4")
+	refused(err, tomb, "owned by uid "+strconv.Itoa(uid))
+	for _, path := range []string{db, tomb} {
+		if err := os.Chown(path, os.Getuid(), os.Getgid()); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

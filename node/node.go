@@ -68,9 +68,11 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		})
 	}
 
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
+	stateDir, err := prepareStateDir(cfg.StateDir) // see statedir.go: no other user may write to it
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
 	}
+	cfg.StateDir = stateDir
 	// Sockets live in a directory only this user can enter: the secret
 	// guards each call, the directory keeps other users from even trying.
 	socketDir := filepath.Join(cfg.StateDir, "run", run)
@@ -140,6 +142,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		StateDir: cfg.StateDir,
 		Registry: registry,
 		Spawner:  spawner,
+		Lock:     lock, // never sweeps this run; puts its lock file back if removed
 		Events:   events,
 		Logger:   log,
 	})

@@ -32,9 +32,12 @@ const (
 )
 
 // Environment variables the node sets on a worker, besides the lifecycle
-// markers that everything the worker starts inherits.
+// markers that everything the worker starts inherits. They hold fd numbers:
+// the secret itself never is in the environment, where
+// /proc/<pid>/environ would show it for the worker's whole life and every
+// child would inherit it.
 const (
-	envSecret   = "PYFLEET_WORKER_SECRET"
+	envSecretFD = "PYFLEET_WORKER_SECRET_FD"
 	envLifeline = "PYFLEET_WORKER_LIFELINE_FD"
 )
 
@@ -148,8 +151,28 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		return nil, err
 	}
 
+	// The secret goes on a pipe of its own, whole, with the write end closed
+	// before the fork: the worker reads it to EOF at start and closes its
+	// end, so no child of the worker can read it (64 bytes fit a pipe's
+	// buffer, so the write cannot block).
+	secretR, secretW, err := os.Pipe()
+	if err != nil {
+		p.forget(start)
+		return nil, fmt.Errorf("secret pipe: %w", err)
+	}
+	_, err = secretW.WriteString(secret)
+	if cerr := secretW.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		secretR.Close()
+		p.forget(start)
+		return nil, fmt.Errorf("secret pipe: %w", err)
+	}
 	lifelineR, lifelineW, err := os.Pipe()
 	if err != nil {
+		secretR.Close()
+		p.forget(start)
 		return nil, fmt.Errorf("lifeline pipe: %w", err)
 	}
 	cmd := exec.Command(p.cfg.Python, "-m", "pyfleet.worker",
@@ -158,15 +181,17 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		"--socket", sock,
 		"--worker-id", name,
 		"--concurrency", strconv.Itoa(p.cfg.Concurrency))
-	cmd.Env = append(os.Environ(),
-		envSecret+"="+secret,
+	// Not the node's NATS credentials nor any other setting (workerEnv).
+	cmd.Env = append(workerEnv(os.Environ()),
 		envLifeline+"=3",
+		envSecretFD+"=4",
 	)
 	cmd.Dir = p.cfg.AppDir
-	// The read end becomes fd 3 in the worker. The node keeps the write end
-	// open for the worker's life and never writes: the worker sees EOF only
-	// when the node is gone, however it died.
-	cmd.ExtraFiles = []*os.File{lifelineR}
+	// The lifeline's read end becomes fd 3 in the worker. The node keeps the
+	// write end open for the worker's life and never writes: the worker sees
+	// EOF only when the node is gone, however it died. The secret's read end
+	// becomes fd 4.
+	cmd.ExtraFiles = []*os.File{lifelineR, secretR}
 
 	w := &worker{
 		name:    name,
@@ -220,6 +245,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		Events: p.cfg.Events,
 	})
 	lifelineR.Close()
+	secretR.Close() // the worker has its own copy
 	if err != nil {
 		lifelineW.Close()
 		p.forget(start)

@@ -1064,14 +1064,10 @@ func TestOrphansPIDReuse(t *testing.T) {
 	stale.StartTime++
 	otherBoot := rebooted
 	otherBoot.BootID = "00000000-0000-0000-0000-000000000000"
+	writeRecords(t, filepath.Join(state, "registry.db"), 0o600, rec("w1-1", stale), rec("w2-2", otherBoot), rec("w3-3", control))
 	reg, err := lifecycle.OpenRegistry(filepath.Join(state, "registry.db"))
 	if err != nil {
 		t.Fatal(err)
-	}
-	for _, r := range []lifecycle.Record{rec("w1-1", stale), rec("w2-2", otherBoot), rec("w3-3", control)} {
-		if err := reg.Put(r); err != nil {
-			t.Fatal(err)
-		}
 	}
 
 	n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 1, stateDir: state}))

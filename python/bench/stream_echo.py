@@ -93,6 +93,10 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="pf-bench-", dir="/tmp")
     sock = os.path.join(tmp, "w.sock")
+    # The secret on a pipe, as the node passes it.
+    secret_end, write_end = os.pipe()
+    os.write(write_end, SECRET.encode())
+    os.close(write_end)
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -110,11 +114,13 @@ def main() -> None:
             str(args.concurrency),
         ],
         cwd=HERE,
-        env={**os.environ, "PYFLEET_WORKER_SECRET": SECRET},
+        env={**os.environ, "PYFLEET_WORKER_SECRET_FD": str(secret_end)},
+        pass_fds=(secret_end,),
         stdout=subprocess.PIPE,
         text=True,
         process_group=0,
     )
+    os.close(secret_end)
     try:
         assert worker.stdout is not None
         line = worker.stdout.readline()

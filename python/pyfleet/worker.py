@@ -5,9 +5,11 @@ Started by poolnode, never by hand:
     python -m pyfleet.worker --app MODULE[:ATTR] --app-dir DIR --socket PATH \\
         --worker-id ID --concurrency N [--stop-grace SECONDS]
 
-Environment: PYFLEET_WORKER_SECRET (required; removed from the environment at
-start so that children do not inherit it) and PYFLEET_WORKER_LIFELINE_FD (the
-read end of a pipe whose write end only the node holds).
+Environment: PYFLEET_WORKER_SECRET_FD (required: the read end of a pipe that
+holds the secret every RPC must carry, and nothing else; read to EOF and
+closed at start, so that neither /proc/<pid>/environ nor any child shows the
+secret) and PYFLEET_WORKER_LIFELINE_FD (the read end of a pipe whose write end
+only the node holds).
 
 Stdout protocol, one line each:
     PYFLEET-READY {"v":1,"pid":...,"functions":[{"name":...,"raw":...,"stream":...,"inline":...}]}
@@ -49,9 +51,11 @@ from . import App, BadRequest, FunctionSpec  # noqa: E402
 from ._proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 SERVICE_NAME = "pyfleet.worker.v1.Worker"
-SECRET_ENV = "PYFLEET_WORKER_SECRET"
+SECRET_FD_ENV = "PYFLEET_WORKER_SECRET_FD"
 LIFELINE_ENV = "PYFLEET_WORKER_LIFELINE_FD"
 SECRET_METADATA = "pyfleet-secret"
+# The node's secret is 64 hex digits; more than this on the pipe is not one.
+MAX_SECRET_BYTES = 1024
 
 EXIT_USAGE = 2
 EXIT_IMPORT = 3
@@ -705,6 +709,30 @@ def _load_app(spec: str, app_dir: str) -> App:
     return app
 
 
+def _read_secret(value: str) -> str:
+    """Reads the secret from the pipe fd `value` names, to EOF (the node
+    closed its end before the fork), and closes the fd: a child the app
+    starts inherits neither the secret nor a way to read it."""
+    fd = int(value)
+    if fd < 3:
+        raise ValueError("not a pipe of its own (0, 1 and 2 are stdin, stdout and stderr)")
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ValueError("not a pipe")
+        data = b""
+        while chunk := os.read(fd, 4096):
+            data += chunk
+            if len(data) > MAX_SECRET_BYTES:
+                raise ValueError(f"more than {MAX_SECRET_BYTES} bytes")
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    secret = data.decode("ascii").strip()
+    if not secret:
+        raise ValueError("the pipe held no secret")
+    return secret
+
+
 def _start_lifeline(fd: int) -> None:
     """The node holds the write end of this pipe. When it dies the read
     returns EOF and the worker kills its whole process group: itself and
@@ -877,9 +905,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    secret = os.environ.pop(SECRET_ENV, "")
-    if not secret:
-        print(f"pyfleet worker: {SECRET_ENV} is not set", file=sys.stderr)
+    # Popped: children the app starts get no stale fd number.
+    secret_fd = os.environ.pop(SECRET_FD_ENV, "")
+    if not secret_fd:
+        print(f"pyfleet worker: {SECRET_FD_ENV} is not set", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        secret = _read_secret(secret_fd)
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
+        print(f"pyfleet worker: bad {SECRET_FD_ENV}={secret_fd!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     # The node logs stdout line by line: the app's prints must not wait in a buffer.
     if isinstance(sys.stdout, io.TextIOWrapper):

@@ -56,14 +56,24 @@ class Worker:
         self.stderr_path = os.path.join(self.dir, "stderr")
         self.lifeline: int | None = None
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PYFLEET_")}
-        environ["PYFLEET_WORKER_SECRET"] = secret
         environ["PYFLEET_WORKER_RUN"] = "test-run"  # a marker the worker must keep
         pass_fds: tuple[int, ...] = ()
+        # As the node does: the secret on a pipe whose write end is closed
+        # before the start; "" passes none.
+        self.secret_pipe: int | None = None  # its inode, to look for it in /proc
+        secret_end = None
+        if secret:
+            secret_end, write_end = os.pipe()
+            os.write(write_end, secret.encode())
+            os.close(write_end)
+            self.secret_pipe = os.fstat(secret_end).st_ino
+            environ["PYFLEET_WORKER_SECRET_FD"] = str(secret_end)
+            pass_fds += (secret_end,)
         read_end = None
         if lifeline:
             read_end, self.lifeline = os.pipe()
             environ["PYFLEET_WORKER_LIFELINE_FD"] = str(read_end)
-            pass_fds = (read_end,)
+            pass_fds += (read_end,)
         environ.update(env or {})
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
@@ -92,8 +102,9 @@ class Worker:
                 process_group=0,
                 text=True,
             )
-        if read_end is not None:
-            os.close(read_end)
+        for fd in (read_end, secret_end):
+            if fd is not None:
+                os.close(fd)
         self._first_line = threading.Event()
         self._handshake: str | None = None
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)

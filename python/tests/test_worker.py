@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -241,8 +242,37 @@ def test_sys_exit_in_a_function_is_a_500(odd: Worker, connect: Connect) -> None:
 
 def test_secret_is_not_inherited_but_markers_are(odd: Worker, connect: Connect) -> None:
     env = value(connect(odd).call("env"))
-    assert "PYFLEET_WORKER_SECRET" not in env
+    assert "PYFLEET_WORKER_SECRET_FD" not in env
     assert env["PYFLEET_WORKER_RUN"] == "test-run"
+
+
+def _secret_pipe_fds(pid: int, inode: int) -> list[str]:
+    """The fds of pid that are the secret's pipe."""
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # an fd closed while listing
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"pipe:[{inode}]":
+                fds.append(fd)
+    return fds
+
+
+def test_secret_is_not_readable_from_proc(start_worker: StartWorker, connect: Connect) -> None:
+    """The secret is in neither the worker's environment (as the kernel shows
+    it: /proc/<pid>/environ is the environment at exec, whatever os.environ
+    says later) nor a child's, and the pipe it came on is closed: a child the
+    app starts cannot read it. The markers are there, for the reaper."""
+    worker = start_worker()
+    worker.ready()
+    conn = connect(worker)
+    child = value(conn.call("spawn", {"seconds": 60}))["pid"]
+    assert worker.secret_pipe is not None
+    for pid in (worker.proc.pid, child):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+        assert SECRET.encode() not in environ
+        assert b"PYFLEET_WORKER_RUN=test-run\0" in environ
+        assert _secret_pipe_fds(pid, worker.secret_pipe) == []
+    assert value(conn.call("echo", {"still": "served"})) == {"still": "served"}
 
 
 # ---------------------------------------------------------------- security and health
@@ -397,7 +427,28 @@ def test_lifeline_that_is_not_a_pipe_is_refused(start_worker: StartWorker) -> No
 def test_missing_secret_is_refused(start_worker: StartWorker) -> None:
     worker = start_worker(secret="")
     assert worker.wait() == 2
-    assert "PYFLEET_WORKER_SECRET" in worker.stderr()
+    assert "PYFLEET_WORKER_SECRET_FD is not set" in worker.stderr()
+
+
+@pytest.mark.parametrize(
+    ("fd", "message"),
+    [
+        ("1", "not a pipe of its own"),
+        ("x", "invalid literal"),
+        ("987", "Bad file descriptor"),
+    ],
+)
+def test_bad_secret_fd_is_refused(start_worker: StartWorker, fd: str, message: str) -> None:
+    worker = start_worker(secret="", env={"PYFLEET_WORKER_SECRET_FD": fd})
+    assert worker.wait() == 2
+    assert f"bad PYFLEET_WORKER_SECRET_FD='{fd}'" in worker.stderr()
+    assert message in worker.stderr()
+
+
+def test_empty_secret_pipe_is_refused(start_worker: StartWorker) -> None:
+    worker = start_worker(secret=" \n")
+    assert worker.wait() == 2
+    assert "the pipe held no secret" in worker.stderr()
 
 
 # ---------------------------------------------------------------- import failures

@@ -199,6 +199,18 @@ func (h *harness) startWorker(ctx context.Context, short string, concurrency int
 	_, _ = rand.Read(b)
 	secret := hex.EncodeToString(b)
 	sock := filepath.Join(h.tmp, short+".sock")
+	// The secret on a pipe of its own, written and closed before the start.
+	sr, sw, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	_, err = sw.WriteString(secret)
+	sw.Close()
+	if err != nil {
+		sr.Close()
+		return nil, err
+	}
+	defer sr.Close()
 	lr, lw, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -211,13 +223,13 @@ func (h *harness) startWorker(ctx context.Context, short string, concurrency int
 		"--concurrency", strconv.Itoa(concurrency))
 	cmd.Dir = filepath.Join(h.root, "test", "bench")
 	cmd.Env = childEnv(
-		"PYFLEET_WORKER_SECRET="+secret,
 		"PYFLEET_WORKER_LIFELINE_FD=3",
+		"PYFLEET_WORKER_SECRET_FD=4",
 		// The same marker a node sets, under a node name no node uses, so
 		// that the leftover check finds these too.
 		"PYFLEET_WORKER_RUN="+h.id+"-ceiling/"+short,
 	)
-	cmd.ExtraFiles = []*os.File{lr}
+	cmd.ExtraFiles = []*os.File{lr, sr}
 	ready := make(chan string, 1)
 	p, err := h.ps.start("worker-"+short, cmd, func(line string) {
 		if strings.HasPrefix(line, "PYFLEET-") {
