@@ -267,7 +267,16 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		if w == nil {
 			var err error
 			w, err = p.spawnWorker(p.ctx, name)
-			if err != nil && !p.isClosed() {
+			if err == nil {
+				if prevPID != 0 {
+					p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
+						Detail: "replaces pid " + strconv.Itoa(prevPID)})
+				}
+				prevPID = w.proc.PID()
+				// Serving before Start hears of it: once Start
+				// returns, Workers, Idle and Stats count it.
+				p.serve(w)
+			} else if !p.isClosed() {
 				p.log.Warn("worker failed to start", zap.String("worker", name), zap.Error(err))
 				p.emit(lifecycle.Event{Kind: lifecycle.KindSpawnFailed, Worker: name, Detail: err.Error()})
 			}
@@ -289,12 +298,6 @@ func (p *Pool) supervise(name string, first chan<- error) {
 				}
 				continue
 			}
-			if prevPID != 0 {
-				p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
-					Detail: "replaces pid " + strconv.Itoa(prevPID)})
-			}
-			prevPID = w.proc.PID()
-			p.serve(w)
 		}
 
 		select {
@@ -505,6 +508,17 @@ func (p *Pool) serve(w *worker) {
 			defer w.slots.Done()
 			p.slot(w)
 		}()
+	}
+}
+
+// leaveServing takes w out of the serving set while markBroken marks its
+// channel broken, both under p.mu (see worker.leave).
+func (p *Pool) leaveServing(w *worker, markBroken func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	markBroken()
+	if p.workers[w.name] == w {
+		delete(p.workers, w.name)
 	}
 }
 

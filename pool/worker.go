@@ -106,10 +106,11 @@ type worker struct {
 	// pending call fails at once rather than waiting for its deadline.
 	lost     chan struct{}
 	lostOnce sync.Once
-	// onLost takes the worker out of the pool's serving set; markLost
-	// calls it before closing lost, so that a caller who learns of the loss
-	// finds the worker no longer counted.
-	onLost func()
+	// leave takes the worker out of the pool's serving set and runs
+	// markBroken under the pool's lock, so that serve never registers a
+	// broken worker and no caller who learns of the loss (from begin's
+	// error or from lost) finds the worker still counted.
+	leave func(markBroken func())
 
 	// why is the reason the pool stopped this worker on purpose (stop,
 	// deadline, recycle, unhealthy); empty means it died by itself.
@@ -182,7 +183,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		retire:  make(chan struct{}),
 		recycle: make(chan string, 1),
 	}
-	w.onLost = func() { p.unregister(w) }
+	w.leave = func(markBroken func()) { p.leaveServing(w, markBroken) }
 	w.maxRequests = uint64(jitter(p.cfg.MaxRequests))
 	ready := make(chan spawnResult, 1)
 	var stderrTail tail
@@ -376,12 +377,16 @@ func (w *worker) recv() {
 // Pool.settleLost).
 func (w *worker) markLost(err error) {
 	w.lostOnce.Do(func() {
-		w.mu.Lock()
-		w.broken = err
-		w.pending = nil
-		w.mu.Unlock()
-		if w.onLost != nil {
-			w.onLost()
+		markBroken := func() {
+			w.mu.Lock()
+			w.broken = err
+			w.pending = nil
+			w.mu.Unlock()
+		}
+		if w.leave != nil {
+			w.leave(markBroken)
+		} else {
+			markBroken()
 		}
 		close(w.lost)
 	})
