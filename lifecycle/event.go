@@ -23,6 +23,9 @@ const (
 	ReasonRecycle   = "recycle"
 	ReasonDeadline  = "deadline"
 	ReasonUnhealthy = "unhealthy"
+	// ReasonChannelLost: the worker's gRPC stream to the node broke while
+	// its process lived, so it could serve no call.
+	ReasonChannelLost = "channel_lost"
 )
 
 // Event is one thing that happened to a node or a process it owns. The JSON

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -71,6 +74,11 @@ type Config struct {
 	Spawner  *lifecycle.Spawner  // required
 	Events   lifecycle.Events    // may be nil
 	Logger   *zap.Logger         // may be nil
+
+	// sessionIdle is how long an unused session is kept (default 1 h) and
+	// sessionSweep how often idle ones are looked for (default 1 min); tests
+	// shorten them.
+	sessionIdle, sessionSweep time.Duration
 }
 
 func (c *Config) validate() error {
@@ -85,12 +93,17 @@ func (c *Config) validate() error {
 	if c.Spawner == nil {
 		return errors.New("pool: Spawner is required")
 	}
-	if c.Workers < 0 || c.Concurrency < 0 || c.QueueLimit < 0 || c.MaxRequests < 0 || c.MaxAge < 0 {
-		return errors.New("pool: Workers, Concurrency, QueueLimit, MaxRequests and MaxAge must not be negative")
+	if c.Workers < 0 || c.Concurrency < 0 || c.QueueLimit < 0 || c.QueueLimitBytes < 0 || c.MaxSessions < 0 ||
+		c.MaxRequests < 0 || c.MaxAge < 0 {
+		return errors.New("pool: Workers, Concurrency, QueueLimit, QueueLimitBytes, MaxSessions, MaxRequests and MaxAge must not be negative")
 	}
 	setDefault(&c.Workers, 1)
 	setDefault(&c.Concurrency, 1)
 	setDefault(&c.QueueLimit, 1000)
+	setDefault(&c.QueueLimitBytes, 256<<20)
+	setDefault(&c.MaxSessions, 10_000)
+	setDefault(&c.sessionIdle, time.Hour)
+	setDefault(&c.sessionSweep, time.Minute)
 	setDefault(&c.CrashLoop, 5)
 	setDefault(&c.StartTimeout, 60*time.Second)
 	setDefault(&c.StopGrace, 5*time.Second)
@@ -125,6 +138,8 @@ type Pool struct {
 	// deadline and the queue limit are checked.
 	queue   chan *job
 	waiting atomic.Int64
+	// waitingBytes is the payload bytes of the calls counted in waiting.
+	waitingBytes atomic.Int64
 
 	// ctx ends when the pool closes; it bounds worker starts.
 	ctx    context.Context
@@ -144,11 +159,15 @@ type Pool struct {
 	functions []call.Function
 	fnIndex   map[string]call.Function
 
-	mu       sync.Mutex
-	active   int           // accepted calls not yet answered
-	drained  chan struct{} // closed when active drops to 0 during a drain
-	isDrain  bool
-	workers  map[string]*worker // the live worker of each slot name
+	mu      sync.Mutex
+	active  int           // accepted calls not yet answered
+	drained chan struct{} // closed when active drops to 0 during a drain
+	isDrain bool
+	workers map[string]*worker // the serving worker of each slot name
+	// procs holds every served worker until its process is reaped: a
+	// worker leaves workers when its channel breaks, before its process
+	// is gone, and Abort must still reach it.
+	procs    map[*worker]struct{}
 	sessions map[string]*session
 
 	busy    atomic.Int64
@@ -160,9 +179,6 @@ type session struct {
 	worker   *worker
 	lastUsed time.Time
 }
-
-// Sessions idle this long are forgotten; the next call starts a new one.
-const sessionIdle = time.Hour
 
 // New checks cfg and returns a pool that has not started any worker.
 func New(cfg Config) (*Pool, error) {
@@ -180,6 +196,7 @@ func New(cfg Config) (*Pool, error) {
 		closed:   make(chan struct{}),
 		aborted:  make(chan struct{}),
 		workers:  make(map[string]*worker),
+		procs:    make(map[*worker]struct{}),
 		sessions: make(map[string]*session),
 	}, nil
 }
@@ -197,6 +214,11 @@ func (p *Pool) Start(ctx context.Context) error {
 			p.watchMemory()
 		}()
 	}
+	p.goroutines.Add(1)
+	go func() {
+		defer p.goroutines.Done()
+		p.sweepSessions()
+	}()
 	for i := range p.cfg.Workers {
 		name := "w" + strconv.Itoa(i+1)
 		p.goroutines.Add(1)
@@ -245,7 +267,16 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		if w == nil {
 			var err error
 			w, err = p.spawnWorker(p.ctx, name)
-			if err != nil && !p.isClosed() {
+			if err == nil {
+				if prevPID != 0 {
+					p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
+						Detail: "replaces pid " + strconv.Itoa(prevPID)})
+				}
+				prevPID = w.proc.PID()
+				// Serving before Start hears of it: once Start
+				// returns, Workers, Idle and Stats count it.
+				p.serve(w)
+			} else if !p.isClosed() {
 				p.log.Warn("worker failed to start", zap.String("worker", name), zap.Error(err))
 				p.emit(lifecycle.Event{Kind: lifecycle.KindSpawnFailed, Worker: name, Detail: err.Error()})
 			}
@@ -267,22 +298,14 @@ func (p *Pool) supervise(name string, first chan<- error) {
 				}
 				continue
 			}
-			if prevPID != 0 {
-				p.emit(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: name, PID: w.proc.PID(), PGID: w.proc.PGID(),
-					Detail: "replaces pid " + strconv.Itoa(prevPID)})
-			}
-			prevPID = w.proc.PID()
-			p.serve(w)
 		}
 
 		select {
 		case <-w.proc.Done():
 		case <-p.closed:
-			grace := p.cfg.StopGrace
-			if p.isAborted() {
-				grace = 0
-			}
-			w.stopProcess(lifecycle.ReasonStop, grace)
+			p.stopForClose(w)
+		case <-w.lost:
+			p.settleLost(w)
 		case why := <-w.recycle:
 			if next := p.replace(w, why); next != nil {
 				prevPID, w = next.proc.PID(), next
@@ -293,12 +316,16 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		if p.isClosed() || p.isAborted() {
 			return
 		}
-		if w.stoppedFor() != "" {
+		if why := w.stoppedFor(); why != "" && why != lifecycle.ReasonChannelLost {
 			// Killed on purpose (deadline, health): replace now.
 			failures, backoff, w = 0, p.cfg.RestartBackoff, nil
 			continue
 		}
-		// A worker that served for a while before crashing is not looping.
+		// A crash, or a channel lost. What broke the channel (a result
+		// too large to send, a socket closed under the worker) may well
+		// break the next one too, so a loss backs off and counts towards
+		// crash_loop like a crash. A worker that served for a while
+		// before either is not looping.
 		if time.Since(w.started) > time.Minute {
 			failures, backoff = 0, p.cfg.RestartBackoff
 		}
@@ -306,6 +333,69 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		failures++
 		if !p.sleepBackoff(name, &backoff, failures) {
 			return
+		}
+	}
+}
+
+func (p *Pool) stopForClose(w *worker) {
+	grace := p.cfg.StopGrace
+	if p.isAborted() {
+		grace = 0
+	}
+	w.stopProcess(lifecycle.ReasonStop, grace)
+}
+
+// exitWait is how long a worker whose channel broke may take to be seen
+// exiting before it is called a channel loss. When a process dies (kill -9)
+// the kernel closes its socket a moment before the process turns into a
+// zombie, so its stream breaks first; that is still a crash.
+const exitWait = 500 * time.Millisecond
+
+// settleLost handles w's channel breaking (w.lost) before its exit was seen.
+// A worker the pool is stopping on purpose already has its reason; one whose
+// process exits within exitWait crashed; one whose process lives on can
+// serve no call, so it is killed with its group and replaced (reason
+// channel_lost). The supervisor then retires it as any other.
+func (p *Pool) settleLost(w *worker) {
+	if w.stoppedFor() != "" {
+		return
+	}
+	if p.exitsSoon(w) {
+		return
+	}
+	if p.isClosed() {
+		p.stopForClose(w)
+		return
+	}
+	p.log.Warn("worker's channel to the node broke while its process lives; killing it",
+		zap.String("worker", w.name), zap.Int("pid", w.proc.PID()), zap.Error(w.lostCause()))
+	w.stopProcess(lifecycle.ReasonChannelLost, 0)
+}
+
+// exitsSoon reports whether w's process exits (or is stopped on purpose)
+// within exitWait. It watches the process's state in /proc, not only Done:
+// Done also waits for the process's group and output readers, which can
+// take longer than the exit itself.
+func (p *Pool) exitsSoon(w *worker) bool {
+	limit := time.NewTimer(exitWait)
+	defer limit.Stop()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	id := w.proc.Identity()
+	for {
+		// The pid cannot name another process yet: it is reaped only
+		// after it exits, and Identity checks the start time too.
+		if !id.Alive() || w.stoppedFor() != "" {
+			return true
+		}
+		select {
+		case <-w.proc.Done():
+			return true
+		case <-p.closed:
+			return false
+		case <-limit.C:
+			return false
+		case <-tick.C:
 		}
 	}
 }
@@ -341,6 +431,9 @@ func (p *Pool) retireWorker(w *worker) {
 	w.markLost(fmt.Errorf("worker %s exited", w.name))
 	w.conn.Close()
 	p.unregister(w)
+	p.mu.Lock()
+	delete(p.procs, w)
+	p.mu.Unlock()
 	w.slots.Wait()
 	w.monitor.Wait()
 	p.reportExit(w)
@@ -390,10 +483,15 @@ func exitText(st lifecycle.ExitStatus) string {
 	return "exit code " + strconv.Itoa(st.Code)
 }
 
-// serve registers a ready worker and starts its slots.
+// serve registers a ready worker and starts its slots. A worker whose
+// channel broke already is not registered (see markLost); its supervisor
+// sees w.lost.
 func (p *Pool) serve(w *worker) {
 	p.mu.Lock()
-	p.workers[w.name] = w
+	p.procs[w] = struct{}{}
+	if !w.isBroken() {
+		p.workers[w.name] = w
+	}
 	p.mu.Unlock()
 	w.monitor.Add(1)
 	p.goroutines.Add(1)
@@ -410,6 +508,17 @@ func (p *Pool) serve(w *worker) {
 			defer w.slots.Done()
 			p.slot(w)
 		}()
+	}
+}
+
+// leaveServing takes w out of the serving set while markBroken marks its
+// channel broken, both under p.mu (see worker.leave).
+func (p *Pool) leaveServing(w *worker, markBroken func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	markBroken()
+	if p.workers[w.name] == w {
+		delete(p.workers, w.name)
 	}
 }
 
@@ -495,7 +604,11 @@ func (p *Pool) run(w *worker, j *job) {
 	var deadline <-chan time.Time
 	if !j.req.Deadline.IsZero() {
 		left := time.Until(j.req.Deadline)
-		frame.TimeoutMs = uint32(max(left.Milliseconds(), 1))
+		// The frame's field holds 32 bits of milliseconds (49.7 days). A
+		// longer deadline is sent as the longest the field holds, never
+		// wrapped to a short one; the timer below ends the call at the
+		// real deadline either way.
+		frame.TimeoutMs = uint32(min(max(left.Milliseconds(), 1), math.MaxUint32))
 		t := time.NewTimer(left)
 		defer t.Stop()
 		deadline = t.C
@@ -587,6 +700,16 @@ func (p *Pool) lookup(name string) (call.Function, bool) {
 // Call runs req on a worker; see call.Handler. Time spent waiting for a free
 // worker counts against the deadline in ctx.
 func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (call.Result, error) {
+	// These travel in the worker's frame as proto strings, which must be
+	// UTF-8: a frame that cannot be marshalled would break the worker's
+	// channel, so such a call is refused here, whoever admitted it.
+	for _, f := range []struct{ name, val string }{
+		{"function name", req.Function}, {"request id", req.RequestID}, {"session", req.Session},
+	} {
+		if !utf8.ValidString(f.val) {
+			return call.Result{}, call.Errorf(call.CodeBadRequest, "BadRequest", "the %s is not valid UTF-8", f.name)
+		}
+	}
 	fn, ok := p.lookup(req.Function)
 	if !ok {
 		return call.Result{}, call.Errorf(call.CodeNotFound, "NotFound", "no function %q in this app", req.Function)
@@ -596,20 +719,36 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 	}
 	defer p.leave()
 
+	// Admission: the call counts against the queue's limits until a slot
+	// takes it or it gives up waiting.
+	size := int64(len(req.Payload))
+	unwait := func() {
+		p.waiting.Add(-1)
+		p.waitingBytes.Add(-size)
+	}
+	n, held := p.waiting.Add(1), p.waitingBytes.Add(size)
+	if n > int64(p.cfg.QueueLimit) {
+		unwait()
+		return call.Result{}, call.Errorf(call.CodeUnavailable, "Overloaded", "%d calls are already waiting on this node (its queue limit)", p.cfg.QueueLimit)
+	}
+	if held > p.cfg.QueueLimitBytes {
+		unwait()
+		return call.Result{}, call.Errorf(call.CodeUnavailable, "Overloaded",
+			"the calls waiting on this node would hold %d payload bytes, over its queue limit of %d bytes", held, p.cfg.QueueLimitBytes)
+	}
+
+	// Only an admitted call may start a session.
 	queue := p.queue
 	var pinned *worker
 	if req.Session != "" {
 		w, err := p.sessionWorker(req.Session)
 		if err != nil {
+			unwait()
 			return call.Result{}, err
 		}
 		pinned, queue = w, w.pinned
 	}
 
-	if n := p.waiting.Add(1); n > int64(p.cfg.QueueLimit) {
-		p.waiting.Add(-1)
-		return call.Result{}, call.Errorf(call.CodeUnavailable, "Overloaded", "%d calls are already waiting on this node", p.cfg.QueueLimit)
-	}
 	j := &job{ctx: ctx, req: req, emit: emit, fn: fn, done: make(chan outcome, 1)}
 	var lost, retired <-chan struct{}
 	if pinned != nil {
@@ -617,18 +756,18 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 	}
 	select {
 	case queue <- j:
-		p.waiting.Add(-1)
+		unwait()
 	case <-ctx.Done():
-		p.waiting.Add(-1)
+		unwait()
 		return call.Result{}, call.Errorf(call.CodeDeadline, "DeadlineExceeded", "the deadline passed while the call waited for a worker")
 	case <-p.closed:
-		p.waiting.Add(-1)
+		unwait()
 		return call.Result{}, call.Errorf(call.CodeUnavailable, "Draining", "the node stopped before a worker was free")
 	case <-lost:
-		p.waiting.Add(-1)
+		unwait()
 		return call.Result{}, sessionLost(req.Session, pinned)
 	case <-retired:
-		p.waiting.Add(-1)
+		unwait()
 		return call.Result{}, sessionLost(req.Session, pinned)
 	}
 
@@ -668,7 +807,8 @@ func (p *Pool) leave() {
 }
 
 // sessionWorker returns the worker a session is bound to, binding it to the
-// least busy worker on its first call.
+// least busy worker on its first call, while fewer than MaxSessions are
+// kept.
 func (p *Pool) sessionWorker(id string) (*worker, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -689,15 +829,38 @@ func (p *Pool) sessionWorker(id string) (*worker, error) {
 	if best == nil {
 		return nil, call.Errorf(call.CodeUnavailable, "NoWorker", "no worker is ready to take a new session")
 	}
-	if len(p.sessions) >= 1024 && len(p.sessions)%1024 == 0 {
+	if len(p.sessions) >= p.cfg.MaxSessions {
+		return nil, call.Errorf(call.CodeUnavailable, "Overloaded",
+			"this node already keeps %d sessions, its limit (max sessions); a session is forgotten after %s unused",
+			p.cfg.MaxSessions, p.cfg.sessionIdle)
+	}
+	// A copy: id may be a piece of the request's header block, which the
+	// session would otherwise keep alive for as long as it lives.
+	p.sessions[strings.Clone(id)] = &session{worker: best, lastUsed: now}
+	return best, nil
+}
+
+// sweepSessions forgets sessions unused for sessionIdle, on a timer, until
+// the pool closes: at most MaxSessions are kept, and idle ones must make
+// room without waiting for a call to notice them.
+func (p *Pool) sweepSessions() {
+	tick := time.NewTicker(p.cfg.sessionSweep)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.closed:
+			return
+		case <-tick.C:
+		}
+		now := time.Now()
+		p.mu.Lock()
 		for k, s := range p.sessions {
-			if now.Sub(s.lastUsed) > sessionIdle {
+			if now.Sub(s.lastUsed) > p.cfg.sessionIdle {
 				delete(p.sessions, k)
 			}
 		}
+		p.mu.Unlock()
 	}
-	p.sessions[id] = &session{worker: best, lastUsed: now}
-	return best, nil
 }
 
 func sessionLost(id string, w *worker) *call.Error {
@@ -753,8 +916,8 @@ func (p *Pool) Close() {
 func (p *Pool) Abort() {
 	p.abortOnce.Do(func() { close(p.aborted) })
 	p.mu.Lock()
-	live := make([]*worker, 0, len(p.workers))
-	for _, w := range p.workers {
+	live := make([]*worker, 0, len(p.procs))
+	for w := range p.procs {
 		live = append(live, w)
 	}
 	p.mu.Unlock()

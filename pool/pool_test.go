@@ -22,6 +22,11 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+// testRun is the run id of the pools this test binary starts. Workers carry
+// it in their marker, and a worker's exit kills whatever else carries its
+// marker: two test binaries on one machine (two checkouts) must not share it.
+var testRun = "r" + strconv.Itoa(os.Getpid())
+
 func testPython(t *testing.T) string {
 	t.Helper()
 	py := os.Getenv("PYFLEET_TEST_PYTHON")
@@ -43,6 +48,9 @@ type recorder struct {
 func (r *recorder) add(e lifecycle.Event) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if e.TS.IsZero() {
+		e.TS = time.Now() // bus stamps events; here the test does
+	}
 	r.got = append(r.got, e)
 }
 
@@ -86,7 +94,7 @@ func startPool(t *testing.T, mod func(*Config)) (*Pool, *recorder) {
 		AppDir:        appDir,
 		SocketDir:     sockDir,
 		Node:          "pooltest",
-		Run:           "r1",
+		Run:           testRun,
 		Workers:       1,
 		DeadlineGrace: 200 * time.Millisecond,
 		Spawner:       sp,
@@ -128,7 +136,7 @@ func codeOf(err error) int {
 
 func TestCallKinds(t *testing.T) {
 	p, _ := startPool(t, func(c *Config) { c.Workers = 2 })
-	if len(p.Functions()) != 8 {
+	if len(p.Functions()) != 10 {
 		t.Errorf("functions %+v", p.Functions())
 	}
 	res, err := callFn(p, 5*time.Second, "echo", `{"a":[1,2]}`)
@@ -336,7 +344,7 @@ func TestAppImportErrorStopsStart(t *testing.T) {
 	sp := lifecycle.NewSpawner()
 	defer sp.Close()
 	p, err := New(Config{Python: testPython(t), App: "broken", AppDir: dir, SocketDir: sockDir,
-		Node: "n", Run: "r", Workers: 2, Spawner: sp, Logger: zaptest.NewLogger(t)})
+		Node: "n", Run: testRun, Workers: 2, Spawner: sp, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -109,6 +109,11 @@ type worker struct {
 	// pending call fails at once rather than waiting for its deadline.
 	lost     chan struct{}
 	lostOnce sync.Once
+	// leave takes the worker out of the pool's serving set and runs
+	// markBroken under the pool's lock, so that serve never registers a
+	// broken worker and no caller who learns of the loss (from begin's
+	// error or from lost) finds the worker still counted.
+	leave func(markBroken func())
 
 	// why is the reason the pool stopped this worker on purpose (stop,
 	// deadline, recycle, unhealthy); empty means it died by itself.
@@ -203,6 +208,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		retire:  make(chan struct{}),
 		recycle: make(chan string, 1),
 	}
+	w.leave = func(markBroken func()) { p.leaveServing(w, markBroken) }
 	w.maxRequests = uint64(jitter(p.cfg.MaxRequests))
 	ready := make(chan spawnResult, 1)
 	var stderrTail tail
@@ -390,15 +396,40 @@ func (w *worker) recv() {
 	}
 }
 
-// markLost fails every pending call and stops new ones from starting.
+// markLost fails every pending call and stops new ones from starting. The
+// worker leaves the pool's serving set first: from the moment its channel
+// breaks it is counted nowhere (Idle, Stats, sessions), whether or not its
+// process still runs; its supervisor decides what the loss means (see
+// Pool.settleLost).
 func (w *worker) markLost(err error) {
 	w.lostOnce.Do(func() {
-		w.mu.Lock()
-		w.broken = err
-		w.pending = nil
-		w.mu.Unlock()
+		markBroken := func() {
+			w.mu.Lock()
+			w.broken = err
+			w.pending = nil
+			w.mu.Unlock()
+		}
+		if w.leave != nil {
+			w.leave(markBroken)
+		} else {
+			markBroken()
+		}
 		close(w.lost)
 	})
+}
+
+// isBroken reports whether markLost has run (or is running).
+func (w *worker) isBroken() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.broken != nil
+}
+
+// lostCause is what broke the worker's channel, or nil.
+func (w *worker) lostCause() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.broken
 }
 
 // begin registers a call and sends its frame.
@@ -642,8 +673,13 @@ func (t *tail) String() string {
 	return b.String()
 }
 
-// lostError is what a caller gets when its worker died under its call.
+// lostError is what a caller gets when its worker died, or its channel to
+// the worker broke, under its call. The cause tells a result too large for
+// the channel from a crash.
 func lostError(w *worker) *call.Error {
-	return &call.Error{Code: call.CodeFailed, Type: "WorkerLost",
-		Message: fmt.Sprintf("worker %s died while running the call", w.name), Worker: w.name}
+	msg := fmt.Sprintf("worker %s was lost while running the call", w.name)
+	if err := w.lostCause(); err != nil {
+		msg += ": " + err.Error()
+	}
+	return &call.Error{Code: call.CodeFailed, Type: "WorkerLost", Message: msg, Worker: w.name}
 }

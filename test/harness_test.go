@@ -95,6 +95,7 @@ type nodeOptions struct {
 	stateDir string // default: a temp dir
 	extra    []string
 	env      []string
+	bin      string // default: the race-built poolnode
 }
 
 var nodeSeq struct {
@@ -149,7 +150,11 @@ func launchNode(t *testing.T, o nodeOptions) *nodeProc {
 	}
 	args = append(args, o.extra...)
 	n := &nodeProc{t: t, name: o.name, state: o.stateDir, done: make(chan struct{}), serving: make(chan struct{})}
-	n.cmd = exec.Command(poolnodeBin, args...)
+	bin := poolnodeBin
+	if o.bin != "" {
+		bin = o.bin
+	}
+	n.cmd = exec.Command(bin, args...)
 	n.cmd.Env = append(os.Environ(), o.env...)
 	stderr, err := n.cmd.StderrPipe()
 	if err != nil {

@@ -1,6 +1,8 @@
 """Functions the pool tests call: quick, slow, streaming and crashing."""
 import asyncio
 import os
+import socket
+import sys
 import time
 
 from pyfleet import App, BadRequest
@@ -56,3 +58,40 @@ async def hang(seconds):
     """Blocks the event loop, so the worker stops answering health checks."""
     time.sleep(seconds)
     return seconds
+
+
+@app.function(raw=True)
+def big(payload):
+    """Returns int(payload) megabytes: over 64 the result is larger than a
+    gRPC message may be (the worker's send limit), so the worker's gRPC
+    ends the stream instead of sending it."""
+    return b"x" * (int(payload) << 20)
+
+
+@app.function
+def drop_channel(payload):
+    """Shuts down the worker's connections from the node (not its listening
+    socket) while the process goes on: the node's stream breaks under this
+    very call, whose answer can never be sent."""
+    path = sys.argv[sys.argv.index("--socket") + 1]
+    dropped = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            s = socket.socket(fileno=int(name))
+        except OSError:
+            continue
+        try:
+            if (
+                s.family == socket.AF_UNIX
+                and s.getsockname() == path
+                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            ):
+                s.shutdown(socket.SHUT_RDWR)
+                dropped += 1
+        except OSError:
+            pass
+        finally:
+            s.detach()  # the fd stays gRPC's
+    return dropped
