@@ -31,8 +31,8 @@ var plainPoolnode = sync.OnceValues(func() (string, error) {
 	return bin, nil
 })
 
-// procStatusKB reads a "Vm…:  N kB" field of /proc/<pid>/status, in bytes.
-func procStatusKB(t *testing.T, pid int, field string) int64 {
+// procStatusBytes reads a "Vm…:  N kB" field of /proc/<pid>/status, in bytes.
+func procStatusBytes(t *testing.T, pid int, field string) int64 {
 	t.Helper()
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
@@ -70,7 +70,8 @@ type memLeg struct {
 // Memory-test limits: the node's own, shrunk so that they bite within a
 // short test.
 const (
-	memWorkers     = 2
+	memWorkers     = 3 // two held by the endless jobs at first, one for the bodies
+	memJobs        = 2 // jobs streaming without end
 	memQueueBytes  = 4_000_000 // --queue-limit-bytes
 	memClients     = 16        // clients sending large bodies, one request in flight each
 	memBodyBytes   = 1_000_000 // under the embedded server's 1 MiB max payload, with room for headers
@@ -103,7 +104,7 @@ func TestHostileMemory(t *testing.T) {
 	if m, err := nc.Request(bus.Subjects{}.Request("default", "slow_raw"), body, 10*time.Second); err != nil || bus.ReplyError(m) != nil {
 		t.Fatalf("warm-up: %v %v", err, m)
 	}
-	baseline := procStatusKB(t, pid, "VmRSS")
+	baseline := procStatusBytes(t, pid, "VmRSS")
 
 	// 1,000 sessions of 256-byte keys first: they stay for an hour, so the
 	// node holds every one of them while the floods run. Each is a map
@@ -124,10 +125,17 @@ func TestHostileMemory(t *testing.T) {
 		budget: 2 * 4 * memClients * memBodyBytes,
 		run:    floodBodies,
 	}}
+	// The endless jobs start first, so that they hold workers before the
+	// bodies take every free slot (jobs are fetched only into idle ones).
+	// Each collects its items up to the result limit (the 1 MiB max
+	// payload) and ends 413; the items are held at most about 4 times (the
+	// NATS message, the gRPC frame, the collected item, the joined result),
+	// and twice that for the GC: 2 x 1 MiB x 4 x 2 = 16 MB.
+	jobsLeg := memLeg{name: "jobs streaming without end", budget: memJobs * mb * 4 * 2, run: endlessJobs}
 	// Goroutine stacks, gRPC and NATS buffers, the allocator's spans.
 	const slack = 32 * mb
 
-	bound := baseline + sessionsBudget + slack
+	bound := baseline + sessionsBudget + slack + jobsLeg.budget
 	for _, l := range legs {
 		bound += l.budget
 	}
@@ -145,11 +153,20 @@ func TestHostileMemory(t *testing.T) {
 				return
 			case <-tick.C:
 			}
-			if rss := procStatusKB(t, pid, "VmRSS"); rss > peakSampled.Load() {
+			if rss := procStatusBytes(t, pid, "VmRSS"); rss > peakSampled.Load() {
 				peakSampled.Store(rss)
 			}
 		}
 	}()
+	wg.Go(func() { jobsLeg.run(t, n, stop) })
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, busy, _ := nodeStats(t, nc, n.name); busy >= memJobs {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the endless jobs did not start within 10 s")
+		}
+	}
 	for _, l := range legs {
 		wg.Go(func() { l.run(t, n, stop) })
 	}
@@ -158,7 +175,7 @@ func TestHostileMemory(t *testing.T) {
 	wg.Wait()
 	<-sampling
 
-	peak := procStatusKB(t, pid, "VmHWM")
+	peak := procStatusBytes(t, pid, "VmHWM")
 	t.Logf("node RSS: baseline %d MB, peak sampled %d MB, peak (VmHWM) %d MB, bound %d MB",
 		baseline/mb, peakSampled.Load()/mb, peak/mb, bound/mb)
 	if peak > bound {
@@ -201,7 +218,7 @@ func openSessions(t *testing.T, n *nodeProc, count int) {
 
 // floodBodies runs memClients clients, each on its own connection, sending
 // memBodyBytes bodies to slow_raw (200 ms a call) one after another until
-// stop: the two workers run 2, the queue holds 4, and the rest are refused
+// stop: the free workers run what they can, the queue holds 4, and the rest are refused
 // 503 naming the queue limit (each refused client pauses 10 ms, so as not
 // to spin on a shared machine).
 func floodBodies(t *testing.T, n *nodeProc, stop <-chan struct{}) {
@@ -241,4 +258,22 @@ func floodBodies(t *testing.T, n *nodeProc, stop <-chan struct{}) {
 	if ok.Load() == 0 || refused.Load() == 0 {
 		t.Errorf("the flood should both be served and meet the queue's bytes limit")
 	}
+}
+
+// endlessJobs submits memJobs jobs of trickle, a generator that never ends,
+// and checks that each ends 413 at the result limit on its first delivery
+// and that `submit job --wait` returns it. It does not need stop: the jobs
+// end by themselves within the flood.
+func endlessJobs(t *testing.T, n *nodeProc, _ <-chan struct{}) {
+	var wg sync.WaitGroup
+	for i := range memJobs {
+		wg.Go(func() {
+			_, errOut, code := runSubmitNoFatal(n.url, "job", "--wait", "--timeout", "60s",
+				"--id", fmt.Sprintf("trickle-%d", i), "trickle", "{}")
+			if code != 1 || !strings.Contains(errOut, "413 TooLarge: streamed result is over the limit of 1048576 bytes") {
+				t.Errorf("submit job --wait trickle: exit %d, stderr %q; want 1 and the 413", code, errOut)
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -30,3 +30,16 @@ def slow_raw(payload: bytes) -> bytes:
     answers with the body's length."""
     time.sleep(0.2)
     return str(len(payload)).encode()
+
+
+@app.function
+async def trickle(payload: Any):
+    """Streams without end, slowly (4 KB every 20 ms): a job of it reaches
+    the node's result limit (1 MiB on the embedded server) in about 5 s,
+    holding its worker meanwhile."""
+    import asyncio
+
+    item = "t" * 4096
+    while True:
+        yield item
+        await asyncio.sleep(0.02)
