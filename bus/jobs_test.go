@@ -611,7 +611,7 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 		}
 	}
 	cases = append(cases,
-		badJob{"timeout over MaxTimeout", bus.HeaderTimeout, "60001", `{}`, "over the limit of 60000 ms"},
+		badJob{"timeout over MaxTimeout", bus.HeaderTimeout, "60001", `{}`, "over this node's limit of 60000"},
 		badJob{"timeout not a number", bus.HeaderTimeout, "soon", `{}`, "header " + bus.HeaderTimeout},
 		badJob{"timeout that would wrap", bus.HeaderTimeout, "9223372036854775807", `{}`, "header " + bus.HeaderTimeout},
 		badJob{"malformed JSON", "", "", `{"a":`, "malformed JSON"},
