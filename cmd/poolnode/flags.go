@@ -62,7 +62,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 	fs.StringVar(&cfg.NATSUser, "nats-user", "", "NATS user")
 	fs.StringVar(&cfg.NATSPassword, "nats-password", "", "NATS password")
 	fs.StringVar(&cfg.NATSToken, "nats-token", "", "NATS token")
-	fs.StringVar(&cfg.NATSTLSCA, "nats-tls-ca", "", "CA `file` to verify the NATS server")
+	fs.StringVar(&cfg.NATSTLSCA, "nats-tls-ca", "", "CA `file` to verify the NATS server (with the embedded server: to verify its clients, who must then present a certificate)")
 	fs.StringVar(&cfg.NATSTLSCert, "nats-tls-cert", "", "client certificate `file`")
 	fs.StringVar(&cfg.NATSTLSKey, "nats-tls-key", "", "client key `file`")
 
