@@ -195,7 +195,7 @@ func TestHostileJobEndlessStream(t *testing.T) {
 	}
 	dead := watchDead(t, nc)
 	pid := n.cmd.Process.Pid
-	before := int(procStatusBytes(t, pid, "VmRSS")>>10)
+	before := int(procStatusBytes(t, pid, "VmRSS") >> 10)
 
 	const jobs = 4
 	type result struct {
@@ -234,7 +234,7 @@ func TestHostileJobEndlessStream(t *testing.T) {
 		}
 	}
 	jobsGone(t, js)
-	hwm := int(procStatusBytes(t, pid, "VmHWM")>>10)
+	hwm := int(procStatusBytes(t, pid, "VmHWM") >> 10)
 	t.Logf("node RSS %d kB before, %d kB at most while %d endless jobs ran (%s), peak RSS of its life %d kB; bound %d kB over before",
 		before, peakSeen, jobs, took.Round(time.Millisecond), hwm, endlessRSSBound)
 	if hwm > before+endlessRSSBound {

@@ -70,8 +70,8 @@ type memLeg struct {
 // Memory-test limits: the node's own, shrunk so that they bite within a
 // short test.
 const (
-	memWorkers     = 3 // two held by the endless jobs at first, one for the bodies
-	memJobs        = 2 // jobs streaming without end
+	memWorkers     = 3         // two held by the endless jobs at first, one for the bodies
+	memJobs        = 2         // jobs streaming without end
 	memQueueBytes  = 4_000_000 // --queue-limit-bytes
 	memClients     = 16        // clients sending large bodies, one request in flight each
 	memBodyBytes   = 1_000_000 // under the embedded server's 1 MiB max payload, with room for headers
