@@ -123,6 +123,12 @@ type StartOptions struct {
 
 	// Events receives an orphan_reaped event for each such kill. May be nil.
 	Events Events
+
+	// Contain, if set, puts the process and its descendants in a container
+	// (see Containment) prepared before the fork; when the leader exits the
+	// container is killed with its group, and released after the reap.
+	// Nil is ModeGroup.
+	Contain Containment
 }
 
 // ExitStatus is how a process ended.
@@ -144,7 +150,8 @@ func (e ExitStatus) String() string {
 type Process struct {
 	spawner *Spawner
 	cmd     *exec.Cmd
-	marks   marks // the marks Start gave it; zero if unmarked
+	marks   marks     // the marks Start gave it; zero if unmarked
+	box     Container // its container (see StartOptions.Contain)
 	events  Events
 	id      Identity
 	pgid    int
@@ -197,14 +204,25 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		cmd.Env = append(cmd.Env, append(opts.Marker.Env(), EnvWorkerSpawn+"="+k.spawn)...)
 	}
 
+	var box Container = noContainer{}
+	if opts.Contain != nil {
+		c, err := opts.Contain.Prepare(cmd, opts.Marker)
+		if err != nil {
+			return nil, fmt.Errorf("lifecycle: contain %s: %w", cmd.Path, err)
+		}
+		box = c
+	}
+
 	outR, outW, err := os.Pipe()
 	if err != nil {
+		_ = box.Release()
 		return nil, fmt.Errorf("lifecycle: stdout pipe: %w", err)
 	}
 	errR, errW, err := os.Pipe()
 	if err != nil {
 		outR.Close()
 		outW.Close()
+		_ = box.Release()
 		return nil, fmt.Errorf("lifecycle: stderr pipe: %w", err)
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
@@ -240,6 +258,10 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	if err != nil {
 		outR.Close()
 		errR.Close()
+		if startErr == nil {
+			_ = box.Kill() // the child was forked into it, then killed
+		}
+		_ = box.Release()
 		return nil, err
 	}
 
@@ -247,6 +269,7 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		spawner: s,
 		cmd:     cmd,
 		marks:   k,
+		box:     box,
 		events:  opts.Events,
 		id:      id,
 		pgid:    cmd.Process.Pid,
@@ -335,6 +358,8 @@ func (p *Process) wait() {
 	_ = waitExited(p.id.PID)
 	// Only this goroutine reaps, so until it does the group id is ours.
 	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
+	// The container holds what left the group, whatever its environment.
+	_ = p.box.Kill()
 	waitGroupGone(p.pgid, p.id.PID, drainTimeout)
 	if p.marks != (marks{}) {
 		// Whatever of this start left the group dies now too. A failed
@@ -347,6 +372,7 @@ func (p *Process) wait() {
 	p.reaped = true
 	p.mu.Unlock()
 	p.spawner.forget(p.id.PID)
+	_ = p.box.Release()
 
 	p.exit = exitStatus(p.cmd.ProcessState)
 	close(p.exited)

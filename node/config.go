@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
 // Config is everything a node needs; cmd/poolnode fills it from flags,
@@ -57,6 +58,9 @@ type Config struct {
 	MaxAge      time.Duration
 
 	Metrics string // address for /metrics and /healthz; empty: off
+
+	// Containment is lifecycle.ModeAuto, ModeCgroup, ModePIDNS or ModeGroup.
+	Containment string
 
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
@@ -148,6 +152,12 @@ func (c *Config) Validate() error {
 	}
 	if c.StreamReplicas < 1 || c.StreamReplicas > 5 {
 		return bad("--stream-replicas must be from 1 to 5, not %d", c.StreamReplicas)
+	}
+	if c.Containment == "" {
+		c.Containment = lifecycle.ModeAuto
+	}
+	if err := lifecycle.ValidMode(c.Containment); err != nil {
+		return bad("--containment: %v", err)
 	}
 	if c.MaxDeliver < 1 {
 		return bad("--max-deliver must be at least 1, not %d", c.MaxDeliver)

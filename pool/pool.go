@@ -72,8 +72,11 @@ type Config struct {
 	Pool     string              // for registry records
 	Registry *lifecycle.Registry // may be nil: workers are then not recorded
 	Spawner  *lifecycle.Spawner  // required
-	Events   lifecycle.Events    // may be nil
-	Logger   *zap.Logger         // may be nil
+	// Containment keeps each worker's tree (lifecycle.Containment); nil is
+	// lifecycle.ModeGroup.
+	Containment lifecycle.Containment
+	Events      lifecycle.Events // may be nil
+	Logger      *zap.Logger      // may be nil
 
 	// sessionIdle is how long an unused session is kept (default 1 h) and
 	// sessionSweep how often idle ones are looked for (default 1 min); tests

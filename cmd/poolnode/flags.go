@@ -55,6 +55,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 	fs.IntVar(&cfg.StreamReplicas, "stream-replicas", cfg.StreamReplicas, "replicas of the JetStream streams a node creates when they are missing")
 	fs.IntVar(&cfg.MaxDeliver, "max-deliver", cfg.MaxDeliver, "deliveries of a job before it is dead-lettered")
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "`dir`ectory for the registry and sockets (default $XDG_STATE_HOME/pyfleet or ~/.local/state/pyfleet)")
+	fs.StringVar(&cfg.Containment, "containment", cfg.Containment, "how each worker's process tree is kept: auto (the strongest the host offers), cgroup, pidns or group")
 	fs.StringVar(&cfg.Metrics, "metrics", "", "`address` serving Prometheus /metrics and /healthz (empty: off)")
 	fs.StringVar(&logOpts.level, "log-level", logOpts.level, "debug, info, warn or error")
 	fs.StringVar(&logOpts.format, "log-format", logOpts.format, "json or console (default console on a terminal)")

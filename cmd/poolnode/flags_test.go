@@ -221,6 +221,7 @@ max-age: 9s
 max-deliver: 10
 stream-replicas: 3
 metrics: 127.0.0.1:9100
+containment: group
 state-dir: /s
 log-level: error
 log-format: console
@@ -239,7 +240,7 @@ nats-tls-key: /key
 					Workers: 2, Concurrency: 3, QueueLimit: 4, QueueLimitBytes: 11, MaxSessions: 12,
 					RequestTimeout: 5 * time.Second, MaxTimeout: 2 * time.Hour, ShutdownGrace: 6 * time.Second,
 					MaxResultBytes: 13, ConnectWait: 14 * time.Second,
-					MaxDeliver: 10, StreamReplicas: 3, Metrics: "127.0.0.1:9100", StateDir: "/s",
+					MaxDeliver: 10, StreamReplicas: 3, Metrics: "127.0.0.1:9100", StateDir: "/s", Containment: "group",
 					MaxRequests: 7, MaxMemoryMB: 8, MaxAge: 9 * time.Second,
 					NATSCreds: "/c", NATSUser: "u", NATSPassword: "pw", NATSToken: "tk",
 					NATSTLSCA: "/ca", NATSTLSCert: "/cert", NATSTLSKey: "/key",

@@ -1,0 +1,79 @@
+package lifecycle
+
+import (
+	"errors"
+	"fmt"
+	"os/exec"
+)
+
+// Containment modes, strongest first. A mode keeps each worker's whole
+// process tree where the node can find and kill it, however the tree
+// scatters itself (setsid, a fresh environment, double forks).
+const (
+	// ModeCgroup puts each worker and all its descendants in a cgroup v2
+	// of their own under the node's; ending a worker, the guardian's sweep
+	// and a later node's sweep of a dead run use cgroup.kill.
+	ModeCgroup = "cgroup"
+	// ModePIDNS runs each worker under a tiny init that is PID 1 of a new
+	// PID namespace; when that init dies the kernel kills everything in
+	// the namespace.
+	ModePIDNS = "pidns"
+	// ModeGroup is process groups, parent-death signals, markers and the
+	// guardian only: what every host allows.
+	ModeGroup = "group"
+	// ModeAuto picks the strongest mode the host offers.
+	ModeAuto = "auto"
+)
+
+// ErrContainmentUnavailable is wrapped by the error of a containment mode
+// the host does not offer; the text says why.
+var ErrContainmentUnavailable = errors.New("containment unavailable")
+
+// Containment is a way of keeping workers' trees. One value serves one run
+// of a node: it knows where that run's containers live.
+type Containment interface {
+	// Mode is one of ModeCgroup, ModePIDNS, ModeGroup.
+	Mode() string
+	// Prepare is called by Start before the fork of the worker start m
+	// (m.Worker set). It may change cmd (Path, Args, SysProcAttr, Env,
+	// ExtraFiles) so that the child starts inside its container, and
+	// returns the container, which Start owns from then on. It must not
+	// fork.
+	Prepare(cmd *exec.Cmd, m Marker) (Container, error)
+}
+
+// Container is one worker start's container, owned by its Process.
+type Container interface {
+	// Kill kills everything left in the container. Start calls it when the
+	// worker's leader has exited, before the leader is reaped.
+	Kill() error
+	// Release frees what the container holds (a cgroup directory, an fd)
+	// once everything in it is gone. Start calls it after the reap; it is
+	// also called, without Kill, when the fork failed.
+	Release() error
+}
+
+// groupContainment is ModeGroup: Start's process groups, markers and
+// parent-death signals are all there is, so it changes nothing.
+type groupContainment struct{}
+
+// GroupContainment returns ModeGroup's Containment.
+func GroupContainment() Containment { return groupContainment{} }
+
+func (groupContainment) Mode() string { return ModeGroup }
+
+func (groupContainment) Prepare(*exec.Cmd, Marker) (Container, error) { return noContainer{}, nil }
+
+type noContainer struct{}
+
+func (noContainer) Kill() error    { return nil }
+func (noContainer) Release() error { return nil }
+
+// ValidMode reports whether mode names a containment mode (or ModeAuto).
+func ValidMode(mode string) error {
+	switch mode {
+	case ModeAuto, ModeCgroup, ModePIDNS, ModeGroup:
+		return nil
+	}
+	return fmt.Errorf("containment %q: want one of %s, %s, %s, %s", mode, ModeAuto, ModeCgroup, ModePIDNS, ModeGroup)
+}
