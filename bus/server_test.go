@@ -1,19 +1,9 @@
 package bus_test
 
 import (
-	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +18,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/internal/testkit"
 )
 
 func TestLoopbackHost(t *testing.T) {
@@ -79,10 +70,10 @@ func TestStartEmbeddedRefusesExposedListen(t *testing.T) {
 // clients only; with a CA too, only clients holding a certificate it
 // signed. The in-process connection needs neither.
 func TestEmbeddedTLS(t *testing.T) {
-	pki := newTestPKI(t)
+	pki := testkit.NewPKI(t, t.TempDir())
 	start := func(ca string) *server.Server {
 		srv, err := bus.StartEmbedded(bus.EmbeddedConfig{Listen: "127.0.0.1:0", StoreDir: t.TempDir(),
-			TLSCert: pki.serverCert, TLSKey: pki.serverKey, TLSCA: ca}, zaptest.NewLogger(t))
+			TLSCert: pki.ServerCert, TLSKey: pki.ServerKey, TLSCA: ca}, zaptest.NewLogger(t))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -102,13 +93,13 @@ func TestEmbeddedTLS(t *testing.T) {
 
 	t.Run("server certificate", func(t *testing.T) {
 		srv := start("")
-		if err := connect(srv.ClientURL(), nats.RootCAs(pki.ca)); err != nil {
+		if err := connect(srv.ClientURL(), nats.RootCAs(pki.CA)); err != nil {
 			t.Errorf("client with the CA: %v", err)
 		}
 		if err := connect(srv.ClientURL()); err == nil || !strings.Contains(err.Error(), "certificate") {
 			t.Errorf("client without the CA: %v, want a certificate error", err)
 		}
-		assertPlainRefused(t, srv)
+		testkit.AssertPlainRefused(t, strings.TrimPrefix(srv.ClientURL(), "tls://"))
 		nc, err := bus.Connect(bus.ConnConfig{InProcess: srv, TLSCA: "/not/used.pem"}, nil)
 		if err != nil {
 			t.Fatalf("in-process: %v", err)
@@ -117,14 +108,14 @@ func TestEmbeddedTLS(t *testing.T) {
 	})
 
 	t.Run("client certificates", func(t *testing.T) {
-		srv := start(pki.ca)
-		if err := connect(srv.ClientURL(), nats.RootCAs(pki.ca), nats.ClientCert(pki.clientCert, pki.clientKey)); err != nil {
+		srv := start(pki.CA)
+		if err := connect(srv.ClientURL(), nats.RootCAs(pki.CA), nats.ClientCert(pki.ClientCert, pki.ClientKey)); err != nil {
 			t.Errorf("client with a certificate: %v", err)
 		}
-		if err := connect(srv.ClientURL(), nats.RootCAs(pki.ca)); err == nil {
+		if err := connect(srv.ClientURL(), nats.RootCAs(pki.CA)); err == nil {
 			t.Error("a client without a certificate got in")
 		}
-		assertPlainRefused(t, srv)
+		testkit.AssertPlainRefused(t, strings.TrimPrefix(srv.ClientURL(), "tls://"))
 		nc, err := bus.Connect(bus.ConnConfig{InProcess: srv}, nil)
 		if err != nil {
 			t.Fatalf("in-process: %v", err)
@@ -137,102 +128,13 @@ func TestEmbeddedTLS(t *testing.T) {
 
 	t.Run("loopback not required with client certificates", func(t *testing.T) {
 		srv, err := bus.StartEmbedded(bus.EmbeddedConfig{Listen: "0.0.0.0:0", StoreDir: t.TempDir(),
-			TLSCert: pki.serverCert, TLSKey: pki.serverKey, TLSCA: pki.ca}, zaptest.NewLogger(t))
+			TLSCert: pki.ServerCert, TLSKey: pki.ServerKey, TLSCA: pki.CA}, zaptest.NewLogger(t))
 		if err != nil {
 			t.Fatal(err)
 		}
 		srv.Shutdown()
 		srv.WaitForShutdown()
 	})
-}
-
-// assertPlainRefused speaks plain NATS to srv, as a client that knows no
-// TLS would, and expects the server to turn it away.
-func assertPlainRefused(t *testing.T, srv *server.Server) {
-	t.Helper()
-	addr := strings.TrimPrefix(srv.ClientURL(), "tls://")
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	r := bufio.NewReader(c)
-	info, err := r.ReadString('\n')
-	if err != nil || !strings.Contains(info, `"tls_required":true`) {
-		t.Fatalf("INFO %q (%v), want tls_required", info, err)
-	}
-	if _, err := c.Write([]byte("CONNECT {\"verbose\":false}\r\nPING\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	// The server expects a TLS handshake: plain text ends the connection
-	// (or earns an -ERR first), never a PONG.
-	reply, err := r.ReadString('\n')
-	if err == nil && !strings.HasPrefix(reply, "-ERR") {
-		t.Fatalf("a plain client got %q; the server took it without TLS", reply)
-	}
-}
-
-// testPKI is a throwaway CA with a server certificate for 127.0.0.1 and
-// localhost and a client certificate, as PEM files.
-type testPKI struct {
-	ca, serverCert, serverKey, clientCert, clientKey string
-}
-
-func newTestPKI(t *testing.T) testPKI {
-	t.Helper()
-	dir := t.TempDir()
-	write := func(name, typ string, der []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	now := time.Now()
-	caKey := newKey()
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bus test CA"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf := func(serial int64, name string, usage x509.ExtKeyUsage) (string, string) {
-		k := newKey()
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
-			DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &k.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		keyDER, err := x509.MarshalECPrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return write(name+".pem", "CERTIFICATE", der), write(name+"-key.pem", "EC PRIVATE KEY", keyDER)
-	}
-	p := testPKI{ca: write("ca.pem", "CERTIFICATE", caDER)}
-	p.serverCert, p.serverKey = leaf(2, "server", x509.ExtKeyUsageServerAuth)
-	p.clientCert, p.clientKey = leaf(3, "client", x509.ExtKeyUsageClientAuth)
-	return p
 }
 
 // freeAddr is a loopback address nothing listens on (for a moment).

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pyfleet/pyfleet/internal/testkit"
 )
 
 func TestRegistryPutListDelete(t *testing.T) {
@@ -326,7 +328,7 @@ func TestStateFilesArePrivate(t *testing.T) {
 	refused(err, link, "not a regular file")
 
 	// Another user's: refused.
-	uid, gid := otherUser(t)
+	uid, gid := testkit.OtherUser(t)
 	for _, path := range []string{db, tomb} {
 		if err := os.Chown(path, uid, gid); err != nil {
 			t.Fatal(err)

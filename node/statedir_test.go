@@ -3,56 +3,13 @@ package node
 import (
 	"fmt"
 	"os"
-	"os/exec"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
-	"time"
+
+	"github.com/pyfleet/pyfleet/internal/testkit"
 )
-
-var otherUsers atomic.Int64
-
-// otherUser creates a throwaway system user for the test (deleted at its
-// end) and returns its uid and gid, to give a directory to someone else. It
-// needs root, as chown does.
-func otherUser(t *testing.T) (uid, gid int) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: only root can give a directory to another user")
-	}
-	if _, err := exec.LookPath("useradd"); err != nil {
-		t.Skip("useradd is missing: cannot create another user to own the directory")
-	}
-	name := fmt.Sprintf("pyfleet-test-%d-%d", os.Getpid(), otherUsers.Add(1))
-	var out []byte
-	var err error
-	// useradd fails while another one holds /etc/passwd's lock: retry.
-	for range 20 {
-		out, err = exec.Command("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name).CombinedOutput()
-		if err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatalf("useradd %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
-			t.Errorf("userdel %s: %v: %s", name, err, out)
-		}
-	})
-	u, err := user.Lookup(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid, _ = strconv.Atoi(u.Uid)
-	gid, _ = strconv.Atoi(u.Gid)
-	return uid, gid
-}
 
 func permOf(t *testing.T, path string) os.FileMode {
 	t.Helper()
@@ -101,7 +58,7 @@ func TestStateDirAcceptsOwn0755(t *testing.T) {
 }
 
 func TestStateDirRefusesWhatOthersCanWrite(t *testing.T) {
-	uid, gid := otherUser(t)
+	uid, gid := testkit.OtherUser(t)
 	cases := []struct {
 		name  string
 		setup func(dir string) error // makes dir bad

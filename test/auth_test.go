@@ -1,21 +1,13 @@
 package test
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/pyfleet/pyfleet/internal/testkit"
 )
 
 // TestNATSAuthAndTLS is issue 4's fifth test, against real nats-server
@@ -78,22 +70,22 @@ func TestNATSAuthAndTLS(t *testing.T) {
 	})
 
 	t.Run("TLS with client certificates", func(t *testing.T) {
-		pki := makeTestPKI(t)
-		tlsConf := "tls {\n  cert_file: \"" + pki.serverCert + "\"\n  key_file: \"" + pki.serverKey + "\"\n  ca_file: \"" + pki.ca +
+		pki := testkit.NewPKI(t, t.TempDir())
+		tlsConf := "tls {\n  cert_file: \"" + pki.ServerCert + "\"\n  key_file: \"" + pki.ServerKey + "\"\n  ca_file: \"" + pki.CA +
 			"\"\n  verify: true\n  timeout: 2\n}\n"
 		srv := startNATSServer(t, natsServerSpec{name: "tls", config: auth + tlsConf, tls: true,
-			clientOpts: []nats.Option{nats.UserInfo(user, password), nats.RootCAs(pki.ca), nats.ClientCert(pki.clientCert, pki.clientKey)}})
+			clientOpts: []nats.Option{nats.UserInfo(user, password), nats.RootCAs(pki.CA), nats.ClientCert(pki.ClientCert, pki.ClientKey)}})
 		srv.waitReady(30*time.Second, false)
 		url := srv.url()
 		creds := []string{"--nats-user", user, "--nats-password", password}
-		tlsFlags := []string{"--nats-tls-ca", pki.ca, "--nats-tls-cert", pki.clientCert, "--nats-tls-key", pki.clientKey}
+		tlsFlags := []string{"--nats-tls-ca", pki.CA, "--nats-tls-cert", pki.ClientCert, "--nats-tls-key", pki.ClientKey}
 
 		t.Run("unknown server CA exits 2", func(t *testing.T) {
-			exits2(t, url, append(append([]string{}, creds...), "--nats-tls-cert", pki.clientCert, "--nats-tls-key", pki.clientKey),
+			exits2(t, url, append(append([]string{}, creds...), "--nats-tls-cert", pki.ClientCert, "--nats-tls-key", pki.ClientKey),
 				"certificate signed by unknown authority", "x509")
 		})
 		t.Run("no client certificate exits 2", func(t *testing.T) {
-			exits2(t, url, append(append([]string{}, creds...), "--nats-tls-ca", pki.ca),
+			exits2(t, url, append(append([]string{}, creds...), "--nats-tls-ca", pki.CA),
 				"certificate required", "bad certificate", "tls error")
 		})
 		t.Run("wrong password exits 2", func(t *testing.T) {
@@ -114,77 +106,4 @@ func TestNATSAuthAndTLS(t *testing.T) {
 			}
 		})
 	})
-}
-
-// testPKI is a throwaway CA with a server certificate for 127.0.0.1 and
-// localhost and a client certificate, as PEM files.
-type testPKI struct {
-	ca, serverCert, serverKey, clientCert, clientKey string
-}
-
-func makeTestPKI(t *testing.T) testPKI {
-	t.Helper()
-	dir := t.TempDir()
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	serial := int64(1)
-	write := func(name, typ string, der []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	now := time.Now()
-	caKey := newKey()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(serial),
-		Subject:               pkix.Name{CommonName: "pyfleet test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf := func(name string, usage x509.ExtKeyUsage) (certPath, keyPath string) {
-		serial++
-		k := newKey()
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(serial),
-			Subject:      pkix.Name{CommonName: name},
-			NotBefore:    now.Add(-time.Hour),
-			NotAfter:     now.Add(24 * time.Hour),
-			KeyUsage:     x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-			DNSNames:     []string{"localhost"},
-			IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &k.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		keyDER, err := x509.MarshalECPrivateKey(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return write(name+".pem", "CERTIFICATE", der), write(name+"-key.pem", "EC PRIVATE KEY", keyDER)
-	}
-	var p testPKI
-	p.ca = write("ca.pem", "CERTIFICATE", caDER)
-	p.serverCert, p.serverKey = leaf("server", x509.ExtKeyUsageServerAuth)
-	p.clientCert, p.clientKey = leaf("client", x509.ExtKeyUsageClientAuth)
-	return p
 }

@@ -9,8 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
-	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -23,49 +21,9 @@ import (
 	"github.com/nats-io/nats.go"
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/pyfleet/pyfleet/internal/testkit"
 	"github.com/pyfleet/pyfleet/lifecycle"
 )
-
-var otherUsers atomic.Int64
-
-// otherUser creates a throwaway system user for the test (deleted at its
-// end) and returns its uid and gid: the other local user of these tests. It
-// needs root, as chown does.
-func otherUser(t *testing.T) (uid, gid int) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: only root can give a directory to another user")
-	}
-	if _, err := exec.LookPath("useradd"); err != nil {
-		t.Skip("useradd is missing: cannot create another user to own the directory")
-	}
-	name := fmt.Sprintf("pyfleet-test-%d-%d", os.Getpid(), otherUsers.Add(1))
-	var out []byte
-	var err error
-	// useradd fails while another one holds /etc/passwd's lock: retry.
-	for range 20 {
-		out, err = exec.Command("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name).CombinedOutput()
-		if err == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatalf("useradd %s: %v: %s", name, err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("userdel", name).CombinedOutput(); err != nil {
-			t.Errorf("userdel %s: %v: %s", name, err, out)
-		}
-	})
-	u, err := user.Lookup(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid, _ = strconv.Atoi(u.Uid)
-	gid, _ = strconv.Atoi(u.Gid)
-	return uid, gid
-}
 
 // writeRecords stores recs in the registry at path as they are, with bbolt
 // directly, the way a dead node left them (or an attacker forged them):
@@ -173,7 +131,7 @@ func modeOf(t *testing.T, path string) os.FileMode {
 // node creates a missing state dir 0700 with 0600 files, and still starts
 // on a 0755 dir of earlier versions.
 func TestHostileStateDirOfAnotherUser(t *testing.T) {
-	uid, gid := otherUser(t)
+	uid, gid := testkit.OtherUser(t)
 
 	t.Run("planted by another user with a forged registry", func(t *testing.T) {
 		victim := startSleeper(t)

@@ -6,7 +6,6 @@ package test
 // server that is not up yet is waited for, within --connect-wait.
 
 import (
-	"bufio"
 	"net"
 	"strconv"
 	"strings"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/pyfleet/pyfleet/internal/testkit"
 	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
@@ -62,9 +62,9 @@ func TestHostileServerListenNeedsCredentials(t *testing.T) {
 // certificate that CA signed; the node's own in-process connection needs
 // neither, and `submit` with the same flags calls it.
 func TestHostileServerEmbeddedTLS(t *testing.T) {
-	pki := makeTestPKI(t)
+	pki := testkit.NewPKI(t, t.TempDir())
 	n := startNode(t, nodeOptions{workers: 2, extra: []string{
-		"--nats-tls-cert", pki.serverCert, "--nats-tls-key", pki.serverKey, "--nats-tls-ca", pki.ca,
+		"--nats-tls-cert", pki.ServerCert, "--nats-tls-key", pki.ServerKey, "--nats-tls-ca", pki.CA,
 	}})
 	if !strings.HasPrefix(n.url, "tls://127.0.0.1:") {
 		t.Fatalf("embedded server at %q, want tls://", n.url)
@@ -72,41 +72,18 @@ func TestHostileServerEmbeddedTLS(t *testing.T) {
 	if _, err := nats.Connect(n.url, nats.Timeout(5*time.Second)); err == nil {
 		t.Fatal("a client that does not know the CA got in")
 	}
-	if _, err := nats.Connect(n.url, nats.Timeout(5*time.Second), nats.RootCAs(pki.ca)); err == nil {
+	if _, err := nats.Connect(n.url, nats.Timeout(5*time.Second), nats.RootCAs(pki.CA)); err == nil {
 		t.Fatal("a client without a certificate got in")
 	}
-	plainRefused(t, strings.TrimPrefix(n.url, "tls://"))
+	testkit.AssertPlainRefused(t, strings.TrimPrefix(n.url, "tls://"))
 
-	tlsFlags := []string{"--nats-tls-ca", pki.ca, "--nats-tls-cert", pki.clientCert, "--nats-tls-key", pki.clientKey}
+	tlsFlags := []string{"--nats-tls-ca", pki.CA, "--nats-tls-cert", pki.ClientCert, "--nats-tls-key", pki.ClientKey}
 	out, errOut, code := runSubmit(t, n.url, "", append(append([]string{"call"}, tlsFlags...), "echo", `{"over":"tls"}`)...)
 	if code != 0 || out != "{\"over\":\"tls\"}\n" {
 		t.Errorf("submit call over TLS: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
-	nc := connectNATS(t, n.url, nats.RootCAs(pki.ca), nats.ClientCert(pki.clientCert, pki.clientKey))
+	nc := connectNATS(t, n.url, nats.RootCAs(pki.CA), nats.ClientCert(pki.ClientCert, pki.ClientKey))
 	assertStillServing(t, n, nc, 2)
-}
-
-// plainRefused speaks plain NATS to a TLS-only server and expects to be
-// turned away: the connection ends (or gets -ERR) instead of a PONG.
-func plainRefused(t *testing.T, addr string) {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	r := bufio.NewReader(c)
-	info, err := r.ReadString('\n')
-	if err != nil || !strings.Contains(info, `"tls_required":true`) {
-		t.Fatalf("INFO %q (%v), want tls_required", info, err)
-	}
-	if _, err := c.Write([]byte("CONNECT {\"verbose\":false}\r\nPING\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	if reply, err := r.ReadString('\n'); err == nil && !strings.HasPrefix(reply, "-ERR") {
-		t.Fatalf("a plain client got %q: the server took it without TLS", reply)
-	}
 }
 
 // TestHostileServerNoJetStream: against a nats-server without JetStream
