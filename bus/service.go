@@ -36,6 +36,11 @@ type ServiceConfig struct {
 	Node   string
 	// Version is the micro service version (SemVer); empty means "0.0.0".
 	Version string
+	// Containment, if set, is the containment mode the node's workers run
+	// in (lifecycle.ModeCgroup, ModePIDNS, ModeGroup): the service's
+	// "containment" metadata, which `nats micro info` and `submit nodes`
+	// show.
+	Containment string
 	// DefaultTimeout applies when a request has no Pyfleet-Timeout;
 	// 0 means DefaultTimeout.
 	DefaultTimeout time.Duration
@@ -202,11 +207,15 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	if version == "" {
 		version = "0.0.0"
 	}
+	meta := map[string]string{"pool": cfg.Pool, "node": cfg.Node, "prefix": sub.prefix()}
+	if cfg.Containment != "" {
+		meta["containment"] = cfg.Containment
+	}
 	svc, err := micro.AddService(nc, micro.Config{
 		Name:        ServiceName,
 		Version:     version,
 		Description: "pyfleet pool " + cfg.Pool,
-		Metadata:    map[string]string{"pool": cfg.Pool, "node": cfg.Node, "prefix": sub.prefix()},
+		Metadata:    meta,
 		QueueGroup:  queueGroup(sub, cfg.Pool),
 		StatsHandler: func(ep *micro.Endpoint) any {
 			return s.endpointData(ep.Subject)

@@ -435,6 +435,7 @@ func (*badNames) Functions() []call.Function { return []call.Function{{Name: "a.
 func TestMicroInfoAndStats(t *testing.T) {
 	nc, _, _ := setup(t, func(c *bus.ServiceConfig) {
 		c.Stats = func() any { return map[string]int{"workers": 4} }
+		c.Containment = "group"
 	})
 	request(t, nc, "pyfleet.req.p.echo", `{}`)
 	request(t, nc, "pyfleet.req.p.fail", `{}`)
@@ -448,7 +449,8 @@ func TestMicroInfoAndStats(t *testing.T) {
 	if err := json.Unmarshal(request(t, nc, subj, "").Data, &info); err != nil {
 		t.Fatal(err)
 	}
-	if info.Name != "pyfleet" || info.Version != "1.2.3" || info.Metadata["pool"] != "p" || info.Metadata["node"] != "n1" {
+	if info.Name != "pyfleet" || info.Version != "1.2.3" || info.Metadata["pool"] != "p" || info.Metadata["node"] != "n1" ||
+		info.Metadata["containment"] != "group" {
 		t.Errorf("info = %+v", info.ServiceIdentity)
 	}
 	subjects := map[string]string{}
@@ -468,6 +470,9 @@ func TestMicroInfoAndStats(t *testing.T) {
 	var stats micro.Stats
 	if err := json.Unmarshal(request(t, nc, subj, "").Data, &stats); err != nil {
 		t.Fatal(err)
+	}
+	if stats.Metadata["containment"] != "group" {
+		t.Errorf("stats metadata %v: no containment=group for submit nodes", stats.Metadata)
 	}
 	var requests, errs int64
 	var nodeSeen bool

@@ -71,6 +71,19 @@ func runHelper(mode string) int {
 			return 3
 		}
 		return forever()
+	case "clean-children":
+		// Two children started with a fresh environment, as a worker's
+		// subprocess.Popen(env={...}) would: one in its group, one in a
+		// session of its own. Neither carries the marks.
+		announce()
+		for _, attr := range []*syscall.SysProcAttr{nil, {Setsid: true}} {
+			child := helperChild("sleep", attr)
+			child.Env = []string{helperEnv + "=sleep", "GORACE=atexit_sleep_ms=0"}
+			if err := child.Start(); err != nil {
+				return 3
+			}
+		}
+		return forever()
 	case "lines":
 		fmt.Println("out 1")
 		fmt.Println("out 2")

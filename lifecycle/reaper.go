@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,8 +41,15 @@ const envReaperInterval = "PYFLEET_REAPER_INTERVAL"
 
 // Reaper finds and kills what dead runs left behind, on this state dir.
 type Reaper struct {
-	cfg ReaperConfig
+	cfg ReaperConfig // its Events counts the sweeps' kills (countKill)
 	log *zap.Logger
+	// events is ReaperConfig.Events as given: what countKill passes each
+	// event on to, and what reaps of adopted orphans report to, which are
+	// not sweeps.
+	events   Events
+	running  atomic.Bool // Run has begun: sweeps from now on are periodic
+	atStart  atomic.Int64
+	periodic atomic.Int64
 }
 
 // NewReaper validates cfg and returns a Reaper.
@@ -65,14 +73,18 @@ func NewReaper(cfg ReaperConfig) (*Reaper, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Reaper{cfg: cfg, log: log.Named("reaper")}, nil
+	r := &Reaper{cfg: cfg, log: log.Named("reaper"), events: cfg.Events}
+	r.cfg.Events = r.countKill
+	return r, nil
 }
 
 // Run sweeps every Interval (and reaps adopted orphans every AdoptInterval
 // if a Spawner is configured) until ctx is done, then returns nil. Errors of
 // single passes are logged, not returned: the next pass retries. Call Sweep
-// once before Run, at node start, before any worker is spawned.
+// once before Run, at node start, before any worker is spawned: Stats
+// counts the kills of sweeps before Run as AtStart, the rest as Periodic.
 func (r *Reaper) Run(ctx context.Context) error {
+	r.running.Store(true)
 	sweep := time.NewTicker(r.cfg.Interval)
 	defer sweep.Stop()
 	var adopt <-chan time.Time
@@ -90,7 +102,7 @@ func (r *Reaper) Run(ctx context.Context) error {
 				r.log.Warn("sweep", zap.Error(err))
 			}
 		case <-adopt:
-			if _, err := r.cfg.Spawner.ReapAdopted(r.cfg.Events); err != nil && !errors.Is(err, ErrSpawnerClosed) {
+			if _, err := r.cfg.Spawner.ReapAdopted(r.events); err != nil && !errors.Is(err, ErrSpawnerClosed) {
 				r.log.Warn("reap adopted orphans", zap.Error(err))
 			}
 		}

@@ -11,10 +11,18 @@
 //	pyfleet_workers, pyfleet_workers_busy,
 //	pyfleet_queue_depth                            read from the pool at scrape time
 //	pyfleet_worker_spawns_total, _ready_total,
-//	_crashes_total, _restarts_total,
-//	_spawn_failures_total, _crash_loops_total,
-//	_terminations_total{reason}                    lifecycle events (Event)
+//	_crashes_total, _spawn_failures_total,
+//	_crash_loops_total, _terminations_total{reason} lifecycle events (Event)
+//	pyfleet_worker_restarts_total{reason}          lifecycle events: crash, or the
+//	                                               terminated reason before the restart
 //	pyfleet_orphans_reaped_total                   lifecycle events (Event)
+//	pyfleet_containment{mode}                      1 for the mode in use (SetContainment)
+//	pyfleet_worker_processes{worker},
+//	pyfleet_processes                              the workers' whole trees, read at
+//	                                               scrape time (SetProcessStats)
+//	pyfleet_registry_records                       read at scrape time (SetRegistryStats)
+//	pyfleet_orphans_found_at_start_total,
+//	pyfleet_orphans_found_by_sweep_total           the reaper's sweeps (SetReaperStats)
 //	pyfleet_jobs_total{outcome}                    JetStream jobs settled (Job)
 //
 // The function label is bounded: a function outside the app's list (see

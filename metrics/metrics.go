@@ -28,6 +28,11 @@ const (
 	OtherFunction = "_other"
 )
 
+// RestartCrash is the reason label of pyfleet_worker_restarts_total for a
+// worker that exited on its own (event crashed); the other reasons are
+// those of the terminated event.
+const RestartCrash = "crash"
+
 // MaxFunctions bounds the distinct function labels, whatever callers send.
 const MaxFunctions = 256
 
@@ -59,14 +64,22 @@ type Metrics struct {
 	mu    sync.Mutex
 	names map[string]struct{} // function labels in use; guarded by mu
 
-	spawns, ready, crashes, restarts, orphans, spawnFailures, crashLoops prometheus.Counter
-	terminations                                                         *prometheus.CounterVec
-	termReasons                                                          map[string]prometheus.Counter
+	spawns, ready, crashes, orphans, spawnFailures, crashLoops prometheus.Counter
+	terminations                                               *prometheus.CounterVec
+	termReasons                                                map[string]prometheus.Counter
+	restarts                                                   *prometheus.CounterVec
+	restartReasons                                             map[string]prometheus.Counter
+	// ended is why each worker slot's last process ended (RestartCrash or
+	// a termination reason), until the restarted event that replaces it.
+	// It holds one entry per slot at most.
+	ended   map[string]string
+	endedMu sync.Mutex
 
 	jobs        *prometheus.CounterVec
 	jobOutcomes map[string]prometheus.Counter
 
-	pool *poolCollector
+	pool        *poolCollector
+	supervision *supervisionCollector
 }
 
 type reqKey struct {
@@ -111,7 +124,6 @@ func New(pool, node string) *Metrics {
 	m.spawns = counter("pyfleet_worker_spawns_total", "Worker processes started (event spawned).")
 	m.ready = counter("pyfleet_worker_ready_total", "Workers that became ready to serve (event ready).")
 	m.crashes = counter("pyfleet_worker_crashes_total", "Workers that exited on their own (event crashed).")
-	m.restarts = counter("pyfleet_worker_restarts_total", "Crashed workers replaced by a ready one (event restarted).")
 	m.orphans = counter("pyfleet_orphans_reaped_total", "Processes of a dead node or worker found and killed (event orphan_reaped).")
 	m.spawnFailures = counter("pyfleet_worker_spawn_failures_total", "Worker starts that failed (event spawn_failed).")
 	m.crashLoops = counter("pyfleet_worker_crash_loops_total", "Worker slots that crashed repeatedly in a row (event crash_loop).")
@@ -123,6 +135,15 @@ func New(pool, node string) *Metrics {
 	for _, r := range []string{lifecycle.ReasonStop, lifecycle.ReasonRecycle, lifecycle.ReasonDeadline, lifecycle.ReasonUnhealthy} {
 		m.termReasons[r] = m.terminations.WithLabelValues(r)
 	}
+	m.restarts = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "pyfleet_worker_restarts_total",
+		Help: "Workers replaced by a new one, by why the old one ended: crash, or the reason of its terminated event (channel_lost, deadline, unhealthy, recycle, ...).",
+	}, []string{"reason"})
+	m.restartReasons = map[string]prometheus.Counter{}
+	for _, r := range []string{RestartCrash, lifecycle.ReasonChannelLost, lifecycle.ReasonDeadline, lifecycle.ReasonUnhealthy, lifecycle.ReasonRecycle} {
+		m.restartReasons[r] = m.restarts.WithLabelValues(r)
+	}
+	m.ended = map[string]string{}
 
 	m.jobs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pyfleet_jobs_total",
@@ -134,10 +155,11 @@ func New(pool, node string) *Metrics {
 	}
 
 	m.pool = newPoolCollector()
+	m.supervision = newSupervisionCollector()
 	reg.MustRegister(
 		m.requests, m.duration,
 		m.spawns, m.ready, m.crashes, m.restarts, m.orphans, m.spawnFailures, m.crashLoops,
-		m.terminations, m.jobs, m.pool,
+		m.terminations, m.jobs, m.pool, m.supervision,
 	)
 	return m
 }
@@ -253,8 +275,9 @@ func (m *Metrics) Event(e lifecycle.Event) {
 		m.ready.Inc()
 	case lifecycle.KindCrashed:
 		m.crashes.Inc()
+		m.workerEnded(e.Worker, RestartCrash)
 	case lifecycle.KindRestarted:
-		m.restarts.Inc()
+		m.restarted(e.Worker)
 	case lifecycle.KindOrphanReaped:
 		m.orphans.Inc()
 	case lifecycle.KindSpawnFailed:
@@ -262,6 +285,7 @@ func (m *Metrics) Event(e lifecycle.Event) {
 	case lifecycle.KindCrashLoop:
 		m.crashLoops.Inc()
 	case lifecycle.KindTerminated:
+		m.workerEnded(e.Worker, e.Reason)
 		if c, ok := m.termReasons[e.Reason]; ok {
 			c.Inc()
 			return
@@ -272,6 +296,49 @@ func (m *Metrics) Event(e lifecycle.Event) {
 		}
 		m.terminations.WithLabelValues(reason).Inc()
 	}
+}
+
+// workerEnded notes why worker's process ended, for the restart that
+// replaces it. A recycled worker's replacement already serves when the old
+// one ends, and no restarted event follows: that is the restart. A worker
+// stopped with the node is not replaced.
+func (m *Metrics) workerEnded(worker, reason string) {
+	switch reason {
+	case lifecycle.ReasonRecycle:
+		m.restart(reason)
+		return
+	case lifecycle.ReasonStop:
+		reason = ""
+	case "":
+		reason = "unknown"
+	}
+	m.endedMu.Lock()
+	defer m.endedMu.Unlock()
+	if reason == "" {
+		delete(m.ended, worker)
+		return
+	}
+	m.ended[worker] = reason
+}
+
+// restarted counts the restart of worker by why its last process ended.
+func (m *Metrics) restarted(worker string) {
+	m.endedMu.Lock()
+	reason, ok := m.ended[worker]
+	delete(m.ended, worker)
+	m.endedMu.Unlock()
+	if !ok {
+		reason = "unknown"
+	}
+	m.restart(reason)
+}
+
+func (m *Metrics) restart(reason string) {
+	if c, ok := m.restartReasons[reason]; ok {
+		c.Inc()
+		return
+	}
+	m.restarts.WithLabelValues(reason).Inc()
 }
 
 // Job counts a settled job by outcome: JobAcked, JobRedelivered, JobDead or

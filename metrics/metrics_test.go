@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -374,7 +375,6 @@ func TestEventsCountedByKindAndReason(t *testing.T) {
 		"pyfleet_worker_spawns_total":         3,
 		"pyfleet_worker_ready_total":          2,
 		"pyfleet_worker_crashes_total":        2,
-		"pyfleet_worker_restarts_total":       1,
 		"pyfleet_orphans_reaped_total":        2,
 		"pyfleet_worker_spawn_failures_total": 1,
 		"pyfleet_worker_crash_loops_total":    1,
@@ -392,6 +392,60 @@ func TestEventsCountedByKindAndReason(t *testing.T) {
 	}
 	if got := mfs.counters("pyfleet_worker_terminations_total"); !equalMaps(got, want) {
 		t.Errorf("pyfleet_worker_terminations_total = %v, want %v", got, want)
+	}
+	// The crash before the restarted event is its reason; a recycle is a
+	// restart by itself.
+	want = map[string]float64{
+		"reason=crash":        1,
+		"reason=recycle":      2,
+		"reason=channel_lost": 0,
+		"reason=deadline":     0,
+		"reason=unhealthy":    0,
+	}
+	if got := mfs.counters("pyfleet_worker_restarts_total"); !equalMaps(got, want) {
+		t.Errorf("pyfleet_worker_restarts_total = %v, want %v", got, want)
+	}
+}
+
+// TestRestartsCountedByReason feeds the events a pool sends when it replaces
+// workers, slots interleaved: each restart is counted under why the
+// slot's previous worker ended.
+func TestRestartsCountedByReason(t *testing.T) {
+	m := metrics.New("p", "n")
+	ended := func(worker, reason string) lifecycle.Event {
+		if reason == "" {
+			return lifecycle.Event{Kind: lifecycle.KindCrashed, Worker: worker, Signal: "SIGKILL"}
+		}
+		return lifecycle.Event{Kind: lifecycle.KindTerminated, Worker: worker, Reason: reason}
+	}
+	restarted := func(worker string) lifecycle.Event {
+		return lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: worker}
+	}
+	for _, e := range []lifecycle.Event{
+		ended("w1", ""), {Kind: lifecycle.KindSpawnFailed, Worker: "w1"}, restarted("w1"), // a failed start in between changes nothing
+		ended("w2", lifecycle.ReasonDeadline), restarted("w2"),
+		ended("w3", lifecycle.ReasonChannelLost), restarted("w3"),
+		ended("w1", lifecycle.ReasonUnhealthy), restarted("w1"),
+		ended("w2", lifecycle.ReasonRecycle), // its replacement serves already; no restarted event follows
+		ended("w4", "oom"), restarted("w4"),  // a reason this package does not know yet
+		ended("w5", lifecycle.ReasonStop), // stopped with the node: not replaced
+		restarted("w6"),                   // no end seen
+		ended("w1", ""), ended("w2", ""), restarted("w2"), restarted("w1"),
+		ended("w3", lifecycle.ReasonStop), restarted("w3"), // stop forgets the end before it
+	} {
+		m.Event(e)
+	}
+	want := map[string]float64{
+		"reason=crash":        3,
+		"reason=deadline":     1,
+		"reason=channel_lost": 1,
+		"reason=unhealthy":    1,
+		"reason=recycle":      1,
+		"reason=oom":          1,
+		"reason=unknown":      2,
+	}
+	if got := gather(t, m).counters("pyfleet_worker_restarts_total"); !equalMaps(got, want) {
+		t.Errorf("pyfleet_worker_restarts_total = %v\nwant %v", got, want)
 	}
 }
 
@@ -444,6 +498,114 @@ func TestPoolGaugesReadAtScrape(t *testing.T) {
 			}
 		}
 	}
+}
+
+func TestSupervisionReadAtScrape(t *testing.T) {
+	m := metrics.New("p", "n")
+	srv := MustServe(t, m, nil)
+	names := []string{"pyfleet_containment", "pyfleet_worker_processes", "pyfleet_processes", "pyfleet_registry_records",
+		"pyfleet_orphans_found_at_start_total", "pyfleet_orphans_found_by_sweep_total"}
+	mfs := srv.scrape(t)
+	for _, name := range names {
+		if mfs[name] != nil {
+			t.Errorf("%s before it is set: %v", name, mfs[name])
+		}
+	}
+
+	var procCalls, regCalls, reaperCalls atomic.Int64
+	m.SetContainment(lifecycle.ModeGroup)
+	m.SetProcessStats(func() (map[string]int, error) {
+		n := int(procCalls.Add(1))
+		// "": the run's marker without a worker's; in the total only.
+		return map[string]int{"w1": 2 + n, "w2": 1, "": 1}, nil
+	})
+	m.SetRegistryStats(func() (int, error) { return int(regCalls.Add(1)) + 1, nil })
+	m.SetReaperStats(func() lifecycle.ReaperStats {
+		reaperCalls.Add(1)
+		return lifecycle.ReaperStats{AtStart: 4, Periodic: 1}
+	})
+	for scrape := 1; scrape <= 3; scrape++ {
+		mfs := srv.scrape(t)
+		for name, calls := range map[string]*atomic.Int64{"processes": &procCalls, "registry": &regCalls, "reaper": &reaperCalls} {
+			if got := calls.Load(); got != int64(scrape) {
+				t.Fatalf("after %d scrapes the %s function was called %d times, want once per scrape", scrape, name, got)
+			}
+		}
+		for _, c := range []struct {
+			name   string
+			labels map[string]string
+			want   float64
+			typ    dto.MetricType
+		}{
+			{"pyfleet_containment", map[string]string{"mode": "group"}, 1, dto.MetricType_GAUGE},
+			{"pyfleet_worker_processes", map[string]string{"worker": "w1"}, float64(2 + scrape), dto.MetricType_GAUGE},
+			{"pyfleet_worker_processes", map[string]string{"worker": "w2"}, 1, dto.MetricType_GAUGE},
+			{"pyfleet_processes", nil, float64(2+scrape) + 2, dto.MetricType_GAUGE},
+			{"pyfleet_registry_records", nil, float64(scrape + 1), dto.MetricType_GAUGE},
+			{"pyfleet_orphans_found_at_start_total", nil, 4, dto.MetricType_COUNTER},
+			{"pyfleet_orphans_found_by_sweep_total", nil, 1, dto.MetricType_COUNTER},
+		} {
+			labels := map[string]string{"pool": "p", "node": "n"}
+			maps.Copy(labels, c.labels)
+			if got := mfs.value(t, c.name, labels); got != c.want {
+				t.Errorf("scrape %d: %s%v = %g, want %g", scrape, c.name, c.labels, got, c.want)
+			}
+			if typ := mfs[c.name].GetType(); typ != c.typ {
+				t.Errorf("%s is a %v, want a %v", c.name, typ, c.typ)
+			}
+		}
+		if n := len(mfs["pyfleet_worker_processes"].GetMetric()); n != 2 {
+			t.Errorf("%d pyfleet_worker_processes series, want w1 and w2", n)
+		}
+	}
+	if help := srv.scrape(t)["pyfleet_orphans_found_by_sweep_total"].GetHelp(); !strings.Contains(help, "supervision bug") {
+		t.Errorf("HELP of pyfleet_orphans_found_by_sweep_total does not say a non-zero count is a supervision bug: %q", help)
+	}
+
+	// The mode chosen later replaces the first: one series, never two.
+	m.SetContainment(lifecycle.ModeCgroup)
+	mfs = srv.scrape(t)
+	if cm := mfs["pyfleet_containment"].GetMetric(); len(cm) != 1 || label(cm[0], "mode") != "cgroup" {
+		t.Errorf("pyfleet_containment after SetContainment(cgroup): %v", cm)
+	}
+}
+
+// TestSupervisionScrapeErrors: a count that cannot be read leaves its own
+// metrics out of that scrape, says so in the handler's error counter, and
+// leaves everything else served.
+func TestSupervisionScrapeErrors(t *testing.T) {
+	m := metrics.New("p", "n")
+	srv := MustServe(t, m, nil)
+	m.SetContainment(lifecycle.ModePIDNS)
+	m.SetProcessStats(func() (map[string]int, error) { return nil, errors.New("/proc is gone") })
+	m.SetRegistryStats(func() (int, error) { return 0, errors.New("registry busy") })
+	m.Event(lifecycle.Event{Kind: lifecycle.KindSpawned})
+
+	mfs := srv.scrape(t)
+	for _, name := range []string{"pyfleet_processes", "pyfleet_worker_processes", "pyfleet_registry_records"} {
+		if mfs[name] != nil {
+			t.Errorf("%s served although its count failed: %v", name, mfs[name])
+		}
+	}
+	if got := mfs.value(t, "pyfleet_containment", map[string]string{"mode": "pidns"}); got != 1 {
+		t.Errorf("pyfleet_containment{mode=pidns} = %g", got)
+	}
+	if got := mfs.value(t, "pyfleet_worker_spawns_total", nil); got != 1 {
+		t.Errorf("pyfleet_worker_spawns_total = %g, want 1", got)
+	}
+	// Counted by the scrape that failed, so seen by the next.
+	if got := srv.scrape(t).value(t, "promhttp_metric_handler_errors_total", map[string]string{"cause": "gathering"}); got < 1 {
+		t.Errorf("promhttp_metric_handler_errors_total{cause=gathering} = %g, want the failed scrape counted", got)
+	}
+}
+
+func label(m *dto.Metric, name string) string {
+	for _, l := range m.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
 }
 
 func TestHealthz(t *testing.T) {
@@ -616,6 +778,16 @@ func TestConcurrentUse(t *testing.T) {
 		}
 	})
 	wg.Go(func() { m.SetFunctions([]string{"f1", "f2"}) })
+	wg.Go(func() {
+		for i := range 20 {
+			m.SetContainment(lifecycle.ModeGroup)
+			m.SetProcessStats(func() (map[string]int, error) { return map[string]int{"w1": i}, nil })
+			m.SetRegistryStats(func() (int, error) { return i, nil })
+			m.SetReaperStats(func() lifecycle.ReaperStats { return lifecycle.ReaperStats{AtStart: int64(i)} })
+			m.Event(lifecycle.Event{Kind: lifecycle.KindCrashed, Worker: "w1"})
+			m.Event(lifecycle.Event{Kind: lifecycle.KindRestarted, Worker: "w1"})
+		}
+	})
 	wg.Wait()
 	mfs := gather(t, m)
 	var total float64

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -178,6 +179,21 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	}
 	defer guardian.Stop()
 
+	// The mode that keeps the workers' trees, and why each stronger one
+	// was passed over. The containment selection sets both; until it is
+	// wired every worker runs in group mode.
+	containment, passedOver := lifecycle.ModeGroup, []string(nil)
+	logContainment(log, cfg.Containment, containment, passedOver)
+	if m != nil {
+		m.SetContainment(containment)
+		m.SetReaperStats(reaper.Stats)
+		m.SetRegistryStats(func() (int, error) {
+			recs, err := registry.List()
+			return len(recs), err
+		})
+		m.SetProcessStats(func() (map[string]int, error) { return workerProcesses(cfg.Node, run) })
+	}
+
 	p, err := pool.New(pool.Config{
 		Python:          cfg.Python,
 		App:             cfg.App,
@@ -247,6 +263,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Pool:           cfg.Pool,
 		Node:           cfg.Node,
 		Version:        Version,
+		Containment:    containment,
 		DefaultTimeout: cfg.RequestTimeout,
 		MaxTimeout:     cfg.MaxTimeout,
 		Stats:          func() any { return p.Stats() },
@@ -345,6 +362,36 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run})
 	log.Info("stopped")
 	return nil
+}
+
+// logContainment is the startup line that says how the workers' trees are
+// kept: the mode asked for (--containment), the mode in use and, when it is
+// not the strongest, why each stronger mode was passed over.
+func logContainment(log *zap.Logger, asked, mode string, passedOver []string) {
+	fields := []zap.Field{zap.String("mode", mode), zap.String("asked", asked)}
+	if len(passedOver) > 0 {
+		fields = append(fields, zap.Strings("passed_over", passedOver))
+	}
+	log.Info("containment", fields...)
+}
+
+// workerProcesses counts the live processes of run's workers' trees by
+// worker: a worker's starts are named <worker>-<n> (pool/worker.go), and a
+// recycled worker briefly has two.
+func workerProcesses(node, run string) (map[string]int, error) {
+	byStart, err := lifecycle.RunProcesses(lifecycle.Marker{Node: node, Run: run})
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]int, len(byStart))
+	for start, n := range byStart {
+		worker := start
+		if i := strings.LastIndexByte(start, '-'); i > 0 {
+			worker = start[:i]
+		}
+		out[worker] += n
+	}
+	return out, nil
 }
 
 // connect joins the NATS servers in cfg, retrying for cfg.ConnectWait while

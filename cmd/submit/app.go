@@ -99,7 +99,7 @@ and the fields present, or the event's JSON with --json.`,
 	{
 		name:     "nodes",
 		synopsis: "nodes [flags]",
-		summary:  "list live nodes: workers, busy, queued, handled, errors, uptime",
+		summary:  "list live nodes: workers, busy, queued, handled, errors, uptime, containment",
 		detail: `Asks every instance of the micro service "pyfleet" for its STATS and
 lists those that answer within --wait. Exits 3 when none does.`,
 		new: func() runner { return &nodesCmd{} },

@@ -55,17 +55,20 @@ type endpointData struct {
 // nodeRow is one line of the table and one element of --json. Figures the
 // node did not report are null, not a misleading 0.
 type nodeRow struct {
-	Node    string    `json:"node"`
-	Pool    string    `json:"pool"`
-	ID      string    `json:"id"`
-	Version string    `json:"version,omitempty"`
-	Workers *int      `json:"workers"`
-	Busy    *int      `json:"busy"`
-	Queued  *int      `json:"queued"`
-	Handled *int      `json:"handled"`
-	Errors  *int      `json:"errors"`
-	Started time.Time `json:"started"`
-	UptimeS float64   `json:"uptime_s"`
+	Node    string `json:"node"`
+	Pool    string `json:"pool"`
+	ID      string `json:"id"`
+	Version string `json:"version,omitempty"`
+	// Containment is the mode that keeps the node's workers' trees
+	// (cgroup, pidns, group); empty for a node that does not say.
+	Containment string    `json:"containment,omitempty"`
+	Workers     *int      `json:"workers"`
+	Busy        *int      `json:"busy"`
+	Queued      *int      `json:"queued"`
+	Handled     *int      `json:"handled"`
+	Errors      *int      `json:"errors"`
+	Started     time.Time `json:"started"`
+	UptimeS     float64   `json:"uptime_s"`
 }
 
 func (c *nodesCmd) run(ctx context.Context, a *app, args []string) error {
@@ -169,11 +172,12 @@ func collectStats(ctx context.Context, nc *nats.Conn, wait time.Duration) ([]mic
 
 func toRow(s micro.Stats, now time.Time) nodeRow {
 	r := nodeRow{
-		Node:    cmp.Or(s.Metadata["node"], s.ID),
-		Pool:    s.Metadata["pool"],
-		ID:      s.ID,
-		Version: s.Version,
-		Started: s.Started,
+		Node:        cmp.Or(s.Metadata["node"], s.ID),
+		Pool:        s.Metadata["pool"],
+		ID:          s.ID,
+		Version:     s.Version,
+		Containment: s.Metadata["containment"],
+		Started:     s.Started,
 	}
 	if !s.Started.IsZero() {
 		r.UptimeS = now.Sub(s.Started).Round(time.Second).Seconds()
@@ -218,15 +222,15 @@ func loadOf(data json.RawMessage) *nodeLoad {
 
 func printNodes(w io.Writer, rows []nodeRow) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tPOOL\tWORKERS\tBUSY\tQUEUED\tHANDLED\tERRORS\tUPTIME")
+	fmt.Fprintln(tw, "NODE\tPOOL\tWORKERS\tBUSY\tQUEUED\tHANDLED\tERRORS\tUPTIME\tCONTAINMENT")
 	for _, r := range rows {
 		uptime := "-"
 		if !r.Started.IsZero() {
 			uptime = formatUptime(time.Duration(r.UptimeS) * time.Second)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
 			r.Node, cmp.Or(r.Pool, "-"), num(r.Workers), num(r.Busy), num(r.Queued),
-			num(r.Handled), num(r.Errors), uptime)
+			num(r.Handled), num(r.Errors), uptime, cmp.Or(r.Containment, "-"))
 	}
 	return tw.Flush()
 }

@@ -21,6 +21,11 @@ func fakeService(t *testing.T, nc *nats.Conn, pool, node string, load map[string
 		Metadata: map[string]string{"pool": pool, "node": node},
 	}
 	if load != nil {
+		// The node that reports its load also says how it keeps its
+		// workers; the other is an older node that says neither.
+		cfg.Metadata["containment"] = "cgroup"
+	}
+	if load != nil {
 		cfg.StatsHandler = func(*micro.Endpoint) any { return load }
 	}
 	svc, err := micro.AddService(nc, cfg)
@@ -63,12 +68,18 @@ func TestNodes(t *testing.T) {
 		t.Fatalf("want a header and two nodes, got\n%s", r.stdout)
 	}
 	for i, want := range [][]string{
-		{"NODE", "POOL", "WORKERS", "BUSY", "QUEUED", "HANDLED", "ERRORS", "UPTIME"},
+		{"NODE", "POOL", "WORKERS", "BUSY", "QUEUED", "HANDLED", "ERRORS", "UPTIME", "CONTAINMENT"},
 		{"node-a", "default", "4", "1", "2", "10", "1"},
 		{"node-b", "gpu", "-", "-", "-", "3", "1"},
 	} {
 		if got := strings.Fields(lines[i]); strings.Join(got[:len(want)], " ") != strings.Join(want, " ") {
 			t.Errorf("line %d is %q, want it to start with %q", i, lines[i], want)
+		}
+	}
+	// The last column: the node's containment, "-" where it does not say.
+	for i, want := range map[int]string{1: "cgroup", 2: "-"} {
+		if got := strings.Fields(lines[i]); got[len(got)-1] != want {
+			t.Errorf("line %d is %q, want containment %s last", i, lines[i], want)
 		}
 	}
 
@@ -80,8 +91,14 @@ func TestNodes(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &rows); err != nil {
 		t.Fatalf("%v in %s", err, r.stdout)
 	}
-	if len(rows) != 1 || rows[0].Node != "node-b" || rows[0].Workers != nil || *rows[0].Handled != 3 || *rows[0].Errors != 1 {
+	if len(rows) != 1 || rows[0].Node != "node-b" || rows[0].Workers != nil || *rows[0].Handled != 3 || *rows[0].Errors != 1 ||
+		rows[0].Containment != "" || strings.Contains(r.stdout, "containment") {
 		t.Fatalf("got %s", r.stdout)
+	}
+	r = submit(t, s, "", "nodes", "--wait", "300ms", "--pool", "default", "--json")
+	var a []nodeRow
+	if err := json.Unmarshal([]byte(r.stdout), &a); err != nil || len(a) != 1 || a[0].Containment != "cgroup" {
+		t.Fatalf("--json of node-a: %v\n%s", err, r.stdout)
 	}
 
 	r = submit(t, s, "", "nodes", "--wait", "300ms", "--pool", "none")
