@@ -333,10 +333,11 @@ func (s *Service) Stop(ctx context.Context) error {
 		s.abort()
 		return err
 	case <-ctx.Done():
-		s.abort()
+		// Counted before the abort: the calls it cuts short end at once.
 		s.mu.Lock()
 		n := s.inFlight
 		s.mu.Unlock()
+		s.abort()
 		return errors.Join(err, fmt.Errorf("stop service: %d calls still running, cancelled: %w", n, ctx.Err()))
 	}
 }
