@@ -39,11 +39,6 @@ class WorkerStub:
                 request_serializer=worker__pb2.CallBatch.SerializeToString,
                 response_deserializer=worker__pb2.ResultBatch.FromString,
                 _registered_method=True)
-        self.Serve = channel.stream_stream(
-                '/pyfleet.worker.v1.Worker/Serve',
-                request_serializer=worker__pb2.Call.SerializeToString,
-                response_deserializer=worker__pb2.Result.FromString,
-                _registered_method=True)
         self.Unary = channel.unary_unary(
                 '/pyfleet.worker.v1.Worker/Unary',
                 request_serializer=worker__pb2.Call.SerializeToString,
@@ -63,18 +58,11 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Serve(self, request_iterator, context):
-        """Serve is Batches with one frame per message: simpler for a client
-        written by hand, dearer per call.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Unary(self, request, context):
         """Unary runs one call as a unary RPC, through the same function path as
-        Serve. The node does not use it: it is the benchmark's direct ceiling
-        (make bench), the cost of one plain gRPC call per request.
+        Batches. The node does not use it; it is kept only for the benchmark's
+        direct ceiling (test/bench/load.go, make bench): the cost of one plain
+        gRPC call per request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,11 +75,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Batches,
                     request_deserializer=worker__pb2.CallBatch.FromString,
                     response_serializer=worker__pb2.ResultBatch.SerializeToString,
-            ),
-            'Serve': grpc.stream_stream_rpc_method_handler(
-                    servicer.Serve,
-                    request_deserializer=worker__pb2.Call.FromString,
-                    response_serializer=worker__pb2.Result.SerializeToString,
             ),
             'Unary': grpc.unary_unary_rpc_method_handler(
                     servicer.Unary,
@@ -126,33 +109,6 @@ class Worker:
             '/pyfleet.worker.v1.Worker/Batches',
             worker__pb2.CallBatch.SerializeToString,
             worker__pb2.ResultBatch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Serve(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/pyfleet.worker.v1.Worker/Serve',
-            worker__pb2.Call.SerializeToString,
-            worker__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,
