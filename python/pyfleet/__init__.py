@@ -9,110 +9,17 @@
         return payload
 
 The worker (``python -m pyfleet.worker``, started by poolnode) imports the
-module that holds the App and serves its functions.
+module that holds the App and serves its functions. Its modules, one concern
+each: ``app`` (this registry), ``codec`` (payloads and result frames),
+``calls`` (one call to its END frame), ``threads`` (the call threads),
+``stream`` (one Batches stream), ``servicer`` (the gRPC server and its
+auth), ``process`` (secret, lifeline, parent death, signals, handshake) and
+``worker`` (the entry point that wires them).
 """
 
 from __future__ import annotations
 
-import inspect
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Literal, TypeVar, overload
+from .app import App, BadRequest, FunctionSpec, Kind
 
 __all__ = ["App", "BadRequest", "FunctionSpec", "Kind"]
 __version__ = "0.1.0"
-
-Kind = Literal["sync", "async", "gen", "asyncgen"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# A function name becomes one token of a NATS subject (pyfleet.req.<pool>.<name>),
-# so it may not contain the separator, the wildcards or whitespace.
-_BAD_NAME = re.compile(r"[.*>\s]")
-
-
-class BadRequest(Exception):
-    """Raise from a function to answer the caller with code 400 and this message."""
-
-
-@dataclass(frozen=True)
-class FunctionSpec:
-    """One exported function, as the worker serves it."""
-
-    name: str
-    fn: Callable[..., Any]
-    raw: bool
-    kind: Kind
-
-    @property
-    def stream(self) -> bool:
-        """Whether the function answers with chunks (it is a generator)."""
-        return self.kind in ("gen", "asyncgen")
-
-
-def _kind(fn: Callable[..., Any]) -> Kind:
-    if inspect.isasyncgenfunction(fn):
-        return "asyncgen"
-    if inspect.iscoroutinefunction(fn):
-        return "async"
-    if inspect.isgeneratorfunction(fn):
-        return "gen"
-    return "sync"
-
-
-class App:
-    """A set of functions that pyfleet workers serve, registered with ``@app.function``."""
-
-    def __init__(self) -> None:
-        self._functions: dict[str, FunctionSpec] = {}
-
-    @property
-    def functions(self) -> Mapping[str, FunctionSpec]:
-        """The registered functions by name, in registration order (read-only)."""
-        return MappingProxyType(self._functions)
-
-    @overload
-    def function(self, fn: F) -> F: ...
-
-    @overload
-    def function(self, *, name: str | None = None, raw: bool = False) -> Callable[[F], F]: ...
-
-    def function(
-        self, fn: F | None = None, *, name: str | None = None, raw: bool = False
-    ) -> F | Callable[[F], F]:
-        """Export a function: ``@app.function`` or ``@app.function(name=..., raw=...)``.
-
-        JSON functions take the decoded request body and return a
-        JSON-serialisable value; raw functions take and return bytes.
-        Generators (sync or async) stream their items. The function itself
-        is returned unchanged, so it can still be called directly.
-        """
-
-        def register(f: F) -> F:
-            self._register(f, name, raw)
-            return f
-
-        if fn is None:
-            return register
-        return register(fn)
-
-    def _register(self, fn: Callable[..., Any], name: str | None, raw: bool) -> None:
-        if not callable(fn):
-            raise TypeError(f"app.function needs a callable, got {type(fn).__name__}")
-        if name is None:
-            name = getattr(fn, "__name__", None)
-            if name is None:
-                raise ValueError(f"{fn!r} has no __name__: pass name=...")
-        if not name or _BAD_NAME.search(name):
-            raise ValueError(
-                f"bad function name {name!r}: "
-                "it must be non-empty, without '.', '*', '>' or whitespace"
-            )
-        if name in self._functions:
-            raise ValueError(f"function {name!r} is already registered")
-        self._functions[name] = FunctionSpec(name=name, fn=fn, raw=bool(raw), kind=_kind(fn))
-
-    def __repr__(self) -> str:
-        return f"App(functions={list(self._functions)})"

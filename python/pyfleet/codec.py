@@ -1,0 +1,113 @@
+"""The codec: a call's payload to the function's argument, the function's
+values to payloads, and every outcome of a call to its frame.
+
+This is the worker's side of the JSON rule. The node refuses payloads Python
+cannot take first, by one rule (checkJSON in bus/validate.go: nesting over 64
+levels, numbers beyond a float64, integers over 4300 digits, text that is not
+UTF-8, lone surrogates); decode keeps the same promise should one get
+through: a payload that cannot be decoded is the caller's fault (400), never
+a 500 with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+from ._proto import worker_pb2
+from .app import BadRequest, FunctionSpec
+
+Call = worker_pb2.Call
+Result = worker_pb2.Result
+ResultBatch = worker_pb2.ResultBatch
+Error = worker_pb2.Error
+CHUNK = worker_pb2.Result.CHUNK
+
+# Built once: json.dumps with arguments builds a new encoder on every call.
+# allow_nan=False because NaN and Infinity are not JSON to other languages.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _not_json(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+# parse_constant is called for NaN and (-)Infinity only, so refusing them
+# costs ordinary payloads nothing.
+_decode_json = json.JSONDecoder(parse_constant=_not_json).decode
+
+
+def decode(spec: FunctionSpec, payload: bytes) -> Any:
+    """The function's argument; BadRequest if the payload is not one."""
+    if spec.raw:
+        return payload
+    if not payload:
+        # An empty body (a call with no arguments) reads as JSON null.
+        return None
+    try:
+        return _decode_json(payload.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: an integer over sys.get_int_max_str_digits();
+        # RecursionError: nesting deeper than the interpreter's stack.
+        raise BadRequest(f"JSON not accepted: {exc}") from None
+
+
+def encode(spec: FunctionSpec, value: Any, what: str = "return value") -> bytes:
+    """The payload for a value the function returned (or yielded: `what`
+    names which in the error); TypeError if it cannot be one."""
+    if spec.raw:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
+        raise TypeError(
+            f"{what} of raw function {spec.name!r} must be bytes, not {type(value).__name__}"
+        )
+    try:
+        return _encode_json(value).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{what} of {spec.name!r} is not JSON-serialisable: {exc}") from None
+
+
+def chunk(call: Call, spec: FunctionSpec, item: Any) -> Result:
+    """The CHUNK frame for one item a generator yielded."""
+    return Result(id=call.id, kind=CHUNK, payload=encode(spec, item, "yielded value"))
+
+
+def error(call_id: int, code: int, typ: str, message: str) -> Result:
+    """An END frame with an error; code follows HTTP (proto/worker.proto)."""
+    return Result(id=call_id, error=Error(code=code, type=typ, message=message))
+
+
+def failure(call: Call, spec: FunctionSpec, exc: BaseException) -> Result:
+    """The END frame for a function that raised; 500s log their traceback."""
+    if isinstance(exc, BadRequest):
+        return error(call.id, 400, type(exc).__name__, str(exc))
+    # One write, so that tracebacks of concurrent calls do not interleave.
+    sys.stderr.write(
+        f"pyfleet: {spec.name} raised (call {call.id}, request {call.request_id or '-'}):\n"
+        + "".join(traceback.format_exception(exc))
+    )
+    return error(call.id, 500, type(exc).__name__, str(exc))
+
+
+def unknown_function(call: Call) -> Result:
+    return error(call.id, 404, "NotFound", f"no function named {call.function!r}")
+
+
+def shutting_down(call: Call) -> Result:
+    return error(call.id, 503, "Unavailable", "worker is shutting down")
+
+
+def stopped(call: Call, spec: FunctionSpec, reason: str) -> Result:
+    """The END frame for an async call cancelled by the node (reason
+    "Cancelled") or at its deadline ("DeadlineExceeded")."""
+    if reason == "DeadlineExceeded":
+        message = f"{spec.name} passed its deadline of {call.timeout_ms} ms"
+    else:
+        message = f"{spec.name} was cancelled"
+    return error(call.id, 408, reason, message)

@@ -1,0 +1,271 @@
+"""One Batches stream: the node's calls in, their frames out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import grpc
+
+from . import codec
+from .app import FunctionSpec
+from .calls import call_async, call_sync, runs_inline
+from .codec import Call, Result, ResultBatch
+from .threads import CallThreads
+
+# Chunks that one stream's generators (sync ones, and async ones, each) may
+# have queued but not yet written. Beyond it they wait, so a fast generator
+# and a slow reader cannot fill memory.
+CHUNK_WINDOW = 256
+# A message whose calls produce no result this soon is answered with an
+# empty ResultBatch: the node holds frames back while the worker is busy
+# with its last message (to send them together), and this tells it the
+# worker is free to read again (its calls are long ones).
+ACK_AFTER_S = 0.0002
+# A ResultBatch holds frames up to about this many payload bytes (and at
+# least one frame): batching is for small frames, and the node's limit on a
+# message must hold for the batch, not only for each frame.
+BATCH_BYTES = 1 << 20
+
+# A frame for the writer and what to run once it is written (a generator's
+# room in the window); None for the frame ends the stream.
+_Out = tuple[Result | None, Callable[[], None] | None]
+
+
+class Stream:
+    """A reader task starts every call as its own task (or thread job, or at
+    once on the loop: see _start), and results reach the single writer
+    through a queue. The writer sends all the frames queued when it wakes as
+    one message: Python's gRPC costs far more per message than per byte, so
+    frames that are ready together go together."""
+
+    def __init__(
+        self, functions: dict[str, FunctionSpec], calls: CallThreads, concurrency: int
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._functions = functions
+        self._calls = calls
+        self._threads = concurrency
+        # With one call at a time, a sync function runs on the loop itself.
+        self._inline = runs_inline(concurrency, "sync")
+        self._out: deque[_Out] = deque()
+        # The writer's, while it waits for the queue to fill.
+        self._wake: asyncio.Future[None] | None = None
+        self._writes = 0  # messages written
+        self._ack = False  # write an empty ResultBatch, even with no frames
+        self._tasks: dict[int, asyncio.Task[Result]] = {}
+        self._cancel_reasons: dict[int, str] = {}
+        self._pending = 0  # calls started whose END is not queued yet
+        self._eof = False
+        self._draining = False
+        self._closed = False
+        self._thread_room = threading.Semaphore(CHUNK_WINDOW)
+        self._task_room = asyncio.Semaphore(CHUNK_WINDOW)
+
+    def _put(self, item: _Out) -> None:
+        """Queue a frame for the writer (on the loop thread)."""
+        self._out.append(item)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)
+
+    def _ack_if_silent(self, writes: int) -> None:
+        """Tells the node the worker reads again, if nothing has since."""
+        if self._writes == writes and not self._out:
+            self._ack = True
+            self._wake_writer()
+
+    async def run(self, context: grpc.aio.ServicerContext) -> None:
+        """Serves the stream until the node closes it and every call has
+        ended, or drain() ends it, or it breaks."""
+        reader = asyncio.create_task(self._read(context))
+        try:
+            out = self._out
+            write = context.write
+            while True:
+                if not out and not self._ack:
+                    self._wake = self._loop.create_future()
+                    await self._wake
+                frames: list[Result] = []
+                releases: list[Callable[[], None]] = []
+                end = False
+                size = 0
+                while out and size < BATCH_BYTES:
+                    frame, release = out.popleft()
+                    if frame is None:
+                        end = True
+                        break
+                    frames.append(frame)
+                    size += len(frame.payload)
+                    if release is not None:
+                        releases.append(release)
+                if self._ack and not frames:
+                    self._writes += 1
+                    await write(ResultBatch())
+                self._ack = False
+                if frames:
+                    self._writes += 1
+                    await write(ResultBatch(results=frames))
+                    for release in releases:
+                        release()
+                if end:
+                    return
+        finally:
+            reader.cancel()
+            self._close()
+
+    def drain(self) -> None:
+        """Refuse new calls; end the stream once the calls in flight have ended."""
+        self._draining = True
+        self._finish_if_idle()
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> None:
+        # Frames are read with context.read(), not the request iterator: one
+        # layer less per call.
+        read = context.read
+        try:
+            while True:
+                message = await read()
+                if message is grpc.aio.EOF:
+                    break
+                for call in message.calls:
+                    if call.cancel:
+                        self._cancel(call.id, "Cancelled")
+                    else:
+                        self._start(call)
+                self._loop.call_later(ACK_AFTER_S, self._ack_if_silent, self._writes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The stream broke under us: nothing more can be written either.
+            sys.stderr.write(f"pyfleet: Batches stream failed: {exc!r}\n")
+            self._put((None, None))
+            return
+        # The node closed its side: finish what runs, then end the stream.
+        self._eof = True
+        self._finish_if_idle()
+
+    def _start(self, call: Call) -> None:
+        self._pending += 1
+        if self._draining:
+            self._end(codec.shutting_down(call))
+            return
+        spec = self._functions.get(call.function)
+        if spec is None:
+            self._end(codec.unknown_function(call))
+            return
+        kind = spec.kind
+        if kind == "sync":
+            if self._inline:
+                # The loop waits for the call: with one call at a time,
+                # nothing else of this worker would run meanwhile anyway.
+                # The handshake says so ("inline"), so that the node does
+                # not count failed health checks during such a call; it
+                # kills the worker if the call overruns its deadline.
+                self._end(call_sync(call, spec))
+            else:
+                self._calls.submit(self._run_sync, call, spec)
+        elif kind == "gen":
+            self._calls.submit(self._run_gen, call, spec)
+        else:
+            runner = call_async if kind == "async" else self._run_asyncgen
+            task = self._loop.create_task(runner(call, spec))
+            self._tasks[call.id] = task
+            timer = None
+            if call.timeout_ms:
+                timer = self._loop.call_later(
+                    call.timeout_ms / 1000, self._cancel, call.id, "DeadlineExceeded"
+                )
+            task.add_done_callback(functools.partial(self._task_done, call, spec, timer))
+
+    def _end(self, frame: Result) -> None:
+        """Queue the one END frame of a call (on the loop thread)."""
+        self._put((frame, None))
+        self._pending -= 1
+        self._finish_if_idle()
+
+    def _finish_if_idle(self) -> None:
+        if self._pending == 0 and (self._eof or self._draining):
+            self._put((None, None))
+
+    def _cancel(self, call_id: int, reason: str) -> None:
+        task = self._tasks.get(call_id)
+        # Sync calls are not in _tasks: a thread cannot be interrupted, and
+        # the node kills the worker if one overruns its deadline too far.
+        if task is not None and not task.done():
+            self._cancel_reasons.setdefault(call_id, reason)
+            task.cancel()
+
+    def _task_done(
+        self,
+        call: Call,
+        spec: FunctionSpec,
+        timer: asyncio.TimerHandle | None,
+        task: asyncio.Task[Result],
+    ) -> None:
+        # A done callback runs exactly once, even for a task cancelled before
+        # it started, so this is where an async call gets its one END frame.
+        if timer is not None:
+            timer.cancel()
+        self._tasks.pop(call.id, None)
+        reason = self._cancel_reasons.pop(call.id, "Cancelled")
+        if task.cancelled():
+            self._end(codec.stopped(call, spec, reason))
+        else:
+            self._end(task.result())
+
+    def _close(self) -> None:
+        self._closed = True
+        for call_id in list(self._tasks):
+            self._cancel(call_id, "Cancelled")
+        # Wake generator threads waiting for room; each sees _closed and stops.
+        self._thread_room.release(self._threads)
+
+    # The runners catch BaseException so that every call ends with one END
+    # frame, even if the function calls sys.exit().
+
+    def _run_sync(self, call: Call, spec: FunctionSpec) -> None:
+        self._calls.post(self._end, call_sync(call, spec))
+
+    def _run_gen(self, call: Call, spec: FunctionSpec) -> None:
+        post = self._calls.post
+        put = self._put
+        room = self._thread_room
+        try:
+            with contextlib.closing(spec.fn(codec.decode(spec, call.payload))) as gen:
+                for item in gen:
+                    chunk = codec.chunk(call, spec, item)
+                    room.acquire()
+                    if self._closed:
+                        break
+                    # Posted in order, before the END.
+                    post(put, (chunk, room.release))
+            frame = Result(id=call.id)
+        except BaseException as exc:
+            frame = codec.failure(call, spec, exc)
+        post(self._end, frame)
+
+    async def _run_asyncgen(self, call: Call, spec: FunctionSpec) -> Result:
+        room = self._task_room
+        put = self._put
+        try:
+            async with contextlib.aclosing(spec.fn(codec.decode(spec, call.payload))) as agen:
+                async for item in agen:
+                    chunk = codec.chunk(call, spec, item)
+                    await room.acquire()
+                    put((chunk, room.release))
+            return Result(id=call.id)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            return codec.failure(call, spec, exc)
