@@ -1,4 +1,4 @@
-"""Calls/s of one worker over one Serve stream, from a grpc.aio client.
+"""Calls/s of one worker over one Batches stream (the node's), from a grpc.aio client.
 
     python bench/stream_echo.py [--function echo] [--inflight 16] [--seconds 5]
 
@@ -33,26 +33,34 @@ async def run(
     target: str, function: str, payload: bytes, inflight: int, seconds: float
 ) -> tuple[int, float]:
     async with grpc.aio.insecure_channel(target) as channel:
-        stream = worker_pb2_grpc.WorkerStub(channel).Serve(metadata=(("pyfleet-secret", SECRET),))
+        stream = worker_pb2_grpc.WorkerStub(channel).Batches(metadata=(("pyfleet-secret", SECRET),))
         slots = asyncio.Semaphore(inflight)
         done = 0
         stop_at = time.monotonic() + seconds
 
         async def reader() -> None:
             nonlocal done
-            async for result in stream:
-                if result.kind == worker_pb2.Result.END:
-                    if result.HasField("error"):
-                        raise RuntimeError(result.error)
-                    done += 1
-                    slots.release()
+            async for batch in stream:
+                for result in batch.results:
+                    if result.kind == worker_pb2.Result.END:
+                        if result.HasField("error"):
+                            raise RuntimeError(result.error)
+                        done += 1
+                        slots.release()
 
         async def writer() -> None:
             call_id = 0
             while time.monotonic() < stop_at:
                 await slots.acquire()
-                call_id += 1
-                await stream.write(worker_pb2.Call(id=call_id, function=function, payload=payload))
+                # As the node sends them: the calls that can go together, in one message.
+                calls = []
+                while True:
+                    call_id += 1
+                    calls.append(worker_pb2.Call(id=call_id, function=function, payload=payload))
+                    if slots.locked():
+                        break
+                    await slots.acquire()
+                await stream.write(worker_pb2.CallBatch(calls=calls))
             for _ in range(inflight):
                 await slots.acquire()
 

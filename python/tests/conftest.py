@@ -159,28 +159,34 @@ class Worker:
 
 
 class Conn:
-    """A client for one Serve stream: send calls, collect each call's frames."""
+    """A client for one Batches stream, the one the node uses: sends calls
+    (each in a CallBatch of its own, or several together with send_batch),
+    collects each call's frames by id."""
 
     def __init__(self, target: str, secret: str | None = SECRET) -> None:
         self.channel = grpc.insecure_channel(target)
-        self._calls: queue.Queue[worker_pb2.Call | None] = queue.Queue()
+        self._out: queue.Queue[worker_pb2.CallBatch | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._frames: dict[int, list[Result]] = defaultdict(list)
         self._cond = threading.Condition()
         self.closed = False
         self.error: grpc.RpcError | None = None
+        self.acks = 0  # empty ResultBatches: the worker reads again
         metadata = (("pyfleet-secret", secret),) if secret is not None else ()
-        self._responses = worker_pb2_grpc.WorkerStub(self.channel).Serve(
-            iter(self._calls.get, None), metadata=metadata
+        responses = worker_pb2_grpc.WorkerStub(self.channel).Batches(
+            iter(self._out.get, None), metadata=metadata
         )
-        self._thread = threading.Thread(target=self._recv, daemon=True)
+        self._thread = threading.Thread(target=self._recv, args=(responses,), daemon=True)
         self._thread.start()
 
-    def _recv(self) -> None:
+    def _recv(self, responses: Iterator[worker_pb2.ResultBatch]) -> None:
         try:
-            for frame in self._responses:
+            for batch in responses:
                 with self._cond:
-                    self._frames[frame.id].append(frame)
+                    if not batch.results:
+                        self.acks += 1
+                    for frame in batch.results:
+                        self._frames[frame.id].append(frame)
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             self.error = exc
@@ -189,51 +195,77 @@ class Conn:
                 self.closed = True
                 self._cond.notify_all()
 
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def send_batch(self, calls: list[worker_pb2.Call]) -> None:
+        self._out.put(worker_pb2.CallBatch(calls=calls))
+
     def send(self, function: str, payload: bytes | Any = b"", timeout_ms: int = 0) -> int:
         if not isinstance(payload, bytes):
             payload = json.dumps(payload).encode()
-        call_id = next(self._ids)
-        self._calls.put(
-            worker_pb2.Call(
-                id=call_id,
-                function=function,
-                payload=payload,
-                timeout_ms=timeout_ms,
-                request_id=f"r{call_id}",
-            )
+        call_id = self.next_id()
+        call = worker_pb2.Call(
+            id=call_id,
+            function=function,
+            payload=payload,
+            timeout_ms=timeout_ms,
+            request_id=f"r{call_id}",
         )
+        self.send_batch([call])
         return call_id
 
     def cancel(self, call_id: int) -> None:
-        self._calls.put(worker_pb2.Call(id=call_id, cancel=True))
+        self.send_batch([worker_pb2.Call(id=call_id, cancel=True)])
 
     def half_close(self) -> None:
-        self._calls.put(None)
+        self._out.put(None)
+
+    def _ended(self, call_id: int) -> bool:
+        frames = self._frames.get(call_id)
+        return bool(frames and frames[-1].kind == Result.END)
+
+    def ended(self, call_id: int) -> bool:
+        """Whether the END frame of call_id has come (without waiting)."""
+        with self._cond:
+            return self._ended(call_id)
 
     def frames(self, call_id: int, timeout: float = 15) -> list[Result]:
         """Waits for the END frame of call_id; returns all its frames."""
-
-        def ended() -> bool:
-            frames = self._frames.get(call_id)
-            return bool(frames and frames[-1].kind == Result.END) or self.closed
-
         with self._cond:
-            assert self._cond.wait_for(ended, timeout), f"no END for call {call_id}"
+            ok = self._cond.wait_for(lambda: self._ended(call_id) or self.closed, timeout)
+            assert ok, f"no END for call {call_id}"
             frames = list(self._frames.get(call_id, []))
         assert frames and frames[-1].kind == Result.END, f"stream closed: {self.error}"
         return frames
+
+    def ends(self, ids: list[int], timeout: float = 10) -> dict[int, list[Result]]:
+        """Waits for the END frame of every id; returns (and forgets) each
+        id's frames."""
+
+        def ended() -> bool:
+            return self.closed or all(self._ended(i) for i in ids)
+
+        with self._cond:
+            assert self._cond.wait_for(ended, timeout), f"no END for some of {ids}"
+            assert not self.closed, f"stream closed: {self.error}"
+            return {i: self._frames.pop(i) for i in ids}
 
     def call(self, function: str, payload: bytes | Any = b"", timeout_ms: int = 0) -> Result:
         frames = self.frames(self.send(function, payload, timeout_ms))
         assert len(frames) == 1, frames
         return frames[0]
 
+    def wait_acked(self, timeout: float = 15) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.acks > 0, timeout), "no empty batch"
+
     def wait_closed(self, timeout: float = 15) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: self.closed, timeout), "stream still open"
 
     def close(self) -> None:
-        self._calls.put(None)
+        self._out.put(None)
         self.channel.close()
         self._thread.join(10)
 

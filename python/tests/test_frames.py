@@ -8,20 +8,16 @@ never a 500 with a traceback."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import APPS, SECRET, Result, Worker, error, value
-from pyfleet._proto import worker_pb2, worker_pb2_grpc
+from conftest import APPS, Conn, Result, Worker, error, value
+from pyfleet._proto import worker_pb2
 
 # The app's functions, one of each kind; any other name is a 404.
 FUNCTIONS = ["echo", "aecho", "gecho", "agecho", "recho"]
@@ -29,71 +25,15 @@ RAW = {"recho"}
 STREAMING = {"gecho", "agecho"}
 
 
-class BatchConn:
-    """A client for one Batches stream: sends CallBatches, collects frames by id."""
-
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.insecure_channel(target)
-        self._out: queue.Queue[worker_pb2.CallBatch | None] = queue.Queue()
-        self._frames: dict[int, list[Result]] = {}
-        self._cond = threading.Condition()
-        self.closed = False
-        self.error: grpc.RpcError | None = None
-        self._ids = itertools.count(1)
-        responses = worker_pb2_grpc.WorkerStub(self.channel).Batches(
-            iter(self._out.get, None), metadata=(("pyfleet-secret", SECRET),)
-        )
-        self._thread = threading.Thread(target=self._recv, args=(responses,), daemon=True)
-        self._thread.start()
-
-    def _recv(self, responses: Iterator[worker_pb2.ResultBatch]) -> None:
-        try:
-            for batch in responses:
-                with self._cond:
-                    for frame in batch.results:
-                        self._frames.setdefault(frame.id, []).append(frame)
-                    self._cond.notify_all()
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            with self._cond:
-                self.closed = True
-                self._cond.notify_all()
-
-    def next_id(self) -> int:
-        return next(self._ids)
-
-    def send(self, calls: list[worker_pb2.Call]) -> None:
-        self._out.put(worker_pb2.CallBatch(calls=calls))
-
-    def ends(self, ids: list[int], timeout: float = 10) -> dict[int, list[Result]]:
-        """Waits for the END frame of every id; returns each id's frames."""
-
-        def ended() -> bool:
-            return self.closed or all(
-                self._frames.get(i) and self._frames[i][-1].kind == Result.END for i in ids
-            )
-
-        with self._cond:
-            assert self._cond.wait_for(ended, timeout), f"no END for some of {ids}"
-            assert not self.closed, f"stream closed: {self.error}"
-            return {i: self._frames.pop(i) for i in ids}
-
-    def close(self) -> None:
-        self._out.put(None)
-        self.channel.close()
-        self._thread.join(10)
-
-
 @pytest.fixture(scope="module", params=[1, 4], ids=["concurrency1", "concurrency4"])
-def mirror(request: pytest.FixtureRequest) -> Iterator[tuple[Worker, BatchConn]]:
+def mirror(request: pytest.FixtureRequest) -> Iterator[tuple[Worker, Conn]]:
     # Concurrency 1 runs sync functions on the event loop itself, where a
     # RecursionError would hit the worker's own stack; 4 runs them on threads.
     worker = Worker("mirror", APPS, concurrency=request.param)
     conn = None
     try:
         worker.ready()
-        conn = BatchConn(worker.target)
+        conn = Conn(worker.target)
         yield worker, conn
     finally:
         if conn is not None:
@@ -218,15 +158,18 @@ frames = st.builds(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(batch=st.lists(frames, min_size=1, max_size=5), cancels=st.lists(st.integers(0, 2**64 - 1), max_size=2))
+@given(
+    batch=st.lists(frames, min_size=1, max_size=5),
+    cancels=st.lists(st.integers(0, 2**64 - 1), max_size=2),
+)
 def test_any_frame_gets_one_well_formed_end(
-    mirror: tuple[Worker, BatchConn], batch: list[dict[str, Any]], cancels: list[int]
+    mirror: tuple[Worker, Conn], batch: list[dict[str, Any]], cancels: list[int]
 ) -> None:
     worker, conn = mirror
     calls = [worker_pb2.Call(id=conn.next_id(), **f) for f in batch]
     # Cancels for ids nobody sent: ignored.
     calls += [worker_pb2.Call(id=c, cancel=True) for c in cancels if c > 1 << 40]
-    conn.send(calls)
+    conn.send_batch(calls)
     got = conn.ends([c.id for c in calls if not c.cancel])
     for f, call in zip(batch, calls, strict=False):
         check_end(f["function"], f["payload"], got[call.id])
@@ -247,12 +190,12 @@ def test_any_frame_gets_one_well_formed_end(
     ids=["deep-array", "deep-object", "huge-int", "nan", "infinity", "not-utf8"],
 )
 def test_undecodable_payload_is_400(
-    mirror: tuple[Worker, BatchConn], function: str, payload: bytes
+    mirror: tuple[Worker, Conn], function: str, payload: bytes
 ) -> None:
     worker, conn = mirror
     logged = len(worker.stderr())
     call_id = conn.next_id()
-    conn.send([worker_pb2.Call(id=call_id, function=function, payload=payload)])
+    conn.send_batch([worker_pb2.Call(id=call_id, function=function, payload=payload)])
     (frame,) = conn.ends([call_id])[call_id]
     code, typ, message = error(frame)
     assert (code, typ) == (400, "BadRequest"), message
@@ -260,5 +203,5 @@ def test_undecodable_payload_is_400(
     assert "Traceback" not in worker.stderr()[logged:]
     # The stream still serves.
     call_id = conn.next_id()
-    conn.send([worker_pb2.Call(id=call_id, function="echo", payload=b'{"still":"here"}')])
+    conn.send_batch([worker_pb2.Call(id=call_id, function="echo", payload=b'{"still":"here"}')])
     assert value(conn.ends([call_id])[call_id][-1]) == {"still": "here"}

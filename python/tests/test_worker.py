@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import APPS, EXAMPLES, SECRET, Conn, Result, Worker, alive, error, value, wait_gone
+from pyfleet._proto import worker_pb2, worker_pb2_grpc
 
 StartWorker = Callable[..., Worker]
 Connect = Callable[..., Conn]
@@ -165,6 +166,70 @@ def test_many_calls_interleave(demo: Worker, connect: Connect) -> None:
         assert len(frames) == 1
         got = value(frames[0])
         assert got == (want if isinstance(got, int) else {"i": want})
+
+
+def test_silent_message_is_acked_with_an_empty_batch(demo: Worker, connect: Connect) -> None:
+    # The node holds frames back while the worker is busy with its last
+    # message (pool/worker.go); the empty batch tells it to stop waiting.
+    conn = connect(demo)
+    call_id = conn.send("sleep", 300)
+    conn.wait_acked()
+    assert not conn.ended(call_id)  # the ack came before the END
+    assert value(conn.frames(call_id)[0]) == {"slept_ms": 300}
+
+
+def test_several_calls_in_one_message(demo: Worker, connect: Connect) -> None:
+    conn = connect(demo)
+    calls = [
+        worker_pb2.Call(id=conn.next_id(), function=f, payload=p)
+        for f, p in [("echo", b"1"), ("sum", b"[1,2]"), ("count", b"2"), ("nope", b"")]
+    ]
+    conn.send_batch(calls)
+    got = conn.ends([c.id for c in calls])
+    assert [[f.payload for f in got[c.id]] for c in calls[:3]] == [
+        [b"1"],
+        [b"3"],
+        [b"0", b"1", b""],
+    ]
+    assert error(got[calls[3].id][0])[:2] == (404, "NotFound")
+
+
+def test_serve_is_not_served(demo: Worker) -> None:
+    # Only what the node uses (Batches, health) and the benchmark's Unary.
+    with grpc.insecure_channel(demo.target) as channel:
+        serve = channel.stream_stream("/pyfleet.worker.v1.Worker/Serve")
+        with pytest.raises(grpc.RpcError) as info:
+            list(serve(iter(()), metadata=(("pyfleet-secret", SECRET),), timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    ("function", "payload", "timeout_ms", "want"),
+    [
+        ("echo", b'{"a":1}', 0, b'{"a":1}'),
+        ("sum", b"[1,2]", 0, b"3"),
+        ("reverse", b"ab", 0, b"ba"),
+        ("slow_async", b'{"ms":10000}', 100, (408, "DeadlineExceeded")),
+        ("count", b"3", 0, (400, "BadRequest")),
+        ("nope", b"", 0, (404, "NotFound")),
+        ("fail", b"", 0, (500, "RuntimeError")),
+    ],
+)
+def test_unary_for_the_benchmark(
+    demo: Worker, function: str, payload: bytes, timeout_ms: int, want: Any
+) -> None:
+    # The benchmark's direct ceiling (test/bench/load.go) calls Unary.
+    with grpc.insecure_channel(demo.target) as channel:
+        frame = worker_pb2_grpc.WorkerStub(channel).Unary(
+            worker_pb2.Call(id=7, function=function, payload=payload, timeout_ms=timeout_ms),
+            metadata=(("pyfleet-secret", SECRET),),
+            timeout=10,
+        )
+    assert frame.id == 7 and frame.kind == Result.END
+    if isinstance(want, bytes):
+        assert frame.payload == want, frame
+    else:
+        assert error(frame)[:2] == want
 
 
 # ---------------------------------------------------------------- awkward apps
