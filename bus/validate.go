@@ -64,7 +64,7 @@ func badHeaderValue(v string) string {
 }
 
 // The JSON rule. A body the node passes to a worker must be JSON that the
-// worker's decoder (_decode in python/pyfleet/worker.py, Python's json
+// worker's decoder (decode in python/pyfleet/codec.py, Python's json
 // module) turns into a value it can also encode back, so that a hostile
 // body costs a 400 here instead of a traceback and a 500 there. Go's
 // json.Valid alone accepts four kinds of body Python cannot take:

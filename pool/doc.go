@@ -1,7 +1,8 @@
 // Package pool owns a node's Python workers and the dispatch of calls to
 // them. It spawns each worker through lifecycle, waits for its handshake line,
-// dials its gRPC socket with the worker's secret, and keeps one Serve stream
-// per worker on which many calls travel as frames. It restarts crashed
+// dials its gRPC socket with the worker's secret, and keeps one Batches stream
+// per worker on which many calls travel as frames, as many to a message as
+// are ready together (proto/worker.proto). It restarts crashed
 // workers with backoff, kills a worker whose sync call overran its deadline,
 // pins sessions to workers, and bounds the number of waiting calls.
 //

@@ -463,7 +463,7 @@ const maxHold = 2 * time.Millisecond
 const batchBytes = 1 << 20
 
 // maxMessageBytes is the largest message the node takes from a worker: the
-// worker's own limit (python/pyfleet/worker.py), plus room for a batch's
+// worker's own limit (python/pyfleet/servicer.py), plus room for a batch's
 // other frames.
 const maxMessageBytes = 65 << 20
 
