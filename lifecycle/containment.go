@@ -53,6 +53,14 @@ type Container interface {
 	Release() error
 }
 
+// ExitReporter is a Container that knows better than its leader's wait
+// status how the command ended: in ModePIDNS the leader is the namespace's
+// init, which cannot die of the signal that killed the command it ran.
+// Start asks it, when it has one, for the exit status it reports.
+type ExitReporter interface {
+	Exit(leader ExitStatus) ExitStatus
+}
+
 // groupContainment is ModeGroup: Start's process groups, markers and
 // parent-death signals are all there is, so it changes nothing.
 type groupContainment struct{}

@@ -178,6 +178,15 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	}
 	defer guardian.Stop()
 
+	// Only a forced pidns for now; auto-selection comes with the other modes.
+	var contain lifecycle.Containment
+	if cfg.Containment == lifecycle.ModePIDNS {
+		if contain, err = lifecycle.NewPIDNSContainment(lifecycle.Marker{Node: cfg.Node, Run: run}); err != nil {
+			return fmt.Errorf("%w: --containment %s: %v", ErrConfig, cfg.Containment, err)
+		}
+		log.Info("containment", zap.String("mode", contain.Mode()))
+	}
+
 	p, err := pool.New(pool.Config{
 		Python:          cfg.Python,
 		App:             cfg.App,
@@ -196,6 +205,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		MaxAge:          cfg.MaxAge,
 		Registry:        registry,
 		Spawner:         spawner,
+		Containment:     contain,
 		Events:          events,
 		Logger:          log,
 	})
