@@ -107,10 +107,27 @@ def kill_child(payload: Any) -> dict[str, Any]:
 
 @app.function
 def slow(payload: Any) -> dict[str, Any]:
-    """Sleeps payload["ms"], then answers with the worker's pid: a call that
-    a graceful stop lets finish."""
+    """Creates the file payload["touch"] (so the test knows the call runs),
+    sleeps payload["ms"], then answers with the worker's pid: a call that a
+    graceful stop lets finish."""
+    with open(payload["touch"], "w"):
+        pass
     time.sleep(payload["ms"] / 1000)
     return {"pid": os.getpid()}
+
+
+@app.function
+def clean_child(payload: Any) -> dict[str, int]:
+    """The other orphan row of issue 10: a child in the worker's group with a
+    clean environment (no pyfleet marker)."""
+    child = subprocess.Popen(
+        ["sleep", "600"],
+        env={"PATH": "/usr/bin:/bin"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return {"pid": os.getpid(), "child": child.pid}
 
 
 @app.function
