@@ -2,6 +2,7 @@ package lifecycle
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -35,6 +36,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode != "" {
 		os.Exit(runHelper(mode))
 	}
+	// The inits of ModePIDNS are this binary too, started without
+	// helperCmd: under -race each would sleep a second at exit.
+	os.Setenv("GORACE", "atexit_sleep_ms=0")
 	goleak.VerifyTestMain(m)
 }
 
@@ -125,6 +129,16 @@ func runHelper(mode string) int {
 		}
 		fmt.Printf("uid %d\nself %s\ncaps %s\n", os.Getuid(), self, caps)
 		return forever()
+	case "pidns-seccomp":
+		// A container runtime's default seccomp profile, in short: clone
+		// with CLONE_NEWPID fails with EPERM.
+		if err := denyNewPIDNamespaces(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		_, err := NewPIDNSContainment(Marker{Node: "n", Run: "r"})
+		fmt.Printf("unavailable %v: %v\n", errors.Is(err, ErrContainmentUnavailable), err)
+		return 0
 	case "pidns-node":
 		// A supervisor with a contained worker: the test SIGKILLs it and
 		// checks that the worker's namespace dies with it.

@@ -108,12 +108,10 @@ func (c *pidnsContainment) probe() error {
 	}
 }
 
-// userNSHints names the host settings that commonly refuse unprivileged
-// user namespaces, for an error message; empty as root, where none is used.
+// userNSHints names the host settings that commonly refuse the namespaces,
+// for an error message. As root only a seccomp filter applies: the others
+// are about user namespaces, which root does not use.
 func userNSHints() string {
-	if os.Geteuid() == 0 {
-		return ""
-	}
 	var hints []string
 	read := func(path string) string {
 		b, err := os.ReadFile(path)
@@ -122,20 +120,22 @@ func userNSHints() string {
 		}
 		return strings.TrimSpace(string(b))
 	}
-	if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" {
-		hints = append(hints, "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")
-	}
-	if read("/proc/sys/kernel/unprivileged_userns_clone") == "0" {
-		hints = append(hints, "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0)")
-	}
-	if read("/proc/sys/user/max_user_namespaces") == "0" {
-		hints = append(hints, "user namespaces are limited to none (user.max_user_namespaces=0)")
+	if os.Geteuid() != 0 {
+		if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" {
+			hints = append(hints, "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")
+		}
+		if read("/proc/sys/kernel/unprivileged_userns_clone") == "0" {
+			hints = append(hints, "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0)")
+		}
+		if read("/proc/sys/user/max_user_namespaces") == "0" {
+			hints = append(hints, "user namespaces are limited to none (user.max_user_namespaces=0)")
+		}
 	}
 	if read("/proc/sys/user/max_pid_namespaces") == "0" {
 		hints = append(hints, "PID namespaces are limited to none (user.max_pid_namespaces=0)")
 	}
 	if status := read("/proc/self/status"); strings.Contains(status, "\nSeccomp:\t2") {
-		hints = append(hints, "a seccomp filter is in force (a container runtime's default profile refuses new user namespaces)")
+		hints = append(hints, "a seccomp filter is in force (a container runtime's default profile refuses new namespaces)")
 	}
 	if len(hints) == 0 {
 		return ""
@@ -177,8 +177,12 @@ func (c *pidnsContainment) Prepare(cmd *exec.Cmd, m Marker) (Container, error) {
 		return nil, fmt.Errorf("lifecycle: pidns: status pipe: %w", err)
 	}
 	nfiles := len(cmd.ExtraFiles)
+	argv := cmd.Args
+	if len(argv) == 0 {
+		argv = []string{cmd.Path} // what exec.Cmd runs for empty Args
+	}
 	args := []string{c.exe, InitArg, c.parent, strconv.Itoa(nfiles), strconv.Itoa(3 + nfiles), cmd.Path}
-	cmd.Args = append(args, cmd.Args...)
+	cmd.Args = append(args, argv...)
 	cmd.Path = c.exe
 	cmd.ExtraFiles = append(cmd.ExtraFiles[:nfiles:nfiles], w)
 	c.namespaces(attr)

@@ -5,12 +5,16 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // mustPIDNS returns ModePIDNS's Containment, failing the test where the
@@ -91,7 +95,7 @@ func TestPIDNSProbe(t *testing.T) {
 	mustPIDNS(t)
 }
 
-func TestPIDNSWorkerIsPID2UnderInit(t *testing.T) {
+func TestPIDNSCommandIsInitsChild(t *testing.T) {
 	s := mustSpawner(t)
 	p, out := startContained(t, s, mustPIDNS(t), "sleep")
 	waitFor(t, "pid line", 5*time.Second, func() bool { return len(out.pids("pid")) == 1 })
@@ -254,6 +258,45 @@ func TestPIDNSInitDiesWithNode(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// TestPIDNSInitReapsOrphans: a process orphaned inside the namespace
+// becomes the init's child, and the init reaps it when it dies; the
+// namespace lives on while the worker does.
+func TestPIDNSInitReapsOrphans(t *testing.T) {
+	s := mustSpawner(t)
+	p, out := startContained(t, s, mustPIDNS(t), "orphaner")
+	// "orphaner" announces itself, then runs "middle", which starts a
+	// "sleep" (announced too) and exits without waiting for it.
+	waitFor(t, "two pids", 5*time.Second, func() bool { return len(out.pids("pid")) == 2 })
+	var orphan Identity
+	waitFor(t, "the orphan re-parented to the init", 5*time.Second, func() bool {
+		for _, id := range nsMembers(t, p.PID()) {
+			st, err := readStat(id.PID)
+			if err == nil && nsPID(t, id.PID) == out.pids("pid")[1] && st.ppid == p.PID() {
+				orphan = id
+				return true
+			}
+		}
+		return false
+	})
+	proc, err := os.FindProcess(orphan.PID) // a pidfd: this process or none
+	if err != nil {
+		t.Fatal(err)
+	}
+	if orphan.Alive() {
+		_ = proc.Kill()
+	}
+	_ = proc.Release()
+	waitFor(t, "the init to reap the orphan", 5*time.Second, func() bool {
+		_, err := readStat(orphan.PID)
+		return errors.Is(err, ErrNoProcess)
+	})
+	select {
+	case <-p.Done():
+		t.Fatalf("the worker ended with its orphan: %v", p.Exit())
+	default:
+	}
 }
 
 func TestPIDNSPrepareRefuses(t *testing.T) {
@@ -425,5 +468,62 @@ func TestPIDNSTreeRSSLeavesOutInit(t *testing.T) {
 	}
 	if isNamespaceInit(child) || !isNamespaceInit(p.PID()) {
 		t.Errorf("isNamespaceInit: child %v, init %v", isNamespaceInit(child), isNamespaceInit(p.PID()))
+	}
+}
+
+// denyNewPIDNamespaces installs, for every thread of this process, a
+// seccomp filter that fails clone(2) with CLONE_NEWPID with EPERM, as a
+// container runtime's default profile does.
+func denyNewPIDNamespaces() error {
+	var arch uint32
+	switch runtime.GOARCH {
+	case "amd64":
+		arch = unix.AUDIT_ARCH_X86_64
+	case "arm64":
+		arch = unix.AUDIT_ARCH_AARCH64
+	default:
+		return fmt.Errorf("no seccomp filter for %s", runtime.GOARCH)
+	}
+	const (
+		ld   = unix.BPF_LD | unix.BPF_W | unix.BPF_ABS
+		jeq  = unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K
+		jset = unix.BPF_JMP | unix.BPF_JSET | unix.BPF_K
+		ret  = unix.BPF_RET | unix.BPF_K
+	)
+	// struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low
+	// half on these little-endian machines).
+	filter := []unix.SockFilter{
+		{Code: ld, K: 4},
+		{Code: jeq, Jt: 1, Jf: 0, K: arch},
+		{Code: ret, K: unix.SECCOMP_RET_ALLOW},
+		{Code: ld, K: 0},
+		{Code: jeq, Jt: 0, Jf: 3, K: uint32(unix.SYS_CLONE)},
+		{Code: ld, K: 16},
+		{Code: jset, Jt: 0, Jf: 1, K: unix.CLONE_NEWPID},
+		{Code: ret, K: unix.SECCOMP_RET_ERRNO | uint32(unix.EPERM)},
+		{Code: ret, K: unix.SECCOMP_RET_ALLOW},
+	}
+	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("no_new_privs: %w", err)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&prog))); errno != 0 {
+		return fmt.Errorf("seccomp: %w", errno)
+	}
+	return nil
+}
+
+// TestPIDNSUnavailableUnderSeccomp: a host that refuses new PID namespaces
+// gets an error wrapping ErrContainmentUnavailable that says why.
+func TestPIDNSUnavailableUnderSeccomp(t *testing.T) {
+	out, err := helperCmd("pidns-seccomp").CombinedOutput()
+	if err != nil {
+		t.Fatalf("helper: %v: %s", err, out)
+	}
+	got := string(out)
+	for _, want := range []string{"unavailable true:", "operation not permitted", "a seccomp filter is in force"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("NewPIDNSContainment under seccomp: %q lacks %q", got, want)
+		}
 	}
 }
