@@ -58,7 +58,9 @@ func init() {
 // to that group; reaps every process that ends up its child; and when the
 // worker ends, exits with the worker's exit code (128+n for a death by
 // signal n: a namespace's init cannot die of a signal it sends itself, so
-// the exact status goes on STATUSFD). It returns only on failure.
+// the exact status goes on STATUSFD). It returns the init's exit status.
+// With the arguments "probe PARENT" it only sets the namespace up, checks
+// /proc/self, and returns 0 if all went well (NewPIDNSContainment's probe).
 func InitMain(args []string) int {
 	if len(args) == 2 && args[0] == initProbe {
 		if err := initSetup(args[1]); err != nil {
@@ -187,7 +189,11 @@ func initSetup(parent string) error {
 	}
 	if os.Getuid() != 0 {
 		// Without root the capability came in the ambient set (Prepare),
-		// which a non-root exec keeps: clear it, and the rest with it.
+		// which a non-root exec keeps: clear it, and the rest with it, on
+		// the thread that forks the worker. The runtime's other threads
+		// keep theirs (with cgo linked in, no call reaches every thread),
+		// but only in this user namespace, which the node's user could
+		// create for itself anyway.
 		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
 			return fmt.Errorf("clear ambient capabilities: %w", err)
 		}
