@@ -53,6 +53,14 @@ type Container interface {
 	Release() error
 }
 
+// ExitReporter is a Container that knows better than its leader's wait
+// status how the command ended: in ModePIDNS the leader is the namespace's
+// init, which cannot die of the signal that killed the command it ran.
+// Start asks it, when it has one, for the exit status it reports.
+type ExitReporter interface {
+	Exit(leader ExitStatus) ExitStatus
+}
+
 // groupContainment is ModeGroup: Start's process groups, markers and
 // parent-death signals are all there is, so it changes nothing.
 type groupContainment struct{}
@@ -76,4 +84,36 @@ func ValidMode(mode string) error {
 		return nil
 	}
 	return fmt.Errorf("containment %q: want one of %s, %s, %s, %s", mode, ModeAuto, ModeCgroup, ModePIDNS, ModeGroup)
+}
+
+// NewContainment returns the Containment of mode for run m (m.Worker empty).
+// ModeAuto takes the strongest mode the host offers; passedOver then says,
+// one line a mode, why each stronger one was not taken. A mode asked for by
+// name that the host does not offer is an error wrapping
+// ErrContainmentUnavailable.
+func NewContainment(mode string, m Marker) (c Containment, passedOver []string, err error) {
+	if err := ValidMode(mode); err != nil {
+		return nil, nil, err
+	}
+	makers := []struct {
+		mode string
+		make func(Marker) (Containment, error)
+	}{
+		{ModePIDNS, NewPIDNSContainment},
+		{ModeGroup, func(Marker) (Containment, error) { return GroupContainment(), nil }},
+	}
+	for _, mk := range makers {
+		if mode != ModeAuto && mode != mk.mode {
+			continue
+		}
+		c, err := mk.make(m)
+		if err == nil {
+			return c, passedOver, nil
+		}
+		if mode != ModeAuto {
+			return nil, nil, err
+		}
+		passedOver = append(passedOver, mk.mode+": "+err.Error())
+	}
+	return nil, passedOver, fmt.Errorf("%w: no containment mode is available", ErrContainmentUnavailable)
 }

@@ -2,6 +2,7 @@ package lifecycle
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -27,9 +28,15 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == GuardianArg {
 		os.Exit(GuardianMain(os.Args[2:], os.Stdin, os.Stderr))
 	}
+	if len(os.Args) > 1 && os.Args[1] == InitArg {
+		os.Exit(InitMain(os.Args[2:]))
+	}
 	if mode := os.Getenv(helperEnv); mode != "" {
 		os.Exit(runHelper(mode))
 	}
+	// The inits of ModePIDNS are this binary too, started without
+	// helperCmd: under -race each would sleep a second at exit.
+	os.Setenv("GORACE", "atexit_sleep_ms=0")
 	goleak.VerifyTestMain(m)
 }
 
@@ -93,6 +100,72 @@ func runHelper(mode string) int {
 		return 0
 	case "exit7":
 		return 7
+	case "self-hup":
+		// No handler: the runtime dies of the signal, as a process would.
+		_ = syscall.Kill(os.Getpid(), syscall.SIGHUP)
+		return forever()
+	case "self-kill":
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		return forever()
+	case "fds":
+		// Writes to the pipes it was given as fds 3 and 4, and checks that
+		// it was given nothing more.
+		for _, fd := range []int{3, 4} {
+			if _, err := syscall.Write(fd, []byte(fmt.Sprintf("fd %d", fd))); err != nil {
+				fmt.Fprintf(os.Stderr, "fd %d: %v\n", fd, err)
+				return 3
+			}
+		}
+		// The runtime opens fds of its own, but no pipe.
+		fds, _ := os.ReadDir("/proc/self/fd")
+		for _, e := range fds {
+			if fd, _ := strconv.Atoi(e.Name()); fd > 4 {
+				if link, _ := os.Readlink("/proc/self/fd/" + e.Name()); strings.HasPrefix(link, "pipe:") {
+					fmt.Printf("fd %d is a %s\n", fd, link)
+				}
+			}
+		}
+		fmt.Fprintln(os.Stderr, "stderr line")
+		return 0
+	case "whoami":
+		// What a contained process sees of itself.
+		announce()
+		self, _ := os.Readlink("/proc/self")
+		status, _ := os.ReadFile("/proc/self/status")
+		caps := "?"
+		for line := range strings.SplitSeq(string(status), "\n") {
+			if v, ok := strings.CutPrefix(line, "CapEff:\t"); ok {
+				caps = v
+			}
+		}
+		fmt.Printf("uid %d\nself %s\ncaps %s\n", os.Getuid(), self, caps)
+		return forever()
+	case "pidns-seccomp":
+		// A container runtime's default seccomp profile, in short: clone
+		// with CLONE_NEWPID fails with EPERM.
+		if err := denyNewPIDNamespaces(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		_, err := NewPIDNSContainment(Marker{Node: "n", Run: "r"})
+		fmt.Printf("unavailable %v: %v\n", errors.Is(err, ErrContainmentUnavailable), err)
+		return 0
+	case "pidns-node":
+		// A supervisor with a contained worker: the test SIGKILLs it and
+		// checks that the worker's namespace dies with it.
+		c, err := NewPIDNSContainment(Marker{Node: "n", Run: "r"})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		s := NewSpawner()
+		p, err := Start(s, helperCmd("whoami"), StartOptions{Contain: c, Stdout: func(b []byte) { fmt.Println(string(b)) }})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		fmt.Printf("worker %d\n", p.PID())
+		return forever()
 	case "middle":
 		// Starts a child in a group of its own and exits without waiting
 		// for it: the child is orphaned and re-parented to the nearest

@@ -372,9 +372,11 @@ func (p *Process) wait() {
 	p.reaped = true
 	p.mu.Unlock()
 	p.spawner.forget(p.id.PID)
-	_ = p.box.Release()
-
 	p.exit = exitStatus(p.cmd.ProcessState)
+	if r, ok := p.box.(ExitReporter); ok {
+		p.exit = r.Exit(p.exit)
+	}
+	_ = p.box.Release()
 	close(p.exited)
 
 	t := time.NewTimer(drainTimeout)

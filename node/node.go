@@ -179,10 +179,13 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	}
 	defer guardian.Stop()
 
-	// The mode that keeps the workers' trees, and why each stronger one
-	// was passed over. The containment selection sets both; until it is
-	// wired every worker runs in group mode.
-	containment, passedOver := lifecycle.ModeGroup, []string(nil)
+	// The strongest containment the host offers (or the one asked for),
+	// and why each stronger one was passed over.
+	contain, passedOver, err := lifecycle.NewContainment(cfg.Containment, lifecycle.Marker{Node: cfg.Node, Run: run})
+	if err != nil {
+		return fmt.Errorf("%w: --containment %s: %v", ErrConfig, cfg.Containment, err)
+	}
+	containment := contain.Mode()
 	logContainment(log, cfg.Containment, containment, passedOver)
 	if m != nil {
 		m.SetContainment(containment)
@@ -212,6 +215,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		MaxAge:          cfg.MaxAge,
 		Registry:        registry,
 		Spawner:         spawner,
+		Containment:     contain,
 		Events:          events,
 		Logger:          log,
 	})

@@ -19,9 +19,13 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	// node.Run starts its guardian by re-executing this binary.
+	// node.Run starts its guardian (and in ModePIDNS each worker's init) by
+	// re-executing this binary.
 	if len(os.Args) > 1 && os.Args[1] == lifecycle.GuardianArg {
 		os.Exit(lifecycle.GuardianMain(os.Args[2:], os.Stdin, os.Stderr))
+	}
+	if len(os.Args) > 1 && os.Args[1] == lifecycle.InitArg {
+		os.Exit(lifecycle.InitMain(os.Args[2:]))
 	}
 	goleak.VerifyTestMain(m)
 }

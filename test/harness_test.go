@@ -95,7 +95,8 @@ type nodeOptions struct {
 	stateDir string // default: a temp dir
 	extra    []string
 	env      []string
-	bin      string // default: the race-built poolnode
+	bin      string              // default: the race-built poolnode
+	cred     *syscall.Credential // run as another user (default: as the test)
 }
 
 var nodeSeq struct {
@@ -156,6 +157,9 @@ func launchNode(t *testing.T, o nodeOptions) *nodeProc {
 	}
 	n.cmd = exec.Command(bin, args...)
 	n.cmd.Env = append(os.Environ(), o.env...)
+	if o.cred != nil {
+		n.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: o.cred}
+	}
 	stderr, err := n.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -30,6 +30,9 @@ func main() {
 	if len(os.Args) > 1 && os.Args[1] == lifecycle.GuardianArg {
 		os.Exit(lifecycle.GuardianMain(os.Args[2:], os.Stdin, os.Stderr))
 	}
+	if len(os.Args) > 1 && os.Args[1] == lifecycle.InitArg {
+		os.Exit(lifecycle.InitMain(os.Args[2:]))
+	}
 	os.Exit(run(os.Args[1:], os.Stderr))
 }
 
