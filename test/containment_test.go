@@ -20,9 +20,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/pyfleet/pyfleet/lifecycle"
-
 	"github.com/pyfleet/pyfleet/internal/testkit"
+	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
 func containedApp() string { return filepath.Join(repoRoot, "test", "apps", "contained.py") }
