@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -96,6 +97,24 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 			log.Warn("release node lock", zap.Error(err))
 		}
 	}()
+	contain, err := newContainment(cfg, lifecycle.Marker{Node: cfg.Node, Run: run})
+	if err != nil {
+		return err
+	}
+	if cl, ok := contain.(io.Closer); ok {
+		// Runs after the guardian's Stop, which removes the run's
+		// cgroup; this covers a return before the guardian started.
+		defer func() {
+			if err := cl.Close(); err != nil {
+				log.Warn("remove the run's containment", zap.Error(err))
+			}
+		}()
+	}
+	limits := lifecycle.Limits{Memory: uint64(cfg.WorkerMemoryLimitMB) << 20, Pids: cfg.WorkerPidsLimit}
+	if err := checkLimits(contain, limits); err != nil {
+		return err
+	}
+	log.Info("containment", zap.String("mode", containmentMode(contain)))
 	registry, err := lifecycle.OpenRegistry(filepath.Join(cfg.StateDir, "registry.db"))
 	if err != nil {
 		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
@@ -145,6 +164,9 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Lock:     lock, // never sweeps this run; puts its lock file back if removed
 		Events:   events,
 		Logger:   log,
+		// In cgroup mode: records this run's cgroup in the state dir and
+		// kills the cgroups of dead runs.
+		Containment: contain,
 	})
 	if err != nil {
 		return err
@@ -172,7 +194,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	// If this process dies without stopping its workers, the guardian
 	// kills what they started within milliseconds instead of at the next
 	// start. Its Stop runs after the pool's close (defers run last first).
-	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run}, cfg.StateDir)
+	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run}, cfg.StateDir, contain)
 	if err != nil {
 		return err
 	}
@@ -198,6 +220,11 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Spawner:         spawner,
 		Events:          events,
 		Logger:          log,
+
+		Containment:       contain,
+		WorkerMemoryLimit: limits.Memory,
+		WorkerPidsLimit:   limits.Pids,
+		Guardian:          guardian,
 	})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
@@ -344,6 +371,52 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	stopped = true
 	events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run})
 	log.Info("stopped")
+	return nil
+}
+
+// newContainment builds the containment cfg.Containment names for run m.
+// Only cgroup and group are built here; auto and pidns are group for now.
+func newContainment(cfg Config, m lifecycle.Marker) (lifecycle.Containment, error) {
+	switch cfg.Containment {
+	case lifecycle.ModeCgroup:
+		c, err := lifecycle.NewCgroupContainment(m)
+		if err != nil {
+			return nil, fmt.Errorf("%w: --containment cgroup: %v", ErrConfig, err)
+		}
+		return c, nil
+	default:
+		return lifecycle.GroupContainment(), nil
+	}
+}
+
+func containmentMode(c lifecycle.Containment) string {
+	if c == nil {
+		return lifecycle.ModeGroup
+	}
+	return c.Mode()
+}
+
+// checkLimits refuses, naming the flag, a worker limit the containment
+// cannot enforce.
+func checkLimits(c lifecycle.Containment, lim lifecycle.Limits) error {
+	for _, f := range []struct {
+		flag string
+		lim  lifecycle.Limits
+	}{
+		{"--worker-memory-limit", lifecycle.Limits{Memory: lim.Memory}},
+		{"--worker-pids-limit", lifecycle.Limits{Pids: lim.Pids}},
+	} {
+		if f.lim.IsZero() {
+			continue
+		}
+		l, ok := c.(lifecycle.Limiter)
+		if !ok {
+			return fmt.Errorf("%w: %s needs cgroup containment with its controller; the containment is %s", ErrConfig, f.flag, containmentMode(c))
+		}
+		if err := l.CheckLimits(f.lim); err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrConfig, f.flag, err)
+		}
+	}
 	return nil
 }
 

@@ -248,8 +248,10 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		Stdout:  onStdout,
 		Stderr:  onStderr,
 		Marker:  lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
-		Events:  p.cfg.Events,
-		Contain: p.cfg.Containment,
+		Events:   p.cfg.Events,
+		Contain:  p.cfg.Containment,
+		Limits:   p.cfg.limits(),
+		Guardian: p.cfg.Guardian,
 	})
 	lifelineR.Close()
 	secretR.Close() // the worker has its own copy
