@@ -86,8 +86,8 @@ type Config struct {
 	// Guardian, if set, is told every worker's process group, to kill it
 	// if the node dies (lifecycle.StartOptions.Guardian).
 	Guardian *lifecycle.Guardian
-	Events      lifecycle.Events // may be nil
-	Logger      *zap.Logger      // may be nil
+	Events   lifecycle.Events // may be nil
+	Logger   *zap.Logger      // may be nil
 
 	// sessionIdle is how long an unused session is kept (default 1 h) and
 	// sessionSweep how often idle ones are looked for (default 1 min); tests

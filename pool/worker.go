@@ -245,9 +245,9 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	}
 
 	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{
-		Stdout:  onStdout,
-		Stderr:  onStderr,
-		Marker:  lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
+		Stdout:   onStdout,
+		Stderr:   onStderr,
+		Marker:   lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
 		Events:   p.cfg.Events,
 		Contain:  p.cfg.Containment,
 		Limits:   p.cfg.limits(),
