@@ -112,10 +112,10 @@ func (r *Reaper) Run(ctx context.Context) error {
 
 // Sweep makes one pass over the state dir. For every run that is over:
 //
+//   - its cgroup, if it had one (ModeCgroup), is killed with everything in
+//     it, whatever that did to its environment or session, and removed;
 //   - each recorded worker whose identity (pid, start time, boot id) still
 //     matches is killed with its process group;
-//   - its cgroup, if it had one (ModeCgroup), is killed with everything in
-//     it and removed;
 //   - each process carrying the run's marker (EnvWorkerRun) is killed: this
 //     finds what left the group (setsid, double fork);
 //   - its records are deleted, and once a pass finds nothing left of it,
