@@ -61,6 +61,42 @@ type ExitReporter interface {
 	Exit(leader ExitStatus) ExitStatus
 }
 
+// Limits are hard limits on one worker's whole tree; a zero field is no
+// limit. Only a Containment that is also a Limiter can enforce them.
+type Limits struct {
+	Memory uint64 // bytes the tree may use (memory.max); the kernel's OOM killer ends the tree beyond
+	Pids   int    // processes and threads the tree may hold at once (pids.max)
+}
+
+// IsZero reports whether l limits nothing.
+func (l Limits) IsZero() bool { return l == Limits{} }
+
+// Limiter is a Containment that can enforce Limits (ModeCgroup, where the
+// host gives it the controllers). Start uses PrepareLimited instead of
+// Prepare when StartOptions.Limits is set.
+type Limiter interface {
+	Containment
+	// CheckLimits returns nil if every limit set in lim can be enforced,
+	// else an error wrapping ErrContainmentUnavailable that names the
+	// controller missing and why. A node calls it at start.
+	CheckLimits(lim Limits) error
+	// PrepareLimited is Prepare, with lim set on the container before the
+	// fork.
+	PrepareLimited(cmd *exec.Cmd, m Marker, lim Limits) (Container, error)
+}
+
+// Accounting is a Container that accounts for its whole tree itself (a
+// cgroup with the memory controller). Process.Memory and ExitStatus.OOMKilled
+// read it; a Container without it leaves memory to TreeRSS.
+type Accounting interface {
+	// Memory is the memory the tree uses now (memory.current); ok is
+	// false when the container does not account for memory.
+	Memory() (bytes uint64, ok bool)
+	// OOMKills is how many of the tree's processes the kernel's OOM killer
+	// has killed inside the container (memory.events oom_kill).
+	OOMKills() int
+}
+
 // groupContainment is ModeGroup: Start's process groups, markers and
 // parent-death signals are all there is, so it changes nothing.
 type groupContainment struct{}
@@ -99,6 +135,7 @@ func NewContainment(mode string, m Marker) (c Containment, passedOver []string, 
 		mode string
 		make func(Marker) (Containment, error)
 	}{
+		{ModeCgroup, NewCgroupContainment},
 		{ModePIDNS, NewPIDNSContainment},
 		{ModeGroup, func(Marker) (Containment, error) { return GroupContainment(), nil }},
 	}

@@ -29,7 +29,13 @@
 //   - reaping: the orphans this process adopts as a child subreaper
 //     (SetChildSubreaper, Spawner.ReapAdopted), and everything dead runs left
 //     (Reaper);
-//   - memory accounting of a process tree (TreeRSS);
+//   - containment (Containment): a worker's whole tree kept where the node
+//     can kill it, however it scatters itself; in ModeCgroup a cgroup v2 per
+//     worker start under the run's (cgroup.go), with optional hard Limits;
+//   - the guardian (StartGuardian): a process that outlives its node to kill
+//     the run's cgroup, its workers' process groups and its marked processes;
+//   - memory accounting of a process tree (TreeRSS, or the container's own:
+//     Process.Memory);
 //   - the lifecycle event types (Event, Events, the Kind and Reason
 //     constants) that other packages publish.
 //
@@ -47,13 +53,17 @@
 //	_ = lifecycle.SetChildSubreaper()
 //	reg, _ := lifecycle.OpenRegistry(filepath.Join(stateDir, "registry.db"))
 //	spawner := lifecycle.NewSpawner()
-//	reaper, _ := lifecycle.NewReaper(lifecycle.ReaperConfig{StateDir: stateDir, Registry: reg, Spawner: spawner, Lock: lock, Events: publish})
+//	contain, _ := lifecycle.NewCgroupContainment(lifecycle.Marker{Node: node, Run: run}) // or GroupContainment()
+//	reaper, _ := lifecycle.NewReaper(lifecycle.ReaperConfig{StateDir: stateDir, Registry: reg, Spawner: spawner, Lock: lock, Events: publish, Containment: contain})
 //	_ = reaper.Sweep()    // before any worker starts: clears what dead runs left
 //	go reaper.Run(ctx)    // owned and waited for by the node
+//	guardian, _ := lifecycle.StartGuardian(lifecycle.Marker{Node: node, Run: run}, stateDir, contain)
 //
 // and for each worker: Registry.Put (StateStarting, no pid), Start with
-// StartOptions.Marker, Registry.Put again with Record.SetProcess; on exit,
-// Process.Stop, then Registry.Delete. On the way out: stop every worker,
-// KillMarked(Marker{Node: node, Run: run}), stop the reaper, Spawner.Close,
-// NodeLock.Release last.
+// StartOptions.Marker, Contain, Guardian (and Limits), Registry.Put again
+// with Record.SetProcess; on exit, Process.Stop, then Registry.Delete. On
+// the way out: stop every worker, KillMarked(Marker{Node: node, Run: run}),
+// Guardian.Stop (which removes the run's cgroup), stop the reaper,
+// Spawner.Close, the containment's Close if it has one, NodeLock.Release
+// last.
 package lifecycle

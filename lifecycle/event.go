@@ -26,6 +26,9 @@ const (
 	// ReasonChannelLost: the worker's gRPC stream to the node broke while
 	// its process lived, so it could serve no call.
 	ReasonChannelLost = "channel_lost"
+	// ReasonOOM: the kernel's OOM killer ended the worker's tree, which
+	// passed its memory limit (--worker-memory-limit).
+	ReasonOOM = "oom"
 )
 
 // Event is one thing that happened to a node or a process it owns. The JSON

@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -89,6 +90,20 @@ func runHelper(mode string) int {
 			if err := child.Start(); err != nil {
 				return 3
 			}
+		}
+		return forever()
+	case "clean-child", "clean-escape":
+		// A child with a clean environment (no marker), as
+		// subprocess.Popen(cmd, env={"PATH": ...}) starts one: in the
+		// group, or in a session of its own too.
+		announce()
+		child := helperChild("sleep", nil)
+		child.Env = []string{helperEnv + "=sleep", "GORACE=atexit_sleep_ms=0"}
+		if mode == "clean-escape" {
+			child.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		}
+		if err := child.Start(); err != nil {
+			return 3
 		}
 		return forever()
 	case "lines":
@@ -290,6 +305,38 @@ func (l *lines) get() []string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return append([]string(nil), l.lines...)
+}
+
+// readLinesOf collects the lines cmd (not started by Start) writes on its
+// stdout, until every process holding the pipe is gone; the reader is
+// waited for at the end of the test.
+func readLinesOf(t *testing.T, cmd *exec.Cmd) *lines {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := &lines{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer r.Close()
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			out.add(sc.Bytes())
+		}
+	}()
+	cmd.Stdout = w
+	t.Cleanup(func() {
+		w.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			r.Close()
+			<-done
+		}
+	})
+	return out
 }
 
 // pids returns the pids announced so far with the given prefix ("pid").

@@ -146,12 +146,14 @@ func (l *NodeLock) Release() error {
 	}
 	l.released = true
 	// Removed while still locked, so a Reaper cannot find the run dead and
-	// sweep it in between.
+	// sweep it in between. The run's cgroup record goes first: its guardian
+	// has removed the cgroup by now.
+	cerr := removeCgroupRecord(l.stateDir, l.Marker())
 	err := os.Remove(l.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		err = nil
 	}
-	l.err = errors.Join(err, l.f.Close())
+	l.err = errors.Join(cerr, err, l.f.Close())
 	return l.err
 }
 

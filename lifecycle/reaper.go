@@ -34,6 +34,11 @@ type ReaperConfig struct {
 	// AdoptInterval between reaps of adopted orphans in Run; default 1 s.
 	AdoptInterval time.Duration
 	Logger        *zap.Logger // default: no logging
+	// Containment, if it is ModeCgroup's (for the run of Lock), makes the
+	// state dir record where the run's cgroup is, and every Sweep look for
+	// the cgroups of dead runs (in its records, and beside this run's own
+	// cgroup) and kill and remove them.
+	Containment Containment
 }
 
 // envReaperInterval shortens the sweep interval, for tests only.
@@ -50,6 +55,7 @@ type Reaper struct {
 	running  atomic.Bool // Run has begun: sweeps from now on are periodic
 	atStart  atomic.Int64
 	periodic atomic.Int64
+	cg       *cgroupContainment // nil unless ModeCgroup
 }
 
 // NewReaper validates cfg and returns a Reaper.
@@ -75,6 +81,12 @@ func NewReaper(cfg ReaperConfig) (*Reaper, error) {
 	}
 	r := &Reaper{cfg: cfg, log: log.Named("reaper"), events: cfg.Events}
 	r.cfg.Events = r.countKill
+	if cg, ok := cfg.Containment.(*cgroupContainment); ok {
+		if cfg.Lock == nil || cg.marker != cfg.Lock.Marker() {
+			return nil, errors.New("lifecycle: reaper: a cgroup containment needs the Lock of its own run")
+		}
+		r.cg = cg
+	}
 	return r, nil
 }
 
@@ -111,6 +123,8 @@ func (r *Reaper) Run(ctx context.Context) error {
 
 // Sweep makes one pass over the state dir. For every run that is over:
 //
+//   - its cgroup, if it had one (ModeCgroup), is killed with everything in
+//     it, whatever that did to its environment or session, and removed;
 //   - each recorded worker whose identity (pid, start time, boot id) still
 //     matches is killed with its process group;
 //   - each process carrying the run's marker (EnvWorkerRun) is killed: this
@@ -139,6 +153,9 @@ func (r *Reaper) Sweep() error {
 			r.log.Warn("the node's lock file was removed or replaced under it; put it back", zap.String("path", r.cfg.Lock.path))
 		}
 	}
+	if r.cg != nil {
+		errs = append(errs, writeCgroupRecord(r.cfg.StateDir, r.cg))
+	}
 	recs, err := r.cfg.Registry.List()
 	if err != nil {
 		return errors.Join(append(errs, err)...)
@@ -157,6 +174,19 @@ func (r *Reaper) Sweep() error {
 			runs[m] = nil
 		}
 	}
+	cgroups, err := r.runCgroups()
+	errs = append(errs, err)
+	for m, dirs := range cgroups {
+		if _, ok := runs[m]; ok {
+			continue
+		}
+		// No lock file and no registry record: this state dir cannot
+		// tell whether the run is over (its cgroup may be another state
+		// dir's node's, in the same cgroup), so it is left alone. Only a
+		// record whose cgroup is gone is dropped.
+		errs = append(errs, dropStaleCgroupRecord(r.cfg.StateDir, m, dirs))
+		delete(cgroups, m)
+	}
 
 	for m, recs := range runs {
 		if m == self || runAliveByRecords(r.cfg.StateDir, m, recs) {
@@ -169,7 +199,7 @@ func (r *Reaper) Sweep() error {
 			}
 			continue
 		}
-		errs = append(errs, r.sweepDeadRun(m, recs))
+		errs = append(errs, r.sweepDeadRun(m, recs, cgroups[m]))
 	}
 	return errors.Join(errs...)
 }
@@ -190,7 +220,7 @@ func runAliveByRecords(stateDir string, m Marker, recs []Record) bool {
 	return false
 }
 
-func (r *Reaper) sweepDeadRun(m Marker, recs []Record) error {
+func (r *Reaper) sweepDeadRun(m Marker, recs []Record, cgroups []string) error {
 	events := r.cfg.Events
 	if len(recs) > 0 && recs[0].Pool != "" && events != nil {
 		pool := recs[0].Pool
@@ -201,12 +231,22 @@ func (r *Reaper) sweepDeadRun(m Marker, recs []Record) error {
 	}
 	found := 0
 	var errs []error
+	run := m.RunValue()
+	// First: it takes everything in it at once, with whatever dropped
+	// the marker, and what it took the steps below do not find again.
+	for _, dir := range cgroups {
+		n, err := killCgroupTree(dir, m, "in the cgroup of dead run "+run, events, 2*time.Second)
+		found += n
+		errs = append(errs, err)
+	}
+	if len(cgroups) > 0 && errors.Join(errs...) == nil {
+		errs = append(errs, removeCgroupRecord(r.cfg.StateDir, m))
+	}
 	for _, rec := range recs {
 		n, err := killRecorded(rec, events)
 		found += n
 		errs = append(errs, err)
 	}
-	run := m.RunValue()
 	n, err := killMarked(func(k marks) bool { return k.run == run }, "carried the marker of dead run "+run, events)
 	found += n
 	errs = append(errs, err)

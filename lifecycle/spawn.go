@@ -129,12 +129,25 @@ type StartOptions struct {
 	// container is killed with its group, and released after the reap.
 	// Nil is ModeGroup.
 	Contain Containment
+
+	// Limits, if set, are enforced on the container: Contain must be a
+	// Limiter whose CheckLimits accepts them, else Start fails.
+	Limits Limits
+
+	// Guardian, if set, is told the process group as soon as it exists and
+	// again once it is gone, so that if the node dies in between the
+	// guardian kills the group, with whatever in it dropped the marker.
+	Guardian *Guardian
 }
 
 // ExitStatus is how a process ended.
 type ExitStatus struct {
 	Code   int    // exit code, or -1 if a signal ended the process
 	Signal string // the signal's name, such as "SIGKILL", or ""
+	// OOMKilled says the kernel's OOM killer killed processes in the
+	// process's container (over its Limits.Memory); only a container with
+	// Accounting can tell.
+	OOMKilled bool
 }
 
 func (e ExitStatus) String() string {
@@ -152,6 +165,7 @@ type Process struct {
 	cmd     *exec.Cmd
 	marks   marks     // the marks Start gave it; zero if unmarked
 	box     Container // its container (see StartOptions.Contain)
+	guard   *Guardian // told when its group is gone; may be nil
 	events  Events
 	id      Identity
 	pgid    int
@@ -205,7 +219,17 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	}
 
 	var box Container = noContainer{}
-	if opts.Contain != nil {
+	if !opts.Limits.IsZero() {
+		l, ok := opts.Contain.(Limiter)
+		if !ok {
+			return nil, fmt.Errorf("%w: limits %+v need a containment that enforces them, not %v", ErrContainmentUnavailable, opts.Limits, modeOf(opts.Contain))
+		}
+		c, err := l.PrepareLimited(cmd, opts.Marker, opts.Limits)
+		if err != nil {
+			return nil, fmt.Errorf("lifecycle: contain %s: %w", cmd.Path, err)
+		}
+		box = c
+	} else if opts.Contain != nil {
 		c, err := opts.Contain.Prepare(cmd, opts.Marker)
 		if err != nil {
 			return nil, fmt.Errorf("lifecycle: contain %s: %w", cmd.Path, err)
@@ -265,11 +289,16 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		return nil, err
 	}
 
+	// The leader is unreaped, so its group id is ours until wait reaps it,
+	// and wait tells the guardian the group is gone before that.
+	opts.Guardian.groupStarted(cmd.Process.Pid, id, opts.Marker.Worker)
+
 	p := &Process{
 		spawner: s,
 		cmd:     cmd,
 		marks:   k,
 		box:     box,
+		guard:   opts.Guardian,
 		events:  opts.Events,
 		id:      id,
 		pgid:    cmd.Process.Pid,
@@ -284,6 +313,16 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	go p.readLines(errR, opts.Stderr)
 	go p.wait()
 	return p, nil
+}
+
+// Memory is what the process's whole tree uses now, as its container
+// accounts for it (memory.current of its cgroup); ok is false when the
+// container does not (then TreeRSS is the measure).
+func (p *Process) Memory() (bytes uint64, ok bool) {
+	if a, isAcc := p.box.(Accounting); isAcc {
+		return a.Memory()
+	}
+	return 0, false
 }
 
 // PID returns the process id of the leader.
@@ -367,6 +406,14 @@ func (p *Process) wait() {
 		k := p.marks
 		_, _ = killMarked(func(m marks) bool { return m == k }, "outlived worker "+k.id, p.events)
 	}
+	// Read while the container still exists; its tree is dead by now.
+	oom := false
+	if a, ok := p.box.(Accounting); ok {
+		oom = a.OOMKills() > 0
+	}
+	// Before the reap: once the leader is reaped the group id is no
+	// longer ours, and the guardian must not kill it any more.
+	p.guard.groupEnded(p.pgid)
 	p.mu.Lock()
 	_ = p.cmd.Wait()
 	p.reaped = true
@@ -376,6 +423,7 @@ func (p *Process) wait() {
 	if r, ok := p.box.(ExitReporter); ok {
 		p.exit = r.Exit(p.exit)
 	}
+	p.exit.OOMKilled = oom
 	_ = p.box.Release()
 	close(p.exited)
 
@@ -433,6 +481,14 @@ func waitExited(pid int) error {
 			return err
 		}
 	}
+}
+
+// modeOf names a Containment's mode for an error; nil is ModeGroup.
+func modeOf(c Containment) string {
+	if c == nil {
+		return ModeGroup
+	}
+	return c.Mode()
 }
 
 func exitStatus(ps *os.ProcessState) ExitStatus {

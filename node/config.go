@@ -61,6 +61,10 @@ type Config struct {
 
 	// Containment is lifecycle.ModeAuto, ModeCgroup, ModePIDNS or ModeGroup.
 	Containment string
+	// Hard limits on each worker's whole tree (0: none), enforced by the
+	// kernel; they need a containment with the controller (cgroup).
+	WorkerMemoryLimitMB int
+	WorkerPidsLimit     int
 
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
@@ -146,6 +150,12 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxMemoryMB < 0 {
 		return bad("--max-memory must not be negative, not %d", c.MaxMemoryMB)
+	}
+	if c.WorkerMemoryLimitMB < 0 {
+		return bad("--worker-memory-limit must not be negative, not %d", c.WorkerMemoryLimitMB)
+	}
+	if c.WorkerPidsLimit < 0 {
+		return bad("--worker-pids-limit must not be negative, not %d", c.WorkerPidsLimit)
 	}
 	if c.MaxAge < 0 {
 		return bad("--max-age must not be negative, not %s", c.MaxAge)

@@ -33,6 +33,8 @@ func TestValidateRejectsBadSettingsByName(t *testing.T) {
 		{"negative queue", func(c *Config) { c.QueueLimit = -1 }, "--queue-limit"},
 		{"zero timeout", func(c *Config) { c.RequestTimeout = 0 }, "--request-timeout"},
 		{"negative max requests", func(c *Config) { c.MaxRequests = -1 }, "--max-requests"},
+		{"negative worker memory limit", func(c *Config) { c.WorkerMemoryLimitMB = -1 }, "--worker-memory-limit"},
+		{"negative worker pids limit", func(c *Config) { c.WorkerPidsLimit = -1 }, "--worker-pids-limit"},
 		{"no max deliver", func(c *Config) { c.MaxDeliver = 0 }, "--max-deliver"},
 		{"missing interpreter", func(c *Config) { c.Python = "/no/such/python" }, "--python"},
 		{"interpreter not on PATH", func(c *Config) { c.Python = "no-such-python-here" }, "--python"},

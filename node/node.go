@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -97,6 +98,26 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 			log.Warn("release node lock", zap.Error(err))
 		}
 	}()
+	// The strongest containment the host offers (or the one asked for),
+	// and why each stronger one was passed over.
+	contain, passedOver, err := lifecycle.NewContainment(cfg.Containment, lifecycle.Marker{Node: cfg.Node, Run: run})
+	if err != nil {
+		return fmt.Errorf("%w: --containment %s: %v", ErrConfig, cfg.Containment, err)
+	}
+	if cl, ok := contain.(io.Closer); ok {
+		// Runs after the guardian's Stop, which removes the run's
+		// cgroup; this covers a return before the guardian started.
+		defer func() {
+			if err := cl.Close(); err != nil {
+				log.Warn("remove the run's containment", zap.Error(err))
+			}
+		}()
+	}
+	limits := lifecycle.Limits{Memory: uint64(cfg.WorkerMemoryLimitMB) << 20, Pids: cfg.WorkerPidsLimit}
+	if err := checkLimits(contain, limits); err != nil {
+		return err
+	}
+	logContainment(log, cfg.Containment, contain.Mode(), passedOver)
 	registry, err := lifecycle.OpenRegistry(filepath.Join(cfg.StateDir, "registry.db"))
 	if err != nil {
 		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
@@ -146,6 +167,9 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Lock:     lock, // never sweeps this run; puts its lock file back if removed
 		Events:   events,
 		Logger:   log,
+		// In cgroup mode: records this run's cgroup in the state dir and
+		// kills the cgroups of dead runs.
+		Containment: contain,
 	})
 	if err != nil {
 		return err
@@ -173,22 +197,14 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	// If this process dies without stopping its workers, the guardian
 	// kills what they started within milliseconds instead of at the next
 	// start. Its Stop runs after the pool's close (defers run last first).
-	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run}, cfg.StateDir)
+	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run}, cfg.StateDir, contain)
 	if err != nil {
 		return err
 	}
 	defer guardian.Stop()
 
-	// The strongest containment the host offers (or the one asked for),
-	// and why each stronger one was passed over.
-	contain, passedOver, err := lifecycle.NewContainment(cfg.Containment, lifecycle.Marker{Node: cfg.Node, Run: run})
-	if err != nil {
-		return fmt.Errorf("%w: --containment %s: %v", ErrConfig, cfg.Containment, err)
-	}
-	containment := contain.Mode()
-	logContainment(log, cfg.Containment, containment, passedOver)
 	if m != nil {
-		m.SetContainment(containment)
+		m.SetContainment(contain.Mode())
 		m.SetReaperStats(reaper.Stats)
 		m.SetRegistryStats(func() (int, error) {
 			recs, err := registry.List()
@@ -215,9 +231,13 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		MaxAge:          cfg.MaxAge,
 		Registry:        registry,
 		Spawner:         spawner,
-		Containment:     contain,
 		Events:          events,
 		Logger:          log,
+
+		Containment:       contain,
+		WorkerMemoryLimit: limits.Memory,
+		WorkerPidsLimit:   limits.Pids,
+		Guardian:          guardian,
 	})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrConfig, err)
@@ -267,7 +287,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		Pool:           cfg.Pool,
 		Node:           cfg.Node,
 		Version:        Version,
-		Containment:    containment,
+		Containment:    contain.Mode(),
 		DefaultTimeout: cfg.RequestTimeout,
 		MaxTimeout:     cfg.MaxTimeout,
 		Stats:          func() any { return p.Stats() },
@@ -396,6 +416,30 @@ func workerProcesses(node, run string) (map[string]int, error) {
 		out[worker] += n
 	}
 	return out, nil
+}
+
+// checkLimits refuses, naming the flag, a worker limit the containment
+// cannot enforce.
+func checkLimits(c lifecycle.Containment, lim lifecycle.Limits) error {
+	for _, f := range []struct {
+		flag string
+		lim  lifecycle.Limits
+	}{
+		{"--worker-memory-limit", lifecycle.Limits{Memory: lim.Memory}},
+		{"--worker-pids-limit", lifecycle.Limits{Pids: lim.Pids}},
+	} {
+		if f.lim.IsZero() {
+			continue
+		}
+		l, ok := c.(lifecycle.Limiter)
+		if !ok {
+			return fmt.Errorf("%w: %s needs cgroup containment with its controller; the containment is %s", ErrConfig, f.flag, c.Mode())
+		}
+		if err := l.CheckLimits(f.lim); err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrConfig, f.flag, err)
+		}
+	}
+	return nil
 }
 
 // connect joins the NATS servers in cfg, retrying for cfg.ConnectWait while

@@ -78,9 +78,12 @@ func (p *Pool) watch(w *worker) {
 	}
 }
 
-// watchMemory recycles workers whose process tree's resident memory passed
-// MaxMemory. One /proc scan covers every worker, so the check can run often
-// enough to catch a leak before the OOM killer does.
+// watchMemory recycles workers whose process tree's memory passed
+// MaxMemory: what its container counts (memory.current: page cache and
+// kernel memory included, everything in its cgroup whatever its parent),
+// else its tree's resident memory, for which one /proc scan covers every
+// worker, so the check can run often enough to catch a leak before the OOM
+// killer does.
 func (p *Pool) watchMemory() {
 	tick := time.NewTicker(p.cfg.MemoryInterval)
 	defer tick.Stop()
@@ -93,21 +96,31 @@ func (p *Pool) watchMemory() {
 		p.mu.Lock()
 		byPID := make(map[int]*worker, len(p.workers))
 		pids := make([]int, 0, len(p.workers))
+		used := make(map[int]uint64, len(p.workers))
 		for _, w := range p.workers {
 			byPID[w.proc.PID()] = w
-			pids = append(pids, w.proc.PID())
+			if bytes, ok := w.proc.Memory(); ok {
+				used[w.proc.PID()] = bytes
+			} else {
+				pids = append(pids, w.proc.PID())
+			}
 		}
 		p.mu.Unlock()
-		rss, err := lifecycle.TreeRSSOf(pids)
-		if err != nil {
-			p.log.Warn("memory check", zap.Error(err))
-			continue
+		if len(pids) > 0 {
+			rss, err := lifecycle.TreeRSSOf(pids)
+			if err != nil {
+				p.log.Warn("memory check", zap.Error(err))
+				continue
+			}
+			for pid, bytes := range rss {
+				used[pid] = bytes
+			}
 		}
-		for pid, bytes := range rss {
+		for pid, bytes := range used {
 			if bytes > p.cfg.MaxMemory {
 				w := byPID[pid]
 				p.log.Info("worker over its memory limit", zap.String("worker", w.name),
-					zap.Uint64("rss", bytes), zap.Uint64("limit", p.cfg.MaxMemory))
+					zap.Uint64("bytes", bytes), zap.Uint64("limit", p.cfg.MaxMemory))
 				w.askRecycle("memory")
 			}
 		}

@@ -54,8 +54,10 @@ type Config struct {
 	CrashLoop int
 
 	// Recycling: a worker is replaced after about MaxRequests calls, MaxAge
-	// of life, or when its process tree's RSS passes MaxMemory bytes (each
-	// off when zero). The limits get up to 10% jitter per worker.
+	// of life, or when its process tree's memory passes MaxMemory bytes
+	// (each off when zero): its container's count where it keeps one
+	// (memory.current of a cgroup with the memory controller), else the
+	// RSS of its tree. The limits get up to 10% jitter per worker.
 	MaxRequests int
 	MaxAge      time.Duration
 	MaxMemory   uint64
@@ -75,8 +77,17 @@ type Config struct {
 	// Containment keeps each worker's tree (lifecycle.Containment); nil is
 	// lifecycle.ModeGroup.
 	Containment lifecycle.Containment
-	Events      lifecycle.Events // may be nil
-	Logger      *zap.Logger      // may be nil
+	// WorkerMemoryLimit (bytes) and WorkerPidsLimit are hard limits on each
+	// worker's whole tree, enforced by the kernel (0: none); they need a
+	// Containment that is a lifecycle.Limiter accepting them. A worker
+	// whose tree the OOM killer ends is terminated with reason oom.
+	WorkerMemoryLimit uint64
+	WorkerPidsLimit   int
+	// Guardian, if set, is told every worker's process group, to kill it
+	// if the node dies (lifecycle.StartOptions.Guardian).
+	Guardian *lifecycle.Guardian
+	Events   lifecycle.Events // may be nil
+	Logger   *zap.Logger      // may be nil
 
 	// sessionIdle is how long an unused session is kept (default 1 h) and
 	// sessionSweep how often idle ones are looked for (default 1 min); tests
@@ -97,8 +108,17 @@ func (c *Config) validate() error {
 		return errors.New("pool: Spawner is required")
 	}
 	if c.Workers < 0 || c.Concurrency < 0 || c.QueueLimit < 0 || c.QueueLimitBytes < 0 || c.MaxSessions < 0 ||
-		c.MaxRequests < 0 || c.MaxAge < 0 {
-		return errors.New("pool: Workers, Concurrency, QueueLimit, QueueLimitBytes, MaxSessions, MaxRequests and MaxAge must not be negative")
+		c.MaxRequests < 0 || c.MaxAge < 0 || c.WorkerPidsLimit < 0 {
+		return errors.New("pool: Workers, Concurrency, QueueLimit, QueueLimitBytes, MaxSessions, MaxRequests, MaxAge and WorkerPidsLimit must not be negative")
+	}
+	if lim := c.limits(); !lim.IsZero() {
+		l, ok := c.Containment.(lifecycle.Limiter)
+		if !ok {
+			return fmt.Errorf("pool: WorkerMemoryLimit and WorkerPidsLimit need a containment that enforces them (lifecycle.Limiter)")
+		}
+		if err := l.CheckLimits(lim); err != nil {
+			return fmt.Errorf("pool: %w", err)
+		}
 	}
 	setDefault(&c.Workers, 1)
 	setDefault(&c.Concurrency, 1)
@@ -121,6 +141,11 @@ func (c *Config) validate() error {
 		c.Logger = zap.NewNop()
 	}
 	return nil
+}
+
+// limits are the hard limits of each worker's tree.
+func (c *Config) limits() lifecycle.Limits {
+	return lifecycle.Limits{Memory: c.WorkerMemoryLimit, Pids: c.WorkerPidsLimit}
 }
 
 func setDefault[T comparable](v *T, def T) {
@@ -469,7 +494,13 @@ func (p *Pool) reportExit(w *worker) {
 		code := st.Code
 		ev.ExitCode = &code
 	}
-	if reason := w.stoppedFor(); reason != "" {
+	reason := w.stoppedFor()
+	if st.OOMKilled {
+		// The kernel ended the tree, over WorkerMemoryLimit: on purpose,
+		// as far as the operator is concerned, whatever the pool was doing.
+		reason = lifecycle.ReasonOOM
+	}
+	if reason != "" {
 		ev.Kind, ev.Reason = lifecycle.KindTerminated, reason
 		p.log.Info("worker terminated", zap.String("worker", w.name), zap.String("reason", reason), zap.String("exit", exitText(st)))
 	} else {

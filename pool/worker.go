@@ -245,11 +245,13 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	}
 
 	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{
-		Stdout:  onStdout,
-		Stderr:  onStderr,
-		Marker:  lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
-		Events:  p.cfg.Events,
-		Contain: p.cfg.Containment,
+		Stdout:   onStdout,
+		Stderr:   onStderr,
+		Marker:   lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
+		Events:   p.cfg.Events,
+		Contain:  p.cfg.Containment,
+		Limits:   p.cfg.limits(),
+		Guardian: p.cfg.Guardian,
 	})
 	lifelineR.Close()
 	secretR.Close() // the worker has its own copy

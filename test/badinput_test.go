@@ -2,10 +2,14 @@ package test
 
 import (
 	"bytes"
+	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
 // TestBadStartExits2 runs poolnode with a bad setting each time: it exits 2
@@ -22,6 +26,31 @@ func TestBadStartExits2(t *testing.T) {
 		{"bad duration", []string{"--request-timeout", "soon"}, "request-timeout"},
 		{"unknown flag", []string{"--wokers", "2"}, "wokers"},
 		{"bad env value", nil, "PYFLEET_WORKERS"},
+		{"memory limit in group mode", []string{"--containment", "group", "--worker-memory-limit", "64"}, "--worker-memory-limit needs cgroup containment"},
+		{"pids limit in group mode", []string{"--containment", "group", "--worker-pids-limit", "64"}, "--worker-pids-limit needs cgroup containment"},
+	}
+	// Where cgroup containment works but the controller is missing (this
+	// machine: cgroup v2 with hugetlb only), a limit is refused naming the
+	// flag and where the controller is missing.
+	if probe, err := lifecycle.NewCgroupContainment(lifecycle.Marker{Node: fmt.Sprintf("probe%d", os.Getpid()), Run: "limits"}); err == nil {
+		l := probe.(lifecycle.Limiter)
+		if l.CheckLimits(lifecycle.Limits{Memory: 64 << 20}) != nil {
+			cases = append(cases, struct {
+				name   string
+				args   []string
+				naming string
+			}{"memory limit without the memory controller", []string{"--containment", "cgroup", "--worker-memory-limit", "64"}, "--worker-memory-limit: containment unavailable: the memory controller is not available at"})
+		}
+		if l.CheckLimits(lifecycle.Limits{Pids: 64}) != nil {
+			cases = append(cases, struct {
+				name   string
+				args   []string
+				naming string
+			}{"pids limit without the pids controller", []string{"--containment", "cgroup", "--worker-pids-limit", "64"}, "--worker-pids-limit: containment unavailable: the pids controller"})
+		}
+		if err := probe.(interface{ Close() error }).Close(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

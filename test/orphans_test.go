@@ -1259,3 +1259,261 @@ func TestOrphansWorkerKilledMidRequest(t *testing.T) {
 	n.stopClean(t)
 	by.assertAlive(t)
 }
+
+// requireCgroup skips the test, saying why, on a host where the poolnode
+// cannot use cgroup containment; this test machine (root, cgroup v2) can.
+func requireCgroup(t *testing.T) {
+	t.Helper()
+	c, err := lifecycle.NewCgroupContainment(lifecycle.Marker{Node: fmt.Sprintf("probe%d", os.Getpid()), Run: strconv.FormatInt(time.Now().UnixNano(), 36)})
+	if err != nil {
+		t.Skipf("no cgroup containment on this host: %v", err)
+	}
+	if err := c.(interface{ Close() error }).Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// modeNode is a node in a containment mode.
+func modeNode(url, mode, state, name string, workers int) nodeOptions {
+	return onNATS(url, nodeOptions{app: nastyApp(), workers: workers, stateDir: state, name: name, extra: []string{"--containment", mode}})
+}
+
+// runCgroupOf is the run's cgroup, as the node recorded it in its state dir.
+func runCgroupOf(t *testing.T, state, node, run string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(state, "nodes", node+"."+run+".cgroup"))
+	if err != nil {
+		t.Fatalf("the node in cgroup mode recorded no cgroup: %v", err)
+	}
+	dir := strings.TrimSpace(string(b))
+	// Whatever a failed test leaves there goes, so that no cgroup outlives it.
+	t.Cleanup(func() { removeCgroupDir(t, dir) })
+	return dir
+}
+
+// removeCgroupDir kills what is left in a cgroup tree and removes it.
+func removeCgroupDir(t *testing.T, dir string) {
+	if _, err := os.Stat(dir); err != nil {
+		return
+	}
+	t.Errorf("cgroup %s was left behind; removing it", dir)
+	_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, path)
+		}
+		return nil
+	})
+	deadline := time.Now().Add(5 * time.Second)
+	for _, d := range slices.Backward(dirs) {
+		for os.Remove(d) != nil && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// cleanChild is what clean_env_spawn answers: a sleep started with
+// env={"PATH": ...}, so carrying no marker.
+func cleanChild(t *testing.T, n *nodeProc, nc *nats.Conn, newSession bool) (worker int, child lifecycle.Identity) {
+	t.Helper()
+	var r spawnReply
+	callOK(t, nc, nodeSubject(n.name, "clean_env_spawn"), fmt.Sprintf(`{"new_session":%v}`, newSession), &r)
+	child = identify(t, r.Child)[0]
+	t.Cleanup(func() { killIdentities(aliveOf([]lifecycle.Identity{child})) })
+	if slices.Contains(pidsOf(n.processes()), r.Child) {
+		t.Fatalf("the clean-environment child %d carries the node's marker", r.Child)
+	}
+	pi, err := readProcInfo(r.Child)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inGroup := pi.pgrp == r.PID; inGroup == newSession || newSession && pi.sid != r.Child {
+		t.Fatalf("child %d: %+v; want it in worker %d's group: %v, in a session of its own: %v", r.Child, pi, r.PID, !newSession, newSession)
+	}
+	return r.PID, child
+}
+
+// Rows 8 and 9 (issue 10): a worker starts a child with a clean environment
+// (subprocess.Popen(["sleep", "600"], env={"PATH": "/usr/bin:/bin"})), in its
+// process group, or with start_new_session=True as well; then kill -9 of the
+// poolnode. The child is gone within 1 s, and a bystander sleep lives, in
+// each containment mode this machine offers: in cgroup mode the guardian
+// kills the run's cgroup; in group mode it kills the worker's process group.
+// The child in a session of its own is group mode's known limit: nothing ties
+// it to the run any more.
+func TestOrphansCleanEnvironment(t *testing.T) {
+	url := startTestNATS(t)
+	by := startBystanders(t)
+	for _, mode := range []string{lifecycle.ModeCgroup, lifecycle.ModeGroup} {
+		for _, row := range []struct {
+			name       string
+			newSession bool
+		}{
+			{"Popen with a clean environment", false},
+			{"Popen with a clean environment and start_new_session", true},
+		} {
+			t.Run(mode+"/"+row.name, func(t *testing.T) {
+				if mode == lifecycle.ModeCgroup {
+					requireCgroup(t)
+				}
+				nc := connectURL(t, url)
+				ev := watchEvents(t, nc, "default")
+				state := shortTempDir(t)
+				n := startNode(t, modeNode(url, mode, state, "", 2))
+				run := runOf(t, ev, n)
+				if mode == lifecycle.ModeCgroup {
+					runCgroupOf(t, state, n.name, run)
+				}
+				_, child := cleanChild(t, n, nc, row.newSession)
+				workers := identify(t, n.workerPIDs()...)
+
+				knownLimit := mode == lifecycle.ModeGroup && row.newSession
+				bound := 5 * time.Second // generous: the measured time is what counts
+				if knownLimit {
+					bound = 2 * time.Second
+				}
+				n.killNine(t)
+				took, left := waitGone([]lifecycle.Identity{child}, bound)
+				n.wait(10 * time.Second)
+				if knownLimit {
+					if len(left) == 0 {
+						t.Fatalf("group mode: the clean-environment child in a session of its own died %s after the node's SIGKILL; "+
+							"the README names it group mode's known limit: update both", took)
+					}
+					killIdentities(left)
+					t.Skipf("known limit of group mode: child %d left its worker's group (start_new_session) and carries no marker "+
+						"(a clean environment), so nothing ties it to the run once the node is dead; it was still running %s after "+
+						"the node's SIGKILL; cgroup containment covers it", child.PID, took.Round(time.Millisecond))
+				}
+				if len(left) > 0 {
+					killIdentities(left)
+					t.Fatalf("the clean-environment child %d still runs %s after the node's SIGKILL", child.PID, bound)
+				}
+				t.Logf("%s mode: kill -9 of the node to the clean-environment child gone: %s", mode, took.Round(100*time.Microsecond))
+				if took > time.Second {
+					t.Errorf("the clean-environment child went %s after the node's SIGKILL, want within 1 s", took)
+				}
+				assertGone(t, "the workers", workers, time.Second)
+				// What the guardian killed is published by the next node on
+				// the state dir (unless the worker's lifeline, killing its
+				// own group as the node died, was first).
+				again := startNode(t, modeNode(url, mode, state, n.name, 1))
+				run2 := runOf(t, ev, again)
+				ev.waitFor(30*time.Second, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady && e.Run == run2 })
+				if es := matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(child.PID))); len(es) > 0 {
+					t.Logf("orphan_reaped for the child: %s", es[0].Detail)
+					if es[0].Run != run {
+						t.Errorf("orphan_reaped for %d names run %q, want %q", child.PID, es[0].Run, run)
+					}
+				} else if ln := filterEvents(n.loggedEvents(), withPID(child.PID)); len(ln) > 0 {
+					t.Errorf("the guardian logged killing %d, but the next node did not publish it: %+v", child.PID, ln)
+				} else {
+					t.Logf("no event for the child: its worker's lifeline killed its group as the node died")
+				}
+				again.stopClean(t)
+				by.assertAlive(t)
+			})
+		}
+	}
+}
+
+// Row 10 (issue 10): kill -9 of the node and its guardian at the same
+// moment, with a worker's clean-environment child in its group, one in a
+// session of its own, and a marked setsid grandchild. In cgroup mode all of
+// them are gone at the latest when the next node starts on the state dir,
+// which kills the dead run's cgroup before its first worker starts. In
+// group mode that node's sweep finds the marked grandchild; clean-environment
+// children are group mode's known limit.
+func TestOrphansKillNodeAndGuardian(t *testing.T) {
+	url := startTestNATS(t)
+	by := startBystanders(t)
+	for _, mode := range []string{lifecycle.ModeCgroup, lifecycle.ModeGroup} {
+		t.Run(mode, func(t *testing.T) {
+			if mode == lifecycle.ModeCgroup {
+				requireCgroup(t)
+			}
+			nc := connectURL(t, url)
+			ev := watchEvents(t, nc, "default")
+			state := shortTempDir(t)
+			n := startNode(t, modeNode(url, mode, state, "", 2))
+			run := runOf(t, ev, n)
+			var cgroupDir string
+			if mode == lifecycle.ModeCgroup {
+				cgroupDir = runCgroupOf(t, state, n.name, run)
+			}
+			_, inGroup := cleanChild(t, n, nc, false)
+			_, ownSession := cleanChild(t, n, nc, true)
+			var ss setsidReply
+			callOK(t, nc, nodeSubject(n.name, "setsid_sleep"), `{}`, &ss)
+			marked := identify(t, ss.Grandchild)[0]
+			clean := []lifecycle.Identity{inGroup, ownSession}
+
+			n.killNineWithHelpers(t)
+			n.wait(10 * time.Second)
+			time.Sleep(time.Second)
+			survivors := undoomed(append(slices.Clone(clean), marked))
+			t.Logf("1 s after the node and its guardian were SIGKILLed, still running: %v (marked grandchild %d, clean-environment children %v)",
+				pidsOf(survivors), marked.PID, pidsOf(clean))
+
+			start := time.Now()
+			again := launchNode(t, modeNode(url, mode, state, n.name, 1))
+			var want []lifecycle.Identity
+			if mode == lifecycle.ModeCgroup {
+				want = append(slices.Clone(clean), marked)
+			} else {
+				want = []lifecycle.Identity{marked}
+			}
+			took, left := waitGone(want, 60*time.Second)
+			if len(left) > 0 {
+				killIdentities(left)
+				t.Fatalf("%s mode: still running after the next node started on the state dir: %v", mode, left)
+			}
+			t.Logf("%s mode: next node's start to the last of %v gone: %s", mode, pidsOf(want), took.Round(time.Millisecond))
+			select {
+			case <-again.serving:
+			case <-again.done:
+				t.Fatalf("the next node exited: %v\n%s", again.err, again.log())
+			case <-time.After(60 * time.Second):
+				t.Fatalf("the next node is not serving after 60 s\n%s", again.log())
+			}
+			t.Logf("%s mode: next node's start to serving: %s", mode, time.Since(start).Round(time.Millisecond))
+			for _, id := range want {
+				if !slices.Contains(survivors, id) {
+					continue
+				}
+				es := matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(id.PID)))
+				if len(es) == 0 || es[0].Run != run {
+					t.Errorf("no orphan_reaped naming run %s for %d, which the next node's sweep killed: %+v", run, id.PID, es)
+				} else {
+					t.Logf("orphan_reaped for %d: %s", id.PID, es[0].Detail)
+				}
+			}
+			if mode == lifecycle.ModeCgroup {
+				if _, err := os.Stat(cgroupDir); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("the dead run's cgroup %s is still there: %v", cgroupDir, err)
+				}
+				if _, err := os.Stat(filepath.Join(state, "nodes", n.name+"."+run+".cgroup")); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("the dead run's cgroup record is still there: %v", err)
+				}
+			}
+			again.stopClean(t)
+			by.assertAlive(t)
+
+			if mode != lifecycle.ModeGroup {
+				return // the clean-environment children were checked above
+			}
+			t.Run("clean-environment children", func(t *testing.T) {
+				left := undoomed(clean)
+				if len(left) == 0 {
+					t.Fatalf("group mode: both clean-environment children died although the node and its guardian were SIGKILLed; " +
+						"the README names them group mode's known limit: update both")
+				}
+				killIdentities(left)
+				t.Skipf("known limit of group mode: with the node and its guardian SIGKILLed together, clean-environment children "+
+					"(no marker) are not found by the next node's sweep; %v were still running (a child in its worker's group "+
+					"dies only if the worker's lifeline wins its race with the parent-death signal)", pidsOf(left))
+			})
+		})
+	}
+}

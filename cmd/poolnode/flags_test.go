@@ -222,6 +222,8 @@ max-deliver: 10
 stream-replicas: 3
 metrics: 127.0.0.1:9100
 containment: group
+worker-memory-limit: 15
+worker-pids-limit: 16
 state-dir: /s
 log-level: error
 log-format: console
@@ -241,6 +243,7 @@ nats-tls-key: /key
 					RequestTimeout: 5 * time.Second, MaxTimeout: 2 * time.Hour, ShutdownGrace: 6 * time.Second,
 					MaxResultBytes: 13, ConnectWait: 14 * time.Second,
 					MaxDeliver: 10, StreamReplicas: 3, Metrics: "127.0.0.1:9100", StateDir: "/s", Containment: "group",
+					WorkerMemoryLimitMB: 15, WorkerPidsLimit: 16,
 					MaxRequests: 7, MaxMemoryMB: 8, MaxAge: 9 * time.Second,
 					NATSCreds: "/c", NATSUser: "u", NATSPassword: "pw", NATSToken: "tk",
 					NATSTLSCA: "/ca", NATSTLSCert: "/cert", NATSTLSKey: "/key",

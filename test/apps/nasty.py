@@ -69,6 +69,24 @@ def spawn(payload: Any) -> dict[str, int]:
     return {"pid": os.getpid(), "child": child.pid}
 
 
+@app.function
+def clean_env_spawn(payload: Any) -> dict[str, int]:
+    """A `sleep` child started with a clean environment, as code that runs
+    tools under a minimal PATH does: it carries no pyfleet marker.
+    {"new_session": true} also puts it in a session of its own
+    (start_new_session), out of the worker's process group: the daemon a
+    helper library leaves behind."""
+    child = subprocess.Popen(
+        ["sleep", str(_arg(payload, "seconds", 600))],
+        env={"PATH": "/usr/bin:/bin"},
+        start_new_session=bool(_arg(payload, "new_session", False)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return {"pid": os.getpid(), "child": child.pid}
+
+
 def _mp_grandchild(seconds: float) -> None:
     time.sleep(seconds)
 
