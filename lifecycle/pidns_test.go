@@ -202,7 +202,11 @@ func TestPIDNSKeepsFdsAndOutput(t *testing.T) {
 	}
 	// "fd N is a pipe" lines name pipes beyond 4 that the test process
 	// itself inherited; the init must add none.
+	// Sorted: stdout and stderr are two pipes, read by two goroutines, so
+	// their lines interleave differently from run to run.
 	group, pidns := run(nil), run(c)
+	slices.Sort(group)
+	slices.Sort(pidns)
 	if !slices.Contains(pidns, "stderr line") || !slices.Equal(group, pidns) {
 		t.Errorf("output contained %q, uncontained %q", pidns, group)
 	}
