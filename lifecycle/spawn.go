@@ -397,15 +397,17 @@ func (p *Process) wait() {
 	_ = waitExited(p.id.PID)
 	// Only this goroutine reaps, so until it does the group id is ours.
 	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
-	// The container holds what left the group, whatever its environment.
-	_ = p.box.Kill()
 	waitGroupGone(p.pgid, p.id.PID, drainTimeout)
 	if p.marks != (marks{}) {
-		// Whatever of this start left the group dies now too. A failed
-		// scan leaves the rest to the Reaper.
+		// Whatever of this start left the group dies now too, each kill
+		// an orphan_reaped event. A failed scan leaves the rest to the
+		// container, then to the Reaper.
 		k := p.marks
 		_, _ = killMarked(func(m marks) bool { return m == k }, "outlived worker "+k.id, p.events)
 	}
+	// The container holds what is left, whatever its environment or
+	// session: what dropped the marks, and what forked meanwhile.
+	_ = p.box.Kill()
 	// Read while the container still exists; its tree is dead by now.
 	oom := false
 	if a, ok := p.box.(Accounting); ok {
