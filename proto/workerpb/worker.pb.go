@@ -1,7 +1,7 @@
 // The wire between a poolnode and one of its Python workers, over a Unix
 // socket. One long-lived Batches stream per worker carries every call: a
 // unary RPC per request costs Python's gRPC far more CPU than a frame on an
-// open stream (see shared/PRIOR-ART.md), so calls are frames matched by id,
+// open stream (docs/benchmarks.md measures both), so calls are frames matched by id,
 // and each gRPC message carries as many frames as are ready to go, since in
 // Python the cost is per message far more than per byte.
 
