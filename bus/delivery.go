@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -160,28 +159,12 @@ func (j *Jobs) maxResult() int {
 }
 
 // keepLease renews d's lease on its job every AckWait/3 until the returned
-// func is called; that func returns once the goroutine has.
+// func is called; that func may be called more than once and returns once
+// no renewal can follow.
 func (j *Jobs) keepLease(d *delivery) func() {
-	done := make(chan struct{})
-	exited := make(chan struct{})
-	go func() {
-		defer close(exited)
-		t := time.NewTicker(j.cfg.AckWait / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				if err := d.msg.InProgress(); err != nil {
-					d.log.Warn("renew job lease", zap.Error(err))
-				}
-			}
+	return every(j.cfg.AckWait/3, func() {
+		if err := d.msg.InProgress(); err != nil {
+			d.log.Warn("renew job lease", zap.Error(err))
 		}
-	}()
-	var once sync.Once
-	return func() {
-		once.Do(func() { close(done) })
-		<-exited
-	}
+	})
 }

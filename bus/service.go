@@ -521,10 +521,17 @@ func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (s
 		_ = s.nc.PublishMsg(m)
 	}
 	beat()
+	return every(interval, beat)
+}
+
+// every calls f every interval, on a goroutine of its own, until the
+// returned stop is called. stop may be called more than once; it returns
+// once f has returned for the last time.
+func every(interval time.Duration, f func()) (stop func()) {
 	done := make(chan struct{})
-	stopped := make(chan struct{})
+	exited := make(chan struct{})
 	go func() {
-		defer close(stopped)
+		defer close(exited)
 		t := time.NewTicker(interval)
 		defer t.Stop()
 		for {
@@ -532,13 +539,14 @@ func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (s
 			case <-done:
 				return
 			case <-t.C:
-				beat()
+				f()
 			}
 		}
 	}()
+	var once sync.Once
 	return func() {
-		close(done)
-		<-stopped
+		once.Do(func() { close(done) })
+		<-exited
 	}
 }
 
