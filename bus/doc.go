@@ -2,17 +2,27 @@
 // touches a subject: the embedded nats-server (StartEmbedded), the client
 // connection (Connect), the request/reply micro service that serves a
 // call.Handler (Serve), lifecycle event publishing (EventPublisher) and the
-// JetStream jobs of a pool (StartJobs, EnsureStreams).
+// JetStream jobs of a pool (StartJobs, EnsureStreams, StreamConfigs).
 //
 // bus knows nothing of processes or Python: it turns NATS messages into
 // call.Requests, hands them to a call.Handler (the pool, in a node) and turns
-// results, chunks and *call.Errors back into messages with the headers of
-// SPEC section 4. Subjects are built in subjects.go, headers and the error
-// body are defined in reply.go; clients such as submit use the same names
-// and ReplyError to read a reply.
+// results, chunks and *call.Errors back into messages. The names on the
+// wire (subjects, headers, the error and dead-letter bodies, the service
+// name) are package protocol's, which clients such as cmd/submit import
+// too; docs/protocol.md is the contract. What bus adds is the node's side
+// of it: what a request must be to be admitted (service.go, validate.go),
+// how a reply is built (reply.go) and how a job is settled.
+//
+// Files: service.go serves calls; validate.go holds the header rule and the
+// JSON rule; streams.go describes and creates the JetStream streams; for
+// jobs, jobs.go starts and stops them, fetch.go pulls as many as there is
+// capacity for, delivery.go reads who a delivered job is and keeps its
+// lease, settle.go runs it and acks, retries or buries it, collect.go
+// gathers a streamed job's items, results.go looks up, stores and forwards
+// results, and dead.go writes dead letters.
 //
 // Goroutines: a Service runs one goroutine per accepted request and its Stop
 // waits for them; Jobs runs one fetch loop, plus one goroutine and one lease
-// heartbeat per job held, and its Stop waits for them. Everything else
+// renewer per job held, and its Stop waits for them. Everything else
 // belongs to nats.go and nats-server.
 package bus

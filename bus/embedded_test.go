@@ -4,7 +4,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -121,22 +120,4 @@ func TestEmbeddedToken(t *testing.T) {
 		t.Fatalf("token: %v", err)
 	}
 	nc.Close()
-}
-
-func TestValidToken(t *testing.T) {
-	for _, ok := range []string{"default", "node-1_a", "héllo", "A"} {
-		if err := bus.ValidToken(ok); err != nil {
-			t.Errorf("ValidToken(%q) = %v", ok, err)
-		}
-	}
-	for _, bad := range []string{"", "a.b", "a*", ">", "a b", "a\tb", "a\nb", "\x00"} {
-		err := bus.ValidToken(bad)
-		if err == nil {
-			t.Errorf("ValidToken(%q) accepted", bad)
-			continue
-		}
-		if bad != "" && !strings.Contains(err.Error(), strconv.Quote(bad)) {
-			t.Errorf("ValidToken(%q) = %v, does not name the value", bad, err)
-		}
-	}
 }

@@ -8,13 +8,14 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // EventPublisher publishes lifecycle events on
 // <prefix>.evt.<pool>.<node>.<kind>, where PYFLEET_EVENTS keeps them.
 type EventPublisher struct {
 	nc         *nats.Conn
-	subj       Subjects
+	subj       protocol.Subjects
 	pool, node string
 	log        *zap.Logger
 }
@@ -25,7 +26,7 @@ func NewEventPublisher(nc *nats.Conn, prefix, pool, node string, log *zap.Logger
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &EventPublisher{nc: nc, subj: Subjects{Prefix: prefix}, pool: pool, node: node, log: log.Named("events")}
+	return &EventPublisher{nc: nc, subj: protocol.Subjects{Prefix: prefix}, pool: pool, node: node, log: log.Named("events")}
 }
 
 var _ lifecycle.Events = (*EventPublisher)(nil).Publish
@@ -48,7 +49,7 @@ func (p *EventPublisher) Publish(ev lifecycle.Event) {
 	}
 	log := p.log.With(zap.String("kind", ev.Kind), zap.String("pool", ev.Pool), zap.String("node", ev.Node))
 	for _, tok := range []string{ev.Pool, ev.Node, ev.Kind} {
-		if err := ValidToken(tok); err != nil {
+		if err := protocol.ValidToken(tok); err != nil {
 			log.Error("lifecycle event not published", zap.Error(err))
 			return
 		}

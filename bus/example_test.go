@@ -10,6 +10,7 @@ import (
 
 	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // upper is a one-function call.Handler.
@@ -57,11 +58,11 @@ func Example() {
 	defer caller.Close()
 	for _, fn := range []string{"shout", "whisper"} {
 		reply, _ := caller.Request("pyfleet.req.default."+fn, []byte("hello"), time.Second)
-		if e := bus.ReplyError(reply); e != nil {
+		if e := protocol.ReplyError(reply.Header, reply.Data); e != nil {
 			fmt.Println(e.Code, e.Type)
 			continue
 		}
-		fmt.Println(string(reply.Data), "from", reply.Header.Get(bus.HeaderNode))
+		fmt.Println(string(reply.Data), "from", reply.Header.Get(protocol.HeaderNode))
 	}
 
 	svc.Drain()

@@ -11,6 +11,7 @@ import (
 
 	"github.com/pyfleet/pyfleet/call"
 	"github.com/pyfleet/pyfleet/proto/workerpb"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // The fuzz targets of the request path. Their seeds (the f.Add calls and
@@ -64,8 +65,8 @@ func FuzzAdmit(f *testing.F) {
 	f.Fuzz(func(t *testing.T, requestID, session, timeout, heartbeat, replyTo, msgID string, lower bool, body []byte, raw bool) {
 		hdr := nats.Header{}
 		for name, v := range map[string]string{
-			HeaderRequestID: requestID, HeaderSession: session, HeaderTimeout: timeout,
-			HeaderHeartbeat: heartbeat, HeaderReplyTo: replyTo, HeaderMsgID: msgID,
+			protocol.HeaderRequestID: requestID, protocol.HeaderSession: session, protocol.HeaderTimeout: timeout,
+			protocol.HeaderHeartbeat: heartbeat, protocol.HeaderReplyTo: replyTo, protocol.HeaderMsgID: msgID,
 		} {
 			if v == "" {
 				continue
@@ -154,7 +155,7 @@ func FuzzCheckJSON(f *testing.F) {
 			t.Fatalf("admitted %.60q: valid JSON %v, breach %q", body, valid, breach)
 		case err == nil:
 			return
-		case err.Code != call.CodeBadRequest || err.Type != TypeBadRequest:
+		case err.Code != call.CodeBadRequest || err.Type != call.TypeBadRequest:
 			t.Fatalf("%.60q: refused with %d %s", body, err.Code, err.Type)
 		case len(err.Message) > 200:
 			t.Fatalf("%.60q: message of %d bytes", body, len(err.Message))

@@ -16,6 +16,7 @@ import (
 
 	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // jobHandler is a call.Handler for jobs: it counts runs per request id (the
@@ -150,7 +151,7 @@ func submit(t *testing.T, js jetstream.JetStream, function, id, body string, hdr
 	m := nats.NewMsg("pyfleet.job.p." + function)
 	m.Data = []byte(body)
 	if id != "" {
-		m.Header.Set(bus.HeaderMsgID, id)
+		m.Header.Set(protocol.HeaderMsgID, id)
 	}
 	for i := 0; i+1 < len(hdr); i += 2 {
 		m.Header.Set(hdr[i], hdr[i+1])
@@ -262,12 +263,12 @@ func TestJobResultStoredAndForwarded(t *testing.T) {
 	h := &jobHandler{}
 	MustJobs(t, nc, h)
 	inbox := mustSub(t, nc, "my.results")
-	submit(t, js, "echo", "j1", `{"x":1}`, bus.HeaderReplyTo, "my.results")
+	submit(t, js, "echo", "j1", `{"x":1}`, protocol.HeaderReplyTo, "my.results")
 	m := next(t, inbox, 10*time.Second)
 	if string(m.Data) != `{"x":1}` {
 		t.Errorf("forwarded body %q", m.Data)
 	}
-	for k, want := range map[string]string{bus.HeaderStatus: "ok", bus.HeaderJobID: "j1", bus.HeaderNode: "n1", bus.HeaderWorker: "w1"} {
+	for k, want := range map[string]string{protocol.HeaderStatus: "ok", protocol.HeaderJobID: "j1", protocol.HeaderNode: "n1", protocol.HeaderWorker: "w1"} {
 		if got := m.Header.Get(k); got != want {
 			t.Errorf("forwarded %s = %q, want %q", k, got, want)
 		}
@@ -277,18 +278,18 @@ func TestJobResultStoredAndForwarded(t *testing.T) {
 	if err != nil {
 		t.Fatalf("stored result: %v", err)
 	}
-	if string(stored.Data) != `{"x":1}` || stored.Header.Get(bus.HeaderStatus) != "ok" || stored.Header.Get(bus.HeaderJobID) != "j1" {
+	if string(stored.Data) != `{"x":1}` || stored.Header.Get(protocol.HeaderStatus) != "ok" || stored.Header.Get(protocol.HeaderJobID) != "j1" {
 		t.Errorf("stored result %q %v", stored.Data, stored.Header)
 	}
 	eventually(t, "job acked", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
 
 	// Without Nats-Msg-Id the stream sequence is the job id.
-	ack := submit(t, js, "count", "", `null`, bus.HeaderReplyTo, "my.results")
+	ack := submit(t, js, "count", "", `null`, protocol.HeaderReplyTo, "my.results")
 	m = next(t, inbox, 10*time.Second)
-	if id := strconv.FormatUint(ack.Sequence, 10); m.Header.Get(bus.HeaderJobID) != id {
-		t.Errorf("job id %q, want the sequence %s", m.Header.Get(bus.HeaderJobID), id)
+	if id := strconv.FormatUint(ack.Sequence, 10); m.Header.Get(protocol.HeaderJobID) != id {
+		t.Errorf("job id %q, want the sequence %s", m.Header.Get(protocol.HeaderJobID), id)
 	}
-	if string(m.Data) != "[0,1,2]" || m.Header.Get(bus.HeaderWorker) != "w2" {
+	if string(m.Data) != "[0,1,2]" || m.Header.Get(protocol.HeaderWorker) != "w2" {
 		t.Errorf("streamed job result %q %v", m.Data, m.Header)
 	}
 }
@@ -320,15 +321,15 @@ func TestStoredResultNotRunAgain(t *testing.T) {
 	}
 	// A node stored this result and died before its ack.
 	done := nats.NewMsg("pyfleet.result.p.j2")
-	done.Header.Set(bus.HeaderStatus, "ok")
-	done.Header.Set(bus.HeaderJobID, "j2")
-	done.Header.Set(bus.HeaderFunction, "echo")
+	done.Header.Set(protocol.HeaderStatus, "ok")
+	done.Header.Set(protocol.HeaderJobID, "j2")
+	done.Header.Set(protocol.HeaderFunction, "echo")
 	done.Data = []byte(`"earlier"`)
 	if _, err := js.PublishMsg(context.Background(), done); err != nil {
 		t.Fatal(err)
 	}
 	inbox := mustSub(t, nc, "my.results")
-	submit(t, js, "echo", "j2", `"again"`, bus.HeaderReplyTo, "my.results")
+	submit(t, js, "echo", "j2", `"again"`, protocol.HeaderReplyTo, "my.results")
 	h := &jobHandler{}
 	MustJobs(t, nc, h)
 	if m := next(t, inbox, 10*time.Second); string(m.Data) != `"earlier"` {
@@ -345,9 +346,9 @@ func TestJobFailsThenSucceeds(t *testing.T) {
 	h := &jobHandler{failFirst: 2}
 	MustJobs(t, nc, h, func(c *bus.JobsConfig) { c.BackOff = []time.Duration{50 * time.Millisecond} })
 	inbox := mustSub(t, nc, "my.results")
-	submit(t, js, "flaky", "j3", `{}`, bus.HeaderReplyTo, "my.results")
+	submit(t, js, "flaky", "j3", `{}`, protocol.HeaderReplyTo, "my.results")
 	m := next(t, inbox, 10*time.Second)
-	if m.Header.Get(bus.HeaderStatus) != "ok" || string(m.Data) != `"ok"` {
+	if m.Header.Get(protocol.HeaderStatus) != "ok" || string(m.Data) != `"ok"` {
 		t.Errorf("result %q %v", m.Data, m.Header)
 	}
 	if n := h.runsOf("j3"); n != 3 {
@@ -367,28 +368,28 @@ func TestJobAlwaysFailsToDeadLetter(t *testing.T) {
 		c.MaxDeliver = 3
 		c.BackOff = []time.Duration{10 * time.Millisecond}
 	})
-	submit(t, js, "fail", "j4", `{"a":1}`, bus.HeaderReplyTo, "my.results")
+	submit(t, js, "fail", "j4", `{"a":1}`, protocol.HeaderReplyTo, "my.results")
 	m := next(t, dead, 10*time.Second)
 	if m.Subject != "pyfleet.dead.p.fail" {
 		t.Errorf("dead letter on %s", m.Subject)
 	}
-	for k, want := range map[string]string{bus.HeaderStatus: "error", bus.HeaderErrorCode: "500", bus.HeaderError: "always 3", bus.HeaderJobID: "j4"} {
+	for k, want := range map[string]string{protocol.HeaderStatus: "error", protocol.HeaderErrorCode: "500", protocol.HeaderError: "always 3", protocol.HeaderJobID: "j4"} {
 		if got := m.Header.Get(k); got != want {
 			t.Errorf("dead letter %s = %q, want %q", k, got, want)
 		}
 	}
-	var body bus.DeadLetter
+	var body protocol.DeadLetter
 	if err := json.Unmarshal(m.Data, &body); err != nil {
 		t.Fatal(err)
 	}
 	if body.Error.Type != "ValueError" || body.Job.ID != "j4" || body.Job.Deliveries != 3 || string(body.Job.Payload) != `{"a":1}` {
 		t.Errorf("dead letter body %s", m.Data)
 	}
-	if e := bus.ReplyError(m); e == nil || e.Message != "always 3" {
+	if e := protocol.ReplyError(m.Header, m.Data); e == nil || e.Message != "always 3" {
 		t.Errorf("ReplyError(dead letter) = %v", e)
 	}
 	// Whoever waits for the job learns how it ended.
-	if r := next(t, inbox, 5*time.Second); bus.ReplyError(r) == nil || r.Header.Get(bus.HeaderJobID) != "j4" {
+	if r := next(t, inbox, 5*time.Second); protocol.ReplyError(r.Header, r.Data) == nil || r.Header.Get(protocol.HeaderJobID) != "j4" {
 		t.Errorf("forwarded %q %v, want the error", r.Data, r.Header)
 	}
 	if n := h.runsOf("j4"); n != 3 {
@@ -412,13 +413,13 @@ func TestJobThatCanNeverSucceed(t *testing.T) {
 	}{
 		{"echo", "badjson", `{`, nil, 400, 0},
 		{"nosuch", "unknown", `{}`, nil, 404, 0},
-		{"echo", "badtimeout", `{}`, []string{bus.HeaderTimeout, "soon"}, 400, 0},
+		{"echo", "badtimeout", `{}`, []string{protocol.HeaderTimeout, "soon"}, 400, 0},
 		{"bad", "raises", `{}`, nil, 400, 1},
 		{"echo", "has space", `{}`, nil, 400, 0},
 	} {
 		submit(t, js, c.function, c.id, c.body, c.hdr...)
 		m := next(t, dead, 10*time.Second)
-		if m.Header.Get(bus.HeaderErrorCode) != strconv.Itoa(c.code) || m.Header.Get(bus.HeaderJobID) != c.id {
+		if m.Header.Get(protocol.HeaderErrorCode) != strconv.Itoa(c.code) || m.Header.Get(protocol.HeaderJobID) != c.id {
 			t.Errorf("%s: dead letter %s %v", c.id, m.Data, m.Header)
 		}
 		if n := h.runsOf(c.id); n != c.runs {
@@ -432,8 +433,8 @@ func TestLongJobKeptByInProgress(t *testing.T) {
 	h := &jobHandler{}
 	MustJobs(t, nc, h, func(c *bus.JobsConfig) { c.AckWait = 300 * time.Millisecond })
 	inbox := mustSub(t, nc, "my.results")
-	submit(t, js, "sleep", "long", `1500`, bus.HeaderReplyTo, "my.results")
-	if m := next(t, inbox, 10*time.Second); m.Header.Get(bus.HeaderStatus) != "ok" {
+	submit(t, js, "sleep", "long", `1500`, protocol.HeaderReplyTo, "my.results")
+	if m := next(t, inbox, 10*time.Second); m.Header.Get(protocol.HeaderStatus) != "ok" {
 		t.Errorf("result %v", m.Header)
 	}
 	time.Sleep(500 * time.Millisecond) // a redelivery would show now
@@ -449,7 +450,7 @@ func TestJobsRespectCapacity(t *testing.T) {
 	const n = 12
 	inbox := mustSub(t, nc, "my.results")
 	for i := range n {
-		submit(t, js, "sleep", "c"+strconv.Itoa(i), `100`, bus.HeaderReplyTo, "my.results")
+		submit(t, js, "sleep", "c"+strconv.Itoa(i), `100`, protocol.HeaderReplyTo, "my.results")
 	}
 	cons, err := js.Consumer(context.Background(), "PYFLEET_JOBS", "pyfleet_p")
 	if err != nil {
@@ -505,10 +506,10 @@ func TestJobOfStoppedNodeDeadLettered(t *testing.T) {
 		t.Errorf("Stop = %v", err)
 	}
 	m := next(t, dead, 10*time.Second)
-	if m.Subject != "pyfleet.dead.p.sleep" || m.Header.Get(bus.HeaderJobID) != "cut" {
+	if m.Subject != "pyfleet.dead.p.sleep" || m.Header.Get(protocol.HeaderJobID) != "cut" {
 		t.Errorf("dead letter %s %v", m.Subject, m.Header)
 	}
-	if e := bus.ReplyError(m); e == nil || e.Type != "DeliveryLimit" {
+	if e := protocol.ReplyError(m.Header, m.Data); e == nil || e.Type != call.TypeDeliveryLimit {
 		t.Errorf("dead letter error %v", e)
 	}
 	eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
@@ -541,16 +542,16 @@ func TestConsumerRecreated(t *testing.T) {
 		t.Fatal(err)
 	}
 	inbox := mustSub(t, nc, "my.results")
-	submit(t, js, "echo", "after", `1`, bus.HeaderReplyTo, "my.results")
+	submit(t, js, "echo", "after", `1`, protocol.HeaderReplyTo, "my.results")
 	if m := next(t, inbox, 15*time.Second); string(m.Data) != "1" {
 		t.Errorf("result %q", m.Data)
 	}
 }
 
 // readDead decodes a dead letter's body.
-func readDead(t *testing.T, m *nats.Msg) bus.DeadLetter {
+func readDead(t *testing.T, m *nats.Msg) protocol.DeadLetter {
 	t.Helper()
-	var d bus.DeadLetter
+	var d protocol.DeadLetter
 	if err := json.Unmarshal(m.Data, &d); err != nil {
 		t.Fatalf("dead letter body %.200q: %v", m.Data, err)
 	}
@@ -600,10 +601,10 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 		name, header, value, body, naming string
 	}
 	var cases []badJob
-	for _, name := range []string{bus.HeaderRequestID, bus.HeaderSession, bus.HeaderTimeout, bus.HeaderHeartbeat, bus.HeaderReplyTo, bus.HeaderMsgID} {
+	for _, name := range []string{protocol.HeaderRequestID, protocol.HeaderSession, protocol.HeaderTimeout, protocol.HeaderHeartbeat, protocol.HeaderReplyTo, protocol.HeaderMsgID} {
 		for _, fault := range []struct{ what, value string }{
 			{"not UTF-8", "a\xff\xfeb"},
-			{"too long", strings.Repeat("a", bus.MaxHeaderValue+1)},
+			{"too long", strings.Repeat("a", protocol.MaxHeaderValue+1)},
 			{"control character", "a\x01b"},
 			{"DEL", "a\x7fb"},
 		} {
@@ -611,9 +612,9 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 		}
 	}
 	cases = append(cases,
-		badJob{"timeout over MaxTimeout", bus.HeaderTimeout, "60001", `{}`, "over this node's limit of 60000"},
-		badJob{"timeout not a number", bus.HeaderTimeout, "soon", `{}`, "header " + bus.HeaderTimeout},
-		badJob{"timeout that would wrap", bus.HeaderTimeout, "9223372036854775807", `{}`, "header " + bus.HeaderTimeout},
+		badJob{"timeout over MaxTimeout", protocol.HeaderTimeout, "60001", `{}`, "over this node's limit of 60000"},
+		badJob{"timeout not a number", protocol.HeaderTimeout, "soon", `{}`, "header " + protocol.HeaderTimeout},
+		badJob{"timeout that would wrap", protocol.HeaderTimeout, "9223372036854775807", `{}`, "header " + protocol.HeaderTimeout},
 		badJob{"malformed JSON", "", "", `{"a":`, "malformed JSON"},
 	)
 	for i, c := range cases {
@@ -622,7 +623,7 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 		if c.header != "" {
 			hdr = []string{c.header, c.value}
 		}
-		if c.header == bus.HeaderMsgID {
+		if c.header == protocol.HeaderMsgID {
 			id = "" // the header is the id
 		}
 		ack := submit(t, js, "echo", id, c.body, hdr...)
@@ -634,10 +635,10 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 		if d.Error.Code != 400 || !strings.Contains(d.Error.Message, c.naming) || d.Job.Deliveries != 1 || d.Job.Seq != ack.Sequence {
 			t.Errorf("%s: dead letter %s; want a 400 naming %q on the first delivery", c.name, m.Data, c.naming)
 		}
-		if got := m.Header.Get(bus.HeaderJobID); got != id || d.Job.ID != id {
+		if got := m.Header.Get(protocol.HeaderJobID); got != id || d.Job.ID != id {
 			t.Errorf("%s: dead letter of job %q (body %q), want %q", c.name, got, d.Job.ID, id)
 		}
-		if c.header == bus.HeaderMsgID && !strings.Contains(d.Error.Message, "named by its stream sequence "+id) {
+		if c.header == protocol.HeaderMsgID && !strings.Contains(d.Error.Message, "named by its stream sequence "+id) {
 			t.Errorf("%s: the dead letter does not say the job was renamed: %q", c.name, d.Error.Message)
 		}
 		for k, vs := range m.Header {
@@ -649,7 +650,7 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 		}
 		// The job ended: its error is its stored result (stored just
 		// after the dead letter).
-		if r := waitStored(t, js, id); r.Header.Get(bus.HeaderStatus) != bus.StatusError {
+		if r := waitStored(t, js, id); r.Header.Get(protocol.HeaderStatus) != protocol.StatusError {
 			t.Errorf("%s: stored result %v, want the error", c.name, r.Header)
 		}
 	}
@@ -663,7 +664,7 @@ func TestJobBadHeadersDeadLetteredAtOnce(t *testing.T) {
 	}
 	// A good job with the largest allowed timeout still runs.
 	inbox := mustSub(t, nc, "my.results")
-	submit(t, js, "echo", "good", `{"ok":1}`, bus.HeaderTimeout, "60000", bus.HeaderReplyTo, "my.results")
+	submit(t, js, "echo", "good", `{"ok":1}`, protocol.HeaderTimeout, "60000", protocol.HeaderReplyTo, "my.results")
 	if m := next(t, inbox, 10*time.Second); string(m.Data) != `{"ok":1}` {
 		t.Errorf("good job result %q %v", m.Data, m.Header)
 	}
@@ -684,11 +685,11 @@ func TestJobReplyToRestricted(t *testing.T) {
 		"$SYS.REQ.SERVER.PING", "a..b", ".a", "a.", "a.*", "a.>", "*", "a b", "a\tb",
 	} {
 		id := "rt-" + strconv.Itoa(i)
-		submit(t, js, "echo", id, `{"forged":true}`, bus.HeaderReplyTo, to)
+		submit(t, js, "echo", id, `{"forged":true}`, protocol.HeaderReplyTo, to)
 		m := next(t, dead, 10*time.Second)
 		d := readDead(t, m)
-		if d.Error.Code != 400 || !strings.Contains(d.Error.Message, bus.HeaderReplyTo) || d.Job.ID != id || d.Job.Deliveries != 1 {
-			t.Errorf("Reply-To %q: dead letter %s, want a 400 naming %s", to, m.Data, bus.HeaderReplyTo)
+		if d.Error.Code != 400 || !strings.Contains(d.Error.Message, protocol.HeaderReplyTo) || d.Job.ID != id || d.Job.Deliveries != 1 {
+			t.Errorf("Reply-To %q: dead letter %s, want a 400 naming %s", to, m.Data, protocol.HeaderReplyTo)
 		}
 	}
 	if n := h.total(); n != 0 {
@@ -728,10 +729,10 @@ func TestStoredResultOfAnotherJobIgnored(t *testing.T) {
 	}
 	for id, names := range forged {
 		m := nats.NewMsg("pyfleet.result.p." + id)
-		m.Header.Set(bus.HeaderStatus, bus.StatusOK)
+		m.Header.Set(protocol.HeaderStatus, protocol.StatusOK)
 		if names[0] != "" {
-			m.Header.Set(bus.HeaderJobID, names[0])
-			m.Header.Set(bus.HeaderFunction, names[1])
+			m.Header.Set(protocol.HeaderJobID, names[0])
+			m.Header.Set(protocol.HeaderFunction, names[1])
 		}
 		m.Data = []byte(`"forged"`)
 		if _, err := js.PublishMsg(context.Background(), m); err != nil {
@@ -742,11 +743,11 @@ func TestStoredResultOfAnotherJobIgnored(t *testing.T) {
 	h := &jobHandler{}
 	MustJobs(t, nc, h)
 	for id := range forged {
-		submit(t, js, "echo", id, `"real"`, bus.HeaderReplyTo, "my.results")
+		submit(t, js, "echo", id, `"real"`, protocol.HeaderReplyTo, "my.results")
 	}
 	for range forged {
 		if m := next(t, inbox, 10*time.Second); string(m.Data) != `"real"` {
-			t.Errorf("job %s forwarded %q, want its own result", m.Header.Get(bus.HeaderJobID), m.Data)
+			t.Errorf("job %s forwarded %q, want its own result", m.Header.Get(protocol.HeaderJobID), m.Data)
 		}
 	}
 	for id := range forged {
@@ -754,7 +755,7 @@ func TestStoredResultOfAnotherJobIgnored(t *testing.T) {
 			t.Errorf("job %s ran %d times, want 1", id, n)
 		}
 		r := storedResult(t, js, id)
-		if r == nil || string(r.Data) != `"real"` || r.Header.Get(bus.HeaderJobID) != id || r.Header.Get(bus.HeaderFunction) != "echo" {
+		if r == nil || string(r.Data) != `"real"` || r.Header.Get(protocol.HeaderJobID) != id || r.Header.Get(protocol.HeaderFunction) != "echo" {
 			t.Errorf("job %s stored result %v", id, r)
 		}
 	}
@@ -770,14 +771,14 @@ func TestStreamedJobOverMaxResultBytes(t *testing.T) {
 	inbox := mustSub(t, nc, "my.results")
 	MustJobs(t, nc, h, func(c *bus.JobsConfig) { c.MaxResultBytes = 10_000 })
 	// A deadline far off: only the limit can end it within the wait below.
-	submit(t, js, "forever", "endless", `{}`, bus.HeaderTimeout, "600000", bus.HeaderReplyTo, "my.results")
+	submit(t, js, "forever", "endless", `{}`, protocol.HeaderTimeout, "600000", protocol.HeaderReplyTo, "my.results")
 	m := next(t, dead, 10*time.Second)
 	d := readDead(t, m)
-	if d.Error.Code != 413 || d.Error.Type != bus.TypeTooLarge || !strings.Contains(d.Error.Message, "over the limit of 10000 bytes") ||
-		d.Job.Deliveries != 1 || m.Header.Get(bus.HeaderWorker) != "w3" {
+	if d.Error.Code != 413 || d.Error.Type != call.TypeTooLarge || !strings.Contains(d.Error.Message, "over the limit of 10000 bytes") ||
+		d.Job.Deliveries != 1 || m.Header.Get(protocol.HeaderWorker) != "w3" {
 		t.Errorf("dead letter %v %s", m.Header, m.Data)
 	}
-	if r := next(t, inbox, 5*time.Second); bus.ReplyError(r) == nil || bus.ReplyError(r).Code != 413 {
+	if r := next(t, inbox, 5*time.Second); protocol.ReplyError(r.Header, r.Data) == nil || protocol.ReplyError(r.Header, r.Data).Code != 413 {
 		t.Errorf("forwarded %v %s, want the 413", r.Header, r.Data)
 	}
 	eventually(t, "call cancelled", func() bool {
@@ -792,7 +793,7 @@ func TestStreamedJobOverMaxResultBytes(t *testing.T) {
 	}
 
 	// Within the limit a streamed job succeeds as before.
-	submit(t, js, "count", "three", `null`, bus.HeaderReplyTo, "my.results")
+	submit(t, js, "count", "three", `null`, protocol.HeaderReplyTo, "my.results")
 	if r := next(t, inbox, 10*time.Second); string(r.Data) != "[0,1,2]" {
 		t.Errorf("count result %q", r.Data)
 	}
@@ -826,7 +827,7 @@ func TestLargeResultOverMaxResultBytes(t *testing.T) {
 			if d.Error.Code != 413 || !strings.Contains(d.Error.Message, c.want) || d.Job.Deliveries != 1 {
 				t.Errorf("dead letter %s, want a 413 %q", m.Data, c.want)
 			}
-			if r := waitStored(t, js, "large"); bus.ReplyError(&nats.Msg{Header: r.Header, Data: r.Data}).Code != 413 {
+			if r := waitStored(t, js, "large"); protocol.ReplyError(r.Header, r.Data).Code != 413 {
 				t.Errorf("stored result %v, want the 413", r.Header)
 			}
 			eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
@@ -848,7 +849,7 @@ func TestDeadLetterOfOversizedJob(t *testing.T) {
 	inbox := mustSub(t, nc, "my.results")
 	MustJobs(t, nc, h)
 	body := `"` + strings.Repeat("p", int(nc.MaxPayload())-1000) + `"`
-	ack := submit(t, js, "quote", "huge", body, bus.HeaderReplyTo, "my.results")
+	ack := submit(t, js, "quote", "huge", body, protocol.HeaderReplyTo, "my.results")
 	m := next(t, dead, 20*time.Second)
 	d := readDead(t, m)
 	if d.Error.Code != 400 || len(d.Error.Message) > 5000 || !strings.Contains(d.Error.Message, "bytes in all") {
@@ -861,10 +862,10 @@ func TestDeadLetterOfOversizedJob(t *testing.T) {
 	}
 	t.Logf("dead letter of %d bytes keeps %d of the payload's %d bytes", len(m.Data), len(d.Job.PayloadBytes), len(body))
 	r := waitStored(t, js, "huge")
-	if e := bus.ReplyError(&nats.Msg{Header: r.Header, Data: r.Data}); e.Code != 400 || len(e.Message) > 5000 {
+	if e := protocol.ReplyError(r.Header, r.Data); e.Code != 400 || len(e.Message) > 5000 {
 		t.Errorf("stored error %d of %d bytes", e.Code, len(e.Message))
 	}
-	if f := next(t, inbox, 5*time.Second); bus.ReplyError(f) == nil {
+	if f := next(t, inbox, 5*time.Second); protocol.ReplyError(f.Header, f.Data) == nil {
 		t.Errorf("forwarded %v, want the error", f.Header)
 	}
 	eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
@@ -907,14 +908,14 @@ func TestResultsStreamRefusesWrites(t *testing.T) {
 			dead := mustSub(t, nc, "pyfleet.dead.>")
 			inbox := mustSub(t, nc, "my.results")
 			MustJobs(t, nc, h)
-			submit(t, js, "echo", "unstorable", `{"x":1}`, bus.HeaderReplyTo, "my.results")
+			submit(t, js, "echo", "unstorable", `{"x":1}`, protocol.HeaderReplyTo, "my.results")
 			m := next(t, dead, 20*time.Second)
 			d := readDead(t, m)
-			if d.Error.Type != bus.TypeResultRefused || !strings.Contains(d.Error.Message, "results stream PYFLEET_RESULTS refused") ||
+			if d.Error.Type != call.TypeResultRefused || !strings.Contains(d.Error.Message, "results stream PYFLEET_RESULTS refused") ||
 				!strings.Contains(d.Error.Message, c.why) || d.Job.Deliveries != 1 || string(d.Job.Payload) != `{"x":1}` {
 				t.Errorf("dead letter %s", m.Data)
 			}
-			if f := next(t, inbox, 5*time.Second); bus.ReplyError(f) == nil || bus.ReplyError(f).Type != bus.TypeResultRefused {
+			if f := next(t, inbox, 5*time.Second); protocol.ReplyError(f.Header, f.Data) == nil || protocol.ReplyError(f.Header, f.Data).Type != call.TypeResultRefused {
 				t.Errorf("forwarded %v %s, want the refusal", f.Header, f.Data)
 			}
 			eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
@@ -940,8 +941,8 @@ func TestPermanentFailureEndsWhenNothingCanBeStored(t *testing.T) {
 		c.MaxDeliver = 2
 		c.BackOff = []time.Duration{10 * time.Millisecond}
 	})
-	submit(t, js, "bad", "doomed", `{}`, bus.HeaderReplyTo, "my.results")
-	if f := next(t, inbox, 10*time.Second); bus.ReplyError(f) == nil || bus.ReplyError(f).Code != 400 {
+	submit(t, js, "bad", "doomed", `{}`, protocol.HeaderReplyTo, "my.results")
+	if f := next(t, inbox, 10*time.Second); protocol.ReplyError(f.Header, f.Data) == nil || protocol.ReplyError(f.Header, f.Data).Code != 400 {
 		t.Errorf("forwarded %v %s, want the 400", f.Header, f.Data)
 	}
 	eventually(t, "job removed", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,11 +16,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
-
-// ServiceName is the micro service name every node registers, so that
-// `nats micro ls|info|stats pyfleet` lists the whole fleet.
-const ServiceName = "pyfleet"
 
 // DefaultTimeout is the deadline of a request that names none.
 const DefaultTimeout = 60 * time.Second
@@ -136,7 +132,6 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	if log == nil {
 		log = zap.NewNop()
 	}
-	sub := Subjects{Prefix: cfg.Prefix}
 	if err := cfg.valid(); err != nil {
 		return nil, err
 	}
@@ -146,27 +141,18 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		log:       log.Named("service"),
 		funcs:     map[string]call.Function{},
 		node:      cfg.Node,
-		limits:    admitLimits{defaultTimeout: cfg.DefaultTimeout, maxTimeout: cfg.MaxTimeout, maxBytes: cfg.MaxPayload},
 		stats:     cfg.Stats,
 		observe:   cfg.Observe,
 		idle:      make(chan struct{}),
 		endpoints: map[string]*endpointCounters{},
 	}
-	if s.limits.maxTimeout <= 0 {
-		s.limits.maxTimeout = DefaultMaxTimeout
-	}
-	if s.limits.defaultTimeout <= 0 {
-		s.limits.defaultTimeout = min(DefaultTimeout, s.limits.maxTimeout)
-	}
-	if s.limits.defaultTimeout > s.limits.maxTimeout {
-		return nil, fmt.Errorf("serve pool %q: default timeout %s is over the max timeout %s", cfg.Pool, s.limits.defaultTimeout, s.limits.maxTimeout)
-	}
-	if limit := int(nc.MaxPayload()); s.limits.maxBytes <= 0 || (limit > 0 && s.limits.maxBytes > limit) {
-		s.limits.maxBytes = limit
+	var err error
+	if s.limits, err = cfg.limits(int(nc.MaxPayload())); err != nil {
+		return nil, fmt.Errorf("serve pool %q: %w", cfg.Pool, err)
 	}
 	fns := h.Functions()
 	for _, f := range fns {
-		if err := ValidToken(f.Name); err != nil {
+		if err := protocol.ValidToken(f.Name); err != nil {
 			return nil, fmt.Errorf("serve pool %q: function name: %w", cfg.Pool, err)
 		}
 		if _, dup := s.funcs[f.Name]; dup {
@@ -174,12 +160,56 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		}
 		s.funcs[f.Name] = f
 	}
-	type endpoint struct {
-		name, subject string
-		fn            *call.Function
-		meta          map[string]string
-		opt           micro.EndpointOpt
+	eps := cfg.endpoints(fns)
+	for _, ep := range eps {
+		s.endpoints[ep.subject] = &endpointCounters{}
 	}
+	s.abortCtx, s.abort = context.WithCancel(context.Background())
+	if err := s.register(cfg, eps); err != nil {
+		s.abort()
+		return nil, fmt.Errorf("serve pool %q: %w", cfg.Pool, err)
+	}
+	// Once Serve returns, the subscriptions are in place on the server, so
+	// a caller that learns of this node (from node_started, say) can reach it.
+	if err := nc.FlushTimeout(5 * time.Second); err != nil {
+		s.log.Warn("subscriptions not confirmed by the server; they are sent again on reconnection", zap.Error(err))
+	}
+	s.log.Info("serving", zap.String("pool", cfg.Pool), zap.String("node", cfg.Node),
+		zap.Int("functions", len(fns)), zap.String("subject", protocol.Subjects{Prefix: cfg.Prefix}.Request(cfg.Pool, "*")))
+	return s, nil
+}
+
+// limits are the limits of cfg with its defaults filled in; maxPayload is
+// the connection's.
+func (cfg ServiceConfig) limits(maxPayload int) (admitLimits, error) {
+	l := admitLimits{defaultTimeout: cfg.DefaultTimeout, maxTimeout: cfg.MaxTimeout, maxBytes: cfg.MaxPayload}
+	if l.maxTimeout <= 0 {
+		l.maxTimeout = DefaultMaxTimeout
+	}
+	if l.defaultTimeout <= 0 {
+		l.defaultTimeout = min(DefaultTimeout, l.maxTimeout)
+	}
+	if l.defaultTimeout > l.maxTimeout {
+		return l, fmt.Errorf("default timeout %s is over the max timeout %s", l.defaultTimeout, l.maxTimeout)
+	}
+	if l.maxBytes <= 0 || (maxPayload > 0 && l.maxBytes > maxPayload) {
+		l.maxBytes = maxPayload
+	}
+	return l, nil
+}
+
+// endpoint is one micro endpoint of the service.
+type endpoint struct {
+	name, subject string
+	fn            *call.Function // nil: any function, looked up by name
+	meta          map[string]string
+	opt           micro.EndpointOpt
+}
+
+// endpoints lists the endpoints Serve documents: one per function, the
+// pool's wildcard and this node's own.
+func (cfg ServiceConfig) endpoints(fns []call.Function) []endpoint {
+	sub := protocol.Subjects{Prefix: cfg.Prefix}
 	eps := make([]endpoint, 0, len(fns)+2)
 	for _, f := range fns {
 		eps = append(eps, endpoint{
@@ -189,30 +219,30 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 			meta:    map[string]string{"function": f.Name, "raw": strconv.FormatBool(f.Raw), "stream": strconv.FormatBool(f.Stream)},
 		})
 	}
-	eps = append(eps,
+	return append(eps,
 		endpoint{name: "_any", subject: sub.Request(cfg.Pool, "*"),
 			meta: map[string]string{"function": "*"}},
 		// Its own queue group keeps one node name from running a call
 		// twice if two nodes are misconfigured with the same name.
 		endpoint{name: "_node", subject: sub.Node(cfg.Node, cfg.Pool, "*"),
 			meta: map[string]string{"function": "*", "node": cfg.Node},
-			opt:  micro.WithEndpointQueueGroup(sub.prefix() + ".node." + cfg.Node)},
+			opt:  micro.WithEndpointQueueGroup(sub.Root() + ".node." + cfg.Node)},
 	)
-	for _, ep := range eps {
-		s.endpoints[ep.subject] = &endpointCounters{}
-	}
-	s.abortCtx, s.abort = context.WithCancel(context.Background())
+}
 
+// register adds the micro service and its endpoints eps.
+func (s *Service) register(cfg ServiceConfig, eps []endpoint) error {
+	sub := protocol.Subjects{Prefix: cfg.Prefix}
 	version := cfg.Version
 	if version == "" {
 		version = "0.0.0"
 	}
-	meta := map[string]string{"pool": cfg.Pool, "node": cfg.Node, "prefix": sub.prefix()}
+	meta := map[string]string{protocol.MetaPool: cfg.Pool, protocol.MetaNode: cfg.Node, protocol.MetaPrefix: sub.Root()}
 	if cfg.Containment != "" {
-		meta["containment"] = cfg.Containment
+		meta[protocol.MetaContainment] = cfg.Containment
 	}
-	svc, err := micro.AddService(nc, micro.Config{
-		Name:        ServiceName,
+	svc, err := micro.AddService(s.nc, micro.Config{
+		Name:        protocol.ServiceName,
 		Version:     version,
 		Description: "pyfleet pool " + cfg.Pool,
 		Metadata:    meta,
@@ -225,11 +255,9 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		},
 	})
 	if err != nil {
-		s.abort()
-		return nil, fmt.Errorf("serve pool %q: %w", cfg.Pool, err)
+		return err
 	}
 	s.svc = svc
-
 	for _, ep := range eps {
 		opts := []micro.EndpointOpt{micro.WithEndpointSubject(ep.subject), micro.WithEndpointMetadata(ep.meta)}
 		if ep.opt != nil {
@@ -239,30 +267,22 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		handler := micro.HandlerFunc(func(r micro.Request) { s.handle(r, fn, counters) })
 		if err := svc.AddEndpoint(ep.name, handler, opts...); err != nil {
 			_ = svc.Stop()
-			s.abort()
-			return nil, fmt.Errorf("serve pool %q: endpoint %s: %w", cfg.Pool, ep.subject, err)
+			return fmt.Errorf("endpoint %s: %w", ep.subject, err)
 		}
 	}
-	// Once Serve returns, the subscriptions are in place on the server, so
-	// a caller that learns of this node (from node_started, say) can reach it.
-	if err := nc.FlushTimeout(5 * time.Second); err != nil {
-		s.log.Warn("subscriptions not confirmed by the server; they are sent again on reconnection", zap.Error(err))
-	}
-	s.log.Info("serving", zap.String("pool", cfg.Pool), zap.String("node", cfg.Node),
-		zap.Int("functions", len(fns)), zap.String("subject", sub.Request(cfg.Pool, "*")))
-	return s, nil
+	return nil
 }
 
 func (cfg ServiceConfig) valid() error {
 	if cfg.Prefix != "" {
-		if err := ValidPrefix(cfg.Prefix); err != nil {
+		if err := protocol.ValidPrefix(cfg.Prefix); err != nil {
 			return fmt.Errorf("serve: %w", err)
 		}
 	}
-	if err := ValidToken(cfg.Pool); err != nil {
+	if err := protocol.ValidToken(cfg.Pool); err != nil {
 		return fmt.Errorf("serve: pool name: %w", err)
 	}
-	if err := ValidToken(cfg.Node); err != nil {
+	if err := protocol.ValidToken(cfg.Node); err != nil {
 		return fmt.Errorf("serve: node name: %w", err)
 	}
 	return nil
@@ -271,16 +291,14 @@ func (cfg ServiceConfig) valid() error {
 // queueGroup is shared by every node of a pool. It is named after the pool
 // rather than micro's default "q" so that it can never merge with another
 // service's subscribers on an overlapping subject.
-func queueGroup(sub Subjects, pool string) string {
-	return sub.prefix() + "." + pool
+func queueGroup(sub protocol.Subjects, pool string) string {
+	return sub.Root() + "." + pool
 }
-
-var endpointNameBad = regexp.MustCompile(`[^A-Za-z0-9_-]`)
 
 // endpointName fits a function name to micro's endpoint names, which allow
 // fewer characters than a subject token; the subject keeps the real name.
 func endpointName(function string) string {
-	return endpointNameBad.ReplaceAllString(function, "_")
+	return safeName(function)
 }
 
 func (s *Service) endpointData(subject string) EndpointData {
@@ -394,7 +412,7 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	// Draining comes first: another node may take what this one would
 	// refuse (it may have the function this one lacks).
 	if !s.begin() {
-		refuse(call.Errorf(call.CodeUnavailable, TypeDraining, "node %s is draining: retry on another node", s.node))
+		refuse(call.Errorf(call.CodeUnavailable, call.TypeDraining, "node %s is draining: retry on another node", s.node))
 		return
 	}
 	if refusal != nil {
@@ -439,12 +457,12 @@ func admit(l admitLimits, hdr nats.Header, name string, fn *call.Function, data 
 	if err := checkHeaders(hdr); err != nil {
 		return a, err
 	}
-	a.requestID = header(hdr, HeaderRequestID)
+	a.requestID = protocol.Header(hdr, protocol.HeaderRequestID)
 	if fn == nil {
-		return a, call.Errorf(call.CodeNotFound, TypeNotFound, "no function %q in this pool", name)
+		return a, call.Errorf(call.CodeNotFound, call.TypeNotFound, "no function %q in this pool", name)
 	}
 	if len(data) > l.maxBytes {
-		return a, call.Errorf(call.CodeTooLarge, TypeTooLarge, "request body of %d bytes is over the limit of %d bytes", len(data), l.maxBytes)
+		return a, call.Errorf(call.CodeTooLarge, call.TypeTooLarge, "request body of %d bytes is over the limit of %d bytes", len(data), l.maxBytes)
 	}
 	timeout, err := checkTimeout(hdr, l.defaultTimeout, l.maxTimeout)
 	if err != nil {
@@ -465,7 +483,7 @@ func admit(l admitLimits, hdr nats.Header, name string, fn *call.Function, data 
 	a.req = &call.Request{
 		Function:  fn.Name,
 		Payload:   data,
-		Session:   strings.Clone(header(hdr, HeaderSession)),
+		Session:   strings.Clone(protocol.Header(hdr, protocol.HeaderSession)),
 		RequestID: strings.Clone(a.requestID),
 	}
 	return a, nil
@@ -482,13 +500,13 @@ const minHeartbeat = 100 * time.Millisecond
 
 // parseHeartbeat reads Pyfleet-Heartbeat; 0 when absent.
 func parseHeartbeat(h nats.Header) (time.Duration, *call.Error) {
-	v := header(h, HeaderHeartbeat)
+	v := protocol.Header(h, protocol.HeaderHeartbeat)
 	if v == "" {
 		return 0, nil
 	}
 	ms, err := strconv.ParseInt(v, 10, 64)
 	if err != nil || time.Duration(ms)*time.Millisecond < minHeartbeat || ms > 3600_000 {
-		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a whole number of milliseconds from %d to 3600000", HeaderHeartbeat, v, minHeartbeat.Milliseconds())
+		return 0, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "header %s: %q is not a whole number of milliseconds from %d to 3600000", protocol.HeaderHeartbeat, v, minHeartbeat.Milliseconds())
 	}
 	return time.Duration(ms) * time.Millisecond, nil
 }
@@ -498,15 +516,22 @@ func parseHeartbeat(h nats.Header) (time.Duration, *call.Error) {
 // the answer is always the last message the client gets.
 func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (stop func()) {
 	beat := func() {
-		m := &nats.Msg{Subject: reply, Header: replyHeader(StatusOK, s.node, "", requestID)}
-		m.Header[HeaderStream] = []string{StreamHeartbeat}
+		m := &nats.Msg{Subject: reply, Header: replyHeader(protocol.StatusOK, s.node, "", requestID)}
+		m.Header[protocol.HeaderStream] = []string{protocol.StreamHeartbeat}
 		_ = s.nc.PublishMsg(m)
 	}
 	beat()
+	return every(interval, beat)
+}
+
+// every calls f every interval, on a goroutine of its own, until the
+// returned stop is called. stop may be called more than once; it returns
+// once f has returned for the last time.
+func every(interval time.Duration, f func()) (stop func()) {
 	done := make(chan struct{})
-	stopped := make(chan struct{})
+	exited := make(chan struct{})
 	go func() {
-		defer close(stopped)
+		defer close(exited)
 		t := time.NewTicker(interval)
 		defer t.Stop()
 		for {
@@ -514,13 +539,14 @@ func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (s
 			case <-done:
 				return
 			case <-t.C:
-				beat()
+				f()
 			}
 		}
 	}()
+	var once sync.Once
 	return func() {
-		close(done)
-		<-stopped
+		once.Do(func() { close(done) })
+		<-exited
 	}
 }
 
@@ -528,7 +554,7 @@ func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (s
 // held to max (--max-timeout): a caller may not hold a worker slot, a queue
 // place and a session longer than the node allows. The default (--request-timeout) is held to max where it is set.
 func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.Error) {
-	v := header(h, HeaderTimeout)
+	v := protocol.Header(h, protocol.HeaderTimeout)
 	if v == "" {
 		return def, nil
 	}
@@ -537,11 +563,11 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 		ms, err = math.MaxInt64, nil // over any limit, and said so below
 	}
 	if err != nil || ms <= 0 {
-		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q is not a positive whole number of milliseconds", HeaderTimeout, v)
+		return 0, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "header %s: %q is not a positive whole number of milliseconds", protocol.HeaderTimeout, v)
 	}
 	if ms > max.Milliseconds() {
-		return 0, call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %q milliseconds is over this node's limit of %d (%s, --max-timeout)",
-			HeaderTimeout, v, max.Milliseconds(), max)
+		return 0, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "header %s: %q milliseconds is over this node's limit of %d (%s, --max-timeout)",
+			protocol.HeaderTimeout, v, max.Milliseconds(), max)
 	}
 	return time.Duration(ms) * time.Millisecond, nil
 }
@@ -564,13 +590,13 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 			if done.Load() {
 				return errors.New("emit after the call returned")
 			}
-			m := &nats.Msg{Subject: reply, Data: ch.Data, Header: replyHeader(StatusOK, s.node, ch.Worker, req.RequestID)}
-			m.Header[HeaderStream] = []string{StreamChunk}
+			m := &nats.Msg{Subject: reply, Data: ch.Data, Header: replyHeader(protocol.StatusOK, s.node, ch.Worker, req.RequestID)}
+			m.Header[protocol.HeaderStream] = []string{protocol.StreamChunk}
 			err := s.nc.PublishMsg(m)
 			if errors.Is(err, nats.ErrMaxPayload) {
 				// The end message must say why the stream stopped,
 				// whatever the handler makes of this error.
-				emitErr = call.Errorf(call.CodeTooLarge, TypeTooLarge, "chunk of %d bytes is over the limit of %d bytes", len(ch.Data), s.nc.MaxPayload())
+				emitErr = call.Errorf(call.CodeTooLarge, call.TypeTooLarge, "chunk of %d bytes is over the limit of %d bytes", len(ch.Data), s.nc.MaxPayload())
 				emitErr.Worker = ch.Worker
 				return emitErr
 			}
@@ -593,18 +619,18 @@ func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout
 		c.failed(e)
 		m = &nats.Msg{Subject: reply}
 		m.Header, m.Data = errorMsg(e, s.node, req.RequestID)
-		if e.Code == call.CodeFailed && e.Type == TypeInternal {
+		if e.Code == call.CodeFailed && e.Type == call.TypeInternal {
 			s.log.Error("call failed", zap.String("function", fn.Name), zap.String("request_id", req.RequestID), zap.Error(err))
 		}
 	} else {
 		s.observed(fn.Name, 200, arrived)
-		m = &nats.Msg{Subject: reply, Header: replyHeader(StatusOK, s.node, res.Worker, req.RequestID)}
+		m = &nats.Msg{Subject: reply, Header: replyHeader(protocol.StatusOK, s.node, res.Worker, req.RequestID)}
 		if !fn.Stream {
 			m.Data = res.Data
 		}
 	}
 	if fn.Stream {
-		m.Header[HeaderStream] = []string{StreamEnd}
+		m.Header[protocol.HeaderStream] = []string{protocol.StreamEnd}
 	}
 	c.completed.Add(1)
 	if err := s.publish(m); err != nil {
@@ -622,9 +648,9 @@ func callError(ctx context.Context, err error, timeout time.Duration, node strin
 	}
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || (errors.Is(err, context.Canceled) && errors.Is(ctx.Err(), context.DeadlineExceeded)):
-		return call.Errorf(call.CodeDeadline, TypeDeadline, "deadline of %s passed", timeout)
+		return call.Errorf(call.CodeDeadline, call.TypeDeadline, "deadline of %s passed", timeout)
 	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
-		return call.Errorf(call.CodeUnavailable, TypeDraining, "node %s stopped before the call finished", node)
+		return call.Errorf(call.CodeUnavailable, call.TypeDraining, "node %s stopped before the call finished", node)
 	}
 	return asCallError(err)
 }
@@ -639,18 +665,18 @@ func (s *Service) publish(m *nats.Msg) error {
 	if !errors.Is(err, nats.ErrMaxPayload) {
 		return err
 	}
-	e := call.Errorf(call.CodeTooLarge, TypeTooLarge, "reply of %d bytes (headers included) is over the limit of %d bytes", msgSize(m), s.nc.MaxPayload())
-	e.Worker = m.Header.Get(HeaderWorker)
-	h, body := errorMsg(e, s.node, m.Header.Get(HeaderRequestID))
-	stream := m.Header.Get(HeaderStream) != ""
+	e := call.Errorf(call.CodeTooLarge, call.TypeTooLarge, "reply of %d bytes (headers included) is over the limit of %d bytes", msgSize(m), s.nc.MaxPayload())
+	e.Worker = m.Header.Get(protocol.HeaderWorker)
+	h, body := errorMsg(e, s.node, m.Header.Get(protocol.HeaderRequestID))
+	stream := m.Header.Get(protocol.HeaderStream) != ""
 	if stream {
-		h[HeaderStream] = []string{StreamEnd}
+		h[protocol.HeaderStream] = []string{protocol.StreamEnd}
 	}
 	err2 := s.nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: h, Data: body})
 	if errors.Is(err2, nats.ErrMaxPayload) {
-		h, body = errorMsg(call.Errorf(call.CodeTooLarge, TypeTooLarge, "reply too large"), s.node, "")
+		h, body = errorMsg(call.Errorf(call.CodeTooLarge, call.TypeTooLarge, "reply too large"), s.node, "")
 		if stream {
-			h[HeaderStream] = []string{StreamEnd}
+			h[protocol.HeaderStream] = []string{protocol.StreamEnd}
 		}
 		err2 = errors.Join(err2, s.nc.PublishMsg(&nats.Msg{Subject: m.Subject, Header: h, Data: body}))
 	}
@@ -662,11 +688,18 @@ func (s *Service) publish(m *nats.Msg) error {
 func msgSize(m *nats.Msg) int {
 	n := len(m.Data)
 	if len(m.Header) > 0 {
-		n += len("NATS/1.0\r\n\r\n")
-		for k, vs := range m.Header {
-			for _, v := range vs {
-				n += len(k) + len(": \r\n") + len(v)
-			}
+		n += headerBytes(m.Header)
+	}
+	return n
+}
+
+// headerBytes is the size of h on the wire, which counts against the max
+// payload too.
+func headerBytes(h nats.Header) int {
+	n := len("NATS/1.0\r\n\r\n")
+	for k, vs := range h {
+		for _, v := range vs {
+			n += len(k) + len(": \r\n") + len(v)
 		}
 	}
 	return n

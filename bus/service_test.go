@@ -17,6 +17,7 @@ import (
 
 	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 func request(t *testing.T, nc *nats.Conn, subject, body string, hdr ...string) *nats.Msg {
@@ -37,23 +38,23 @@ func request(t *testing.T, nc *nats.Conn, subject, body string, hdr ...string) *
 // and the body alike, and returns its message.
 func wantError(t *testing.T, reply *nats.Msg, code int, typ string) string {
 	t.Helper()
-	if got := reply.Header.Get(bus.HeaderStatus); got != bus.StatusError {
-		t.Errorf("%s = %q, want %q", bus.HeaderStatus, got, bus.StatusError)
+	if got := reply.Header.Get(protocol.HeaderStatus); got != protocol.StatusError {
+		t.Errorf("%s = %q, want %q", protocol.HeaderStatus, got, protocol.StatusError)
 	}
-	if got := reply.Header.Get(bus.HeaderErrorCode); got != strconv.Itoa(code) {
-		t.Errorf("%s = %q, want %d", bus.HeaderErrorCode, got, code)
+	if got := reply.Header.Get(protocol.HeaderErrorCode); got != strconv.Itoa(code) {
+		t.Errorf("%s = %q, want %d", protocol.HeaderErrorCode, got, code)
 	}
-	var body bus.ErrorBody
+	var body protocol.ErrorBody
 	if err := json.Unmarshal(reply.Data, &body); err != nil {
 		t.Fatalf("error body %q: %v", reply.Data, err)
 	}
 	if body.Error.Code != code || body.Error.Type != typ {
 		t.Errorf("error body = %+v, want code %d type %s", body.Error, code, typ)
 	}
-	if reply.Header.Get(bus.HeaderError) == "" {
-		t.Errorf("no %s header", bus.HeaderError)
+	if reply.Header.Get(protocol.HeaderError) == "" {
+		t.Errorf("no %s header", protocol.HeaderError)
 	}
-	if e := bus.ReplyError(reply); e == nil || e.Code != code || e.Type != typ || e.Message != body.Error.Message {
+	if e := protocol.ReplyError(reply.Header, reply.Data); e == nil || e.Code != code || e.Type != typ || e.Message != body.Error.Message {
 		t.Errorf("ReplyError = %+v, want the body's error", e)
 	}
 	return body.Error.Message
@@ -70,19 +71,19 @@ func setup(t *testing.T, mod ...func(*bus.ServiceConfig)) (*nats.Conn, *fakeHand
 func TestReplyOK(t *testing.T) {
 	nc, h, _ := setup(t)
 	reply := request(t, nc, "pyfleet.req.p.echo", `{"a":1}`,
-		bus.HeaderRequestID, "r-1", bus.HeaderSession, "s-1", bus.HeaderTimeout, "1500")
+		protocol.HeaderRequestID, "r-1", protocol.HeaderSession, "s-1", protocol.HeaderTimeout, "1500")
 	if string(reply.Data) != `{"a":1}` {
 		t.Errorf("body = %q", reply.Data)
 	}
 	for k, want := range map[string]string{
-		bus.HeaderStatus: bus.StatusOK, bus.HeaderNode: "n1", bus.HeaderWorker: "w1",
-		bus.HeaderRequestID: "r-1", bus.HeaderErrorCode: "",
+		protocol.HeaderStatus: protocol.StatusOK, protocol.HeaderNode: "n1", protocol.HeaderWorker: "w1",
+		protocol.HeaderRequestID: "r-1", protocol.HeaderErrorCode: "",
 	} {
 		if got := reply.Header.Get(k); got != want {
 			t.Errorf("%s = %q, want %q", k, got, want)
 		}
 	}
-	if e := bus.ReplyError(reply); e != nil {
+	if e := protocol.ReplyError(reply.Header, reply.Data); e != nil {
 		t.Errorf("ReplyError = %v", e)
 	}
 	req := h.requests()[0]
@@ -110,7 +111,7 @@ func TestDefaultTimeoutAndLowerCaseHeader(t *testing.T) {
 func TestRawFunctionTakesAnyBytes(t *testing.T) {
 	nc, _, _ := setup(t)
 	reply := request(t, nc, "pyfleet.req.p.raw", "\x00\xffnot json")
-	if string(reply.Data) != "\x00\xffnot json" || reply.Header.Get(bus.HeaderStatus) != bus.StatusOK {
+	if string(reply.Data) != "\x00\xffnot json" || reply.Header.Get(protocol.HeaderStatus) != protocol.StatusOK {
 		t.Errorf("reply = %q %v", reply.Data, reply.Header)
 	}
 }
@@ -118,7 +119,7 @@ func TestRawFunctionTakesAnyBytes(t *testing.T) {
 func TestMalformedJSON(t *testing.T) {
 	nc, h, _ := setup(t)
 	for _, body := range []string{`{"a":`, `nope`, ``} {
-		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", body), call.CodeBadRequest, bus.TypeBadRequest)
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", body), call.CodeBadRequest, call.TypeBadRequest)
 		if !strings.HasPrefix(msg, "malformed JSON: ") {
 			t.Errorf("body %q: message %q", body, msg)
 		}
@@ -130,7 +131,7 @@ func TestMalformedJSON(t *testing.T) {
 
 func TestUnknownFunction(t *testing.T) {
 	nc, _, _ := setup(t)
-	msg := wantError(t, request(t, nc, "pyfleet.req.p.nosuch", `{}`), call.CodeNotFound, bus.TypeNotFound)
+	msg := wantError(t, request(t, nc, "pyfleet.req.p.nosuch", `{}`), call.CodeNotFound, call.TypeNotFound)
 	if !strings.Contains(msg, `"nosuch"`) {
 		t.Errorf("message %q does not name the function", msg)
 	}
@@ -142,17 +143,17 @@ func TestFunctionError(t *testing.T) {
 	if msg := wantError(t, reply, call.CodeFailed, "ValueError"); msg != "boom\nsecond line" {
 		t.Errorf("message = %q", msg)
 	}
-	if got := reply.Header.Get(bus.HeaderError); got != "boom second line" {
-		t.Errorf("%s = %q, want the message on one line", bus.HeaderError, got)
+	if got := reply.Header.Get(protocol.HeaderError); got != "boom second line" {
+		t.Errorf("%s = %q, want the message on one line", protocol.HeaderError, got)
 	}
-	if got := reply.Header.Get(bus.HeaderWorker); got != "w1" {
-		t.Errorf("%s = %q", bus.HeaderWorker, got)
+	if got := reply.Header.Get(protocol.HeaderWorker); got != "w1" {
+		t.Errorf("%s = %q", protocol.HeaderWorker, got)
 	}
-	if got := reply.Header.Get(bus.HeaderNode); got != "n1" {
-		t.Errorf("%s = %q", bus.HeaderNode, got)
+	if got := reply.Header.Get(protocol.HeaderNode); got != "n1" {
+		t.Errorf("%s = %q", protocol.HeaderNode, got)
 	}
 
-	msg := wantError(t, request(t, nc, "pyfleet.req.p.oops", `{}`), call.CodeFailed, bus.TypeInternal)
+	msg := wantError(t, request(t, nc, "pyfleet.req.p.oops", `{}`), call.CodeFailed, call.TypeInternal)
 	if msg != "pipe broke" {
 		t.Errorf("message = %q", msg)
 	}
@@ -161,8 +162,8 @@ func TestFunctionError(t *testing.T) {
 func TestDeadline(t *testing.T) {
 	nc, _, _ := setup(t)
 	start := time.Now()
-	reply := request(t, nc, "pyfleet.req.p.sleep", `5000`, bus.HeaderTimeout, "100")
-	wantError(t, reply, call.CodeDeadline, bus.TypeDeadline)
+	reply := request(t, nc, "pyfleet.req.p.sleep", `5000`, protocol.HeaderTimeout, "100")
+	wantError(t, reply, call.CodeDeadline, call.TypeDeadline)
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("408 after %s", d)
 	}
@@ -171,8 +172,8 @@ func TestDeadline(t *testing.T) {
 func TestBadTimeoutHeader(t *testing.T) {
 	nc, h, _ := setup(t)
 	for _, v := range []string{"abc", "0", "-5", "1.5", "10s", "99999999999999999999"} {
-		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, v), call.CodeBadRequest, bus.TypeBadRequest)
-		if !strings.Contains(msg, bus.HeaderTimeout) || !strings.Contains(msg, strconv.Quote(v)) {
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`, protocol.HeaderTimeout, v), call.CodeBadRequest, call.TypeBadRequest)
+		if !strings.Contains(msg, protocol.HeaderTimeout) || !strings.Contains(msg, strconv.Quote(v)) {
 			t.Errorf("%q: message %q does not name the header and value", v, msg)
 		}
 	}
@@ -183,7 +184,7 @@ func TestBadTimeoutHeader(t *testing.T) {
 
 func TestTooLarge(t *testing.T) {
 	nc, h, _ := setup(t, func(c *bus.ServiceConfig) { c.MaxPayload = 16 })
-	wantError(t, request(t, nc, "pyfleet.req.p.echo", `"0123456789abcdef"`), call.CodeTooLarge, bus.TypeTooLarge)
+	wantError(t, request(t, nc, "pyfleet.req.p.echo", `"0123456789abcdef"`), call.CodeTooLarge, call.TypeTooLarge)
 	request(t, nc, "pyfleet.req.p.echo", `"short"`)
 	if n := h.count(); n != 1 {
 		t.Errorf("handler ran %d times, want 1", n)
@@ -210,7 +211,7 @@ func stream(t *testing.T, nc *nats.Conn, subject, body string) []*nats.Msg {
 			t.Fatalf("after %d messages: %v", len(msgs), err)
 		}
 		msgs = append(msgs, m)
-		if m.Header.Get(bus.HeaderStream) == bus.StreamEnd {
+		if m.Header.Get(protocol.HeaderStream) == protocol.StreamEnd {
 			return msgs
 		}
 	}
@@ -223,13 +224,13 @@ func TestStream(t *testing.T) {
 		t.Fatalf("%d messages, want 3 chunks and an end", len(msgs))
 	}
 	for i, m := range msgs[:3] {
-		if m.Header.Get(bus.HeaderStream) != bus.StreamChunk || string(m.Data) != strconv.Itoa(i) ||
-			m.Header.Get(bus.HeaderWorker) != "w1" || m.Header.Get(bus.HeaderNode) != "n1" {
+		if m.Header.Get(protocol.HeaderStream) != protocol.StreamChunk || string(m.Data) != strconv.Itoa(i) ||
+			m.Header.Get(protocol.HeaderWorker) != "w1" || m.Header.Get(protocol.HeaderNode) != "n1" {
 			t.Errorf("chunk %d = %q %v", i, m.Data, m.Header)
 		}
 	}
 	end := msgs[3]
-	if end.Header.Get(bus.HeaderStatus) != bus.StatusOK || len(end.Data) != 0 || bus.ReplyError(end) != nil {
+	if end.Header.Get(protocol.HeaderStatus) != protocol.StatusOK || len(end.Data) != 0 || protocol.ReplyError(end.Header, end.Data) != nil {
 		t.Errorf("end = %q %v", end.Data, end.Header)
 	}
 
@@ -267,9 +268,9 @@ func TestDrain(t *testing.T) {
 	}()
 	time.Sleep(100 * time.Millisecond) // let it be accepted
 	s.Drain()
-	wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`), call.CodeUnavailable, bus.TypeDraining)
-	wantError(t, request(t, nc, "pyfleet.req.p.nosuch", `{}`), call.CodeUnavailable, bus.TypeDraining)
-	if m := <-slow; m == nil || m.Header.Get(bus.HeaderStatus) != bus.StatusOK {
+	wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`), call.CodeUnavailable, call.TypeDraining)
+	wantError(t, request(t, nc, "pyfleet.req.p.nosuch", `{}`), call.CodeUnavailable, call.TypeDraining)
+	if m := <-slow; m == nil || m.Header.Get(protocol.HeaderStatus) != protocol.StatusOK {
 		t.Errorf("in-flight request after drain: %v", m)
 	}
 }
@@ -308,7 +309,7 @@ func TestStopWaitsForInFlight(t *testing.T) {
 	var codes []string
 	for range 2 {
 		m := <-replies
-		codes = append(codes, m.Header.Get(bus.HeaderStatus)+m.Header.Get(bus.HeaderErrorCode))
+		codes = append(codes, m.Header.Get(protocol.HeaderStatus)+m.Header.Get(protocol.HeaderErrorCode))
 	}
 	if strings.Join(codes, ",") != "ok,error503" {
 		t.Errorf("replies = %v, want the short call ok and the long one 503", codes)
@@ -329,7 +330,7 @@ func TestConcurrentRequestsAreNotSerialised(t *testing.T) {
 	for range n {
 		wg.Go(func() {
 			m, err := nc.Request("pyfleet.req.p.sleep", []byte(strconv.Itoa(int(each/time.Millisecond))), 5*time.Second)
-			if err != nil || m.Header.Get(bus.HeaderStatus) != bus.StatusOK {
+			if err != nil || m.Header.Get(protocol.HeaderStatus) != protocol.StatusOK {
 				t.Errorf("request: %v %v", err, m)
 			}
 		})
@@ -355,7 +356,7 @@ func TestQueueGroupMerging(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			m := request(t, nc, "pyfleet.req.p.echo", strconv.Itoa(i), bus.HeaderRequestID, strconv.Itoa(i))
+			m := request(t, nc, "pyfleet.req.p.echo", strconv.Itoa(i), protocol.HeaderRequestID, strconv.Itoa(i))
 			if string(m.Data) != strconv.Itoa(i) {
 				t.Errorf("request %d answered %q", i, m.Data)
 			}
@@ -393,11 +394,11 @@ func TestNodeSubject(t *testing.T) {
 	MustServe(t, MustConn(t, srv), "n2", &fakeHandler{worker: "b"})
 	for range 20 {
 		m := request(t, nc, "pyfleet.node.n2.p.echo", `{}`)
-		if got := m.Header.Get(bus.HeaderNode); got != "n2" {
+		if got := m.Header.Get(protocol.HeaderNode); got != "n2" {
 			t.Fatalf("node subject of n2 answered by %q", got)
 		}
 	}
-	wantError(t, request(t, nc, "pyfleet.node.n2.p.nosuch", `{}`), call.CodeNotFound, bus.TypeNotFound)
+	wantError(t, request(t, nc, "pyfleet.node.n2.p.nosuch", `{}`), call.CodeNotFound, call.TypeNotFound)
 	if _, err := nc.Request("pyfleet.node.n3.p.echo", []byte(`{}`), time.Second); err != nats.ErrNoResponders {
 		t.Errorf("node n3: %v, want no responders", err)
 	}
@@ -441,7 +442,7 @@ func TestMicroInfoAndStats(t *testing.T) {
 	request(t, nc, "pyfleet.req.p.fail", `{}`)
 	request(t, nc, "pyfleet.req.p.echo", `bad`)
 
-	subj, err := micro.ControlSubject(micro.InfoVerb, bus.ServiceName, "")
+	subj, err := micro.ControlSubject(micro.InfoVerb, protocol.ServiceName, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -466,7 +467,7 @@ func TestMicroInfoAndStats(t *testing.T) {
 		t.Errorf("no node endpoint in %v", subjects)
 	}
 
-	subj, _ = micro.ControlSubject(micro.StatsVerb, bus.ServiceName, info.ID)
+	subj, _ = micro.ControlSubject(micro.StatsVerb, protocol.ServiceName, info.ID)
 	var stats micro.Stats
 	if err := json.Unmarshal(request(t, nc, subj, "").Data, &stats); err != nil {
 		t.Fatal(err)
@@ -503,7 +504,7 @@ func TestInProcessConnection(t *testing.T) {
 	MustServe(t, nc, "n1", &fakeHandler{})
 	var ok atomic.Int32
 	for range 10 {
-		if m := request(t, MustConn(t, srv), "pyfleet.req.p.echo", `{}`); m.Header.Get(bus.HeaderStatus) == bus.StatusOK {
+		if m := request(t, MustConn(t, srv), "pyfleet.req.p.echo", `{}`); m.Header.Get(protocol.HeaderStatus) == protocol.StatusOK {
 			ok.Add(1)
 		}
 	}
@@ -524,7 +525,7 @@ func TestHeartbeats(t *testing.T) {
 	defer sub.Unsubscribe()
 	m := nats.NewMsg("pyfleet.req.p.sleep")
 	m.Reply, m.Data = inbox, []byte(`450`)
-	m.Header.Set(bus.HeaderHeartbeat, "100")
+	m.Header.Set(protocol.HeaderHeartbeat, "100")
 	if err := nc.PublishMsg(m); err != nil {
 		t.Fatal(err)
 	}
@@ -534,14 +535,14 @@ func TestHeartbeats(t *testing.T) {
 		if err != nil {
 			t.Fatalf("after %d heartbeats: %v", beats, err)
 		}
-		if msg.Header.Get(bus.HeaderStream) == bus.StreamHeartbeat {
-			if msg.Header.Get(bus.HeaderNode) != "n1" {
+		if msg.Header.Get(protocol.HeaderStream) == protocol.StreamHeartbeat {
+			if msg.Header.Get(protocol.HeaderNode) != "n1" {
 				t.Errorf("heartbeat without its node: %v", msg.Header)
 			}
 			beats++
 			continue
 		}
-		if msg.Header.Get(bus.HeaderStatus) != bus.StatusOK || string(msg.Data) != "null" {
+		if msg.Header.Get(protocol.HeaderStatus) != protocol.StatusOK || string(msg.Data) != "null" {
 			t.Errorf("answer %q %v", msg.Data, msg.Header)
 		}
 		break
@@ -555,8 +556,8 @@ func TestHeartbeats(t *testing.T) {
 		t.Errorf("a message after the answer: %v", extra.Header)
 	}
 	for _, v := range []string{"abc", "10", "-1"} {
-		r := request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderHeartbeat, v)
-		wantError(t, r, call.CodeBadRequest, bus.TypeBadRequest)
+		r := request(t, nc, "pyfleet.req.p.echo", `{}`, protocol.HeaderHeartbeat, v)
+		wantError(t, r, call.CodeBadRequest, call.TypeBadRequest)
 	}
 }
 
@@ -577,28 +578,28 @@ func TestHostileHeaders(t *testing.T) {
 	nc, h, _ := setup(t)
 	values := map[string]string{
 		"not UTF-8":     "\xff\xfe",
-		"too long":      strings.Repeat("x", bus.MaxHeaderValue+1),
+		"too long":      strings.Repeat("x", protocol.MaxHeaderValue+1),
 		"control chars": "a\x00b\x1b[31m",
 	}
-	for _, name := range []string{bus.HeaderRequestID, bus.HeaderSession, bus.HeaderTimeout,
-		bus.HeaderHeartbeat, bus.HeaderReplyTo, bus.HeaderMsgID} {
+	for _, name := range []string{protocol.HeaderRequestID, protocol.HeaderSession, protocol.HeaderTimeout,
+		protocol.HeaderHeartbeat, protocol.HeaderReplyTo, protocol.HeaderMsgID} {
 		for what, v := range values {
 			t.Run(name+"/"+what, func(t *testing.T) {
 				m := nats.NewMsg("pyfleet.req.p.echo")
 				m.Data = []byte(`{"a":1}`)
 				m.Header[name] = []string{v}
-				if name != bus.HeaderRequestID {
-					m.Header.Set(bus.HeaderRequestID, "fine-id")
+				if name != protocol.HeaderRequestID {
+					m.Header.Set(protocol.HeaderRequestID, "fine-id")
 				}
 				reply := requestMsg(t, nc, m)
-				msg := wantError(t, reply, call.CodeBadRequest, bus.TypeBadRequest)
+				msg := wantError(t, reply, call.CodeBadRequest, call.TypeBadRequest)
 				if !strings.HasPrefix(msg, "header "+name+": ") {
 					t.Errorf("message %q does not name the header", msg)
 				}
-				if id, ok := reply.Header[bus.HeaderRequestID]; ok {
-					t.Errorf("the 400 carries %s %q", bus.HeaderRequestID, id)
+				if id, ok := reply.Header[protocol.HeaderRequestID]; ok {
+					t.Errorf("the 400 carries %s %q", protocol.HeaderRequestID, id)
 				}
-				if strings.Contains(string(reply.Data), v) || strings.Contains(reply.Header.Get(bus.HeaderError), v) {
+				if strings.Contains(string(reply.Data), v) || strings.Contains(reply.Header.Get(protocol.HeaderError), v) {
 					t.Errorf("the 400 echoes the bad value: %q", reply.Data)
 				}
 			})
@@ -608,9 +609,9 @@ func TestHostileHeaders(t *testing.T) {
 		t.Errorf("handler ran %d times", n)
 	}
 	// The limit itself passes, and is echoed whole.
-	id := strings.Repeat("é", bus.MaxHeaderValue/2)
-	reply := request(t, nc, "pyfleet.req.p.echo", `{"a":1}`, bus.HeaderRequestID, id)
-	if reply.Header.Get(bus.HeaderStatus) != bus.StatusOK || reply.Header.Get(bus.HeaderRequestID) != id {
+	id := strings.Repeat("é", protocol.MaxHeaderValue/2)
+	reply := request(t, nc, "pyfleet.req.p.echo", `{"a":1}`, protocol.HeaderRequestID, id)
+	if reply.Header.Get(protocol.HeaderStatus) != protocol.StatusOK || reply.Header.Get(protocol.HeaderRequestID) != id {
 		t.Errorf("256-byte request id: %v", reply.Header)
 	}
 }
@@ -619,10 +620,10 @@ func TestHostileHeaders(t *testing.T) {
 // way (2^32+1 ms was once about 1 ms on the wire to the worker).
 func TestMaxTimeout(t *testing.T) {
 	nc, h, _ := setup(t, func(c *bus.ServiceConfig) { c.MaxTimeout = 2 * time.Second })
-	request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, "2000")
+	request(t, nc, "pyfleet.req.p.echo", `{}`, protocol.HeaderTimeout, "2000")
 	for _, v := range []string{"2001", "4294967297", "9223372036854775"} {
-		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, v), call.CodeBadRequest, bus.TypeBadRequest)
-		if !strings.Contains(msg, bus.HeaderTimeout) || !strings.Contains(msg, "limit of 2000") || !strings.Contains(msg, "--max-timeout") {
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", `{}`, protocol.HeaderTimeout, v), call.CodeBadRequest, call.TypeBadRequest)
+		if !strings.Contains(msg, protocol.HeaderTimeout) || !strings.Contains(msg, "limit of 2000") || !strings.Contains(msg, "--max-timeout") {
 			t.Errorf("%s: message %q does not name the header and the limit", v, msg)
 		}
 	}
@@ -632,8 +633,8 @@ func TestMaxTimeout(t *testing.T) {
 
 	// The default limit is an hour.
 	nc2, h2, _ := setup(t)
-	request(t, nc2, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, "3600000")
-	wantError(t, request(t, nc2, "pyfleet.req.p.echo", `{}`, bus.HeaderTimeout, "3600001"), call.CodeBadRequest, bus.TypeBadRequest)
+	request(t, nc2, "pyfleet.req.p.echo", `{}`, protocol.HeaderTimeout, "3600000")
+	wantError(t, request(t, nc2, "pyfleet.req.p.echo", `{}`, protocol.HeaderTimeout, "3600001"), call.CodeBadRequest, call.TypeBadRequest)
 	if left := time.Until(h2.requests()[0].Deadline); left < 59*time.Minute {
 		t.Errorf("deadline of a 1 h timeout in %s", left)
 	}
@@ -659,7 +660,7 @@ func TestJSONRule(t *testing.T) {
 		`"\ud800"`:                "unpaired surrogate",
 		"\"\xff\xfe\"":            "not valid UTF-8",
 	} {
-		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", body), call.CodeBadRequest, bus.TypeBadRequest)
+		msg := wantError(t, request(t, nc, "pyfleet.req.p.echo", body), call.CodeBadRequest, call.TypeBadRequest)
 		if !strings.Contains(msg, why) {
 			t.Errorf("%.30q: message %q, want %q", body, msg, why)
 		}
@@ -682,19 +683,19 @@ func TestReplyTooLarge(t *testing.T) {
 	nc, _, _ := setup(t)
 	max := int(nc.MaxPayload())
 	body := `"` + strings.Repeat("x", max-64) + `"`
-	reply := request(t, nc, "pyfleet.req.p.echo", body, bus.HeaderRequestID, "big-1")
-	msg := wantError(t, reply, call.CodeTooLarge, bus.TypeTooLarge)
+	reply := request(t, nc, "pyfleet.req.p.echo", body, protocol.HeaderRequestID, "big-1")
+	msg := wantError(t, reply, call.CodeTooLarge, call.TypeTooLarge)
 	if !strings.Contains(msg, "over the limit of "+strconv.Itoa(max)) {
 		t.Errorf("message %q", msg)
 	}
 	if len(reply.Data) > 1024 {
 		t.Errorf("the 413 is %d bytes", len(reply.Data))
 	}
-	if got := reply.Header.Get(bus.HeaderRequestID); got != "big-1" {
-		t.Errorf("%s = %q", bus.HeaderRequestID, got)
+	if got := reply.Header.Get(protocol.HeaderRequestID); got != "big-1" {
+		t.Errorf("%s = %q", protocol.HeaderRequestID, got)
 	}
-	if got := reply.Header.Get(bus.HeaderWorker); got != "w1" {
-		t.Errorf("%s = %q", bus.HeaderWorker, got)
+	if got := reply.Header.Get(protocol.HeaderWorker); got != "w1" {
+		t.Errorf("%s = %q", protocol.HeaderWorker, got)
 	}
 }
 
@@ -716,15 +717,15 @@ func TestReplyHeadersTooLarge(t *testing.T) {
 	}
 	nc := MustConn(t, srv)
 	MustServe(t, nc, "n1", &fakeHandler{worker: "w1"})
-	id := strings.Repeat("i", bus.MaxHeaderValue)
+	id := strings.Repeat("i", protocol.MaxHeaderValue)
 	// An echo of {} fits with its id…
-	if reply := request(t, nc, "pyfleet.req.p.echo", `{}`, bus.HeaderRequestID, id); reply.Header.Get(bus.HeaderRequestID) != id {
+	if reply := request(t, nc, "pyfleet.req.p.echo", `{}`, protocol.HeaderRequestID, id); reply.Header.Get(protocol.HeaderRequestID) != id {
 		t.Fatalf("echo: %v", reply.Header)
 	}
 	// …an error does not, nor does a 413 that names the id.
-	reply := request(t, nc, "pyfleet.req.p.fail", `{}`, bus.HeaderRequestID, id)
-	wantError(t, reply, call.CodeTooLarge, bus.TypeTooLarge)
-	if _, ok := reply.Header[bus.HeaderRequestID]; ok {
+	reply := request(t, nc, "pyfleet.req.p.fail", `{}`, protocol.HeaderRequestID, id)
+	wantError(t, reply, call.CodeTooLarge, call.TypeTooLarge)
+	if _, ok := reply.Header[protocol.HeaderRequestID]; ok {
 		t.Errorf("the bare 413 carries the request id")
 	}
 }
@@ -735,9 +736,9 @@ func TestReplyHeadersTooLarge(t *testing.T) {
 func TestHugeErrorMessage(t *testing.T) {
 	nc, _, _ := setup(t)
 	max := int(nc.MaxPayload())
-	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(2*max)), call.CodeTooLarge, bus.TypeTooLarge)
+	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(2*max)), call.CodeTooLarge, call.TypeTooLarge)
 	wantError(t, request(t, nc, "pyfleet.req.p.shout", strconv.Itoa(max/2)), call.CodeFailed, "ValueError")
-	subj, err := micro.ControlSubject(micro.StatsVerb, bus.ServiceName, "")
+	subj, err := micro.ControlSubject(micro.StatsVerb, protocol.ServiceName, "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,18 +11,13 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
-
-// MaxHeaderValue caps the value of every pyfleet request header (and of
-// Nats-Msg-Id on a job) in bytes: enough for any id, session key or subject
-// a client has reason to send, and small enough that a value copied into a
-// reply, an event or a stored result never makes it too large to send.
-const MaxHeaderValue = 256
 
 // checkedHeaders are the request headers whose values the node reads and
 // passes on (to a worker's proto string fields, to replies, to JetStream).
 var checkedHeaders = []string{
-	HeaderRequestID, HeaderSession, HeaderTimeout, HeaderHeartbeat, HeaderReplyTo, HeaderMsgID,
+	protocol.HeaderRequestID, protocol.HeaderSession, protocol.HeaderTimeout, protocol.HeaderHeartbeat, protocol.HeaderReplyTo, protocol.HeaderMsgID,
 }
 
 // checkHeaders refuses a request whose pyfleet headers the node could not
@@ -39,7 +34,7 @@ func checkHeaders(h nats.Header) *call.Error {
 			}
 			for _, v := range vals {
 				if why := badHeaderValue(v); why != "" {
-					return call.Errorf(call.CodeBadRequest, TypeBadRequest, "header %s: %s", name, why)
+					return call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "header %s: %s", name, why)
 				}
 			}
 		}
@@ -49,8 +44,8 @@ func checkHeaders(h nats.Header) *call.Error {
 
 // badHeaderValue says what is wrong with v as a pyfleet header value, or "".
 func badHeaderValue(v string) string {
-	if len(v) > MaxHeaderValue {
-		return "value of " + strconv.Itoa(len(v)) + " bytes is over the limit of " + strconv.Itoa(MaxHeaderValue) + " bytes"
+	if len(v) > protocol.MaxHeaderValue {
+		return "value of " + strconv.Itoa(len(v)) + " bytes is over the limit of " + strconv.Itoa(protocol.MaxHeaderValue) + " bytes"
 	}
 	if !utf8.ValidString(v) {
 		return "value is not valid UTF-8"
@@ -94,7 +89,7 @@ const (
 // unless it refuses.
 func checkJSON(data []byte) *call.Error {
 	if len(data) == 0 {
-		return call.Errorf(call.CodeBadRequest, TypeBadRequest, "malformed JSON: empty body")
+		return call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "malformed JSON: empty body")
 	}
 	sc := jsonScanner{data: data}
 	i := sc.value(sc.space(0), 0)
@@ -117,9 +112,9 @@ func (sc *jsonScanner) fail(i int, what string) int {
 		return len(sc.data)
 	}
 	if i >= len(sc.data) {
-		sc.err = call.Errorf(call.CodeBadRequest, TypeBadRequest, "malformed JSON: unexpected end of input")
+		sc.err = call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "malformed JSON: unexpected end of input")
 	} else {
-		sc.err = call.Errorf(call.CodeBadRequest, TypeBadRequest, "malformed JSON: invalid character %s at byte %d %s", quoteByte(sc.data[i]), i, what)
+		sc.err = call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "malformed JSON: invalid character %s at byte %d %s", quoteByte(sc.data[i]), i, what)
 	}
 	return len(sc.data)
 }
@@ -127,7 +122,7 @@ func (sc *jsonScanner) fail(i int, what string) int {
 // refuse records a breach of the rule by JSON that is well formed.
 func (sc *jsonScanner) refuse(format string, args ...any) int {
 	if sc.err == nil {
-		sc.err = call.Errorf(call.CodeBadRequest, TypeBadRequest, "JSON not accepted: "+format, args...)
+		sc.err = call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "JSON not accepted: "+format, args...)
 	}
 	return len(sc.data)
 }

@@ -13,14 +13,15 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 func TestCheckHeaders(t *testing.T) {
 	ok := []nats.Header{
 		nil,
-		{HeaderRequestID: {strings.Repeat("r", MaxHeaderValue)}},
-		{HeaderSession: {"café-☕"}, "X-Other": {"\xff\x00 not ours"}},
-		{HeaderTimeout: {"1500"}, HeaderHeartbeat: {"200"}, HeaderReplyTo: {"app.results"}, HeaderMsgID: {"job-1"}},
+		{protocol.HeaderRequestID: {strings.Repeat("r", protocol.MaxHeaderValue)}},
+		{protocol.HeaderSession: {"café-☕"}, "X-Other": {"\xff\x00 not ours"}},
+		{protocol.HeaderTimeout: {"1500"}, protocol.HeaderHeartbeat: {"200"}, protocol.HeaderReplyTo: {"app.results"}, protocol.HeaderMsgID: {"job-1"}},
 	}
 	for _, h := range ok {
 		if err := checkHeaders(h); err != nil {
@@ -28,20 +29,20 @@ func TestCheckHeaders(t *testing.T) {
 		}
 	}
 	bad := map[string]string{
-		"\xff\xfe":                              "not valid UTF-8",
-		strings.Repeat("r", MaxHeaderValue+1):   "over the limit of 256 bytes",
-		strings.Repeat("é", MaxHeaderValue/2+1): "over the limit of 256 bytes",
-		"a\x00b":                                "control character",
-		"a\tb":                                  "control character",
-		"a\x7fb":                                "control character",
-		"a\u0085b":                              "control character",
+		"\xff\xfe": "not valid UTF-8",
+		strings.Repeat("r", protocol.MaxHeaderValue+1):   "over the limit of 256 bytes",
+		strings.Repeat("é", protocol.MaxHeaderValue/2+1): "over the limit of 256 bytes",
+		"a\x00b":   "control character",
+		"a\tb":     "control character",
+		"a\x7fb":   "control character",
+		"a\u0085b": "control character",
 	}
 	for _, name := range checkedHeaders {
 		for v, why := range bad {
 			for _, key := range []string{name, strings.ToLower(name)} {
 				// The bad value hides behind a good one: every value counts.
 				err := checkHeaders(nats.Header{key: {"good", v}})
-				if err == nil || err.Code != call.CodeBadRequest || err.Type != TypeBadRequest {
+				if err == nil || err.Code != call.CodeBadRequest || err.Type != call.TypeBadRequest {
 					t.Errorf("%s: %q: %v, want 400", key, v, err)
 					continue
 				}
@@ -59,18 +60,18 @@ func TestCheckHeaders(t *testing.T) {
 func TestCheckTimeout(t *testing.T) {
 	const def, max = 60_000, 3_600_000
 	for v, want := range map[string]int64{"": def, "1": 1, "3600000": max} {
-		d, err := checkTimeout(nats.Header{HeaderTimeout: {v}}, def*1e6, max*1e6)
+		d, err := checkTimeout(nats.Header{protocol.HeaderTimeout: {v}}, def*1e6, max*1e6)
 		if err != nil || d.Milliseconds() != want {
 			t.Errorf("%q: %v %v, want %d ms", v, d, err, want)
 		}
 	}
 	for _, v := range []string{"3600001", "4294967297", strconv.FormatInt(1<<62, 10), "9223372036854775807", "99999999999999999999"} {
-		d, err := checkTimeout(nats.Header{HeaderTimeout: {v}}, def*1e6, max*1e6)
-		if err == nil || d != 0 || err.Code != call.CodeBadRequest || !strings.Contains(err.Message, HeaderTimeout) {
+		d, err := checkTimeout(nats.Header{protocol.HeaderTimeout: {v}}, def*1e6, max*1e6)
+		if err == nil || d != 0 || err.Code != call.CodeBadRequest || !strings.Contains(err.Message, protocol.HeaderTimeout) {
 			t.Errorf("%q: %v %v, want a 400 naming the header", v, d, err)
 		}
 	}
-	_, err := checkTimeout(nats.Header{HeaderTimeout: {"3600001"}}, def*1e6, max*1e6)
+	_, err := checkTimeout(nats.Header{protocol.HeaderTimeout: {"3600001"}}, def*1e6, max*1e6)
 	if !strings.Contains(err.Message, "3600000") || !strings.Contains(err.Message, "--max-timeout") {
 		t.Errorf("message %q does not give the limit", err.Message)
 	}
@@ -125,7 +126,7 @@ func TestCheckJSON(t *testing.T) {
 			t.Errorf("%.40q: not even valid JSON to Go: the case tests nothing", body)
 		}
 		err := checkJSON([]byte(body))
-		if err == nil || err.Code != call.CodeBadRequest || err.Type != TypeBadRequest {
+		if err == nil || err.Code != call.CodeBadRequest || err.Type != call.TypeBadRequest {
 			t.Errorf("%.40q: %v, want 400", body, err)
 			continue
 		}

@@ -17,6 +17,28 @@ const (
 	CodeUnavailable = 503 // the node is overloaded or draining
 )
 
+// Types of the errors pyfleet itself answers with; a function that raised
+// answers with the type of its Python exception instead. They travel in the
+// "type" of the error body (docs/protocol.md, "Codes and types").
+const (
+	TypeBadRequest    = "BadRequest"       // 400
+	TypeInvalidJobID  = "InvalidJobId"     // 400: a job id that cannot be a subject token
+	TypeNotFound      = "NotFound"         // 404
+	TypeDeadline      = "DeadlineExceeded" // 408
+	TypeSessionLost   = "SessionLost"      // 410
+	TypeTooLarge      = "TooLarge"         // 413
+	TypeInternal      = "InternalError"    // 500: the node failed, not the function
+	TypeWorkerLost    = "WorkerLost"       // 500: the worker died or its channel broke under the call
+	TypeDeliveryLimit = "DeliveryLimit"    // 500: no node finished a job in its deliveries
+	TypeDraining      = "Draining"         // 503
+	TypeOverloaded    = "Overloaded"       // 503: a queue or session limit
+	TypeNoWorker      = "NoWorker"         // 503: no worker ready to take a new session
+	TypeResultRefused = "ResultRefused"    // 503: the results stream would not store a job's result
+	// TypeError is what a client reads for a failure whose reply names no
+	// type (a micro service that sets only the error headers).
+	TypeError = "Error"
+)
+
 // Function describes one function the app exports.
 type Function struct {
 	Name   string
@@ -60,7 +82,7 @@ type Handler interface {
 }
 
 // Error is a failed call: a code from the list above, the exception's type
-// (or a pyfleet name such as "Overloaded") and a message for humans.
+// (or one of the types above) and a message for humans.
 type Error struct {
 	Code    int
 	Type    string

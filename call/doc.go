@@ -1,5 +1,7 @@
 // Package call holds the few types that pass between the NATS side (bus) and
 // the worker side (pool) of a node: a request, a streamed chunk, a result and
-// an error with its HTTP-like code. It exists so that neither side imports the
-// other; it owns no goroutines and no state.
+// an error with its HTTP-like code, and the codes and type names of the
+// errors pyfleet itself answers with, which both sides and every client
+// (through protocol) use. It exists so that neither side imports the other;
+// it owns no goroutines and no state.
 package call

@@ -39,7 +39,7 @@
 //   - the lifecycle event types (Event, Events, the Kind and Reason
 //     constants) that other packages publish.
 //
-// The promise it serves (SPEC section 6): no process a worker started
+// The promise it serves (README.md, "How a worker is supervised"): no process a worker started
 // survives the node, and nothing pyfleet did not start is ever killed. A
 // process is killed only when its identity or its marker proves it ours, and
 // every signal sent by number (a pid or a process group id) is sent only

@@ -32,7 +32,7 @@ const (
 )
 
 // Event is one thing that happened to a node or a process it owns. The JSON
-// form is the body of the event message (SPEC section 4); empty fields are
+// form is the body of the event message (docs/protocol.md, "Events"); empty fields are
 // left out.
 type Event struct {
 	Kind     string    `json:"kind"`

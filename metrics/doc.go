@@ -1,5 +1,5 @@
 // Package metrics owns a node's Prometheus metrics and the small HTTP server
-// that exposes them (the --metrics flag, SPEC section 3).
+// that exposes them (the --metrics flag, README.md "poolnode").
 //
 // A Metrics holds its own *prometheus.Registry: no package globals, so two
 // nodes (or two tests) in one process never share a series. The registry

@@ -17,6 +17,7 @@ import (
 
 	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // Config is everything a node needs; cmd/poolnode fills it from flags,
@@ -74,7 +75,7 @@ type Config struct {
 // exits with status 2 and does not retry.
 var ErrConfig = errors.New("bad configuration")
 
-// Defaults returns the documented defaults (SPEC section 3).
+// Defaults returns the documented defaults (README.md, "poolnode").
 func Defaults() Config {
 	return Config{
 		Listen:          "127.0.0.1:4222",
@@ -105,11 +106,11 @@ func (c *Config) Validate() error {
 		c.Node = defaultNodeName()
 	}
 	for _, t := range []struct{ key, val string }{{"pool", c.Pool}, {"node", c.Node}} {
-		if err := bus.ValidToken(t.val); err != nil {
+		if err := protocol.ValidToken(t.val); err != nil {
 			return bad("--%s: %v", t.key, err)
 		}
 	}
-	if err := bus.ValidPrefix(c.Prefix); err != nil {
+	if err := protocol.ValidPrefix(c.Prefix); err != nil {
 		return bad("--prefix: %v", err)
 	}
 	if c.Workers < 1 {

@@ -699,7 +699,7 @@ func (p *Pool) run(w *worker, j *job) {
 }
 
 func deadlineError(worker string) *call.Error {
-	return &call.Error{Code: call.CodeDeadline, Type: "DeadlineExceeded", Message: "the deadline passed before the call finished", Worker: worker}
+	return &call.Error{Code: call.CodeDeadline, Type: call.TypeDeadline, Message: "the deadline passed before the call finished", Worker: worker}
 }
 
 // Functions lists the app's functions, as the first worker reported them.
@@ -741,15 +741,15 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 		{"function name", req.Function}, {"request id", req.RequestID}, {"session", req.Session},
 	} {
 		if !utf8.ValidString(f.val) {
-			return call.Result{}, call.Errorf(call.CodeBadRequest, "BadRequest", "the %s is not valid UTF-8", f.name)
+			return call.Result{}, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "the %s is not valid UTF-8", f.name)
 		}
 	}
 	fn, ok := p.lookup(req.Function)
 	if !ok {
-		return call.Result{}, call.Errorf(call.CodeNotFound, "NotFound", "no function %q in this app", req.Function)
+		return call.Result{}, call.Errorf(call.CodeNotFound, call.TypeNotFound, "no function %q in this app", req.Function)
 	}
 	if !p.enter() {
-		return call.Result{}, call.Errorf(call.CodeUnavailable, "Draining", "the node is stopping; try another node")
+		return call.Result{}, call.Errorf(call.CodeUnavailable, call.TypeDraining, "the node is stopping; try another node")
 	}
 	defer p.leave()
 
@@ -763,11 +763,11 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 	n, held := p.waiting.Add(1), p.waitingBytes.Add(size)
 	if n > int64(p.cfg.QueueLimit) {
 		unwait()
-		return call.Result{}, call.Errorf(call.CodeUnavailable, "Overloaded", "%d calls are already waiting on this node (its queue limit)", p.cfg.QueueLimit)
+		return call.Result{}, call.Errorf(call.CodeUnavailable, call.TypeOverloaded, "%d calls are already waiting on this node (its queue limit)", p.cfg.QueueLimit)
 	}
 	if held > p.cfg.QueueLimitBytes {
 		unwait()
-		return call.Result{}, call.Errorf(call.CodeUnavailable, "Overloaded",
+		return call.Result{}, call.Errorf(call.CodeUnavailable, call.TypeOverloaded,
 			"the calls waiting on this node would hold %d payload bytes, over its queue limit of %d bytes", held, p.cfg.QueueLimitBytes)
 	}
 
@@ -793,10 +793,10 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 		unwait()
 	case <-ctx.Done():
 		unwait()
-		return call.Result{}, call.Errorf(call.CodeDeadline, "DeadlineExceeded", "the deadline passed while the call waited for a worker")
+		return call.Result{}, call.Errorf(call.CodeDeadline, call.TypeDeadline, "the deadline passed while the call waited for a worker")
 	case <-p.closed:
 		unwait()
-		return call.Result{}, call.Errorf(call.CodeUnavailable, "Draining", "the node stopped before a worker was free")
+		return call.Result{}, call.Errorf(call.CodeUnavailable, call.TypeDraining, "the node stopped before a worker was free")
 	case <-lost:
 		unwait()
 		return call.Result{}, sessionLost(req.Session, pinned)
@@ -816,7 +816,7 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 			return o.res, o.err
 		default:
 		}
-		return call.Result{}, call.Errorf(call.CodeDeadline, "DeadlineExceeded", "the deadline passed before the call finished")
+		return call.Result{}, call.Errorf(call.CodeDeadline, call.TypeDeadline, "the deadline passed before the call finished")
 	}
 }
 
@@ -861,10 +861,10 @@ func (p *Pool) sessionWorker(id string) (*worker, error) {
 		}
 	}
 	if best == nil {
-		return nil, call.Errorf(call.CodeUnavailable, "NoWorker", "no worker is ready to take a new session")
+		return nil, call.Errorf(call.CodeUnavailable, call.TypeNoWorker, "no worker is ready to take a new session")
 	}
 	if len(p.sessions) >= p.cfg.MaxSessions {
-		return nil, call.Errorf(call.CodeUnavailable, "Overloaded",
+		return nil, call.Errorf(call.CodeUnavailable, call.TypeOverloaded,
 			"this node already keeps %d sessions, its limit (max sessions); a session is forgotten after %s unused",
 			p.cfg.MaxSessions, p.cfg.sessionIdle)
 	}
@@ -898,7 +898,7 @@ func (p *Pool) sweepSessions() {
 }
 
 func sessionLost(id string, w *worker) *call.Error {
-	return &call.Error{Code: call.CodeSessionLost, Type: "SessionLost",
+	return &call.Error{Code: call.CodeSessionLost, Type: call.TypeSessionLost,
 		Message: fmt.Sprintf("session %q lived on worker %s, which is gone", id, w.name), Worker: w.name}
 }
 

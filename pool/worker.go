@@ -684,5 +684,5 @@ func lostError(w *worker) *call.Error {
 	if err := w.lostCause(); err != nil {
 		msg += ": " + err.Error()
 	}
-	return &call.Error{Code: call.CodeFailed, Type: "WorkerLost", Message: msg, Worker: w.name}
+	return &call.Error{Code: call.CodeFailed, Type: call.TypeWorkerLost, Message: msg, Worker: w.name}
 }

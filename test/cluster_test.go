@@ -18,27 +18,15 @@ import (
 
 	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
-// pyfleetStreams are the streams of SPEC section 4 with the settings
-// bus.EnsureStreams gives them, but replicated: a node creates missing
-// streams with one replica (it cannot know the cluster's size) and leaves
-// existing ones alone, so an operator who wants them to survive a server
-// creates them first, as this does.
+// pyfleetStreams are the streams a node creates when they are missing, but
+// replicated: a node creates them with one replica unless told otherwise
+// (--stream-replicas) and leaves existing ones alone, so an operator who
+// wants them to survive a server creates them first, as this does.
 func pyfleetStreams(replicas int) []jetstream.StreamConfig {
-	return []jetstream.StreamConfig{{
-		Name: "PYFLEET_JOBS", Subjects: []string{"pyfleet.job.>"}, Retention: jetstream.WorkQueuePolicy,
-		Storage: jetstream.FileStorage, Duplicates: 2 * time.Minute, Replicas: replicas,
-	}, {
-		Name: "PYFLEET_RESULTS", Subjects: []string{"pyfleet.result.>"}, Storage: jetstream.FileStorage,
-		MaxAge: 24 * time.Hour, MaxMsgsPerSubject: 1, Duplicates: 2 * time.Minute, Replicas: replicas,
-	}, {
-		Name: "PYFLEET_DEAD", Subjects: []string{"pyfleet.dead.>"}, Storage: jetstream.FileStorage,
-		Duplicates: 2 * time.Minute, Replicas: replicas,
-	}, {
-		Name: "PYFLEET_EVENTS", Subjects: []string{"pyfleet.evt.>"}, Storage: jetstream.FileStorage,
-		MaxAge: 24 * time.Hour, Replicas: replicas,
-	}}
+	return bus.StreamConfigs("", replicas)
 }
 
 // clusterNodeName is a node name unique to this test process.
@@ -175,7 +163,7 @@ func TestClusterJobsNoneLostStress(t *testing.T) {
 	}
 	dead := map[string]jetstream.Msg{}
 	for _, m := range deadLetters(t, js) {
-		dead[m.Headers().Get(bus.HeaderJobID)] = m
+		dead[m.Headers().Get(protocol.HeaderJobID)] = m
 	}
 	runs := executions(t, dir)
 	var ok, deadN, lost, twice, twiceKilled int
@@ -189,7 +177,7 @@ func TestClusterJobsNoneLostStress(t *testing.T) {
 				t.Errorf("job %s lost: no result", j.id)
 			}
 			continue
-		case m.Headers().Get(bus.HeaderStatus) == bus.StatusOK:
+		case m.Headers().Get(protocol.HeaderStatus) == protocol.StatusOK:
 			ok++
 			var echoed struct{ ID string }
 			if json.Unmarshal(m.Data(), &echoed) != nil || echoed.ID != j.id {
@@ -286,7 +274,7 @@ func TestClusterRequestsSpreadAndFailOver(t *testing.T) {
 			wg.Go(func() {
 				for i := range next {
 					m, err := nc.Request("pyfleet.req.default.echo", []byte(fmt.Sprint(i)), 30*time.Second)
-					if err == nil && (m.Header.Get(bus.HeaderStatus) != bus.StatusOK || string(m.Data) != fmt.Sprint(i)) {
+					if err == nil && (m.Header.Get(protocol.HeaderStatus) != protocol.StatusOK || string(m.Data) != fmt.Sprint(i)) {
 						err = fmt.Errorf("call %d: %v %s", i, m.Header, m.Data)
 					}
 					if err != nil {
@@ -294,7 +282,7 @@ func TestClusterRequestsSpreadAndFailOver(t *testing.T) {
 						continue
 					}
 					mu.Lock()
-					counts[m.Header.Get(bus.HeaderNode)]++
+					counts[m.Header.Get(protocol.HeaderNode)]++
 					mu.Unlock()
 				}
 			})
@@ -366,7 +354,7 @@ func TestClusterRequestsSpreadAndFailOver(t *testing.T) {
 				if err != nil {
 					t.Fatalf("call %d after the kill: %v", i, err)
 				}
-				if m.Header.Get(bus.HeaderStatus) != bus.StatusOK || m.Header.Get(bus.HeaderNode) == victim.name {
+				if m.Header.Get(protocol.HeaderStatus) != protocol.StatusOK || m.Header.Get(protocol.HeaderNode) == victim.name {
 					t.Fatalf("call %d after the kill: %v %s", i, m.Header, m.Data)
 				}
 			}
@@ -475,7 +463,7 @@ func TestSessionKeepsItsWorkerThenGets410(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("first call: exit %d: %s", code, errOut)
 	}
-	node, worker := h.Get(bus.HeaderNode), h.Get(bus.HeaderWorker)
+	node, worker := h.Get(protocol.HeaderNode), h.Get(protocol.HeaderWorker)
 	if node == "" || worker == "" || first.PID == 0 {
 		t.Fatalf("first call: headers %v, body %+v", h, first)
 	}
@@ -493,9 +481,9 @@ func TestSessionKeepsItsWorkerThenGets410(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("call %d: exit %d: %s", i, code, errOut)
 		}
-		if h.Get(bus.HeaderWorker) != worker || h.Get(bus.HeaderNode) != node || w.PID != first.PID {
+		if h.Get(protocol.HeaderWorker) != worker || h.Get(protocol.HeaderNode) != node || w.PID != first.PID {
 			t.Fatalf("call %d of session S1 reached %s/%s pid %d, want %s/%s pid %d",
-				i, h.Get(bus.HeaderNode), h.Get(bus.HeaderWorker), w.PID, node, worker, first.PID)
+				i, h.Get(protocol.HeaderNode), h.Get(protocol.HeaderWorker), w.PID, node, worker, first.PID)
 		}
 	}
 

@@ -7,7 +7,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // nodeStats asks the node's micro service for its pool figures (workers,
@@ -20,7 +20,7 @@ func nodeStats(t *testing.T, nc *nats.Conn, node string) (workers, busy, queued 
 		t.Fatal(err)
 	}
 	defer sub.Unsubscribe()
-	if err := nc.PublishRequest("$SRV.STATS."+bus.ServiceName, inbox, nil); err != nil {
+	if err := nc.PublishRequest("$SRV.STATS."+protocol.ServiceName, inbox, nil); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(2 * time.Second)
@@ -58,11 +58,11 @@ func nodeStats(t *testing.T, nc *nats.Conn, node string) (workers, busy, queued 
 // processes are checked by startNode's cleanup.
 func assertStillServing(t *testing.T, n *nodeProc, nc *nats.Conn, wantWorkers int) {
 	t.Helper()
-	m, err := nc.Request(bus.Subjects{}.Request("default", "echo"), []byte(`{"still":"here"}`), time.Second)
+	m, err := nc.Request(protocol.Subjects{}.Request("default", "echo"), []byte(`{"still":"here"}`), time.Second)
 	if err != nil {
 		t.Fatalf("echo after the attack: %v\n%s", err, n.log())
 	}
-	if e := bus.ReplyError(m); e != nil {
+	if e := protocol.ReplyError(m.Header, m.Data); e != nil {
 		t.Fatalf("echo after the attack: %d %s: %s", e.Code, e.Type, e.Message)
 	}
 	if string(m.Data) != `{"still":"here"}` {

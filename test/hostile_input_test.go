@@ -9,8 +9,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // Issue 9, "Bad input gets a clear 4xx and nothing else": what a NATS
@@ -21,7 +21,7 @@ import (
 // on the default pool and returns the reply.
 func hostileRequest(t *testing.T, nc *nats.Conn, fn, body string, hdr ...string) *nats.Msg {
 	t.Helper()
-	m := nats.NewMsg(bus.Subjects{}.Request("default", fn))
+	m := nats.NewMsg(protocol.Subjects{}.Request("default", fn))
 	m.Data = []byte(body)
 	for i := 0; i+1 < len(hdr); i += 2 {
 		m.Header[hdr[i]] = []string{hdr[i+1]}
@@ -37,7 +37,7 @@ func hostileRequest(t *testing.T, nc *nats.Conn, fn, body string, hdr ...string)
 // message contains every one of naming, and returns the error.
 func wantRefused(t *testing.T, reply *nats.Msg, code int, typ string, naming ...string) *call.Error {
 	t.Helper()
-	e := bus.ReplyError(reply)
+	e := protocol.ReplyError(reply.Header, reply.Data)
 	if e == nil || e.Code != code || e.Type != typ {
 		t.Fatalf("reply %v %q, want %d %s", reply.Header, reply.Data, code, typ)
 	}
@@ -56,12 +56,12 @@ func TestHostileInputHeaders(t *testing.T) {
 	// The issue's reproduction: three requests with a request id that is
 	// not UTF-8 once took a 2-worker node out of service.
 	for range 3 {
-		reply := hostileRequest(t, nc, "echo", `{"a":1}`, bus.HeaderRequestID, "\xff\xfe")
-		wantRefused(t, reply, call.CodeBadRequest, bus.TypeBadRequest, bus.HeaderRequestID, "not valid UTF-8")
-		if v, ok := reply.Header[bus.HeaderRequestID]; ok {
+		reply := hostileRequest(t, nc, "echo", `{"a":1}`, protocol.HeaderRequestID, "\xff\xfe")
+		wantRefused(t, reply, call.CodeBadRequest, call.TypeBadRequest, protocol.HeaderRequestID, "not valid UTF-8")
+		if v, ok := reply.Header[protocol.HeaderRequestID]; ok {
 			t.Errorf("the 400 echoes the bad request id: %q", v)
 		}
-		if reply.Header.Get(bus.HeaderWorker) != "" {
+		if reply.Header.Get(protocol.HeaderWorker) != "" {
 			t.Errorf("a worker saw the request: %v", reply.Header)
 		}
 	}
@@ -70,16 +70,16 @@ func TestHostileInputHeaders(t *testing.T) {
 		t.Fatalf("submit call echo after the bad ids: exit %d, %q %q", code, out, errOut)
 	}
 
-	for _, name := range []string{bus.HeaderRequestID, bus.HeaderSession, bus.HeaderTimeout,
-		bus.HeaderHeartbeat, bus.HeaderReplyTo, bus.HeaderMsgID} {
+	for _, name := range []string{protocol.HeaderRequestID, protocol.HeaderSession, protocol.HeaderTimeout,
+		protocol.HeaderHeartbeat, protocol.HeaderReplyTo, protocol.HeaderMsgID} {
 		for why, v := range map[string]string{
 			"not valid UTF-8":             "ok\xc3",
 			"over the limit of 256 bytes": strings.Repeat("9", 257),
 			"control character":           "1\x00\x1b",
 		} {
-			reply := hostileRequest(t, nc, "echo", `{}`, name, v, bus.HeaderSession+"-Ok", "fine")
-			wantRefused(t, reply, call.CodeBadRequest, bus.TypeBadRequest, "header "+name, why)
-			if _, ok := reply.Header[bus.HeaderRequestID]; ok {
+			reply := hostileRequest(t, nc, "echo", `{}`, name, v, protocol.HeaderSession+"-Ok", "fine")
+			wantRefused(t, reply, call.CodeBadRequest, call.TypeBadRequest, "header "+name, why)
+			if _, ok := reply.Header[protocol.HeaderRequestID]; ok {
 				t.Errorf("%s %s: the 400 carries a request id", name, why)
 			}
 		}
@@ -91,19 +91,19 @@ func TestHostileInputTimeout(t *testing.T) {
 	n := startNode(t, nodeOptions{extra: []string{"--max-timeout", "10s", "--request-timeout", "2s"}})
 	nc := n.connect()
 	for _, v := range []string{"10001", "4294967297", strconv.FormatUint(1<<32+100, 10), "9223372036854775807", "99999999999999999999"} {
-		reply := hostileRequest(t, nc, "echo", `{}`, bus.HeaderTimeout, v)
-		wantRefused(t, reply, call.CodeBadRequest, bus.TypeBadRequest, bus.HeaderTimeout, "limit of 10000", "--max-timeout")
+		reply := hostileRequest(t, nc, "echo", `{}`, protocol.HeaderTimeout, v)
+		wantRefused(t, reply, call.CodeBadRequest, call.TypeBadRequest, protocol.HeaderTimeout, "limit of 10000", "--max-timeout")
 	}
 	// At the limit, the call runs (and a timeout of 2^32+100 ms would
 	// once have reached the worker as 100 ms).
-	reply := hostileRequest(t, nc, "sleep", `300`, bus.HeaderTimeout, "10000")
-	if e := bus.ReplyError(reply); e != nil {
+	reply := hostileRequest(t, nc, "sleep", `300`, protocol.HeaderTimeout, "10000")
+	if e := protocol.ReplyError(reply.Header, reply.Data); e != nil {
 		t.Fatalf("sleep 300 ms with a 10 s timeout: %v", e)
 	}
 	// Without the header, --request-timeout applies.
 	start := time.Now()
 	reply = hostileRequest(t, nc, "slow_async", `{"ms":8000}`)
-	wantRefused(t, reply, call.CodeDeadline, bus.TypeDeadline)
+	wantRefused(t, reply, call.CodeDeadline, call.TypeDeadline)
 	if d := time.Since(start); d < 2*time.Second || d > 7*time.Second {
 		t.Errorf("408 after %s, want the 2 s of --request-timeout", d)
 	}
@@ -124,7 +124,7 @@ func TestHostileInputJSON(t *testing.T) {
 	} {
 		for _, fn := range []string{"echo", "sum", "count"} { // sync, async, generator
 			reply := hostileRequest(t, nc, fn, body)
-			e := wantRefused(t, reply, call.CodeBadRequest, bus.TypeBadRequest, why)
+			e := wantRefused(t, reply, call.CodeBadRequest, call.TypeBadRequest, why)
 			if e.Worker != "" || strings.Contains(e.Message, "Traceback") {
 				t.Errorf("%s %.30q: answered by a worker: %+v", fn, body, e)
 			}
@@ -137,7 +137,7 @@ func TestHostileInputJSON(t *testing.T) {
 		`[1.7976931348623157e308, 1e-999999, "\ud83d\ude00"]`: `[1.7976931348623157e+308,0.0,"😀"]`,
 	} {
 		reply := hostileRequest(t, nc, "echo", body)
-		if e := bus.ReplyError(reply); e != nil {
+		if e := protocol.ReplyError(reply.Header, reply.Data); e != nil {
 			t.Fatalf("echo %.30q: %v", body, e)
 		}
 		if string(reply.Data) != want {
@@ -151,7 +151,7 @@ func TestHostileInputReplyTooLarge(t *testing.T) {
 	n := startNode(t, nodeOptions{app: filepath.Join(repoRoot, "test", "apps", "oversize.py")})
 	nc := n.connect()
 	max := int(nc.MaxPayload())
-	id := strings.Repeat("r", bus.MaxHeaderValue)
+	id := strings.Repeat("r", protocol.MaxHeaderValue)
 	for _, tc := range []struct{ fn, what string }{
 		{"big", "a result"},
 		{"big_error", "an error message"},
@@ -160,14 +160,14 @@ func TestHostileInputReplyTooLarge(t *testing.T) {
 	} {
 		body := `{"bytes":` + strconv.Itoa(max+1) + `}`
 		if tc.fn == "echo" {
-			body = `"` + strings.Repeat("x", max-bus.MaxHeaderValue-80) + `"`
+			body = `"` + strings.Repeat("x", max-protocol.MaxHeaderValue-80) + `"`
 		}
-		reply := hostileRequest(t, nc, tc.fn, body, bus.HeaderRequestID, id)
-		wantRefused(t, reply, call.CodeTooLarge, bus.TypeTooLarge, "over the limit of "+strconv.Itoa(max))
-		if len(reply.Data) > 1024 || len(reply.Header.Get(bus.HeaderError)) > 1024 {
+		reply := hostileRequest(t, nc, tc.fn, body, protocol.HeaderRequestID, id)
+		wantRefused(t, reply, call.CodeTooLarge, call.TypeTooLarge, "over the limit of "+strconv.Itoa(max))
+		if len(reply.Data) > 1024 || len(reply.Header.Get(protocol.HeaderError)) > 1024 {
 			t.Errorf("%s: the 413 carries %d bytes of body", tc.what, len(reply.Data))
 		}
-		if got := reply.Header.Get(bus.HeaderRequestID); got != id {
+		if got := reply.Header.Get(protocol.HeaderRequestID); got != id {
 			t.Errorf("%s: the 413 has request id %q", tc.what, got)
 		}
 	}
@@ -179,7 +179,7 @@ func TestHostileInputReplyTooLarge(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sub.Unsubscribe()
-	if err := nc.PublishRequest(bus.Subjects{}.Request("default", "big_chunk"), inbox, []byte(`{"bytes":`+strconv.Itoa(max+1)+`}`)); err != nil {
+	if err := nc.PublishRequest(protocol.Subjects{}.Request("default", "big_chunk"), inbox, []byte(`{"bytes":`+strconv.Itoa(max+1)+`}`)); err != nil {
 		t.Fatal(err)
 	}
 	var kinds []string
@@ -188,9 +188,9 @@ func TestHostileInputReplyTooLarge(t *testing.T) {
 		if err != nil {
 			t.Fatalf("stream after %v: %v", kinds, err)
 		}
-		kinds = append(kinds, m.Header.Get(bus.HeaderStream))
-		if m.Header.Get(bus.HeaderStream) == bus.StreamEnd {
-			wantRefused(t, m, call.CodeTooLarge, bus.TypeTooLarge)
+		kinds = append(kinds, m.Header.Get(protocol.HeaderStream))
+		if m.Header.Get(protocol.HeaderStream) == protocol.StreamEnd {
+			wantRefused(t, m, call.CodeTooLarge, call.TypeTooLarge)
 			break
 		}
 	}

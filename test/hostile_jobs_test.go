@@ -15,7 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // deadWatcher collects the dead letters of pool default as they are
@@ -32,7 +32,7 @@ func watchDead(t *testing.T, nc *nats.Conn) *deadWatcher {
 	sub, err := nc.Subscribe("pyfleet.dead.default.>", func(m *nats.Msg) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
-		id := m.Header.Get(bus.HeaderJobID)
+		id := m.Header.Get(protocol.HeaderJobID)
 		w.got[id] = append(w.got[id], m)
 	})
 	if err == nil {
@@ -46,7 +46,7 @@ func watchDead(t *testing.T, nc *nats.Conn) *deadWatcher {
 }
 
 // wait returns the dead letter of job id, decoded, once it came.
-func (w *deadWatcher) wait(id string, timeout time.Duration) (*nats.Msg, bus.DeadLetter) {
+func (w *deadWatcher) wait(id string, timeout time.Duration) (*nats.Msg, protocol.DeadLetter) {
 	w.t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -54,7 +54,7 @@ func (w *deadWatcher) wait(id string, timeout time.Duration) (*nats.Msg, bus.Dea
 		ms := w.got[id]
 		w.mu.Unlock()
 		if len(ms) > 0 {
-			var d bus.DeadLetter
+			var d protocol.DeadLetter
 			if err := json.Unmarshal(ms[0].Data, &d); err != nil {
 				w.t.Fatalf("dead letter of %s: %v: %.300q", id, err, ms[0].Data)
 			}
@@ -98,20 +98,20 @@ func TestHostileJobBadHeaders(t *testing.T) {
 		id, header, value, body, naming string
 	}
 	var jobs []badJob
-	for _, h := range []string{bus.HeaderRequestID, bus.HeaderSession, bus.HeaderTimeout, bus.HeaderHeartbeat, bus.HeaderReplyTo, bus.HeaderMsgID} {
-		for i, v := range []string{"\xff\xfe", strings.Repeat("x", bus.MaxHeaderValue+1), "a\x01b"} {
+	for _, h := range []string{protocol.HeaderRequestID, protocol.HeaderSession, protocol.HeaderTimeout, protocol.HeaderHeartbeat, protocol.HeaderReplyTo, protocol.HeaderMsgID} {
+		for i, v := range []string{"\xff\xfe", strings.Repeat("x", protocol.MaxHeaderValue+1), "a\x01b"} {
 			jobs = append(jobs, badJob{fmt.Sprintf("h-%s-%d", strings.ToLower(h), i), h, v, `{}`, "header " + h})
 		}
 	}
 	jobs = append(jobs,
-		badJob{"timeout-over-max", bus.HeaderTimeout, "120001", `{}`, "over this node's limit of 120000"},
-		badJob{"timeout-wraps", bus.HeaderTimeout, "4294967397", `{}`, "over this node's limit of 120000"},
+		badJob{"timeout-over-max", protocol.HeaderTimeout, "120001", `{}`, "over this node's limit of 120000"},
+		badJob{"timeout-wraps", protocol.HeaderTimeout, "4294967397", `{}`, "over this node's limit of 120000"},
 		badJob{"malformed-json", "", "", `{"a":`, "malformed JSON"},
 	)
 	for i, j := range jobs {
 		m := nats.NewMsg("pyfleet.job.default.echo")
 		m.Data = []byte(j.body)
-		m.Header.Set(bus.HeaderMsgID, j.id)
+		m.Header.Set(protocol.HeaderMsgID, j.id)
 		if j.header != "" {
 			m.Header.Set(j.header, j.value)
 		}
@@ -119,7 +119,7 @@ func TestHostileJobBadHeaders(t *testing.T) {
 		if err != nil {
 			t.Fatalf("publish %s: %v", j.id, err)
 		}
-		if j.header == bus.HeaderMsgID {
+		if j.header == protocol.HeaderMsgID {
 			// The node names such a job by its stream sequence.
 			jobs[i].id = strconv.FormatUint(ack.Sequence, 10)
 		}
@@ -311,22 +311,22 @@ func TestHostileJobReplyToForgery(t *testing.T) {
 	// A result planted for a job id before the job comes: it names
 	// another job, so the job runs and its own result replaces it.
 	plant := nats.NewMsg("pyfleet.result.default.planted-1")
-	plant.Header.Set(bus.HeaderStatus, bus.StatusOK)
-	plant.Header.Set(bus.HeaderJobID, "someone-else")
-	plant.Header.Set(bus.HeaderFunction, "echo")
+	plant.Header.Set(protocol.HeaderStatus, protocol.StatusOK)
+	plant.Header.Set(protocol.HeaderJobID, "someone-else")
+	plant.Header.Set(protocol.HeaderFunction, "echo")
 	plant.Data = []byte(`"planted"`)
 	if _, err := js.PublishMsg(context.Background(), plant); err != nil {
 		t.Fatal(err)
 	}
 	job := nats.NewMsg("pyfleet.job.default.echo")
-	job.Header.Set(bus.HeaderMsgID, "planted-1")
+	job.Header.Set(protocol.HeaderMsgID, "planted-1")
 	job.Data = []byte(`{"real":1}`)
 	if _, err := js.PublishMsg(context.Background(), job); err != nil {
 		t.Fatal(err)
 	}
 	waitUntil(t, 30*time.Second, "the job's own result stored", func() bool {
 		m, err := s.GetLastMsgForSubject(context.Background(), "pyfleet.result.default.planted-1")
-		return err == nil && m.Header.Get(bus.HeaderNode) == n.name
+		return err == nil && m.Header.Get(protocol.HeaderNode) == n.name
 	})
 	out, errOut, code := runSubmit(t, n.url, "", "job", "--wait", "--timeout", "30s", "--id", "planted-1", "echo", `{"real":1}`)
 	if code != 0 || out != "{\"real\":1}\n" {

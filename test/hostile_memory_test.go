@@ -16,7 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // plainPoolnode builds poolnode without -race for tests that measure the
@@ -101,7 +101,7 @@ func TestHostileMemory(t *testing.T) {
 	// Warm up every path the floods take, so that buffers grown once (the
 	// embedded server's, the client's, gRPC's) count in the baseline.
 	body := bytes.Repeat([]byte("b"), memBodyBytes)
-	if m, err := nc.Request(bus.Subjects{}.Request("default", "slow_raw"), body, 10*time.Second); err != nil || bus.ReplyError(m) != nil {
+	if m, err := nc.Request(protocol.Subjects{}.Request("default", "slow_raw"), body, 10*time.Second); err != nil || protocol.ReplyError(m.Header, m.Data) != nil {
 		t.Fatalf("warm-up: %v %v", err, m)
 	}
 	baseline := procStatusBytes(t, pid, "VmRSS")
@@ -198,15 +198,15 @@ func openSessions(t *testing.T, n *nodeProc, count int) {
 	for range 16 {
 		wg.Go(func() {
 			for key := range keys {
-				m := nats.NewMsg(bus.Subjects{}.Request("default", "echo"))
-				m.Header.Set(bus.HeaderSession, key)
+				m := nats.NewMsg(protocol.Subjects{}.Request("default", "echo"))
+				m.Header.Set(protocol.HeaderSession, key)
 				m.Data = []byte(`"s"`)
 				reply, err := nc.RequestMsg(m, 10*time.Second)
 				if err != nil {
 					t.Errorf("session call: %v", err)
 					return
 				}
-				if e := bus.ReplyError(reply); e != nil {
+				if e := protocol.ReplyError(reply.Header, reply.Data); e != nil {
 					t.Errorf("session call: %d %s: %s", e.Code, e.Type, e.Message)
 					return
 				}
@@ -234,12 +234,12 @@ func floodBodies(t *testing.T, n *nodeProc, stop <-chan struct{}) {
 					return
 				default:
 				}
-				m, err := nc.Request(bus.Subjects{}.Request("default", "slow_raw"), body, 10*time.Second)
+				m, err := nc.Request(protocol.Subjects{}.Request("default", "slow_raw"), body, 10*time.Second)
 				if err != nil {
 					t.Errorf("1 MB call: %v", err)
 					return
 				}
-				e := bus.ReplyError(m)
+				e := protocol.ReplyError(m.Header, m.Data)
 				switch {
 				case e == nil && string(m.Data) == strconv.Itoa(memBodyBytes):
 					ok.Add(1)

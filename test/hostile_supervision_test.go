@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pyfleet/pyfleet/bus"
 	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 func hostilePoolApp() string { return filepath.Join(repoRoot, "test", "apps", "hostile_pool.py") }
@@ -25,11 +25,11 @@ func TestHostileChannelLost(t *testing.T) {
 	before := n.processes()
 
 	start := time.Now()
-	m, err := nc.Request(bus.Subjects{}.Request("default", "huge"), []byte("65"), 60*time.Second)
+	m, err := nc.Request(protocol.Subjects{}.Request("default", "huge"), []byte("65"), 60*time.Second)
 	if err != nil {
 		t.Fatalf("huge: %v", err)
 	}
-	e := bus.ReplyError(m)
+	e := protocol.ReplyError(m.Header, m.Data)
 	if e == nil || e.Code != 500 || e.Type != "WorkerLost" {
 		t.Fatalf("a 65 MB result: %v %q, want 500 WorkerLost", m.Header, m.Data)
 	}
@@ -38,7 +38,7 @@ func TestHostileChannelLost(t *testing.T) {
 	if d := time.Since(start); d > 30*time.Second {
 		t.Errorf("WorkerLost came %s after the request", d)
 	}
-	worker := m.Header.Get(bus.HeaderWorker)
+	worker := m.Header.Get(protocol.HeaderWorker)
 	ofWorker := func(e lifecycle.Event) bool { return e.Worker == worker }
 	isLost := allOf(terminatedFor(lifecycle.ReasonChannelLost), ofWorker)
 	lost := ev.waitFor(20*time.Second, isLost)

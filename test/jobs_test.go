@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // jobsApp is the Python app of the jobs, cluster and session tests.
@@ -25,7 +26,7 @@ func jobsApp() string { return filepath.Join(repoRoot, "test", "apps", "jobs.py"
 
 // TestJobRetriesDeadLetterAndLease runs one node against a real nats-server
 // with --max-deliver 4 and the node's real AckWait (bus.DefaultAckWait, 30 s:
-// poolnode has no flag for it) and redelivery backoff (bus.DefaultBackOff:
+// poolnode has no flag for it) and redelivery backoff (the default of bus.JobsConfig.BackOff:
 // 1 s, 10 s, 60 s, ...), so it takes about 75 s, spent waiting. It runs in
 // parallel with the busy tests.
 //   - a job that fails three times, then succeeds, is stored ok after its
@@ -88,7 +89,7 @@ func TestJobRetriesDeadLetterAndLease(t *testing.T) {
 			t.Errorf("second submit of dup-1: exit %d, stdout %q, stderr %q", code, out, errOut)
 		}
 		res := waitJobResult(t, js, "default", "dup-1", time.Minute)
-		if st := res.Header.Get(bus.HeaderStatus); st != bus.StatusOK {
+		if st := res.Header.Get(protocol.HeaderStatus); st != protocol.StatusOK {
 			t.Errorf("dup-1 result status %q: %s", st, res.Data)
 		}
 		if runs := countLines(t, filepath.Join(dir), "dup-1"); runs != 1 {
@@ -98,7 +99,7 @@ func TestJobRetriesDeadLetterAndLease(t *testing.T) {
 
 	t.Run("a job longer than AckWait runs once", func(t *testing.T) {
 		res := waitJobResult(t, js, "default", "long-1", longFor+time.Minute)
-		if st := res.Header.Get(bus.HeaderStatus); st != bus.StatusOK {
+		if st := res.Header.Get(protocol.HeaderStatus); st != protocol.StatusOK {
 			t.Fatalf("long-1 status %q: %s", st, res.Data)
 		}
 		starts := readLines(t, filepath.Join(dir, "long-l1"))
@@ -123,7 +124,7 @@ func TestJobRetriesDeadLetterAndLease(t *testing.T) {
 			t.Errorf("flaky ran %d times, want 4: %q", len(runs), runs)
 		}
 		res := waitJobResult(t, js, "default", "flaky-1", time.Second)
-		if st := res.Header.Get(bus.HeaderStatus); st != bus.StatusOK {
+		if st := res.Header.Get(protocol.HeaderStatus); st != protocol.StatusOK {
 			t.Errorf("stored flaky-1 result status %q: %s", st, res.Data)
 		}
 		t.Logf("flaky-1 stored ok %s after submission; runs (attempt worker unix-time): %q", time.Since(start).Round(time.Millisecond), runs)
@@ -131,7 +132,7 @@ func TestJobRetriesDeadLetterAndLease(t *testing.T) {
 
 	t.Run("always failing lands in PYFLEET_DEAD after --max-deliver", func(t *testing.T) {
 		dead := waitDeadLetter(t, js, "default", "fails-1", 2*time.Minute)
-		var body bus.DeadLetter
+		var body protocol.DeadLetter
 		if err := json.Unmarshal(dead.Data, &body); err != nil {
 			t.Fatalf("dead letter body %q: %v", dead.Data, err)
 		}
@@ -139,14 +140,14 @@ func TestJobRetriesDeadLetterAndLease(t *testing.T) {
 			body.Error.Message != "always fails: f1" || body.Job.ID != "fails-1" || body.Job.Subject != "pyfleet.job.default.always_fails" {
 			t.Errorf("dead letter %s", dead.Data)
 		}
-		if got := dead.Header.Get(bus.HeaderErrorCode); got != "500" {
-			t.Errorf("dead letter %s header %q", bus.HeaderErrorCode, got)
+		if got := dead.Header.Get(protocol.HeaderErrorCode); got != "500" {
+			t.Errorf("dead letter %s header %q", protocol.HeaderErrorCode, got)
 		}
 		if runs := readLines(t, filepath.Join(dir, "fails-f1")); len(runs) != 4 {
 			t.Errorf("always_fails ran %d times, want 4 (--max-deliver 4)", len(runs))
 		}
 		res := waitJobResult(t, js, "default", "fails-1", 10*time.Second)
-		if res.Header.Get(bus.HeaderStatus) != bus.StatusError || !strings.Contains(string(res.Data), "always fails: f1") {
+		if res.Header.Get(protocol.HeaderStatus) != protocol.StatusError || !strings.Contains(string(res.Data), "always fails: f1") {
 			t.Errorf("stored result of fails-1: %v %s", res.Header, res.Data)
 		}
 		// `submit job --wait` ends with the error once the job is dead.
@@ -198,7 +199,7 @@ func TestJobsThroughput(t *testing.T) {
 				nodes, n, took.Round(time.Millisecond), float64(n)/took.Seconds(), published.Round(time.Millisecond), runtime.NumCPU())
 			results := readStream(t, js, "PYFLEET_RESULTS", n)
 			for _, m := range results {
-				if m.Headers().Get(bus.HeaderStatus) != bus.StatusOK {
+				if m.Headers().Get(protocol.HeaderStatus) != protocol.StatusOK {
 					t.Errorf("result %s: %v %s", m.Subject(), m.Headers(), m.Data())
 				}
 			}
@@ -375,7 +376,7 @@ func waitDeadLetter(t *testing.T, js jetstream.JetStream, pool, id string, timeo
 	deadline := time.Now().Add(timeout)
 	for {
 		for _, m := range deadLetters(t, js) {
-			if m.Headers().Get(bus.HeaderJobID) == id {
+			if m.Headers().Get(protocol.HeaderJobID) == id {
 				md, _ := m.Metadata()
 				return &jetstream.RawStreamMsg{Subject: m.Subject(), Header: m.Headers(), Data: m.Data(), Sequence: md.Sequence.Stream}
 			}

@@ -1,6 +1,6 @@
 package test
 
-// The zero-orphan promise (SPEC section 6, issue 3), proven by killing
+// The zero-orphan promise (README.md, "How a worker is supervised"; issue 3), proven by killing
 // things: one test per row of the issue, each with a real poolnode, real
 // Python workers running test/apps/nasty.py, and real signals. Each test
 // names every process of the tree the node started by pid and start time

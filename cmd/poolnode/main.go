@@ -1,5 +1,5 @@
 // Command poolnode serves a Python app's functions over NATS from a pool of
-// supervised worker processes. See README.md and SPEC section 3.
+// supervised worker processes. See README.md, "poolnode".
 package main
 
 import (
@@ -19,7 +19,7 @@ import (
 	"github.com/pyfleet/pyfleet/node"
 )
 
-// Exit statuses (SPEC section 3).
+// Exit statuses (README.md, "poolnode").
 const (
 	exitOK      = 0
 	exitRuntime = 1

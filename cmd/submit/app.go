@@ -12,9 +12,10 @@ import (
 	"text/tabwriter"
 
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
-// Exit statuses, SPEC section 5.
+// Exit statuses, as cmd/submit/doc.go states them.
 const (
 	exitOK          = 0
 	exitFailed      = 1 // the function failed, or submit itself did
@@ -44,7 +45,7 @@ func newApp(stdin io.Reader, stdout, stderr io.Writer, getenv func(string) strin
 		stdout: stdout,
 		stderr: &syncWriter{w: stderr},
 		getenv: getenv,
-		prefix: "pyfleet",
+		prefix: protocol.DefaultPrefix,
 	}
 	a.conn.fromEnv(getenv)
 	return a
@@ -143,6 +144,10 @@ func unavailablef(format string, args ...any) error {
 }
 
 var errInterrupted = &exitError{code: exitInterrupted, err: errors.New("interrupted")}
+
+func (a *app) subjects() protocol.Subjects {
+	return protocol.Subjects{Prefix: a.prefix}
+}
 
 func (a *app) run(ctx context.Context, args []string) int {
 	top := flag.NewFlagSet("submit", flag.ContinueOnError)

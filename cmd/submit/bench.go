@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 type benchCmd struct {
@@ -99,14 +101,14 @@ func (c *benchCmd) run(ctx context.Context, a *app, args []string) error {
 	if err != nil {
 		return err
 	}
-	subj := a.subject("req", c.pool, fn)
+	subj := a.subjects().Request(c.pool, fn)
 	if c.node != "" {
-		subj = a.subject("node", c.node, c.pool, fn)
+		subj = a.subjects().Node(c.node, c.pool, fn)
 	}
 	hdr := nats.Header{}
-	hdr.Set(hdrTimeout, millis(c.timeout))
+	hdr.Set(protocol.HeaderTimeout, millis(c.timeout))
 	if c.session != "" {
-		hdr.Set(hdrSession, c.session)
+		hdr.Set(protocol.HeaderSession, c.session)
 	}
 
 	nc, err := a.connect()
@@ -187,7 +189,7 @@ func probe(ctx context.Context, nc *nats.Conn, subj string, hdr nats.Header, bod
 	case err != nil:
 		return err
 	}
-	if e := replyError(m.Header, m.Data); e != nil && e.Code != 503 && e.Code != 408 {
+	if e := protocol.ReplyError(m.Header, m.Data); e != nil && e.Code != 503 && e.Code != 408 {
 		// 503 and 408 are load, which is what a benchmark measures.
 		return e
 	}
@@ -203,7 +205,7 @@ func (cl *caller) one(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout
 	var code string
 	switch {
 	case err == nil:
-		if e := replyError(m.Header, m.Data); e != nil {
+		if e := protocol.ReplyError(m.Header, m.Data); e != nil {
 			code = strconv.Itoa(e.Code)
 		}
 	case ctx.Err() != nil:

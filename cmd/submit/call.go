@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 type callCmd struct {
@@ -50,18 +52,18 @@ func (c *callCmd) run(ctx context.Context, a *app, args []string) error {
 	if err != nil {
 		return err
 	}
-	subj := a.subject("req", c.pool, fn)
+	subj := a.subjects().Request(c.pool, fn)
 	if c.node != "" {
-		subj = a.subject("node", c.node, c.pool, fn)
+		subj = a.subjects().Node(c.node, c.pool, fn)
 	}
 	msg := nats.NewMsg(subj)
 	msg.Data = body
-	msg.Header.Set(hdrTimeout, millis(c.timeout))
+	msg.Header.Set(protocol.HeaderTimeout, millis(c.timeout))
 	if c.session != "" {
-		msg.Header.Set(hdrSession, c.session)
+		msg.Header.Set(protocol.HeaderSession, c.session)
 	}
 	if c.requestID != "" {
-		msg.Header.Set(hdrRequestID, c.requestID)
+		msg.Header.Set(protocol.HeaderRequestID, c.requestID)
 	}
 
 	nc, err := a.connect()
@@ -100,7 +102,7 @@ func request(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout time.Dur
 
 	ctx, cancel := context.WithTimeoutCause(ctx, timeout+replyMargin(timeout), errDeadline)
 	defer cancel()
-	msg.Header.Set(hdrHeartbeat, millis(heartbeatEvery))
+	msg.Header.Set(protocol.HeaderHeartbeat, millis(heartbeatEvery))
 	if err := nc.PublishMsg(msg); err != nil {
 		return err
 	}
@@ -119,7 +121,7 @@ func request(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout time.Dur
 		if err == nil {
 			heard = time.Now()
 			if isHeartbeat(m.Header) {
-				holder = header(m.Header, hdrNode)
+				holder = protocol.Header(m.Header, protocol.HeaderNode)
 				continue
 			}
 		}

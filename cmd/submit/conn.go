@@ -16,7 +16,7 @@ import (
 const defaultNATSURL = "nats://127.0.0.1:4222"
 
 // connOptions are the NATS client options every command accepts, the same
-// set poolnode takes (SPEC section 3).
+// set poolnode takes (README.md, "poolnode").
 type connOptions struct {
 	url      string
 	creds    string

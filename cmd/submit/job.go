@@ -10,6 +10,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 type jobCmd struct {
@@ -66,7 +68,7 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	if err != nil {
 		return err
 	}
-	resultSubj := a.subject("result", c.pool, c.id)
+	resultSubj := a.subjects().Result(c.pool, c.id)
 	var results string
 	var dead *deadWatch
 	if c.wait {
@@ -75,14 +77,14 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 		if results, err = streamFor(ctx, nc, js, resultSubj, "PYFLEET_RESULTS"); err != nil {
 			return err
 		}
-		dead = deadLetters(ctx, nc, js, a.subject("dead", c.pool, fn))
+		dead = deadLetters(ctx, nc, js, a.subjects().Dead(c.pool, fn))
 	}
 
-	msg := nats.NewMsg(a.subject("job", c.pool, fn))
+	msg := nats.NewMsg(a.subjects().Job(c.pool, fn))
 	msg.Data = body
-	msg.Header.Set(jetstream.MsgIDHeader, c.id)
+	msg.Header.Set(protocol.HeaderMsgID, c.id)
 	if c.replyTo != "" {
-		msg.Header.Set(hdrReplyTo, c.replyTo)
+		msg.Header.Set(protocol.HeaderReplyTo, c.replyTo)
 	}
 	pctx, cancel := context.WithTimeout(ctx, publishTimeout)
 	ack, err := js.PublishMsg(pctx, msg)
@@ -234,7 +236,7 @@ func (c *jobCmd) await(ctx context.Context, js jetstream.JetStream, stream, subj
 				FilterSubjects: []string{dead.subject},
 				DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
 				OptStartSeq:    dead.from,
-			}, func(m jetstream.Msg) bool { return m.Headers().Get(hdrJobID) == c.id })
+			}, func(m jetstream.Msg) bool { return m.Headers().Get(protocol.HeaderJobID) == c.id })
 		}()
 	}
 	for {

@@ -11,6 +11,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // mustStreams creates the job and result streams the way a node would.
@@ -130,9 +132,9 @@ func TestJobWaitFindsStoredResult(t *testing.T) {
 	submit(t, s, "", "job", "--wait", "--id", "done-1", "--timeout", "10s", "echo").want(t, 0, "\"stored\"\n")
 
 	chunk := okHeader("node-a")
-	chunk.Set(hdrStream, "chunk")
+	chunk.Set(protocol.HeaderStream, "chunk")
 	end := okHeader("node-a")
-	end.Set(hdrStream, "end")
+	end.Set(protocol.HeaderStream, "end")
 	storeResult(t, js, "stream-1", chunk, "0")
 	storeResult(t, js, "stream-1", chunk, "1")
 	storeResult(t, js, "stream-1", end, "")
@@ -204,7 +206,7 @@ func TestJobWaitEndsOnDeadLetter(t *testing.T) {
 	}
 	deadLetter := func(id, msg string) {
 		h, body := errorReply(503, "ResultRefused", msg)
-		h.Set(hdrJobID, id)
+		h.Set(protocol.HeaderJobID, id)
 		var d map[string]any
 		_ = json.Unmarshal(body, &d)
 		d["job"] = map[string]any{"id": id, "subject": "pyfleet.job.default.echo", "seq": 1, "deliveries": 1}

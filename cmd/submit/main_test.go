@@ -14,6 +14,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/goleak"
+
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 func TestMain(m *testing.M) {
@@ -112,19 +114,19 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 func okHeader(node string) nats.Header {
 	h := nats.Header{}
-	h.Set(hdrStatus, "ok")
-	h.Set(hdrNode, node)
-	h.Set(hdrWorker, "w1")
+	h.Set(protocol.HeaderStatus, "ok")
+	h.Set(protocol.HeaderNode, node)
+	h.Set(protocol.HeaderWorker, "w1")
 	return h
 }
 
 func errorReply(code int, typ, msg string) (nats.Header, []byte) {
 	h := nats.Header{}
-	h.Set(hdrStatus, "error")
-	h.Set(hdrNode, "node-a")
-	h.Set(hdrWorker, "w1")
-	h.Set(hdrError, msg)
-	h.Set(hdrErrorCode, strconv.Itoa(code))
+	h.Set(protocol.HeaderStatus, "error")
+	h.Set(protocol.HeaderNode, "node-a")
+	h.Set(protocol.HeaderWorker, "w1")
+	h.Set(protocol.HeaderError, msg)
+	h.Set(protocol.HeaderErrorCode, strconv.Itoa(code))
 	body, _ := json.Marshal(map[string]any{"error": map[string]any{"code": code, "type": typ, "message": msg}})
 	return h, body
 }
@@ -152,14 +154,14 @@ func fakeNode(t *testing.T, nc *nats.Conn, node string) {
 		}
 		chunk := func(data string) {
 			h := okHeader(node)
-			h.Set(hdrStream, "chunk")
+			h.Set(protocol.HeaderStream, "chunk")
 			reply(h, []byte(data))
 		}
 		switch fn {
 		case "echo":
 			h := okHeader(node)
-			h.Set("Fake-Session", m.Header.Get(hdrSession))
-			h.Set("Fake-Timeout", m.Header.Get(hdrTimeout))
+			h.Set("Fake-Session", m.Header.Get(protocol.HeaderSession))
+			h.Set("Fake-Timeout", m.Header.Get(protocol.HeaderTimeout))
 			h.Set("Fake-Subject", m.Subject)
 			reply(h, m.Data)
 		case "fail":
@@ -171,13 +173,13 @@ func fakeNode(t *testing.T, nc *nats.Conn, node string) {
 				chunk(strconv.Itoa(i))
 			}
 			h := okHeader(node)
-			h.Set(hdrStream, "end")
+			h.Set(protocol.HeaderStream, "end")
 			reply(h, nil)
 		case "countfail":
 			chunk("0")
 			chunk("1")
 			h, body := errorReply(500, "ValueError", "boom")
-			h.Set(hdrStream, "end")
+			h.Set(protocol.HeaderStream, "end")
 			reply(h, body)
 		case "late":
 			reply(errorReply(408, "DeadlineExceeded", "deadline passed after 1000 ms"))
@@ -191,7 +193,7 @@ func fakeNode(t *testing.T, nc *nats.Conn, node string) {
 		case "vanish":
 			// Takes the call, says so with one heartbeat, and dies.
 			h := okHeader(node)
-			h.Set(hdrStream, "heartbeat")
+			h.Set(protocol.HeaderStream, "heartbeat")
 			reply(h, nil)
 		}
 	}

@@ -15,10 +15,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
-)
 
-// serviceName is the micro service every node registers (SPEC section 4).
-const serviceName = "pyfleet"
+	"github.com/pyfleet/pyfleet/protocol"
+)
 
 type nodesCmd struct {
 	pool string
@@ -95,7 +94,7 @@ func (c *nodesCmd) run(ctx context.Context, a *app, args []string) error {
 	now := time.Now()
 	rows := make([]nodeRow, 0, len(stats))
 	for _, s := range stats {
-		if p := s.Metadata["prefix"]; p != "" && p != a.prefix {
+		if p := s.Metadata[protocol.MetaPrefix]; p != "" && p != a.prefix {
 			continue // a fleet under another prefix shares the service name
 		}
 		r := toRow(s, now)
@@ -131,7 +130,7 @@ func (c *nodesCmd) run(ctx context.Context, a *app, args []string) error {
 // collectStats asks every instance of the service for its stats and gathers
 // the answers that arrive within wait.
 func collectStats(ctx context.Context, nc *nats.Conn, wait time.Duration) ([]micro.Stats, error) {
-	subj, err := micro.ControlSubject(micro.StatsVerb, serviceName, "")
+	subj, err := micro.ControlSubject(micro.StatsVerb, protocol.ServiceName, "")
 	if err != nil {
 		return nil, err
 	}
@@ -172,11 +171,11 @@ func collectStats(ctx context.Context, nc *nats.Conn, wait time.Duration) ([]mic
 
 func toRow(s micro.Stats, now time.Time) nodeRow {
 	r := nodeRow{
-		Node:        cmp.Or(s.Metadata["node"], s.ID),
-		Pool:        s.Metadata["pool"],
+		Node:        cmp.Or(s.Metadata[protocol.MetaNode], s.ID),
+		Pool:        s.Metadata[protocol.MetaPool],
 		ID:          s.ID,
 		Version:     s.Version,
-		Containment: s.Metadata["containment"],
+		Containment: s.Metadata[protocol.MetaContainment],
 		Started:     s.Started,
 	}
 	if !s.Started.IsZero() {

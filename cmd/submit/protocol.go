@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"sort"
@@ -14,107 +15,44 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/protocol"
 )
-
-// Headers of the wire protocol, SPEC section 4.
-const (
-	hdrTimeout   = "Pyfleet-Timeout"
-	hdrSession   = "Pyfleet-Session"
-	hdrRequestID = "Pyfleet-Request-Id"
-	hdrReplyTo   = "Pyfleet-Reply-To"
-	hdrStatus    = "Pyfleet-Status"
-	hdrNode      = "Pyfleet-Node"
-	hdrWorker    = "Pyfleet-Worker"
-	hdrStream    = "Pyfleet-Stream"
-	hdrJobID     = "Pyfleet-Job-Id"
-	hdrHeartbeat = "Pyfleet-Heartbeat"
-	hdrError     = "Nats-Service-Error"
-	hdrErrorCode = "Nats-Service-Error-Code"
-)
-
-func (a *app) subject(tokens ...string) string {
-	return a.prefix + "." + strings.Join(tokens, ".")
-}
 
 // checkToken rejects a value that would not be exactly one subject token:
-// a dot would silently address another subject, a wildcard many.
+// a dot would silently address another subject, a wildcard many. The rule
+// is the node's (protocol.ValidToken), so what passes here is not refused
+// there.
 func checkToken(what, v string) error {
 	if v == "" {
 		return usagef("%s must not be empty", what)
 	}
-	if strings.ContainsAny(v, ".*> \t\r\n") {
-		return usagef("%s %q must be one subject token: no dots, spaces, '*' or '>'", what, v)
+	var ne *protocol.NameError
+	if err := protocol.ValidToken(v); errors.As(err, &ne) {
+		return usagef("%s %q must be one subject token: %s", what, v, ne.Reason)
 	}
 	return nil
 }
 
 func checkPrefix(p string) error {
-	for _, tok := range strings.Split(p, ".") {
-		if tok == "" || strings.ContainsAny(tok, "*> \t\r\n") {
-			return usagef("--prefix %q is not a subject prefix: dot-separated tokens, no spaces, '*' or '>'", p)
-		}
+	var ne *protocol.NameError
+	if err := protocol.ValidPrefix(p); errors.As(err, &ne) {
+		return usagef("--prefix %q is not a subject prefix: %v", p, ne)
 	}
 	return nil
 }
 
-// header reads h[key], also under another spelling of the key: nats.Header
-// is case-sensitive and a node written in another language may not
-// canonicalise the way Go does.
-func header(h nats.Header, key string) string {
-	if v := h.Get(key); v != "" {
-		return v
-	}
-	for k, v := range h {
-		if len(v) > 0 && strings.EqualFold(k, key) {
-			return v[0]
-		}
-	}
-	return ""
+func isChunk(h nats.Header) bool {
+	return protocol.Header(h, protocol.HeaderStream) == protocol.StreamChunk
 }
 
-func isChunk(h nats.Header) bool { return header(h, hdrStream) == "chunk" }
-
-func isHeartbeat(h nats.Header) bool { return header(h, hdrStream) == "heartbeat" }
+func isHeartbeat(h nats.Header) bool {
+	return protocol.Header(h, protocol.HeaderStream) == protocol.StreamHeartbeat
+}
 
 // isNoResponders recognises the server's answer to a request nobody listens
 // to: a status 503 with no body, never a node's 503, which has a body.
 func isNoResponders(m *nats.Msg) bool {
 	return len(m.Data) == 0 && m.Header.Get("Status") == "503"
-}
-
-// replyError returns the failure a reply (or stored result) carries, or nil
-// for a success. The JSON body is preferred; the headers fill what it lacks,
-// so a node that only sets the micro error headers is still understood.
-func replyError(h nats.Header, body []byte) *call.Error {
-	code := header(h, hdrErrorCode)
-	if code == "" && header(h, hdrStatus) != "error" {
-		return nil
-	}
-	e := &call.Error{Worker: header(h, hdrWorker)}
-	var b struct {
-		Error *struct {
-			Code    int    `json:"code"`
-			Type    string `json:"type"`
-			Message string `json:"message"`
-		} `json:"error"`
-	}
-	if json.Unmarshal(body, &b) == nil && b.Error != nil {
-		e.Code, e.Type, e.Message = b.Error.Code, b.Error.Type, b.Error.Message
-	}
-	if e.Code == 0 {
-		e.Code, _ = strconv.Atoi(code)
-	}
-	if e.Code == 0 {
-		e.Code = call.CodeFailed
-	}
-	if e.Message == "" {
-		e.Message = header(h, hdrError)
-	}
-	if e.Type == "" {
-		e.Type = "Error"
-	}
-	return e
 }
 
 // output prints replies the way call and job --wait show them.
@@ -139,10 +77,10 @@ func (o *output) handle(h nats.Header, data []byte) (done bool, err error) {
 	if o.headers {
 		printHeaders(o.stderr, h)
 	}
-	if e := replyError(h, data); e != nil {
+	if e := protocol.ReplyError(h, data); e != nil {
 		return true, e
 	}
-	if o.chunks > 0 || header(h, hdrStream) == "end" {
+	if o.chunks > 0 || protocol.Header(h, protocol.HeaderStream) == protocol.StreamEnd {
 		// The end of a stream carries headers, not a value.
 		return true, nil
 	}

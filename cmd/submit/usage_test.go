@@ -28,6 +28,9 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"--nats-password", "x", "call", "echo"}, "--nats-password needs --nats-user"},
 		{[]string{"--nats-creds", "/does/not/exist", "call", "echo"}, "--nats-creds"},
 		{[]string{"job", "--id", "a b", "echo"}, `--id "a b" must be one subject token`},
+		// The node's rule (protocol.ValidToken), stricter than dots and spaces.
+		{[]string{"job", "--id", "a\x01b", "echo"}, "must not contain control or invalid characters"},
+		{[]string{"call", "\xffecho"}, "must not contain control or invalid characters"},
 		{[]string{"watch", "--kind", "crash"}, `unknown --kind "crash"; kinds: node_started`},
 		{[]string{"watch", "extra"}, `unexpected argument "extra"`},
 		{[]string{"nodes", "--wait", "0s"}, "--wait must be positive"},

@@ -63,7 +63,7 @@ func (c *watchCmd) run(ctx context.Context, a *app, args []string) error {
 		return err
 	}
 	defer nc.Close()
-	subj := a.subject(append([]string{"evt"}, tokens...)...)
+	subj := a.subjects().Event(tokens[0], tokens[1], tokens[2])
 	sub, err := nc.SubscribeSync(subj)
 	if err != nil {
 		return err

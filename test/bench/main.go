@@ -1,4 +1,4 @@
-// Command bench is `make bench` (SPEC section 8, issue 6): it measures
+// Command bench is `make bench` (issue 6): it measures
 // pyfleet on this machine, each figure beside its baseline, alternating the
 // two (A B A B) and quoting medians, and writes docs/benchmarks.md.
 //
