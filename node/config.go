@@ -99,86 +99,121 @@ func Defaults() Config {
 // Validate checks c and fills what it derives (node name, interpreter, app
 // location, state dir). Errors wrap ErrConfig and name the setting.
 func (c *Config) Validate() error {
-	bad := func(format string, args ...any) error {
-		return fmt.Errorf("%w: %s", ErrConfig, fmt.Sprintf(format, args...))
+	for _, validate := range []func() error{
+		c.validateNames, c.validateLimits, c.validateNATS, c.validateApp, c.validateStateDir,
+	} {
+		if err := validate(); err != nil {
+			return err
+		}
 	}
+	return nil
+}
+
+// badConfig is a configuration error: it wraps ErrConfig.
+func badConfig(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrConfig, fmt.Sprintf(format, args...))
+}
+
+// validateNames checks the names that go into subjects, and names the node
+// when no name is given.
+func (c *Config) validateNames() error {
 	if c.Node == "" {
 		c.Node = defaultNodeName()
 	}
 	for _, t := range []struct{ key, val string }{{"pool", c.Pool}, {"node", c.Node}} {
 		if err := protocol.ValidToken(t.val); err != nil {
-			return bad("--%s: %v", t.key, err)
+			return badConfig("--%s: %v", t.key, err)
 		}
 	}
 	if err := protocol.ValidPrefix(c.Prefix); err != nil {
-		return bad("--prefix: %v", err)
+		return badConfig("--prefix: %v", err)
 	}
+	return nil
+}
+
+// validateLimits checks the sizes, counts and durations, and the
+// containment mode (defaulting to auto), which the worker limits need.
+func (c *Config) validateLimits() error {
 	if c.Workers < 1 {
-		return bad("--workers must be at least 1, not %d", c.Workers)
+		return badConfig("--workers must be at least 1, not %d", c.Workers)
 	}
 	if c.Concurrency < 1 {
-		return bad("--concurrency must be at least 1, not %d", c.Concurrency)
+		return badConfig("--concurrency must be at least 1, not %d", c.Concurrency)
 	}
 	if c.QueueLimit < 0 {
-		return bad("--queue-limit must not be negative, not %d", c.QueueLimit)
+		return badConfig("--queue-limit must not be negative, not %d", c.QueueLimit)
 	}
-	if c.RequestTimeout <= 0 {
-		return bad("--request-timeout must be positive, not %s", c.RequestTimeout)
-	}
-	if c.MaxTimeout <= 0 {
-		return bad("--max-timeout must be positive, not %s", c.MaxTimeout)
-	}
-	if c.RequestTimeout > c.MaxTimeout {
-		return bad("--request-timeout %s is over --max-timeout %s", c.RequestTimeout, c.MaxTimeout)
+	if err := c.validateTimeouts(); err != nil {
+		return err
 	}
 	if c.QueueLimitBytes < 1 {
-		return bad("--queue-limit-bytes must be at least 1, not %d", c.QueueLimitBytes)
+		return badConfig("--queue-limit-bytes must be at least 1, not %d", c.QueueLimitBytes)
 	}
 	if c.MaxSessions < 1 {
-		return bad("--max-sessions must be at least 1, not %d", c.MaxSessions)
+		return badConfig("--max-sessions must be at least 1, not %d", c.MaxSessions)
 	}
 	if c.MaxResultBytes < 0 {
-		return bad("--max-result-bytes must not be negative, not %d", c.MaxResultBytes)
+		return badConfig("--max-result-bytes must not be negative, not %d", c.MaxResultBytes)
 	}
-	if c.ConnectWait < 0 {
-		return bad("--connect-wait must not be negative, not %s", c.ConnectWait)
+	for _, d := range []struct {
+		flag string
+		val  time.Duration
+	}{{"--connect-wait", c.ConnectWait}, {"--shutdown-grace", c.ShutdownGrace}} {
+		if d.val < 0 {
+			return badConfig("%s must not be negative, not %s", d.flag, d.val)
+		}
 	}
-	if c.ShutdownGrace < 0 {
-		return bad("--shutdown-grace must not be negative, not %s", c.ShutdownGrace)
-	}
-	if c.MaxRequests < 0 {
-		return bad("--max-requests must not be negative, not %d", c.MaxRequests)
-	}
-	if c.MaxMemoryMB < 0 {
-		return bad("--max-memory must not be negative, not %d", c.MaxMemoryMB)
-	}
-	if c.WorkerMemoryLimitMB < 0 {
-		return bad("--worker-memory-limit must not be negative, not %d", c.WorkerMemoryLimitMB)
-	}
-	if c.WorkerPidsLimit < 0 {
-		return bad("--worker-pids-limit must not be negative, not %d", c.WorkerPidsLimit)
+	for _, n := range []struct {
+		flag string
+		val  int
+	}{{"--max-requests", c.MaxRequests}, {"--max-memory", c.MaxMemoryMB},
+		{"--worker-memory-limit", c.WorkerMemoryLimitMB}, {"--worker-pids-limit", c.WorkerPidsLimit}} {
+		if n.val < 0 {
+			return badConfig("%s must not be negative, not %d", n.flag, n.val)
+		}
 	}
 	if c.MaxAge < 0 {
-		return bad("--max-age must not be negative, not %s", c.MaxAge)
+		return badConfig("--max-age must not be negative, not %s", c.MaxAge)
 	}
 	if c.StreamReplicas < 1 || c.StreamReplicas > 5 {
-		return bad("--stream-replicas must be from 1 to 5, not %d", c.StreamReplicas)
+		return badConfig("--stream-replicas must be from 1 to 5, not %d", c.StreamReplicas)
 	}
 	if c.Containment == "" {
 		c.Containment = lifecycle.ModeAuto
 	}
 	if err := lifecycle.ValidMode(c.Containment); err != nil {
-		return bad("--containment: %v", err)
+		return badConfig("--containment: %v", err)
 	}
 	if c.MaxDeliver < 1 {
-		return bad("--max-deliver must be at least 1, not %d", c.MaxDeliver)
+		return badConfig("--max-deliver must be at least 1, not %d", c.MaxDeliver)
 	}
+	return nil
+}
+
+// validateTimeouts checks a request's default deadline against the most
+// a request may ask for.
+func (c *Config) validateTimeouts() error {
+	if c.RequestTimeout <= 0 {
+		return badConfig("--request-timeout must be positive, not %s", c.RequestTimeout)
+	}
+	if c.MaxTimeout <= 0 {
+		return badConfig("--max-timeout must be positive, not %s", c.MaxTimeout)
+	}
+	if c.RequestTimeout > c.MaxTimeout {
+		return badConfig("--request-timeout %s is over --max-timeout %s", c.RequestTimeout, c.MaxTimeout)
+	}
+	return nil
+}
+
+// validateNATS checks the servers to join, or the embedded server's
+// address, and that the credential files named exist.
+func (c *Config) validateNATS() error {
 	if c.NATS == "" {
 		if err := c.checkListen(); err != nil {
-			return bad("%v", err)
+			return badConfig("%v", err)
 		}
 	} else if err := checkNATSURLs(c.NATS); err != nil {
-		return bad("--nats: %v", err)
+		return badConfig("--nats: %v", err)
 	}
 	for _, f := range []struct{ flag, path string }{
 		{"--nats-creds", c.NATSCreds}, {"--nats-tls-ca", c.NATSTLSCA},
@@ -188,10 +223,15 @@ func (c *Config) Validate() error {
 			continue
 		}
 		if _, err := os.Stat(f.path); err != nil {
-			return bad("%s: %v", f.flag, err)
+			return badConfig("%s: %v", f.flag, err)
 		}
 	}
+	return nil
+}
 
+// validateApp resolves the app, its directory and the interpreter that
+// runs it.
+func (c *Config) validateApp() error {
 	if c.App == "" {
 		c.App, c.AppDir = "demo", filepath.Join("python", "examples")
 	}
@@ -206,10 +246,10 @@ func (c *Config) Validate() error {
 	}
 	appDir, err := filepath.Abs(c.AppDir)
 	if err != nil {
-		return bad("--app-dir %q: %v", c.AppDir, err)
+		return badConfig("--app-dir %q: %v", c.AppDir, err)
 	}
 	if st, err := os.Stat(appDir); err != nil || !st.IsDir() {
-		return bad("--app-dir %q is not a directory", c.AppDir)
+		return badConfig("--app-dir %q is not a directory", c.AppDir)
 	}
 	c.AppDir = appDir
 
@@ -221,18 +261,23 @@ func (c *Config) Validate() error {
 	}
 	python, err := findExecutable(c.Python)
 	if err != nil {
-		return bad("--python %q: %v", c.Python, err)
+		return badConfig("--python %q: %v", c.Python, err)
 	}
 	c.Python = python
+	return nil
+}
 
+// validateStateDir makes the state dir absolute, defaulting it; its
+// ownership and modes are checked when the node starts (statedir.go).
+func (c *Config) validateStateDir() error {
+	var err error
 	if c.StateDir == "" {
-		c.StateDir, err = defaultStateDir()
-		if err != nil {
-			return bad("--state-dir: %v", err)
+		if c.StateDir, err = defaultStateDir(); err != nil {
+			return badConfig("--state-dir: %v", err)
 		}
 	}
 	if c.StateDir, err = filepath.Abs(c.StateDir); err != nil {
-		return bad("--state-dir: %v", err)
+		return badConfig("--state-dir: %v", err)
 	}
 	return nil
 }

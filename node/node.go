@@ -4,16 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
 
@@ -37,355 +31,117 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	run := randomHex(4)
-	log = log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool))
-
-	var m *metrics.Metrics
-	var metricsLn net.Listener
-	if cfg.Metrics != "" {
-		var err error
-		if metricsLn, err = metrics.Listen(cfg.Metrics); err != nil {
-			return fmt.Errorf("%w: --metrics: %v", ErrConfig, err)
-		}
-		m = metrics.New(cfg.Pool, cfg.Node)
+	n := &node{
+		cfg:   cfg,
+		run:   randomHex(4),
+		log:   log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
+		abort: abort,
 	}
-	var ready atomic.Pointer[string] // why /healthz is not ready; nil when ready
-	notReady := func(why string) { ready.Store(&why) }
-	notReady("starting")
-	var bg sync.WaitGroup // goroutines Run owns; waited for on every return
-	defer bg.Wait()
-	if metricsLn != nil {
-		metricsCtx, stopMetrics := context.WithCancel(context.Background())
-		defer stopMetrics() // the last thing: scrapes keep working while draining
-		bg.Go(func() {
-			err := m.Serve(metricsCtx, metricsLn, func() (bool, string) {
-				if why := ready.Load(); why != nil {
-					return false, *why
-				}
-				return true, ""
-			})
-			if err != nil {
-				log.Warn("metrics server", zap.Error(err))
+	// Each phase pushes a closer for everything it opens, as it opens it;
+	// close undoes them last first, however far the phases got.
+	defer n.close()
+	for _, phase := range []func(context.Context) error{
+		n.serveMetrics, // /metrics and /healthz, served until Run returns
+		n.openState,    // state dir, socket dir, lock, containment, registry, subreaper
+		n.connect,      // NATS or the embedded server, events, node_started
+		n.startReaping, // spawner, dead runs' leftovers, the reaper, the guardian
+		n.startPool,    // the workers, ready
+		n.serve,        // the micro service and the jobs consumer
+	} {
+		if err := phase(ctx); err != nil {
+			if errors.Is(err, errStopped) {
+				return nil
 			}
-		})
-	}
-
-	stateDir, err := prepareStateDir(cfg.StateDir) // see statedir.go: no other user may write to it
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrConfig, err)
-	}
-	cfg.StateDir = stateDir
-	// Sockets live in a directory only this user can enter: the secret
-	// guards each call, the directory keeps other users from even trying.
-	socketDir := filepath.Join(cfg.StateDir, "run", run)
-	if err := os.MkdirAll(socketDir, 0o700); err != nil {
-		return fmt.Errorf("%w: --state-dir %s is not writable: %v", ErrConfig, cfg.StateDir, err)
-	}
-	if err := os.Chmod(socketDir, 0o700); err != nil {
-		return fmt.Errorf("socket dir: %w", err)
-	}
-	defer os.RemoveAll(socketDir)
-
-	// The lock says "this run is alive" for as long as this process lives;
-	// the kernel drops it however the process dies, which is what lets a
-	// later node reap this run's leftovers and never a live run's workers.
-	lock, err := lifecycle.AcquireNodeLock(cfg.StateDir, cfg.Node, run)
-	if err != nil {
-		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
-	}
-	defer func() {
-		if err := lock.Release(); err != nil {
-			log.Warn("release node lock", zap.Error(err))
-		}
-	}()
-	// The strongest containment the host offers (or the one asked for),
-	// and why each stronger one was passed over.
-	contain, passedOver, err := lifecycle.NewContainment(cfg.Containment, lifecycle.Marker{Node: cfg.Node, Run: run})
-	if err != nil {
-		return fmt.Errorf("%w: --containment %s: %v", ErrConfig, cfg.Containment, err)
-	}
-	if cl, ok := contain.(io.Closer); ok {
-		// Runs after the guardian's Stop, which removes the run's
-		// cgroup; this covers a return before the guardian started.
-		defer func() {
-			if err := cl.Close(); err != nil {
-				log.Warn("remove the run's containment", zap.Error(err))
-			}
-		}()
-	}
-	limits := lifecycle.Limits{Memory: uint64(cfg.WorkerMemoryLimitMB) << 20, Pids: cfg.WorkerPidsLimit}
-	if err := checkLimits(contain, limits); err != nil {
-		return err
-	}
-	logContainment(log, cfg.Containment, contain.Mode(), passedOver)
-	registry, err := lifecycle.OpenRegistry(filepath.Join(cfg.StateDir, "registry.db"))
-	if err != nil {
-		return fmt.Errorf("%w: --state-dir %s: %v", ErrConfig, cfg.StateDir, err)
-	}
-	// Orphans of workers come back to the node instead of init while it
-	// lives, so it can find and reap them.
-	if err := lifecycle.SetChildSubreaper(); err != nil {
-		log.Warn("cannot become a child subreaper; orphans of live workers go to init", zap.Error(err))
-	}
-
-	nc, ns, err := connect(ctx, cfg, log)
-	if err != nil {
-		if ctx.Err() != nil {
-			// Stopped while waiting for NATS: nothing has started, so
-			// this is a clean stop.
-			log.Info("stopped before NATS could be reached", zap.Error(err))
-			return nil
-		}
-		return err
-	}
-	defer func() {
-		// Flush so node_stopped and the last replies leave before we go.
-		_ = nc.FlushTimeout(2 * time.Second)
-		nc.Close()
-		if ns != nil {
-			ns.Shutdown()
-			ns.WaitForShutdown()
-		}
-	}()
-
-	publisher := bus.NewEventPublisher(nc, cfg.Prefix, cfg.Pool, cfg.Node, log)
-	events := publisher.Publish
-	if m != nil {
-		events = func(e lifecycle.Event) {
-			publisher.Publish(e)
-			m.Event(e)
+			return err
 		}
 	}
-	events(lifecycle.Event{Kind: lifecycle.KindNodeStarted, Run: run, PID: os.Getpid()})
-
-	spawner := lifecycle.NewSpawner()
-	defer spawner.Close()
-	reaper, err := lifecycle.NewReaper(lifecycle.ReaperConfig{
-		StateDir: cfg.StateDir,
-		Registry: registry,
-		Spawner:  spawner,
-		Lock:     lock, // never sweeps this run; puts its lock file back if removed
-		Events:   events,
-		Logger:   log,
-		// In cgroup mode: records this run's cgroup in the state dir and
-		// kills the cgroups of dead runs.
-		Containment: contain,
-	})
-	if err != nil {
-		return err
-	}
-	// What dead runs on this state dir left behind goes before any worker
-	// of ours starts.
-	if err := reaper.Sweep(); err != nil {
-		log.Warn("reaper sweep", zap.Error(err))
-	}
-	// Guardians of dead runs could not publish their kills; we can.
-	if _, err := lifecycle.PublishJournals(cfg.StateDir, events); err != nil {
-		log.Warn("guardian journals", zap.Error(err))
-	}
-	reaperCtx, stopReaper := context.WithCancel(context.Background())
-	reaperDone := make(chan struct{})
-	go func() {
-		defer close(reaperDone)
-		_ = reaper.Run(reaperCtx)
-	}()
-	defer func() {
-		stopReaper()
-		<-reaperDone
-	}()
-
-	// If this process dies without stopping its workers, the guardian
-	// kills what they started within milliseconds instead of at the next
-	// start. Its Stop runs after the pool's close (defers run last first).
-	guardian, err := lifecycle.StartGuardian(lifecycle.Marker{Node: cfg.Node, Run: run}, cfg.StateDir, contain)
-	if err != nil {
-		return err
-	}
-	defer guardian.Stop()
-
-	if m != nil {
-		m.SetContainment(contain.Mode())
-		m.SetReaperStats(reaper.Stats)
-		m.SetRegistryStats(func() (int, error) {
-			recs, err := registry.List()
-			return len(recs), err
-		})
-		m.SetProcessStats(func() (map[string]int, error) { return workerProcesses(cfg.Node, run) })
-	}
-
-	p, err := pool.New(pool.Config{
-		Python:          cfg.Python,
-		App:             cfg.App,
-		AppDir:          cfg.AppDir,
-		SocketDir:       socketDir,
-		Node:            cfg.Node,
-		Run:             run,
-		Pool:            cfg.Pool,
-		Workers:         cfg.Workers,
-		Concurrency:     cfg.Concurrency,
-		QueueLimit:      cfg.QueueLimit,
-		QueueLimitBytes: cfg.QueueLimitBytes,
-		MaxSessions:     cfg.MaxSessions,
-		MaxRequests:     cfg.MaxRequests,
-		MaxMemory:       uint64(cfg.MaxMemoryMB) << 20,
-		MaxAge:          cfg.MaxAge,
-		Registry:        registry,
-		Spawner:         spawner,
-		Events:          events,
-		Logger:          log,
-
-		Containment:       contain,
-		WorkerMemoryLimit: limits.Memory,
-		WorkerPidsLimit:   limits.Pids,
-		Guardian:          guardian,
-	})
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrConfig, err)
-	}
-	// Whatever happens below, nothing this run started outlives Run. The
-	// drain at the end does this itself, before node_stopped.
-	killLeftovers := func() {
-		if _, err := lifecycle.KillMarked(lifecycle.Marker{Node: cfg.Node, Run: run}, events); err != nil {
-			log.Warn("kill leftovers of this run", zap.Error(err))
-		}
-	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			p.Close()
-			killLeftovers()
-		}
-	}()
-
-	start := time.Now()
-	if err := p.Start(ctx); err != nil {
-		events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run, Detail: err.Error()})
-		var appErr *pool.AppError
-		if errors.As(err, &appErr) {
-			return fmt.Errorf("%w: --app %s: %v", ErrConfig, cfg.App, appErr)
-		}
-		if ctx.Err() != nil {
-			return nil
-		}
-		return fmt.Errorf("%w: no worker could start: %v", ErrConfig, err)
-	}
-	log.Info("workers ready", zap.Int("workers", p.Stats().Workers), zap.Duration("took", time.Since(start)))
-	if m != nil {
-		names := make([]string, 0, len(p.Functions()))
-		for _, f := range p.Functions() {
-			names = append(names, f.Name)
-		}
-		m.SetFunctions(names)
-		m.SetPoolStats(func() (int, int, int) {
-			st := p.Stats()
-			return st.Workers, st.Busy, st.Queued
-		})
-	}
-
-	svcCfg := bus.ServiceConfig{
-		Prefix:         cfg.Prefix,
-		Pool:           cfg.Pool,
-		Node:           cfg.Node,
-		Version:        Version,
-		Containment:    contain.Mode(),
-		DefaultTimeout: cfg.RequestTimeout,
-		MaxTimeout:     cfg.MaxTimeout,
-		Stats:          func() any { return p.Stats() },
-	}
-	jobsCfg := bus.JobsConfig{
-		Prefix:         cfg.Prefix,
-		Pool:           cfg.Pool,
-		Node:           cfg.Node,
-		MaxDeliver:     cfg.MaxDeliver,
-		Replicas:       cfg.StreamReplicas,
-		DefaultTimeout: cfg.RequestTimeout,
-		MaxTimeout:     cfg.MaxTimeout,
-		MaxResultBytes: cfg.MaxResultBytes,
-		Capacity:       p.Idle,
-	}
-	if m != nil {
-		svcCfg.Observe = m.ObserveRequest
-		jobsCfg.Outcome = m.Job
-	}
-	svc, err := bus.Serve(nc, svcCfg, p, log)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
-	}
-	jobsCtx, stopJobs := context.WithCancel(context.Background())
-	defer stopJobs()
-	// Calls need core NATS only; jobs need JetStream. A server without it
-	// leaves this node serving calls, with one warning, rather than not
-	// serving at all. Anything but a clear "no JetStream" goes on to
-	// StartJobs, which names what failed.
-	var jobs *bus.Jobs
-	if err := bus.CheckJetStream(jobsCtx, nc); errors.Is(err, bus.ErrNoJetStream) {
-		log.Warn("jobs are off: the NATS server has no JetStream; calls are served", zap.String("server", nc.ConnectedServerName()),
-			zap.String("url", nc.ConnectedUrlRedacted()), zap.Error(err))
-	} else {
-		jobs, err = bus.StartJobs(jobsCtx, nc, jobsCfg, p, log)
-		if err != nil {
-			stopCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			_ = svc.Stop(stopCtx)
-			return fmt.Errorf("jobs: %w", err)
-		}
-	}
-	ready.Store(nil)
-	log.Info("serving", zap.String("subject", cfg.Prefix+".req."+cfg.Pool+".*"), zap.Int("functions", len(p.Functions())))
-
 	<-ctx.Done()
-
-	notReady("draining")
-	log.Info("draining", zap.Duration("grace", cfg.ShutdownGrace))
-	events(lifecycle.Event{Kind: lifecycle.KindNodeStopping, Run: run})
-	svc.Drain()
-	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
-	watcherDone := make(chan struct{})
-	go func() {
-		defer close(watcherDone)
-		// A second signal ends the grace at once.
-		select {
-		case <-abort:
-			cancel()
-		case <-drainCtx.Done():
-		}
-	}()
-	if jobs != nil {
-		if err := jobs.Stop(drainCtx); err != nil {
-			log.Warn("jobs did not finish within the grace", zap.Error(err))
-		}
-	}
-	if err := p.Drain(drainCtx); err != nil {
-		log.Warn("in-flight calls did not finish within the grace", zap.Error(err))
-	}
-	cancel()
-	<-watcherDone
-	select {
-	case <-abort:
-		p.Abort()
-	default:
-	}
-	stopDone := make(chan struct{})
-	go func() {
-		defer close(stopDone)
-		p.Close()
-	}()
-	select {
-	case <-stopDone:
-	case <-abort:
-		p.Abort()
-		<-stopDone
-	}
-	stopCtx, cancelStop := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancelStop()
-	if err := svc.Stop(stopCtx); err != nil {
-		log.Warn("service stop", zap.Error(err))
-	}
-	killLeftovers()
-	stopped = true
-	events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: run})
-	log.Info("stopped")
+	n.drain() // stop.go: graceful, bounded by ShutdownGrace, cut short by abort
 	return nil
+}
+
+// errStopped is returned by a phase that saw ctx end before it could
+// finish: nothing is serving yet, so Run's return is a clean stop.
+var errStopped = errors.New("stopped while starting")
+
+// node is one run of Run: what its phases opened, and the closers that
+// undo it.
+type node struct {
+	cfg   Config
+	run   string // this run's id, in its markers, socket dir and lock
+	log   *zap.Logger
+	abort <-chan struct{}
+
+	closers []func() // see close
+
+	metrics *metrics.Metrics       // nil without --metrics
+	ready   atomic.Pointer[string] // why /healthz is not ready; nil when ready
+
+	socketDir string
+	lock      *lifecycle.NodeLock
+	contain   lifecycle.Containment
+	limits    lifecycle.Limits
+	registry  *lifecycle.Registry
+	nc        *nats.Conn
+	events    lifecycle.Events
+	spawner   *lifecycle.Spawner
+	reaper    *lifecycle.Reaper
+	guardian  *lifecycle.Guardian
+	pool      *pool.Pool
+	svc       *bus.Service
+	jobs      *bus.Jobs // nil when the server has no JetStream
+
+	// Closers the drain runs early, in an order of its own (stop.go); as
+	// closers they run on every other way out. Each runs once.
+	stopWorkers, stopService, killLeftovers func()
+}
+
+// onClose pushes fn on the closers.
+func (n *node) onClose(fn func()) { n.closers = append(n.closers, fn) }
+
+// onCloseOnce pushes fn as a closer that runs at most once, and returns it
+// for the drain to run before its turn.
+func (n *node) onCloseOnce(fn func()) func() {
+	fn = sync.OnceFunc(fn)
+	n.onClose(fn)
+	return fn
+}
+
+// goUntilClose runs fn in a goroutine whose owner is a closer, pushed now:
+// it cancels fn's ctx and waits for fn to return.
+func (n *node) goUntilClose(fn func(ctx context.Context)) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn(ctx)
+	}()
+	n.onClose(func() {
+		cancel()
+		<-done
+	})
+}
+
+// close runs the closers last first, each once: a second close does
+// nothing.
+func (n *node) close() {
+	for len(n.closers) > 0 {
+		last := len(n.closers) - 1
+		fn := n.closers[last]
+		n.closers = n.closers[:last]
+		fn()
+	}
+}
+
+// notReady makes /healthz answer not ready, saying why.
+func (n *node) notReady(why string) { n.ready.Store(&why) }
+
+// readiness is /healthz's answer.
+func (n *node) readiness() (bool, string) {
+	if why := n.ready.Load(); why != nil {
+		return false, *why
+	}
+	return true, ""
 }
 
 // logContainment is the startup line that says how the workers' trees are
@@ -440,58 +196,4 @@ func checkLimits(c lifecycle.Containment, lim lifecycle.Limits) error {
 		}
 	}
 	return nil
-}
-
-// connect joins the NATS servers in cfg, retrying for cfg.ConnectWait while
-// none can be reached, or starts an embedded one (loopback by default,
-// JetStream stored in the state dir) and connects in-process. A server that
-// stayed unreachable is a runtime error (exit 1); everything else that
-// fails here is configuration (exit 2).
-func connect(ctx context.Context, cfg Config, log *zap.Logger) (*nats.Conn, *server.Server, error) {
-	conn := bus.ConnConfig{
-		URLs:     cfg.NATS,
-		Name:     "poolnode " + cfg.Node,
-		Creds:    cfg.NATSCreds,
-		User:     cfg.NATSUser,
-		Password: cfg.NATSPassword,
-		Token:    cfg.NATSToken,
-		TLSCA:    cfg.NATSTLSCA,
-		TLSCert:  cfg.NATSTLSCert,
-		TLSKey:   cfg.NATSTLSKey,
-		Wait:     cfg.ConnectWait,
-	}
-	var ns *server.Server
-	if cfg.NATS == "" {
-		var err error
-		// With an embedded server the TLS flags are the server's side:
-		// its certificate, and the CA its clients' certificates must be
-		// signed by.
-		ns, err = bus.StartEmbedded(bus.EmbeddedConfig{
-			Listen:   cfg.Listen,
-			StoreDir: filepath.Join(cfg.StateDir, "jetstream"),
-			User:     cfg.NATSUser,
-			Password: cfg.NATSPassword,
-			Token:    cfg.NATSToken,
-			TLSCert:  cfg.NATSTLSCert,
-			TLSKey:   cfg.NATSTLSKey,
-			TLSCA:    cfg.NATSTLSCA,
-		}, log)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: embedded NATS server: %v", ErrConfig, err)
-		}
-		log.Info("embedded NATS server listening", zap.String("url", ns.ClientURL()))
-		conn.InProcess = ns
-	}
-	nc, err := bus.ConnectContext(ctx, conn, log)
-	if err != nil {
-		if ns != nil {
-			ns.Shutdown()
-			ns.WaitForShutdown()
-		}
-		if errors.Is(err, bus.ErrUnreachable) || ctx.Err() != nil {
-			return nil, nil, err
-		}
-		return nil, nil, fmt.Errorf("%w: %v", ErrConfig, err)
-	}
-	return nc, ns, nil
 }
