@@ -141,6 +141,15 @@ def die_with_parent_after_fork() -> None:
                 parent["prctl"] = False  # no prctl after all
 
     def after_in_child() -> None:
+        # The worker's SIGTERM and SIGINT handlers (stop_on_signals) are the
+        # event loop's: the C handler writes the signal to the loop's wakeup
+        # socket, which a forked child shares with the worker. A child that
+        # got SIGTERM (multiprocessing's Pool.terminate sends it to every
+        # pool process) would so stop the worker itself. A forked child
+        # starts with the handlers a fresh interpreter has.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         prctl = parent["prctl"]
         if not parent["long_lived"] or not prctl:
             return

@@ -457,6 +457,23 @@ def test_forked_children_die_with_the_worker(start_worker: StartWorker, connect:
     assert wait_gone(child), f"forked child {child} survived the worker"
 
 
+def test_sigterm_to_a_forked_child_does_not_stop_the_worker(
+    start_worker: StartWorker, connect: Connect
+) -> None:
+    """A forked child shares the worker's event-loop wakeup socket; a SIGTERM
+    it gets (multiprocessing's Pool.terminate sends one to each pool process)
+    must end the child only, not reach the worker's stop handler."""
+    worker = start_worker("oddities", APPS, concurrency=1)
+    worker.ready()
+    conn = connect(worker)
+    child = value(conn.call("fork_child", {"seconds": 600}))["pid"]
+    os.kill(child, signal.SIGTERM)
+    assert wait_gone(child), f"forked child {child} ignored SIGTERM"
+    time.sleep(0.3)  # a stop the signal caused would have begun by now
+    assert worker.proc.poll() is None, "the worker stopped when its child got SIGTERM"
+    assert value(conn.call("env", {})) is not None
+
+
 def test_calls_still_running_after_the_grace_do_not_hold_the_exit(
     start_worker: StartWorker, connect: Connect
 ) -> None:
