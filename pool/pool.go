@@ -93,6 +93,10 @@ type Config struct {
 	// sessionSweep how often idle ones are looked for (default 1 min); tests
 	// shorten them.
 	sessionIdle, sessionSweep time.Duration
+	// stableAfter is how long a worker must have served before it crashed
+	// or lost its channel for the failure not to count towards crash_loop
+	// (default 1 min); tests shorten it.
+	stableAfter time.Duration
 }
 
 func (c *Config) validate() error {
@@ -127,6 +131,7 @@ func (c *Config) validate() error {
 	setDefault(&c.MaxSessions, 10_000)
 	setDefault(&c.sessionIdle, time.Hour)
 	setDefault(&c.sessionSweep, time.Minute)
+	setDefault(&c.stableAfter, time.Minute)
 	setDefault(&c.CrashLoop, 5)
 	setDefault(&c.StartTimeout, 60*time.Second)
 	setDefault(&c.StopGrace, 5*time.Second)
@@ -354,7 +359,7 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		// break the next one too, so a loss backs off and counts towards
 		// crash_loop like a crash. A worker that served for a while
 		// before either is not looping.
-		if time.Since(w.started) > time.Minute {
+		if time.Since(w.started) > p.cfg.stableAfter {
 			failures, backoff = 0, p.cfg.RestartBackoff
 		}
 		w = nil
