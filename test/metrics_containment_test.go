@@ -115,7 +115,7 @@ func TestMetricsShowContainmentAndSupervision(t *testing.T) {
 	bySweep := series{"pyfleet_orphans_found_by_sweep_total", "", ""}
 	check("at start", map[series]float64{
 		{"pyfleet_containment", "mode", mode}: 1,
-		total:                                    2, perWorker("w1"): 1, perWorker("w2"): 1,
+		total:                                 2, perWorker("w1"): 1, perWorker("w2"): 1,
 		records: 2,
 		{"pyfleet_orphans_found_at_start_total", "", ""}: 0,
 		bySweep: 0,
