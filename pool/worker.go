@@ -197,7 +197,8 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		err = w.dial(startCtx, sock, secret)
 	}
 	if err != nil {
-		// A no-op on a process that exited already.
+		// Also when the process exited before its handshake: nothing is
+		// left to signal then, and the worker was never shared.
 		w.stopProcess(lifecycle.ReasonStop, 0)
 		return nil, err
 	}
