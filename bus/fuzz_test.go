@@ -53,7 +53,7 @@ var hostileSeeds = []struct {
 
 // FuzzAdmit throws headers and a body at the node's admission (what handle
 // refuses before any worker sees the call) and holds everything it admits
-// to what a worker can take: the frame the pool builds from it (pool.run)
+// to what a worker can take: the frame the pool builds from it (pool.execute)
 // must marshal, a refusal must not echo a header that failed, and a JSON
 // body must be one Python can decode and encode again.
 func FuzzAdmit(f *testing.F) {
@@ -111,7 +111,7 @@ func FuzzAdmit(f *testing.F) {
 			}
 		}
 
-		// The frame pool.run sends for this request.
+		// The frame pool.execute sends for this request.
 		ms := a.timeout.Milliseconds()
 		if ms > math.MaxUint32 {
 			t.Fatalf("timeout of %d ms does not fit the frame's uint32 timeout_ms", ms)

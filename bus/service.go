@@ -425,7 +425,7 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	go func() {
 		defer s.end()
 		defer c.inFlight.Add(-1)
-		s.run(reply, *fn, a.req, a.timeout, a.heartbeat, c, arrived)
+		s.answer(reply, *fn, a.req, a.timeout, a.heartbeat, c, arrived)
 	}()
 }
 
@@ -572,9 +572,10 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 	return time.Duration(ms) * time.Millisecond, nil
 }
 
-// run makes the call and answers it. It publishes straight to the reply
-// subject: micro's Request is not safe to use once its handler returned.
-func (s *Service) run(reply string, fn call.Function, req *call.Request, timeout, heartbeat time.Duration, c *endpointCounters, arrived time.Time) {
+// answer makes the call and publishes its answer. It publishes straight to
+// the reply subject: micro's Request is not safe to use once its handler
+// returned.
+func (s *Service) answer(reply string, fn call.Function, req *call.Request, timeout, heartbeat time.Duration, c *endpointCounters, arrived time.Time) {
 	ctx, cancel := context.WithDeadline(s.abortCtx, req.Deadline)
 	defer cancel()
 	stopBeats := func() {}

@@ -37,7 +37,7 @@ func (j *Jobs) handle(msg jetstream.Msg) {
 		return
 	}
 	j.started(&startedOnce)
-	res, limit, settled := j.runCall(d, fn, timeout)
+	res, limit, settled := j.invoke(d, fn, timeout)
 	if settled {
 		return
 	}
@@ -78,11 +78,11 @@ func (j *Jobs) prepare(d *delivery) (fn call.Function, timeout time.Duration, se
 	return fn, timeout, false
 }
 
-// runCall runs the job's call and returns its result, a streamed job's
+// invoke makes the job's call and returns its result, a streamed job's
 // items joined into one, with the largest result the job may store. A call
 // that failed settles the delivery: buried or retried by failed, or handed
 // back when Stop cut it short.
-func (j *Jobs) runCall(d *delivery, fn call.Function, timeout time.Duration) (res call.Result, limit int, settled bool) {
+func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res call.Result, limit int, settled bool) {
 	req := &call.Request{
 		Function:  fn.Name,
 		Payload:   d.msg.Data(),

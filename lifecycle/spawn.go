@@ -189,13 +189,50 @@ type Process struct {
 // with SIGKILL before the leader is reaped: nothing it started in its group
 // outlives it.
 func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
+	if err := ownCommand(cmd); err != nil {
+		return nil, err
+	}
+	k, err := s.mark(cmd, opts.Marker)
+	if err != nil {
+		return nil, err
+	}
+	box, err := contain(cmd, opts)
+	if err != nil {
+		return nil, err
+	}
+	out, err := openOutput(cmd)
+	if err != nil {
+		_ = box.Release()
+		return nil, err
+	}
+	id, execFailed, err := s.fork(cmd, k)
+	// The child has its own copies; ours would keep the readers from ever
+	// seeing EOF.
+	out.closeWriteEnds()
+	if err != nil {
+		out.closeReadEnds()
+		if !execFailed {
+			_ = box.Kill() // the child was forked into it, then killed
+		}
+		_ = box.Release()
+		return nil, err
+	}
+	// The leader is unreaped, so its group id is ours until wait reaps it,
+	// and wait tells the guardian the group is gone before that.
+	opts.Guardian.groupStarted(cmd.Process.Pid, id, opts.Marker.Worker)
+	return supervise(s, cmd, k, box, id, out, opts), nil
+}
+
+// ownCommand checks that cmd leaves to Start what Start must own, and sets
+// its process group and Pdeathsig.
+func ownCommand(cmd *exec.Cmd) error {
 	switch {
 	case cmd.Process != nil:
-		return nil, fmt.Errorf("%w: already started", ErrBadCommand)
+		return fmt.Errorf("%w: already started", ErrBadCommand)
 	case cmd.Stdout != nil || cmd.Stderr != nil:
-		return nil, fmt.Errorf("%w: Stdout and Stderr belong to Start", ErrBadCommand)
+		return fmt.Errorf("%w: Stdout and Stderr belong to Start", ErrBadCommand)
 	case cmd.SysProcAttr != nil && (cmd.SysProcAttr.Setsid || cmd.SysProcAttr.Foreground):
-		return nil, fmt.Errorf("%w: Setsid or Foreground would leave the process group", ErrBadCommand)
+		return fmt.Errorf("%w: Setsid or Foreground would leave the process group", ErrBadCommand)
 	}
 	var attr syscall.SysProcAttr
 	if cmd.SysProcAttr != nil {
@@ -203,22 +240,31 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	}
 	attr.Setpgid, attr.Pgid, attr.Pdeathsig = true, 0, syscall.SIGKILL
 	cmd.SysProcAttr = &attr
+	return nil
+}
 
-	var k marks
-	if !opts.Marker.IsZero() {
-		if err := opts.Marker.valid(); err != nil {
-			return nil, err
-		}
-		k = marks{run: opts.Marker.RunValue(), id: opts.Marker.IDValue(), spawn: strconv.FormatUint(s.spawns.Add(1), 10)}
-		if cmd.Env == nil {
-			cmd.Env = os.Environ()
-		}
-		// Appended last, so they win over any inherited marks: os/exec
-		// keeps the last of duplicate keys.
-		cmd.Env = append(cmd.Env, append(opts.Marker.Env(), EnvWorkerSpawn+"="+k.spawn)...)
+// mark adds m's marks, and a number for this start, to cmd's environment;
+// zero marks for a zero m.
+func (s *Spawner) mark(cmd *exec.Cmd, m Marker) (marks, error) {
+	if m.IsZero() {
+		return marks{}, nil
 	}
+	if err := m.valid(); err != nil {
+		return marks{}, err
+	}
+	k := marks{run: m.RunValue(), id: m.IDValue(), spawn: strconv.FormatUint(s.spawns.Add(1), 10)}
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	// Appended last, so they win over any inherited marks: os/exec keeps
+	// the last of duplicate keys.
+	cmd.Env = append(cmd.Env, append(m.Env(), EnvWorkerSpawn+"="+k.spawn)...)
+	return k, nil
+}
 
-	var box Container = noContainer{}
+// contain prepares the container cmd will be forked into (see
+// StartOptions.Contain and Limits).
+func contain(cmd *exec.Cmd, opts StartOptions) (Container, error) {
 	if !opts.Limits.IsZero() {
 		l, ok := opts.Contain.(Limiter)
 		if !ok {
@@ -228,31 +274,56 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		if err != nil {
 			return nil, fmt.Errorf("lifecycle: contain %s: %w", cmd.Path, err)
 		}
-		box = c
-	} else if opts.Contain != nil {
+		return c, nil
+	}
+	if opts.Contain != nil {
 		c, err := opts.Contain.Prepare(cmd, opts.Marker)
 		if err != nil {
 			return nil, fmt.Errorf("lifecycle: contain %s: %w", cmd.Path, err)
 		}
-		box = c
+		return c, nil
 	}
+	return noContainer{}, nil
+}
 
+// outputPipes are the child's stdout and stderr: the write ends are the
+// child's, the read ends its Process's readers'.
+type outputPipes struct {
+	outR, outW, errR, errW *os.File
+}
+
+// openOutput makes the pipes and sets them as cmd's Stdout and Stderr.
+func openOutput(cmd *exec.Cmd) (*outputPipes, error) {
 	outR, outW, err := os.Pipe()
 	if err != nil {
-		_ = box.Release()
 		return nil, fmt.Errorf("lifecycle: stdout pipe: %w", err)
 	}
 	errR, errW, err := os.Pipe()
 	if err != nil {
 		outR.Close()
 		outW.Close()
-		_ = box.Release()
 		return nil, fmt.Errorf("lifecycle: stderr pipe: %w", err)
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
+	return &outputPipes{outR: outR, outW: outW, errR: errR, errW: errW}, nil
+}
 
+func (o *outputPipes) closeWriteEnds() {
+	o.outW.Close()
+	o.errW.Close()
+}
+
+func (o *outputPipes) closeReadEnds() {
+	o.outR.Close()
+	o.errR.Close()
+}
+
+// fork starts cmd on the spawner's thread and reads its identity. On an
+// error no child of it is left: execFailed says cmd.Start failed, so that no
+// child ever was; one that started but could not be identified has been
+// killed and reaped.
+func (s *Spawner) fork(cmd *exec.Cmd, k marks) (id Identity, execFailed bool, err error) {
 	var startErr, idErr error
-	var id Identity
 	err = s.do(func() {
 		if startErr = cmd.Start(); startErr == nil {
 			// Read before anyone waits for the child: unreaped, its pid
@@ -266,33 +337,23 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 			s.mu.Unlock()
 		}
 	})
-	// The child has its own copies; ours would keep the readers from ever
-	// seeing EOF.
-	outW.Close()
-	errW.Close()
-	if err == nil && startErr != nil {
-		err = fmt.Errorf("lifecycle: start %s: %w", cmd.Path, startErr)
-	}
-	if err == nil && idErr != nil {
+	switch {
+	case err != nil:
+		return id, false, err
+	case startErr != nil:
+		return id, true, fmt.Errorf("lifecycle: start %s: %w", cmd.Path, startErr)
+	case idErr != nil:
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 		s.forget(cmd.Process.Pid)
-		err = fmt.Errorf("lifecycle: identify %s: %w", cmd.Path, idErr)
+		return id, false, fmt.Errorf("lifecycle: identify %s: %w", cmd.Path, idErr)
 	}
-	if err != nil {
-		outR.Close()
-		errR.Close()
-		if startErr == nil {
-			_ = box.Kill() // the child was forked into it, then killed
-		}
-		_ = box.Release()
-		return nil, err
-	}
+	return id, false, nil
+}
 
-	// The leader is unreaped, so its group id is ours until wait reaps it,
-	// and wait tells the guardian the group is gone before that.
-	opts.Guardian.groupStarted(cmd.Process.Pid, id, opts.Marker.Worker)
-
+// supervise makes the Process for a child just forked and starts its wait
+// goroutine and its two output readers.
+func supervise(s *Spawner, cmd *exec.Cmd, k marks, box Container, id Identity, out *outputPipes, opts StartOptions) *Process {
 	p := &Process{
 		spawner: s,
 		cmd:     cmd,
@@ -302,17 +363,17 @@ func Start(s *Spawner, cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		events:  opts.Events,
 		id:      id,
 		pgid:    cmd.Process.Pid,
-		outR:    outR,
-		errR:    errR,
+		outR:    out.outR,
+		errR:    out.errR,
 		exited:  make(chan struct{}),
 		done:    make(chan struct{}),
 		drained: make(chan struct{}),
 	}
 	p.readers.Store(2)
-	go p.readLines(outR, opts.Stdout)
-	go p.readLines(errR, opts.Stderr)
+	go p.readLines(p.outR, opts.Stdout)
+	go p.readLines(p.errR, opts.Stderr)
 	go p.wait()
-	return p, nil
+	return p
 }
 
 // Memory is what the process's whole tree uses now, as its container

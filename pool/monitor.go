@@ -62,7 +62,7 @@ func (p *Pool) watch(w *worker) {
 		if p.isClosed() {
 			return
 		}
-		if w.inlineBusy.Load() > 0 {
+		if w.calls.inlineBusy.Load() > 0 {
 			// The worker runs a sync function on its event loop
 			// (--concurrency 1) and answers nothing until it returns:
 			// busy, not hung. The call's deadline bounds the wait: past

@@ -93,6 +93,10 @@ type Config struct {
 	// sessionSweep how often idle ones are looked for (default 1 min); tests
 	// shorten them.
 	sessionIdle, sessionSweep time.Duration
+	// stableAfter is how long a worker must have served before it crashed
+	// or lost its channel for the failure not to count towards crash_loop
+	// (default 1 min); tests shorten it.
+	stableAfter time.Duration
 }
 
 func (c *Config) validate() error {
@@ -127,6 +131,7 @@ func (c *Config) validate() error {
 	setDefault(&c.MaxSessions, 10_000)
 	setDefault(&c.sessionIdle, time.Hour)
 	setDefault(&c.sessionSweep, time.Minute)
+	setDefault(&c.stableAfter, time.Minute)
 	setDefault(&c.CrashLoop, 5)
 	setDefault(&c.StartTimeout, 60*time.Second)
 	setDefault(&c.StopGrace, 5*time.Second)
@@ -164,7 +169,7 @@ type Pool struct {
 	// queue hands calls to whichever worker slot is free first; it is
 	// unbuffered so that a call waits in its own goroutine, where its
 	// deadline and the queue limit are checked.
-	queue   chan *job
+	queue   chan *queuedCall
 	waiting atomic.Int64
 	// waitingBytes is the payload bytes of the calls counted in waiting.
 	waitingBytes atomic.Int64
@@ -217,7 +222,7 @@ func New(cfg Config) (*Pool, error) {
 	return &Pool{
 		cfg:      cfg,
 		log:      cfg.Logger,
-		queue:    make(chan *job),
+		queue:    make(chan *queuedCall),
 		ctx:      ctx,
 		cancel:   cancel,
 		draining: make(chan struct{}),
@@ -354,7 +359,7 @@ func (p *Pool) supervise(name string, first chan<- error) {
 		// break the next one too, so a loss backs off and counts towards
 		// crash_loop like a crash. A worker that served for a while
 		// before either is not looping.
-		if time.Since(w.started) > time.Minute {
+		if time.Since(w.started) > p.cfg.stableAfter {
 			failures, backoff = 0, p.cfg.RestartBackoff
 		}
 		w = nil
@@ -568,10 +573,10 @@ func (p *Pool) unregister(w *worker) {
 func (p *Pool) slot(w *worker) {
 	for {
 		select {
-		case j := <-w.pinned:
-			p.run(w, j)
-		case j := <-p.queue:
-			p.run(w, j)
+		case c := <-w.pinned:
+			p.execute(w, c)
+		case c := <-p.queue:
+			p.execute(w, c)
 		case <-w.retire:
 			return
 		case <-w.lost:
@@ -580,8 +585,9 @@ func (p *Pool) slot(w *worker) {
 	}
 }
 
-// job is one accepted call on its way to, or in, a worker.
-type job struct {
+// queuedCall is one accepted call on its way to, or in, a worker (the
+// caller's side of it; pendingCall is the frame's, in the worker).
+type queuedCall struct {
 	ctx  context.Context
 	req  *call.Request
 	emit call.Emit
@@ -597,32 +603,32 @@ type outcome struct {
 	err error
 }
 
-func (j *job) finish(o outcome) {
-	j.done <- o
+func (c *queuedCall) finish(o outcome) {
+	c.done <- o
 }
 
 // chunk passes one streamed item to the caller unless it has gone.
-func (j *job) chunk(c call.Chunk) error {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.abandoned {
+func (c *queuedCall) chunk(ch call.Chunk) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.abandoned {
 		return context.DeadlineExceeded
 	}
-	return j.emit(c)
+	return c.emit(ch)
 }
 
-func (j *job) abandon() {
-	j.mu.Lock()
-	j.abandoned = true
-	j.mu.Unlock()
+func (c *queuedCall) abandon() {
+	c.mu.Lock()
+	c.abandoned = true
+	c.mu.Unlock()
 }
 
-// run sends j to w and waits for its end. Past the deadline it cancels the
+// execute sends c to w and waits for its end. Past the deadline it cancels the
 // call; past the deadline plus the grace it kills the worker, because a sync
 // Python function cannot be interrupted any other way.
-func (p *Pool) run(w *worker, j *job) {
-	if j.ctx.Err() != nil {
-		j.finish(outcome{err: deadlineError(w.name)})
+func (p *Pool) execute(w *worker, c *queuedCall) {
+	if c.ctx.Err() != nil {
+		c.finish(outcome{err: deadlineError(w.name)})
 		return
 	}
 	p.busy.Add(1)
@@ -633,11 +639,11 @@ func (p *Pool) run(w *worker, j *job) {
 	}()
 
 	id := w.nextID.Add(1)
-	frame := &workerpb.Call{Id: id, Function: j.req.Function, Payload: j.req.Payload,
-		RequestId: j.req.RequestID, Session: j.req.Session}
+	frame := &workerpb.Call{Id: id, Function: c.req.Function, Payload: c.req.Payload,
+		RequestId: c.req.RequestID, Session: c.req.Session}
 	var deadline <-chan time.Time
-	if !j.req.Deadline.IsZero() {
-		left := time.Until(j.req.Deadline)
+	if !c.req.Deadline.IsZero() {
+		left := time.Until(c.req.Deadline)
 		// The frame's field holds 32 bits of milliseconds (49.7 days). A
 		// longer deadline is sent as the longest the field holds, never
 		// wrapped to a short one; the timer below ends the call at the
@@ -649,7 +655,7 @@ func (p *Pool) run(w *worker, j *job) {
 	}
 	results, err := w.begin(frame)
 	if err != nil {
-		j.finish(outcome{err: lostError(w)})
+		c.finish(outcome{err: lostError(w)})
 		return
 	}
 	overran := false
@@ -657,7 +663,7 @@ func (p *Pool) run(w *worker, j *job) {
 		select {
 		case r := <-results:
 			if r.Kind == workerpb.Result_CHUNK {
-				if err := j.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {
+				if err := c.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {
 					w.cancel(id)
 				}
 				continue
@@ -668,17 +674,17 @@ func (p *Pool) run(w *worker, j *job) {
 			p.handled.Add(1)
 			if r.Error != nil {
 				p.errors.Add(1)
-				j.finish(outcome{err: &call.Error{Code: int(r.Error.Code), Type: r.Error.Type, Message: r.Error.Message, Worker: w.name}})
+				c.finish(outcome{err: &call.Error{Code: int(r.Error.Code), Type: r.Error.Type, Message: r.Error.Message, Worker: w.name}})
 				return
 			}
-			j.finish(outcome{res: call.Result{Worker: w.name, Data: r.Payload}})
+			c.finish(outcome{res: call.Result{Worker: w.name, Data: r.Payload}})
 			return
 		case <-w.lost:
 			p.errors.Add(1)
 			if overran {
-				j.finish(outcome{err: deadlineError(w.name)})
+				c.finish(outcome{err: deadlineError(w.name)})
 			} else {
-				j.finish(outcome{err: lostError(w)})
+				c.finish(outcome{err: lostError(w)})
 			}
 			return
 		case <-deadline:
@@ -691,7 +697,7 @@ func (p *Pool) run(w *worker, j *job) {
 				continue
 			}
 			p.log.Warn("call overran its deadline; killing its worker",
-				zap.String("worker", w.name), zap.String("function", j.req.Function))
+				zap.String("worker", w.name), zap.String("function", c.req.Function))
 			w.stopProcess(lifecycle.ReasonDeadline, 0)
 			deadline = nil
 		}
@@ -783,13 +789,13 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 		pinned, queue = w, w.pinned
 	}
 
-	j := &job{ctx: ctx, req: req, emit: emit, fn: fn, done: make(chan outcome, 1)}
+	c := &queuedCall{ctx: ctx, req: req, emit: emit, fn: fn, done: make(chan outcome, 1)}
 	var lost, retired <-chan struct{}
 	if pinned != nil {
 		lost, retired = pinned.lost, pinned.retire
 	}
 	select {
-	case queue <- j:
+	case queue <- c:
 		unwait()
 	case <-ctx.Done():
 		unwait()
@@ -806,13 +812,13 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 	}
 
 	select {
-	case o := <-j.done:
+	case o := <-c.done:
 		return o.res, o.err
 	case <-ctx.Done():
-		j.abandon()
+		c.abandon()
 		// The slot may have finished at the same moment; prefer its answer.
 		select {
-		case o := <-j.done:
+		case o := <-c.done:
 			return o.res, o.err
 		default:
 		}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"math"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -189,6 +191,114 @@ func TestRepeatedChannelLossIsACrashLoop(t *testing.T) {
 	}
 	if _, err := callFn(p, 20*time.Second, "echo", "1"); err != nil {
 		t.Errorf("after the crash loop: %v", err)
+	}
+}
+
+// Crashes back off and make crash_loop. testdata/crashy.py dies 300 ms
+// after the node connects to it, on a plan: four starts in a row, then one
+// that serves longer than stableAfter before it dies, then two more quick
+// ones; the eighth start lives. Each restart waits between half of the
+// backoff and all of it (the jitter), the backoff doubling from
+// RestartBackoff up to MaxRestartBackoff; crash_loop follows the CrashLoop-th
+// crash in a row; and the long-lived start's crash counts as the first of a
+// new run, which the second crash_loop (failures == CrashLoop again) proves
+// without timing.
+func TestCrashesBackOffAndLoop(t *testing.T) {
+	const (
+		base        = 100 * time.Millisecond
+		maxBackoff  = 800 * time.Millisecond
+		crashLoop   = 3
+		stableAfter = 3 * time.Second
+		// Upper bound on a restart's delay beyond the backoff: a fork on a
+		// busy machine. The lower bounds show the growth.
+		slack = time.Second
+	)
+	const quick, long = "300", "3500" // ms each start lives once the node connected
+	plan := []string{quick, quick, quick, quick, long, quick, quick}
+	planPath := filepath.Join(t.TempDir(), "plan")
+	if err := os.WriteFile(planPath, []byte(strings.Join(plan, "\n")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("CRASHY_PLAN", planPath)
+	p, rec := startPool(t, func(c *Config) {
+		c.App = "crashy"
+		c.RestartBackoff = base
+		c.MaxRestartBackoff = maxBackoff
+		c.CrashLoop = crashLoop
+		c.stableAfter = stableAfter
+	})
+
+	// Every start of the plan crashed, and the one after it is ready.
+	deadline := time.Now().Add(2 * time.Minute)
+	for countEvents(rec, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady }) <= len(plan) {
+		if time.Now().After(deadline) {
+			rec.mu.Lock()
+			defer rec.mu.Unlock()
+			t.Fatalf("the plan's %d crashes and a live start did not happen within 2 min; events %+v", len(plan), rec.got)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if res, err := callFn(p, 10*time.Second, "echo", `"alive"`); err != nil || string(res.Data) != `"alive"` {
+		t.Errorf("the start that lives: %q %v", res.Data, err)
+	}
+
+	type start struct {
+		pid              int
+		spawned, crashed time.Time
+		loop             bool // crash_loop came right after its crash
+	}
+	var starts []*start
+	rec.mu.Lock()
+	for _, e := range rec.got {
+		switch e.Kind {
+		case lifecycle.KindSpawned:
+			starts = append(starts, &start{pid: e.PID, spawned: e.TS})
+		case lifecycle.KindCrashed:
+			s := starts[len(starts)-1]
+			if e.PID != s.pid || e.ExitCode == nil || *e.ExitCode != 3 {
+				t.Errorf("crash %+v, want pid %d with exit code 3", e, s.pid)
+			}
+			s.crashed = e.TS
+		case lifecycle.KindCrashLoop:
+			starts[len(starts)-1].loop = true
+		case lifecycle.KindSpawnFailed, lifecycle.KindTerminated:
+			t.Errorf("unexpected %+v: every start should serve, then crash", e)
+		}
+	}
+	rec.mu.Unlock()
+	if len(starts) != len(plan)+1 {
+		t.Fatalf("%d starts, want %d", len(starts), len(plan)+1)
+	}
+
+	// What supervise must have done, crash by crash.
+	backoff, failures, loops := base, 0, 0
+	for i, s := range starts[:len(plan)] {
+		life := s.crashed.Sub(s.spawned)
+		if plan[i] == long {
+			if life <= stableAfter {
+				t.Fatalf("start %d lived %s, not over stableAfter (%s): the plan did not hold", i+1, life, stableAfter)
+			}
+			failures, backoff = 0, base
+		} else if life > stableAfter {
+			t.Fatalf("quick start %d lived %s, over stableAfter (%s): the machine is too slow for the plan", i+1, life, stableAfter)
+		}
+		failures++
+		if want := failures == crashLoop; s.loop != want {
+			t.Errorf("crash %d is failure %d in a row: crash_loop after it %v, want %v", i+1, failures, s.loop, want)
+		}
+		if s.loop {
+			loops++
+		}
+		gap := starts[i+1].spawned.Sub(s.crashed)
+		t.Logf("crash %d (failure %d in a row, backoff %s): restarted after %s", i+1, failures, backoff, gap)
+		if gap < backoff/2 || gap > backoff+slack {
+			t.Errorf("crash %d: restarted after %s, want %s to %s (backoff %s less up to half for jitter)",
+				i+1, gap, backoff/2, backoff+slack, backoff)
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+	if loops != 2 {
+		t.Errorf("%d crash_loop events, want 2: after the 3rd crash, and the 3rd after the long-lived start", loops)
 	}
 }
 

@@ -1,11 +1,9 @@
 package pool
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -25,12 +23,6 @@ import (
 	"github.com/pyfleet/pyfleet/proto/workerpb"
 )
 
-// The worker's first words on stdout: one of these, then a JSON object.
-const (
-	handshakeReady = "PYFLEET-READY "
-	handshakeError = "PYFLEET-ERROR "
-)
-
 // Environment variables the node sets on a worker, besides the lifecycle
 // markers that everything the worker starts inherits. They hold fd numbers:
 // the secret itself never is in the environment, where
@@ -41,128 +33,228 @@ const (
 	envLifeline = "PYFLEET_WORKER_LIFELINE_FD"
 )
 
-// handshake is the JSON a worker prints once it serves.
-type handshake struct {
-	Version   int `json:"v"`
-	PID       int `json:"pid"`
-	Functions []struct {
-		Name   string `json:"name"`
-		Raw    bool   `json:"raw"`
-		Stream bool   `json:"stream"`
-		// Inline says the worker runs the function on its event loop,
-		// which answers nothing else (health checks included) meanwhile.
-		Inline bool `json:"inline"`
-	} `json:"functions"`
-}
-
-// AppError is a worker that could not load the app: restarting cannot help,
-// so the node reports it and exits.
-type AppError struct {
-	Type    string `json:"type"`
-	Message string `json:"message"`
-}
-
-func (e *AppError) Error() string {
-	return fmt.Sprintf("the app failed to load: %s: %s", e.Type, e.Message)
-}
+// maxMessageBytes is the largest message the node takes from a worker: the
+// worker's own limit (python/pyfleet/servicer.py), plus room for a batch's
+// other frames.
+const maxMessageBytes = 65 << 20
 
 // worker is one running Python process and its Batches stream. Its calls
-// are matched to results by id; recv owns the stream's receive side.
+// are matched to results by id.
+//
+// Who owns what: spawnWorker sets the fields of the first group before any
+// other goroutine sees the worker, and nobody writes them after. The stream's
+// receive side is recv's alone; its send side is the outbox's (see outbox).
+// calls and out each guard their own state with their own mutex. The rest
+// are atomics and channels that any of the worker's goroutines may use: its
+// slots (Pool.slot), recv, its exit watcher, its monitor (Pool.watch), and
+// its supervisor (Pool.supervise), which alone retires it.
 type worker struct {
-	name  string // e.g. "w3", unique in the node
-	start string // this start of it, e.g. "w3-17": its socket, registry key and marker
-	proc  *lifecycle.Process
-	conn  *grpc.ClientConn
-	log   *zap.Logger
-
-	stream workerpb.Worker_BatchesClient
-	sendMu sync.Mutex // grpc streams allow one sender at a time
-
-	// out holds frames waiting to be sent; sending says a goroutine is in
-	// flush's loop and will send them; unanswered says a message went out
-	// and no result has come back since; hold flushes held frames when
-	// the worker takes too long to answer. See send.
-	outMu      sync.Mutex
-	out        []*workerpb.Call
-	sending    bool
-	unanswered bool
-	held       bool // hold is armed
-	hold       *time.Timer
-
-	mu      sync.Mutex
-	pending map[uint64]pendingCall
-	broken  error // set once the stream failed; no call can start after
-
-	// inline names the functions the worker runs on its event loop, and
-	// inlineBusy counts such calls under way: while there is one, failed
-	// health checks say the worker is busy, not hung (see watch).
-	inline     map[string]bool
-	inlineBusy atomic.Int64
-
-	nextID      atomic.Uint64
-	handled     atomic.Uint64
-	maxRequests uint64 // with jitter; 0: no limit
-	inflight    atomic.Int64
+	name        string // e.g. "w3", unique in the node
+	start       string // this start of it, e.g. "w3-17": its socket, registry key and marker
+	log         *zap.Logger
+	proc        *lifecycle.Process
+	conn        *grpc.ClientConn
+	stream      *batchStream
 	started     time.Time
-
-	// lost is closed when the stream breaks or the process exits: every
-	// pending call fails at once rather than waiting for its deadline.
-	lost     chan struct{}
-	lostOnce sync.Once
+	maxRequests uint64 // with jitter; 0: no limit
+	// inline names the functions the worker runs on its event loop (see
+	// calls.inlineBusy).
+	inline map[string]bool
 	// leave takes the worker out of the pool's serving set and runs
 	// markBroken under the pool's lock, so that serve never registers a
 	// broken worker and no caller who learns of the loss (from begin's
 	// error or from lost) finds the worker still counted.
 	leave func(markBroken func())
 
+	calls callTable // the calls in flight, by frame id
+	out   outbox    // frames on their way to the worker
+
+	nextID   atomic.Uint64 // the last frame id given out
+	handled  atomic.Uint64 // calls ended, for MaxRequests
+	inflight atomic.Int64  // calls its slots run now, for sessions
+
+	// lost is closed when the stream breaks or the process exits: every
+	// pending call fails at once rather than waiting for its deadline.
+	lost     chan struct{}
+	lostOnce sync.Once
 	// why is the reason the pool stopped this worker on purpose (stop,
 	// deadline, recycle, unhealthy); empty means it died by itself.
 	why atomic.Pointer[string]
-
 	// pinned carries calls of sessions bound to this worker.
-	pinned chan *job
+	pinned chan *queuedCall
 	// retire is closed when the worker must take no more calls.
 	retire     chan struct{}
 	retireOnce sync.Once
-
-	// slots counts this worker's slot goroutines still running.
-	slots sync.WaitGroup
-	// monitor counts its watch goroutine.
-	monitor sync.WaitGroup
 	// recycle carries the monitor's request to replace the worker (the
 	// reason, for the log); buffered so the monitor never waits.
 	recycle chan string
+	// slots counts this worker's slot goroutines still running, monitor
+	// its watch goroutine.
+	slots   sync.WaitGroup
+	monitor sync.WaitGroup
 }
 
-type spawnResult struct {
-	hs  *handshake
-	err error
+// callTable holds the calls sent on a worker's stream whose END has not come
+// back. begin adds to it from the slots, recv takes from it, markLost breaks
+// it; mu guards pending and broken.
+type callTable struct {
+	mu      sync.Mutex
+	pending map[uint64]pendingCall
+	broken  error // set once the stream failed; no call can start after
+
+	// inlineBusy counts the pending calls the worker runs on its event
+	// loop: while there is one, failed health checks say the worker is
+	// busy, not hung (see Pool.watch, which reads it without mu).
+	inlineBusy atomic.Int64
+}
+
+// pendingCall is a call sent to the worker whose END has not come back.
+type pendingCall struct {
+	ch     chan *workerpb.Result
+	inline bool // counted in inlineBusy
+}
+
+// add registers a call, unless the stream is broken already.
+func (t *callTable) add(id uint64, pc pendingCall) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.broken != nil {
+		return t.broken
+	}
+	if pc.inline {
+		t.inlineBusy.Add(1)
+	}
+	t.pending[id] = pc
+	return nil
+}
+
+// route appends to chans the channel of each result's call (nil for a call
+// the node gave up on), and forgets the calls whose END this is.
+func (t *callTable) route(results []*workerpb.Result, chans []chan *workerpb.Result) []chan *workerpb.Result {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, r := range results {
+		pc := t.pending[r.Id]
+		chans = append(chans, pc.ch)
+		if r.Kind == workerpb.Result_END && pc.ch != nil {
+			delete(t.pending, r.Id)
+			if pc.inline {
+				t.inlineBusy.Add(-1)
+			}
+		}
+	}
+	return chans
+}
+
+// breakWith marks the stream broken by err and drops the pending calls:
+// they learn of it from the worker's lost.
+func (t *callTable) breakWith(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.broken = err
+	t.pending = nil
+}
+
+// cause is what broke the stream, or nil.
+func (t *callTable) cause() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.broken
 }
 
 // spawnWorker starts a worker process and returns once it serves, or fails.
 func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
-	secretBytes := make([]byte, 32)
-	if _, err := rand.Read(secretBytes); err != nil {
-		return nil, fmt.Errorf("worker secret: %w", err)
+	secret, err := newSecret()
+	if err != nil {
+		return nil, err
 	}
-	secret := hex.EncodeToString(secretBytes)
-	// Recycling runs two starts of one worker name at once: each start has
-	// its own socket and registry record.
-	start := name + "-" + strconv.FormatUint(p.spawnSeq.Add(1), 10)
-	sock := filepath.Join(p.cfg.SocketDir, start+".sock")
+	w := p.newWorker(name)
+	sock := filepath.Join(p.cfg.SocketDir, w.start+".sock")
 	_ = os.Remove(sock)
-	rec := lifecycle.Record{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start, Pool: p.cfg.Pool, State: lifecycle.StateStarting}
+	rec := lifecycle.Record{Node: p.cfg.Node, Run: p.cfg.Run, Worker: w.start, Pool: p.cfg.Pool, State: lifecycle.StateStarting}
 	if err := p.record(rec); err != nil {
 		return nil, err
 	}
+	pipes, err := openWorkerPipes(secret)
+	if err != nil {
+		p.forget(w.start)
+		return nil, err
+	}
+	hr := newHandshakeReader(name, w.log)
+	proc, err := p.startProcess(p.command(name, sock, pipes), w.start, hr)
+	pipes.closeWorkerEnds()
+	if err != nil {
+		pipes.lifelineW.Close()
+		p.forget(w.start)
+		return nil, err
+	}
+	p.running(w, proc, rec, pipes.lifelineW)
 
-	// The secret goes on a pipe of its own, whole, with the write end closed
-	// before the fork: the worker reads it to EOF at start and closes its
-	// end, so no child of the worker can read it (64 bytes fit a pipe's
-	// buffer, so the write cannot block).
+	startCtx, cancel := context.WithTimeout(ctx, p.cfg.StartTimeout)
+	defer cancel()
+	hs, err := hr.wait(startCtx, proc, p.cfg.StartTimeout)
+	if err == nil {
+		err = w.dial(startCtx, sock, secret)
+	}
+	if err != nil {
+		// Also when the process exited before its handshake: nothing is
+		// left to signal then, and the worker was never shared.
+		w.stopProcess(lifecycle.ReasonStop, 0)
+		return nil, err
+	}
+	w.setInline(hs)
+	p.setFunctions(hs)
+	p.startIO(w)
+	p.emit(lifecycle.Event{Kind: lifecycle.KindReady, Worker: name, PID: proc.PID(), PGID: proc.PGID()})
+	return w, nil
+}
+
+// newSecret is a fresh secret for one start of a worker (see secretCreds).
+func newSecret() (string, error) {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("worker secret: %w", err)
+	}
+	return hex.EncodeToString(b), nil
+}
+
+// newWorker is the worker for one start of slot name, not yet running.
+// Recycling runs two starts of one worker name at once: each start has its
+// own socket and registry record.
+func (p *Pool) newWorker(name string) *worker {
+	w := &worker{
+		name:        name,
+		start:       name + "-" + strconv.FormatUint(p.spawnSeq.Add(1), 10),
+		log:         p.log.With(zap.String("worker", name)),
+		maxRequests: uint64(jitter(p.cfg.MaxRequests)),
+		calls:       callTable{pending: make(map[uint64]pendingCall)},
+		lost:        make(chan struct{}),
+		pinned:      make(chan *queuedCall),
+		retire:      make(chan struct{}),
+		recycle:     make(chan string, 1),
+	}
+	w.leave = func(markBroken func()) { p.leaveServing(w, markBroken) }
+	w.out.lost = func(err error) { w.markLost(fmt.Errorf("worker %s: send: %w", w.name, err)) }
+	return w
+}
+
+// workerPipes are the pipes a worker starts with besides its output.
+//
+// The secret goes on a pipe of its own, whole, with the write end closed
+// before the fork: the worker reads it to EOF at start and closes its end,
+// so no child of the worker can read it (64 bytes fit a pipe's buffer, so
+// the write cannot block).
+//
+// The lifeline's read end goes to the worker; the node keeps the write end
+// open for the worker's life and never writes: the worker sees EOF only
+// when the node is gone, however it died.
+type workerPipes struct {
+	secretR, lifelineR, lifelineW *os.File
+}
+
+func openWorkerPipes(secret string) (*workerPipes, error) {
 	secretR, secretW, err := os.Pipe()
 	if err != nil {
-		p.forget(start)
 		return nil, fmt.Errorf("secret pipe: %w", err)
 	}
 	_, err = secretW.WriteString(secret)
@@ -171,15 +263,25 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	}
 	if err != nil {
 		secretR.Close()
-		p.forget(start)
 		return nil, fmt.Errorf("secret pipe: %w", err)
 	}
 	lifelineR, lifelineW, err := os.Pipe()
 	if err != nil {
 		secretR.Close()
-		p.forget(start)
 		return nil, fmt.Errorf("lifeline pipe: %w", err)
 	}
+	return &workerPipes{secretR: secretR, lifelineR: lifelineR, lifelineW: lifelineW}, nil
+}
+
+// closeWorkerEnds closes the node's copies of the worker's ends, once the
+// worker has its own (or failed to start).
+func (wp *workerPipes) closeWorkerEnds() {
+	wp.lifelineR.Close()
+	wp.secretR.Close()
+}
+
+// command is the worker's command line, environment and extra files.
+func (p *Pool) command(name, sock string, pipes *workerPipes) *exec.Cmd {
 	cmd := exec.Command(p.cfg.Python, "-m", "pyfleet.worker",
 		"--app", p.cfg.App,
 		"--app-dir", p.cfg.AppDir,
@@ -192,74 +294,34 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		envSecretFD+"=4",
 	)
 	cmd.Dir = p.cfg.AppDir
-	// The lifeline's read end becomes fd 3 in the worker. The node keeps the
-	// write end open for the worker's life and never writes: the worker sees
-	// EOF only when the node is gone, however it died. The secret's read end
-	// becomes fd 4.
-	cmd.ExtraFiles = []*os.File{lifelineR, secretR}
+	// ExtraFiles start at fd 3.
+	cmd.ExtraFiles = []*os.File{pipes.lifelineR, pipes.secretR}
+	return cmd
+}
 
-	w := &worker{
-		name:    name,
-		start:   start,
-		log:     p.log.With(zap.String("worker", name)),
-		pending: make(map[uint64]pendingCall),
-		lost:    make(chan struct{}),
-		pinned:  make(chan *job),
-		retire:  make(chan struct{}),
-		recycle: make(chan string, 1),
-	}
-	w.leave = func(markBroken func()) { p.leaveServing(w, markBroken) }
-	w.maxRequests = uint64(jitter(p.cfg.MaxRequests))
-	ready := make(chan spawnResult, 1)
-	var stderrTail tail
-	onStdout := func(line []byte) {
-		if !bytes.HasPrefix(line, []byte(handshakeReady)) && !bytes.HasPrefix(line, []byte(handshakeError)) {
-			w.log.Info(string(line), zap.String("stream", "stdout"))
-			return
-		}
-		res := spawnResult{}
-		if bytes.HasPrefix(line, []byte(handshakeReady)) {
-			var hs handshake
-			if err := json.Unmarshal(line[len(handshakeReady):], &hs); err != nil {
-				res.err = fmt.Errorf("worker %s: bad handshake %q: %w", name, line, err)
-			} else {
-				res.hs = &hs
-			}
-		} else {
-			var ae AppError
-			if err := json.Unmarshal(line[len(handshakeError):], &ae); err != nil {
-				res.err = fmt.Errorf("worker %s: bad error line %q: %w", name, line, err)
-			} else {
-				res.err = &ae
-			}
-		}
-		select {
-		case ready <- res:
-		default: // a second handshake line is garbage; the first one counts
-			w.log.Warn("unexpected handshake line", zap.ByteString("line", line))
-		}
-	}
-	onStderr := func(line []byte) {
-		stderrTail.add(line)
-		w.log.Info(string(line), zap.String("stream", "stderr"))
-	}
-
+// startProcess forks the worker through lifecycle, marked with its start
+// and contained as the pool's config says.
+func (p *Pool) startProcess(cmd *exec.Cmd, start string, hr *handshakeReader) (*lifecycle.Process, error) {
 	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{
-		Stdout:   onStdout,
-		Stderr:   onStderr,
+		Stdout:   hr.stdout,
+		Stderr:   hr.stderr,
 		Marker:   lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
 		Events:   p.cfg.Events,
 		Contain:  p.cfg.Containment,
 		Limits:   p.cfg.limits(),
 		Guardian: p.cfg.Guardian,
 	})
-	lifelineR.Close()
-	secretR.Close() // the worker has its own copy
 	if err != nil {
-		lifelineW.Close()
-		p.forget(start)
 		return nil, fmt.Errorf("start %s: %w", p.cfg.Python, err)
 	}
+	return proc, nil
+}
+
+// running records that w's process runs and says so (spawned), and starts
+// the goroutine that holds the lifeline's write end open exactly as long as
+// the process may run; closing it once the process is gone keeps fds
+// bounded.
+func (p *Pool) running(w *worker, proc *lifecycle.Process, rec lifecycle.Record, lifelineW *os.File) {
 	w.proc = proc
 	w.started = time.Now()
 	rec.SetProcess(proc)
@@ -267,63 +329,40 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	if err := p.record(rec); err != nil {
 		p.log.Warn("registry", zap.Error(err))
 	}
-	p.emit(lifecycle.Event{Kind: lifecycle.KindSpawned, Worker: name, PID: proc.PID(), PGID: proc.PGID()})
-
-	// The lifeline's write end must stay open exactly as long as the process
-	// may run; closing it once the process is gone keeps fds bounded.
+	p.emit(lifecycle.Event{Kind: lifecycle.KindSpawned, Worker: w.name, PID: proc.PID(), PGID: proc.PGID()})
 	p.goroutines.Add(1)
 	go func() {
 		defer p.goroutines.Done()
 		<-proc.Done()
 		lifelineW.Close()
-		p.forget(start)
+		p.forget(w.start)
 	}()
+}
 
-	fail := func(err error) (*worker, error) {
-		w.stopProcess(lifecycle.ReasonStop, 0)
-		return nil, err
-	}
-	startCtx, cancel := context.WithTimeout(ctx, p.cfg.StartTimeout)
-	defer cancel()
-	var hs *handshake
-	select {
-	case res := <-ready:
-		if res.err != nil {
-			return fail(res.err)
-		}
-		hs = res.hs
-	case <-proc.Done():
-		// Done closes only after the output readers have passed on every
-		// line, so an error line the worker printed before exiting is here.
-		select {
-		case res := <-ready:
-			if res.err != nil {
-				return nil, res.err
-			}
-		default:
-		}
-		st := proc.Exit()
-		return nil, fmt.Errorf("worker %s exited before its handshake (%s): %s", name, st, stderrTail.String())
-	case <-startCtx.Done():
-		return fail(fmt.Errorf("worker %s sent no handshake within %s", name, p.cfg.StartTimeout))
-	}
-
+// dial connects to the worker's socket, checks its health and opens its
+// stream. On an error nothing of it is left open.
+func (w *worker) dial(ctx context.Context, sock, secret string) error {
 	conn, err := grpc.NewClient("unix:"+sock, workerDialOptions(secret)...)
 	if err != nil {
-		return fail(fmt.Errorf("worker %s: dial: %w", name, err))
+		return fmt.Errorf("worker %s: dial: %w", w.name, err)
 	}
-	w.conn = conn
-	if _, err := healthpb.NewHealthClient(conn).Check(startCtx, &healthpb.HealthCheckRequest{}); err != nil {
+	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
 		conn.Close()
-		return fail(fmt.Errorf("worker %s: health check: %w", name, err))
+		return fmt.Errorf("worker %s: health check: %w", w.name, err)
 	}
 	// The stream lives as long as the worker, not as long as this start.
 	stream, err := workerpb.NewWorkerClient(conn).Batches(context.Background())
 	if err != nil {
 		conn.Close()
-		return fail(fmt.Errorf("worker %s: open stream: %w", name, err))
+		return fmt.Errorf("worker %s: open stream: %w", w.name, err)
 	}
-	w.stream = stream
+	w.conn = conn
+	w.stream = &batchStream{Worker_BatchesClient: stream}
+	w.out.stream = w.stream
+	return nil
+}
+
+func (w *worker) setInline(hs *handshake) {
 	for _, f := range hs.Functions {
 		if f.Inline {
 			if w.inline == nil {
@@ -332,8 +371,11 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 			w.inline[f.Name] = true
 		}
 	}
-	p.setFunctions(hs)
+}
 
+// startIO starts w's stream receiver and its exit watcher, which fails its
+// calls as soon as the process is gone.
+func (p *Pool) startIO(w *worker) {
 	p.goroutines.Add(2)
 	go func() {
 		defer p.goroutines.Done()
@@ -342,19 +384,11 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 	go func() {
 		defer p.goroutines.Done()
 		select {
-		case <-proc.Done():
-			w.markLost(fmt.Errorf("worker %s exited (%s)", name, proc.Exit()))
+		case <-w.proc.Done():
+			w.markLost(fmt.Errorf("worker %s exited (%s)", w.name, w.proc.Exit()))
 		case <-w.lost:
 		}
 	}()
-	p.emit(lifecycle.Event{Kind: lifecycle.KindReady, Worker: name, PID: proc.PID(), PGID: proc.PGID()})
-	return w, nil
-}
-
-// pendingCall is a call sent to the worker whose END has not come back.
-type pendingCall struct {
-	ch     chan *workerpb.Result
-	inline bool // counted in inlineBusy
 }
 
 // recv routes results to the calls waiting for them until the stream ends.
@@ -367,20 +401,8 @@ func (w *worker) recv() {
 			return
 		}
 		// The worker is between two messages: what waits for it goes now.
-		w.answered()
-		chans = chans[:0]
-		w.mu.Lock()
-		for _, r := range b.Results {
-			pc := w.pending[r.Id]
-			chans = append(chans, pc.ch)
-			if r.Kind == workerpb.Result_END && pc.ch != nil {
-				delete(w.pending, r.Id)
-				if pc.inline {
-					w.inlineBusy.Add(-1)
-				}
-			}
-		}
-		w.mu.Unlock()
+		w.out.answered()
+		chans = w.calls.route(b.Results, chans[:0])
 		for i, r := range b.Results {
 			ch := chans[i]
 			if ch == nil {
@@ -406,12 +428,7 @@ func (w *worker) recv() {
 // Pool.settleLost).
 func (w *worker) markLost(err error) {
 	w.lostOnce.Do(func() {
-		markBroken := func() {
-			w.mu.Lock()
-			w.broken = err
-			w.pending = nil
-			w.mu.Unlock()
-		}
+		markBroken := func() { w.calls.breakWith(err) }
 		if w.leave != nil {
 			w.leave(markBroken)
 		} else {
@@ -423,150 +440,29 @@ func (w *worker) markLost(err error) {
 
 // isBroken reports whether markLost has run (or is running).
 func (w *worker) isBroken() bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.broken != nil
+	return w.calls.cause() != nil
 }
 
 // lostCause is what broke the worker's channel, or nil.
 func (w *worker) lostCause() error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.broken
+	return w.calls.cause()
 }
 
 // begin registers a call and sends its frame.
 func (w *worker) begin(c *workerpb.Call) (<-chan *workerpb.Result, error) {
 	ch := make(chan *workerpb.Result, 1)
-	w.mu.Lock()
-	if w.broken != nil {
-		err := w.broken
-		w.mu.Unlock()
+	if err := w.calls.add(c.Id, pendingCall{ch: ch, inline: w.inline[c.Function]}); err != nil {
 		return nil, err
 	}
-	inline := w.inline[c.Function]
-	if inline {
-		w.inlineBusy.Add(1)
-	}
-	w.pending[c.Id] = pendingCall{ch: ch, inline: inline}
-	w.mu.Unlock()
-	if err := w.send(c); err != nil {
+	if err := w.out.push(c); err != nil {
 		return nil, err
 	}
 	return ch, nil
 }
 
-// maxHold bounds how long a frame waits for the worker to answer the last
-// message before it is sent anyway (see send).
-const maxHold = 2 * time.Millisecond
-
-// batchBytes bounds the payload bytes of one CallBatch (which holds at
-// least one frame): batching is for small frames.
-const batchBytes = 1 << 20
-
-// maxMessageBytes is the largest message the node takes from a worker: the
-// worker's own limit (python/pyfleet/servicer.py), plus room for a batch's
-// other frames.
-const maxMessageBytes = 65 << 20
-
-// send queues c to be sent and sees that it is. In Python each gRPC message
-// costs the worker far more than the frames in it, so frames travel
-// together when they can, without making a lone one wait:
-//
-//   - If the worker has answered (sent results) since the last message went
-//     out, or nothing went out yet, the frame goes at once, with any others
-//     queued: an idle worker gets each call without delay.
-//   - Otherwise the worker is busy with what it got, and could not read the
-//     frame before it answers anyway: the frame waits for that answer (recv
-//     sends what waits as one message when results come), or for maxHold,
-//     whichever is first, in case the worker is busy with long calls.
-//   - While a goroutine sends, frames queue up and it sends them next.
-//
-// A nil error means the frame was sent or will be; if a send fails the
-// stream is lost, and every call learns it from w.lost.
-func (w *worker) send(c *workerpb.Call) error {
-	w.outMu.Lock()
-	w.out = append(w.out, c)
-	if w.sending {
-		w.outMu.Unlock()
-		return nil
-	}
-	if w.unanswered {
-		if !w.held {
-			w.held = true
-			if w.hold == nil {
-				w.hold = time.AfterFunc(maxHold, w.holdExpired)
-			} else {
-				w.hold.Reset(maxHold)
-			}
-		}
-		w.outMu.Unlock()
-		return nil
-	}
-	return w.flush()
-}
-
-// answered is called by recv when results came: frames held for them go.
-func (w *worker) answered() {
-	w.outMu.Lock()
-	w.unanswered = false
-	if w.sending || len(w.out) == 0 {
-		w.outMu.Unlock()
-		return
-	}
-	_ = w.flush()
-}
-
-func (w *worker) holdExpired() {
-	w.outMu.Lock()
-	w.held = false
-	if w.sending || len(w.out) == 0 {
-		w.outMu.Unlock()
-		return
-	}
-	_ = w.flush()
-}
-
-// flush sends the queued frames as one message, and again while more queue
-// up meanwhile. It is called with outMu held and releases it.
-func (w *worker) flush() error {
-	w.sending = true
-	if w.held {
-		w.held = false
-		w.hold.Stop()
-	}
-	var err error
-	for len(w.out) > 0 {
-		n, size := 0, 0
-		for n < len(w.out) && (n == 0 || size+len(w.out[n].Payload) <= batchBytes) {
-			size += len(w.out[n].Payload)
-			n++
-		}
-		// Fresh slices: gRPC may still hold the last message.
-		batch := &workerpb.CallBatch{Calls: w.out[:n:n]}
-		w.out = append(make([]*workerpb.Call, 0, max(cap(w.out), 1)), w.out[n:]...)
-		w.unanswered = true
-		w.outMu.Unlock()
-		w.sendMu.Lock()
-		err = w.stream.Send(batch)
-		w.sendMu.Unlock()
-		w.outMu.Lock()
-		if err != nil {
-			w.out = nil
-			break
-		}
-	}
-	w.sending = false
-	w.outMu.Unlock()
-	if err != nil {
-		w.markLost(fmt.Errorf("worker %s: send: %w", w.name, err))
-	}
-	return err
-}
-
 // cancel asks the worker to stop call id; best effort.
 func (w *worker) cancel(id uint64) {
-	_ = w.send(&workerpb.Call{Id: id, Cancel: true})
+	_ = w.out.push(&workerpb.Call{Id: id, Cancel: true})
 }
 
 // record writes rec to the registry, if the pool has one.
@@ -596,9 +492,7 @@ func (w *worker) stopProcess(reason string, grace time.Duration) {
 	w.why.CompareAndSwap(nil, &reason)
 	w.retireOnce.Do(func() { close(w.retire) })
 	if w.stream != nil {
-		w.sendMu.Lock()
-		_ = w.stream.CloseSend()
-		w.sendMu.Unlock()
+		w.stream.closeSend()
 	}
 	w.proc.Stop(grace)
 	if w.conn != nil {
@@ -607,7 +501,7 @@ func (w *worker) stopProcess(reason string, grace time.Duration) {
 	w.markLost(fmt.Errorf("worker %s stopped (%s)", w.name, reason))
 }
 
-// stoppedFor is why the pool stopped the worker, or "" if it died by itself.
+// stoppedFor is why the pool stopped this worker, or "" if it died by itself.
 func (w *worker) stoppedFor() string {
 	if r := w.why.Load(); r != nil {
 		return *r
@@ -643,38 +537,6 @@ func (s secretCreds) GetRequestMetadata(context.Context, ...string) (map[string]
 }
 
 func (secretCreds) RequireTransportSecurity() bool { return false }
-
-// tail keeps the last lines of a worker's stderr, to say why it died before
-// its handshake.
-type tail struct {
-	mu    sync.Mutex
-	lines []string
-}
-
-func (t *tail) add(line []byte) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.lines = append(t.lines, string(line))
-	if len(t.lines) > 8 {
-		t.lines = t.lines[1:]
-	}
-}
-
-func (t *tail) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if len(t.lines) == 0 {
-		return "no output on stderr"
-	}
-	var b bytes.Buffer
-	for i, l := range t.lines {
-		if i > 0 {
-			b.WriteString(" | ")
-		}
-		b.WriteString(l)
-	}
-	return b.String()
-}
 
 // lostError is what a caller gets when its worker died, or its channel to
 // the worker broke, under its call. The cause tells a result too large for
