@@ -96,11 +96,29 @@ func cpuModel() string {
 	return "?"
 }
 
+// report is docs/benchmarks.md: the set-up, the table of figures against
+// their targets, where the CPU goes, every run, the hand-written notes and
+// how each figure is made.
 func (h *harness) report(took time.Duration) string {
-	r := h.res
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	h.reportHeader(w, took)
+	h.reportFigures(w)
+	h.reportCPU(w)
+	h.reportRuns(w)
+	if notes, err := os.ReadFile(filepath.Join(h.root, "test", "bench", "notes.md")); err == nil {
+		// What the profiles showed and what was changed: written by hand,
+		// kept beside the harness so that every run's report carries it.
+		w("\n%s", notes)
+	}
+	reportMethod(w)
+	return b.String()
+}
 
+// writer appends formatted text to the report.
+type writer func(format string, args ...any)
+
+func (h *harness) reportHeader(w writer, took time.Duration) {
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	commit := shell("git", "-C", h.root, "rev-parse", "--short", "HEAD")
 	if dirty := shell("git", "-C", h.root, "status", "--porcelain", "--untracked-files=no"); dirty != "" && dirty != "?" {
@@ -115,9 +133,29 @@ func (h *harness) report(took time.Duration) string {
 	w("- commit: %s\n", commit)
 	w("- command: `make bench` (`PYFLEET_TEST_PYTHON=%s go run ./test/bench %s`), took %s\n", h.python, args, took.Round(time.Second))
 	w("- %s, %s\n\n", runtime.Version(), shell(h.python, "--version"))
+}
 
+// reportFigures is the table of every figure against its target.
+func (h *harness) reportFigures(w writer) {
+	r := h.res
 	w("| # | figure | pyfleet | baseline | ratio | target (issue 6) | met |\n")
 	w("|---|---|---|---|---|---|---|\n")
+	h.reportRequestReply(w)
+	if r.has("c1/pyfleet") {
+		pf, un, sm := r.med("c1/pyfleet", p50), r.med("c1/unary", p50), r.med("c1/stream", p50)
+		w("| 2 | one request at a time, p50 | %.0f µs | direct unary %.0f µs (stream %.0f µs) | +%.0f µs over unary | ≤ ceiling + 150 µs | %s |\n",
+			pf, un, sm, pf-un, yesNo(pf <= un+150))
+	}
+	if r.has("jobs/pyfleet") {
+		j := r.med("jobs/pyfleet", rps)
+		w("| 3 | jobs through JetStream (file store), each result stored, one node | %s jobs/s | | | ≥ 3,000 jobs/s | %s |\n", commas(j), yesNo(j >= 3000))
+	}
+	h.reportStartKillMemory(w)
+}
+
+// reportRequestReply is figure 1's rows.
+func (h *harness) reportRequestReply(w writer) {
+	r := h.res
 	for _, fn := range []string{"echo", "echo_async"} {
 		kind := "`def echo`, on a call thread"
 		if fn == "echo_async" {
@@ -135,15 +173,11 @@ func (h *harness) report(took time.Duration) string {
 				commas(sm), r.med(g+"/stream", p50), pf/sm, yesNo(pf >= 0.8*sm))
 		}
 	}
-	if r.has("c1/pyfleet") {
-		pf, un, sm := r.med("c1/pyfleet", p50), r.med("c1/unary", p50), r.med("c1/stream", p50)
-		w("| 2 | one request at a time, p50 | %.0f µs | direct unary %.0f µs (stream %.0f µs) | +%.0f µs over unary | ≤ ceiling + 150 µs | %s |\n",
-			pf, un, sm, pf-un, yesNo(pf <= un+150))
-	}
-	if r.has("jobs/pyfleet") {
-		j := r.med("jobs/pyfleet", rps)
-		w("| 3 | jobs through JetStream (file store), each result stored, one node | %s jobs/s | | | ≥ 3,000 jobs/s | %s |\n", commas(j), yesNo(j >= 3000))
-	}
+}
+
+// reportStartKillMemory is figures 4 to 6's rows.
+func (h *harness) reportStartKillMemory(w writer) {
+	r := h.res
 	for _, size := range []int{8, h.big} {
 		k := fmt.Sprintf("start%d", size)
 		if !r.has(k + "/pyfleet") {
@@ -166,30 +200,38 @@ func (h *harness) report(took time.Duration) string {
 		w("| 6 | poolnode RSS with %d workers (after 1 s of load; idle %.1f MB) | %.1f MB | | | ≤ 60 MB | %s |\n",
 			h.big, median(r.vals[fmt.Sprintf("rss%d/idle", h.big)]), v, yesNo(v <= 60))
 	}
+}
 
-	// Where the CPU goes.
-	if r.has("rr16/pyfleet") || r.has("c1/pyfleet") || r.has("jobs/pyfleet") {
-		w("\n## CPU per request (µs, medians)\n\n")
-		w("Measured from /proc over each run: the node (poolnode, with its embedded NATS server), its Python workers, and the harness (the load generator; for the ceilings it is the gRPC client).\n\n")
-		w("| run | poolnode | workers | load generator | total |\n|---|---|---|---|---|\n")
-		for _, g := range []string{"rr16", "rr64", "rr16-async", "rr64-async", "c1", "jobs"} {
-			for _, v := range []string{"pyfleet", "unary", "stream"} {
-				k := g + "/" + v
-				if !r.has(k) {
-					continue
-				}
-				pn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("poolnode") })
-				wk := r.med(k, func(st runStats) float64 { return st.cpuPerReq("workers") })
-				hn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("harness") })
-				pns := fmt.Sprintf("%.0f", pn)
-				if v != "pyfleet" {
-					pns = "—"
-				}
-				w("| %s %s | %s | %.0f | %.0f | %.0f |\n", g, v, pns, wk, hn, pn+wk+hn)
+// reportCPU is where the CPU goes, per request.
+func (h *harness) reportCPU(w writer) {
+	r := h.res
+	if !r.has("rr16/pyfleet") && !r.has("c1/pyfleet") && !r.has("jobs/pyfleet") {
+		return
+	}
+	w("\n## CPU per request (µs, medians)\n\n")
+	w("Measured from /proc over each run: the node (poolnode, with its embedded NATS server), its Python workers, and the harness (the load generator; for the ceilings it is the gRPC client).\n\n")
+	w("| run | poolnode | workers | load generator | total |\n|---|---|---|---|---|\n")
+	for _, g := range []string{"rr16", "rr64", "rr16-async", "rr64-async", "c1", "jobs"} {
+		for _, v := range []string{"pyfleet", "unary", "stream"} {
+			k := g + "/" + v
+			if !r.has(k) {
+				continue
 			}
+			pn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("poolnode") })
+			wk := r.med(k, func(st runStats) float64 { return st.cpuPerReq("workers") })
+			hn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("harness") })
+			pns := fmt.Sprintf("%.0f", pn)
+			if v != "pyfleet" {
+				pns = "—"
+			}
+			w("| %s %s | %s | %.0f | %.0f | %.0f |\n", g, v, pns, wk, hn, pn+wk+hn)
 		}
 	}
+}
 
+// reportRuns lists every run in the order made.
+func (h *harness) reportRuns(w writer) {
+	r := h.res
 	w("\n## Every run, in the order made\n\n")
 	w("| run | result |\n|---|---|\n")
 	seen := map[string]int{}
@@ -221,11 +263,10 @@ func (h *harness) report(took time.Duration) string {
 			w("| %s | %.2f %s |\n", k, v, unit)
 		}
 	}
-	if notes, err := os.ReadFile(filepath.Join(h.root, "test", "bench", "notes.md")); err == nil {
-		// What the profiles showed and what was changed: written by hand,
-		// kept beside the harness so that every run's report carries it.
-		w("\n%s", notes)
-	}
+}
+
+// reportMethod says how each figure is made.
+func reportMethod(w writer) {
 	w("\n## How each figure is made\n\n")
 	w(`1. A node (` + "`poolnode --workers 2 --concurrency 32`" + `, embedded NATS on a random port) serves test/bench/benchapp.py: ` + "`echo`" + ` (a plain function, which the worker runs on a call thread) and ` + "`echo_async`" + ` (a coroutine, run on its event loop); the harness's own Go NATS client keeps 16 or 64 requests in flight (one goroutine each, one connection) with a 100-byte JSON body. The ceiling: two more workers started the same way (` + "`python -m pyfleet.worker --concurrency 32`" + `, same app, same function path), called from Go over their Unix sockets with the same body and the same number in flight, spread over both workers: once with one unary ` + "`Unary`" + ` RPC per request, once over one long-lived ` + "`Batches`" + ` stream per worker, frames sent as the node sends them (those ready together in one message). Load generator and workers share the same 2 cores.
 2. The same with one request in flight, a node with the default ` + "`--concurrency 1`" + ` and a ceiling worker started with ` + "`--concurrency 1`" + `.
@@ -234,5 +275,4 @@ func (h *harness) report(took time.Duration) string {
 5. The same node with 100 workers, SIGKILLed: time until poolnode is reaped and no process carrying its ` + "`PYFLEET_WORKER_RUN=<node>/`" + ` marker is alive (zombies count as gone), scanning /proc every 2 ms.
 6. VmRSS of that poolnode (/proc/<pid>/status), read after its workers are ready and after 1 s of echo load at 64 in flight.
 `)
-	return b.String()
 }
