@@ -49,19 +49,32 @@ func watchEvents(nc *nats.Conn, name string) (<-chan event, func(), error) {
 		return nil, nil, err
 	}
 	out := make(chan event, 4096)
-	done := make(chan struct{})
+	quit, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
-		for m := range msgs {
+		for {
+			var m *nats.Msg
+			select {
+			case m = <-msgs:
+			case <-quit:
+				return
+			}
 			var e event
-			if json.Unmarshal(m.Data, &e) == nil {
-				out <- e
+			if json.Unmarshal(m.Data, &e) != nil {
+				continue
+			}
+			select {
+			case out <- e:
+			case <-quit:
+				return
 			}
 		}
 	}()
+	// msgs is never closed: the client may still hold a message for it
+	// as Unsubscribe returns.
 	return out, func() {
 		_ = sub.Unsubscribe()
-		close(msgs)
+		close(quit)
 		<-done
 	}, nil
 }
@@ -313,7 +326,7 @@ func (h *harness) containedLife(ctx context.Context, nc *nats.Conn, url, mode st
 	tag := cleanChildTag + name
 	// Whatever an error leaves of this run: its clean children stay behind
 	// even a clean stop of a group-mode node.
-	defer killProcs(taggedProcs(tag), 10*time.Second)
+	defer func() { killProcs(taggedProcs(tag), 10*time.Second) }()
 	events, stop, err := watchEvents(nc, name)
 	if err != nil {
 		return err
