@@ -3,11 +3,30 @@ function and as a coroutine, which a worker runs in different ways."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
 
 from pyfleet import App
 
 app = App()
+
+# The containment figures (test/bench/contain.go) give each worker one child
+# that only kernel containment reaches once the node is dead: a clean
+# environment (no PYFLEET_WORKER_RUN marker) and a session of its own (out
+# of the worker's process group). Its argv[0] is the harness's tag, so the
+# harness finds and kills exactly its own, never a sleep of anyone else.
+_CLEAN_CHILD_TAG = os.environ.get("BENCH_CLEAN_CHILD")
+clean_child = (
+    subprocess.Popen(
+        [_CLEAN_CHILD_TAG, "600"],
+        executable="sleep",
+        env={"PATH": "/usr/bin:/bin"},
+        start_new_session=True,
+    )
+    if _CLEAN_CHILD_TAG
+    else None
+)
 
 
 @app.function

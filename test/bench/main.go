@@ -37,6 +37,7 @@ type harness struct {
 	big      int    // workers for the start/kill/memory figures
 	profile  string // directory for profiles, or ""
 	pyspy    string // py-spy binary, or ""
+	autoMode string // the containment mode --containment auto chose, once known
 }
 
 func main() {
@@ -50,7 +51,7 @@ func run() int {
 	flag.DurationVar(&h.duration, "duration", 3*time.Second, "length of one throughput or latency run")
 	flag.IntVar(&h.jobs, "jobs", 6000, "jobs per jobs run")
 	flag.IntVar(&h.big, "big", 100, "workers of the start, kill and memory figures")
-	flag.StringVar(&sections, "sections", "rr,c1,jobs,start", "which figures to measure")
+	flag.StringVar(&sections, "sections", "rr,c1,jobs,start,contain", "which figures to measure")
 	flag.StringVar(&out, "out", "docs/benchmarks.md", "report file, relative to the repository (empty: none)")
 	flag.StringVar(&h.profile, "profile", "", "write a poolnode CPU profile (and worker py-spy profiles with -pyspy) of the first pyfleet run of each kind to this directory")
 	flag.StringVar(&h.pyspy, "pyspy", "", "py-spy binary for -profile")
@@ -100,13 +101,7 @@ func run() int {
 	started := time.Now()
 	err = h.measure(ctx, strings.Split(sections, ","))
 	h.ps.killAll()
-	if left := markedPIDs(h.id); len(left) > 0 {
-		// Every node and worker the harness started carries a marker
-		// beginning with h.id: none may outlive it.
-		fmt.Fprintf(os.Stderr, "bench: LEFTOVER processes %v; killing them\n", left)
-		for _, pid := range left {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
+	if h.leftovers() {
 		code = 1
 	}
 	if err != nil {
@@ -131,6 +126,35 @@ func run() int {
 	return code
 }
 
+// leftovers kills whatever the harness started that outlived it, and
+// reports whether there was any: a leftover is a failing bench.
+func (h *harness) leftovers() (found bool) {
+	if left := markedPIDs(h.id); len(left) > 0 {
+		// Every node and worker the harness started carries a marker
+		// beginning with h.id: none may outlive it.
+		fmt.Fprintf(os.Stderr, "bench: LEFTOVER processes %v; killing them\n", left)
+		for _, pid := range left {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		found = true
+	}
+	if left := taggedProcs(cleanChildTag + h.id); len(left) > 0 {
+		// The workers' clean-environment children carry no marker, but
+		// the harness's tag.
+		fmt.Fprintf(os.Stderr, "bench: LEFTOVER clean-environment children %v; killing them\n", left)
+		killProcs(left, 10*time.Second)
+		found = true
+	}
+	if left := runCgroups(h.id); len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "bench: LEFTOVER cgroups %v; removing them\n", left)
+		if err := removeCgroups(left); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+		}
+		found = true
+	}
+	return found
+}
+
 func (h *harness) measure(ctx context.Context, sections []string) error {
 	h.logf("building poolnode")
 	h.poolnode = filepath.Join(h.tmp, "poolnode")
@@ -151,6 +175,8 @@ func (h *harness) measure(ctx context.Context, sections []string) error {
 			err = h.jobsRun(ctx)
 		case "start":
 			err = h.startKillMemory(ctx)
+		case "contain":
+			err = h.containment(ctx)
 		case "":
 		default:
 			err = fmt.Errorf("unknown section %q", s)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -262,4 +263,126 @@ func rssKB(pid int) (int, error) {
 		}
 	}
 	return 0, errors.New("no VmRSS")
+}
+
+// procInfo is one process as /proc/<pid>/stat shows it. A pid and its start
+// time name one process: a pid reused later has another start time.
+type procInfo struct {
+	pid, ppid int
+	state     string
+	start     string // field 22, clock ticks since boot
+}
+
+func readProcInfo(pid int) (procInfo, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return procInfo{}, false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return procInfo{}, false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return procInfo{}, false
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return procInfo{pid: pid, ppid: ppid, state: f[0], start: f[19]}, true
+}
+
+// alive reports whether the process p named still runs: its pid has the
+// same start time and is not a zombie.
+func (p procInfo) alive() bool {
+	now, ok := readProcInfo(p.pid)
+	return ok && now.start == p.start && now.state != "Z" && now.state != "X"
+}
+
+func allProcs() []procInfo {
+	ents, _ := os.ReadDir("/proc")
+	var out []procInfo
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if p, ok := readProcInfo(pid); ok {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// tree is root and every live descendant of it, as they are now.
+func tree(root int) []procInfo {
+	all := allProcs()
+	kids := map[int][]procInfo{}
+	var out []procInfo
+	for _, p := range all {
+		kids[p.ppid] = append(kids[p.ppid], p)
+		if p.pid == root {
+			out = append(out, p)
+		}
+	}
+	for i := 0; i < len(out); i++ {
+		out = append(out, kids[out[i].pid]...)
+	}
+	return slices.DeleteFunc(out, func(p procInfo) bool { return p.state == "Z" || p.state == "X" })
+}
+
+// taggedProcs lists the live processes whose argv[0] starts with prefix:
+// the clean-environment children of test/bench/benchapp.py, which carry no
+// marker.
+func taggedProcs(prefix string) []procInfo {
+	var out []procInfo
+	for _, p := range allProcs() {
+		if p.state == "Z" || p.state == "X" {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(p.pid) + "/cmdline")
+		if err != nil {
+			continue
+		}
+		if arg0, _, _ := bytes.Cut(b, []byte{0}); strings.HasPrefix(string(arg0), prefix) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// killProcs sends SIGKILL to each process still alive and waits up to limit
+// for all of them to be gone; it returns those still alive.
+func killProcs(ps []procInfo, limit time.Duration) []procInfo {
+	for _, p := range ps {
+		if p.alive() {
+			_ = syscall.Kill(p.pid, syscall.SIGKILL)
+		}
+	}
+	end := time.Now().Add(limit)
+	for {
+		left := slices.DeleteFunc(slices.Clone(ps), func(p procInfo) bool { return !p.alive() })
+		if len(left) == 0 || time.Now().After(end) {
+			return left
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// schedCPU is the CPU time of pid's live threads (/proc/<pid>/task/*/schedstat,
+// in ns, unlike /proc/<pid>/stat's 10 ms ticks, which would round a
+// process that used 5 ms down to nothing).
+func schedCPU(pid int) time.Duration {
+	dir := "/proc/" + strconv.Itoa(pid) + "/task"
+	ents, _ := os.ReadDir(dir)
+	var sum time.Duration
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), "schedstat"))
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			ns, _ := strconv.ParseInt(f[0], 10, 64)
+			sum += time.Duration(ns)
+		}
+	}
+	return sum
 }

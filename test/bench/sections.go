@@ -326,26 +326,11 @@ func (h *harness) jobBatch(ctx context.Context, js jetstream.JetStream, n int, t
 // ready against N bare interpreter starts, poolnode's RSS with h.big workers,
 // and the time from its SIGKILL until the last of its processes is gone.
 func (h *harness) startKillMemory(ctx context.Context) error {
-	ns, err := server.NewServer(&server.Options{
-		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: filepath.Join(h.tmp, "nats"),
-		NoSigs: true, NoLog: true, MaxPayload: 8 << 20,
-	})
+	url, nc, stop, err := h.harnessNATS("nats")
 	if err != nil {
 		return err
 	}
-	ns.Start()
-	defer func() {
-		ns.Shutdown()
-		ns.WaitForShutdown()
-	}()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		return errors.New("harness NATS server not ready")
-	}
-	nc, err := nats.Connect(ns.ClientURL(), nats.Name("bench"))
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
+	defer stop()
 	for r := range h.rounds {
 		for _, size := range []int{8, h.big} {
 			d, err := h.bare(ctx, size)
@@ -354,12 +339,42 @@ func (h *harness) startKillMemory(ctx context.Context) error {
 			}
 			h.res.addValue(fmt.Sprintf("start%d/bare", size), d.Seconds())
 			h.logf("start %d round %d: bare `import grpc` x%d: %.2f s", size, r+1, size, d.Seconds())
-			if err := h.nodeLife(ctx, nc, ns.ClientURL(), size, r); err != nil {
+			if err := h.nodeLife(ctx, nc, url, size, r); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// harnessNATS starts a NATS server inside the harness, for nodes started
+// with --nats: killing a node then does not take NATS away. stop shuts it
+// down.
+func (h *harness) harnessNATS(dir string) (url string, nc *nats.Conn, stop func(), err error) {
+	ns, err := server.NewServer(&server.Options{
+		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: filepath.Join(h.tmp, dir),
+		NoSigs: true, NoLog: true, MaxPayload: 8 << 20,
+	})
+	if err != nil {
+		return "", nil, nil, err
+	}
+	ns.Start()
+	shutdown := func() {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+	}
+	if !ns.ReadyForConnections(10 * time.Second) {
+		shutdown()
+		return "", nil, nil, errors.New("harness NATS server not ready")
+	}
+	if nc, err = nats.Connect(ns.ClientURL(), nats.Name("bench")); err != nil {
+		shutdown()
+		return "", nil, nil, err
+	}
+	return ns.ClientURL(), nc, func() {
+		nc.Close()
+		shutdown()
+	}, nil
 }
 
 // bare runs n `python -c 'import grpc'`, as many at a time as there are cores.
@@ -445,6 +460,11 @@ func (h *harness) nodeLife(ctx context.Context, nc *nats.Conn, url string, size,
 
 	if err := n.waitServing(ctx, time.Minute); err != nil {
 		return fmt.Errorf("node with %d workers: %w", size, err)
+	}
+	if h.autoMode == "" {
+		if h.autoMode, err = serviceMode(nc, name); err != nil {
+			return err
+		}
 	}
 	idle, _ := rssKB(n.p.pid())
 	// A little load through every worker, so that their streams and

@@ -50,6 +50,9 @@ type nodeOpts struct {
 	natsURL              string // empty: the node runs its embedded server on a free port
 	metrics              bool   // serve --metrics (with /debug/pprof) on a free port
 	wait                 bool   // return once a request is answered
+	containment          string // --containment, if not empty
+	maxRequests          int    // --max-requests, if not 0
+	env                  []string
 }
 
 func freePort() (int, error) {
@@ -76,6 +79,12 @@ func (h *harness) startNode(ctx context.Context, short string, o nodeOpts) (*nod
 		"--log-format", "json",
 		"--log-level", "warn",
 	}
+	if o.containment != "" {
+		args = append(args, "--containment", o.containment)
+	}
+	if o.maxRequests > 0 {
+		args = append(args, "--max-requests", strconv.Itoa(o.maxRequests))
+	}
 	n := &node{name: name}
 	if o.natsURL != "" {
 		n.natsURL = o.natsURL
@@ -88,7 +97,7 @@ func (h *harness) startNode(ctx context.Context, short string, o nodeOpts) (*nod
 		n.natsURL = "nats://127.0.0.1:" + strconv.Itoa(port)
 		args = append(args, "--listen", "127.0.0.1:"+strconv.Itoa(port))
 	}
-	env := childEnv()
+	env := childEnv(o.env...)
 	if o.metrics {
 		port, err := freePort()
 		if err != nil {
