@@ -418,29 +418,8 @@ func TestReapAdopted(t *testing.T) {
 		return err == nil && st.ppid == os.Getpid()
 	})
 
-	// An unmarked orphan of a helper we started ourselves: killed. (Its
-	// output goes to a file: a pipe would stay open as long as it lives.)
-	f, err := os.Create(filepath.Join(t.TempDir(), "out"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	mid := helperCmd("middle")
-	mid.Stdout = f
-	if err := mid.Run(); err != nil {
-		t.Fatal(err)
-	}
-	var doomed []Identity
-	waitFor(t, "the unmarked orphan", 5*time.Second, func() bool {
-		b, _ := os.ReadFile(f.Name())
-		l := &lines{}
-		for line := range strings.Lines(string(b)) {
-			l.add([]byte(strings.TrimSuffix(line, "\n")))
-		}
-		doomed = identities(l.pids("pid"))
-		return len(doomed) == 1
-	})
-	t.Cleanup(func() { killIdentities(doomed) })
+	// An unmarked orphan of a helper we started ourselves: killed.
+	doomed := startOrphan(t)
 
 	// A child os/exec waits for, exited but not yet waited: never ours to reap.
 	exit7 := helperCmd("exit7")
@@ -590,4 +569,34 @@ func TestReaperRestoresItsOwnLockFile(t *testing.T) {
 	if recs, _ := reg.List(); len(recs) != 1 {
 		t.Errorf("records: %+v", recs)
 	}
+}
+
+// startOrphan runs a helper that starts a child and exits, and returns the
+// identity of that child, now an orphan with no marks (adopted by this
+// process, a subreaper). The test's cleanup kills it. Its output goes to a
+// file: a pipe would stay open as long as the orphan lives.
+func startOrphan(t *testing.T) []Identity {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "out"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	mid := helperCmd("middle")
+	mid.Stdout = f
+	if err := mid.Run(); err != nil {
+		t.Fatal(err)
+	}
+	var orphan []Identity
+	waitFor(t, "the orphan", 5*time.Second, func() bool {
+		b, _ := os.ReadFile(f.Name())
+		l := &lines{}
+		for line := range strings.Lines(string(b)) {
+			l.add([]byte(strings.TrimSuffix(line, "\n")))
+		}
+		orphan = identities(l.pids("pid"))
+		return len(orphan) == 1
+	})
+	t.Cleanup(func() { killIdentities(orphan) })
+	return orphan
 }

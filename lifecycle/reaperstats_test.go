@@ -2,9 +2,6 @@ package lifecycle
 
 import (
 	"context"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -98,29 +95,7 @@ func TestReaperStatsLeaveOutAdoptedOrphans(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// An unmarked orphan of a helper we started ourselves. (Its output goes
-	// to a file: a pipe would stay open as long as it lives.)
-	f, err := os.Create(filepath.Join(t.TempDir(), "out"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	mid := helperCmd("middle")
-	mid.Stdout = f
-	if err := mid.Run(); err != nil {
-		t.Fatal(err)
-	}
-	var orphan []Identity
-	waitFor(t, "the orphan", 5*time.Second, func() bool {
-		b, _ := os.ReadFile(f.Name())
-		l := &lines{}
-		for line := range strings.Lines(string(b)) {
-			l.add([]byte(strings.TrimSuffix(line, "\n")))
-		}
-		orphan = identities(l.pids("pid"))
-		return len(orphan) == 1
-	})
-	t.Cleanup(func() { killIdentities(orphan) })
+	startOrphan(t) // unmarked, of a helper we started ourselves
 
 	runReaper(t, r)
 	waitFor(t, "the orphan's kill", 10*time.Second, func() bool { return len(events.get()) == 1 })
