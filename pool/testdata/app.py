@@ -2,9 +2,9 @@
 import asyncio
 import os
 import socket
-import sys
 import time
 
+from node_conns import node_connections
 from pyfleet import App, BadRequest
 
 app = App()
@@ -73,25 +73,11 @@ def drop_channel(payload):
     """Shuts down the worker's connections from the node (not its listening
     socket) while the process goes on: the node's stream breaks under this
     very call, whose answer can never be sent."""
-    path = sys.argv[sys.argv.index("--socket") + 1]
     dropped = 0
-    for name in os.listdir("/proc/self/fd"):
+    for conn in node_connections():
         try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            s = socket.socket(fileno=int(name))
-        except OSError:
-            continue
-        try:
-            if (
-                s.family == socket.AF_UNIX
-                and s.getsockname() == path
-                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            ):
-                s.shutdown(socket.SHUT_RDWR)
-                dropped += 1
+            conn.shutdown(socket.SHUT_RDWR)
+            dropped += 1
         except OSError:
             pass
-        finally:
-            s.detach()  # the fd stays gRPC's
     return dropped

@@ -7,11 +7,10 @@ CRASHY_PLAN.count, beside it, counts the starts; a pool of one worker starts
 them one after another, so no lock is needed.
 """
 import os
-import socket
-import sys
 import threading
 import time
 
+from node_conns import node_connections
 from pyfleet import App
 
 app = App()
@@ -37,33 +36,14 @@ def _this_start_lives() -> str:
     return plan[n] if n < len(plan) else "live"
 
 
-def _node_connected(path: str) -> bool:
+def _node_connected() -> bool:
     """Whether a connection to the worker's socket is open (the node dials
     after the handshake line, checks health, then opens its stream)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            s = socket.socket(fileno=int(name))
-        except OSError:
-            continue
-        try:
-            if (
-                s.family == socket.AF_UNIX
-                and s.getsockname() == path
-                and not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            ):
-                return True
-        except OSError:
-            pass
-        finally:
-            s.detach()  # the fd stays gRPC's
-    return False
+    return any(True for _ in node_connections())
 
 
 def _die_on_plan(ms: int) -> None:
-    path = sys.argv[sys.argv.index("--socket") + 1]
-    while not _node_connected(path):
+    while not _node_connected():
         time.sleep(0.01)
     time.sleep(ms / 1000)
     os._exit(3)
