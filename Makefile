@@ -14,10 +14,12 @@ export PATH := $(GOBIN):$(PATH)
 
 all: build
 
-build: bin/poolnode bin/submit
+build: bin/poolnode bin/submit bin/pyfleet-init
 
-bin/poolnode bin/submit: $(shell find . -name '*.go' -not -path './.tools/*') go.mod go.sum
-	$(GO) build -o bin/ ./cmd/poolnode ./cmd/submit
+# pyfleet-init is the init of each worker's PID namespace; poolnode finds
+# it beside itself (lifecycle/pidns.go).
+bin/poolnode bin/submit bin/pyfleet-init: $(shell find . -name '*.go' -not -path './.tools/*') go.mod go.sum
+	$(GO) build -o bin/ ./cmd/poolnode ./cmd/submit ./cmd/pyfleet-init
 
 venv: $(VENV)/.installed
 

@@ -154,6 +154,13 @@ type cgroupContainment struct {
 	// each of memory and pids that they do not, why not.
 	ctrl map[string]bool
 	why  map[string]error
+	// ns, when the host allows it, also runs each worker in a PID
+	// namespace of its own inside its cgroup: a cgroup outlives every
+	// process that could kill it (node and guardian SIGKILLed together),
+	// a PID namespace dies with its init, whose parent-death signal is
+	// the node's death. nsWhy says why ns is nil.
+	ns    *pidnsContainment
+	nsWhy error
 }
 
 // NewCgroupContainment returns ModeCgroup for run m (m.Worker empty), and
@@ -185,7 +192,17 @@ func NewCgroupContainment(m Marker) (Containment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: cgroup: %v", ErrContainmentUnavailable, err)
 	}
-	return newCgroupContainment(m, mount, dir)
+	c, err := newCgroupContainment(m, mount, dir)
+	if err != nil {
+		return nil, err
+	}
+	ns, err := NewPIDNSContainment(m)
+	if err != nil {
+		c.nsWhy = err
+	} else {
+		c.ns = ns.(*pidnsContainment)
+	}
+	return c, nil
 }
 
 func newCgroupContainment(m Marker, mount, nodeDir string) (*cgroupContainment, error) {
@@ -266,6 +283,15 @@ func readFields(path string) []string {
 
 func (c *cgroupContainment) Mode() string { return ModeCgroup }
 
+// PIDNamespaces is nil when each worker also runs in a PID namespace of its
+// own (see ModeCgroup), else why it does not.
+func (c *cgroupContainment) PIDNamespaces() error {
+	if c.ns == nil && c.nsWhy == nil {
+		return errors.New("not asked for")
+	}
+	return c.nsWhy
+}
+
 // RunCgroup is the directory of the run's cgroup.
 func (c *cgroupContainment) RunCgroup() string { return c.runDir }
 
@@ -326,7 +352,29 @@ func (c *cgroupContainment) PrepareLimited(cmd *exec.Cmd, m Marker, lim Limits) 
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
 	cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, fd
-	return box, nil
+	if c.ns == nil {
+		return box, nil
+	}
+	ns, err := c.ns.Prepare(cmd, m)
+	if err != nil {
+		return nil, errors.Join(err, box.Release())
+	}
+	return &namespacedCgroup{cgroupContainer: box, pidnsContainer: ns.(*pidnsContainer)}, nil
+}
+
+// namespacedCgroup is a worker start's cgroup with its PID namespace in it
+// (the init is the cgroup's first process). It accounts for memory as the
+// cgroup does and reports the worker's exit as the init does.
+type namespacedCgroup struct {
+	*cgroupContainer
+	*pidnsContainer
+}
+
+// Kill kills the cgroup, init and namespace with it.
+func (b *namespacedCgroup) Kill() error { return b.cgroupContainer.Kill() }
+
+func (b *namespacedCgroup) Release() error {
+	return errors.Join(b.pidnsContainer.Release(), b.cgroupContainer.Release())
 }
 
 // cgroupContainer is one worker start's cgroup.

@@ -17,8 +17,19 @@ import (
 
 // mustCgroup returns ModeCgroup for run m, on the real cgroup v2 of the
 // machine, and removes the run's cgroup (killing what is left in it) at the
-// end of the test, failing it if a directory stays.
+// end of the test, failing it if a directory stays. Its workers get no PID
+// namespace, so that the tests see the cgroup's own guarantees, and the
+// pids the helpers print are the host's; TestCgroupWithPIDNamespaces and
+// TestCgroupNamespacesDieWithNode test the two together.
 func mustCgroup(t *testing.T, m Marker) *cgroupContainment {
+	t.Helper()
+	cg := mustCgroupNS(t, m)
+	cg.ns, cg.nsWhy = nil, errors.New("turned off by the test")
+	return cg
+}
+
+// mustCgroupNS is mustCgroup with PID namespaces where the host allows.
+func mustCgroupNS(t *testing.T, m Marker) *cgroupContainment {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("cgroup containment needs a cgroup subtree of this user's; the tests use root's")
@@ -695,4 +706,102 @@ func BenchmarkStartExit(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestCgroupWithPIDNamespaces: where the host allows both, a cgroup's
+// worker runs under the init of its own PID namespace, and everything of
+// it (init, worker, a clean-environment setsid escapee) is in the worker
+// start's cgroup; the worker's exit status is its own, not the init's; a
+// Kill ends all of it.
+func TestCgroupWithPIDNamespaces(t *testing.T) {
+	m := Marker{Node: "n", Run: uniqueRun(t)}
+	c := mustCgroupNS(t, m)
+	if c.ns == nil {
+		t.Skipf("no PID namespaces here: %v", c.PIDNamespaces())
+	}
+	if err := c.PIDNamespaces(); err != nil {
+		t.Fatalf("PIDNamespaces() = %v with namespaces on", err)
+	}
+	s := mustSpawner(t)
+	w := m
+	w.Worker = "w1"
+	p, out := startContainedAs(t, s, c, "clean-escape", w)
+	waitFor(t, "the helper and its escapee", 5*time.Second, func() bool { return len(out.pids("pid")) == 2 })
+	members := nsMembers(t, p.PID())
+	if len(members) != 3 {
+		t.Fatalf("namespace members %v, want the init, the helper and its escapee", members)
+	}
+	want := pathIn(c, filepath.Join(c.runDir, w.Worker))
+	for _, id := range members {
+		if got := cgroupOf(t, id.PID); got != want {
+			t.Errorf("pid %d is in cgroup %s, want %s", id.PID, got, want)
+		}
+	}
+	if _, ok := p.box.(Accounting); !ok {
+		t.Errorf("the container %T does not account like a cgroup", p.box)
+	}
+	p.Kill()
+	for _, id := range members {
+		if id.Alive() {
+			t.Errorf("%v alive after Kill", id)
+		}
+	}
+
+	// The exit status is the helper's, mirrored by the init.
+	w.Worker = "w2"
+	p, _ = startContainedAs(t, s, c, "exit7", w)
+	<-p.Done()
+	if st := p.Exit(); st.Code != 7 {
+		t.Errorf("exit status %+v, want code 7", st)
+	}
+}
+
+// TestCgroupNamespacesDieWithNode is the row a cgroup alone cannot cover:
+// the node (here a helper with a Spawner of its own) is SIGKILLed, and
+// nothing (no guardian, no lifeline, no later node) kills the cgroup. The
+// init's parent-death signal ends the namespace, the escapee with it.
+func TestCgroupNamespacesDieWithNode(t *testing.T) {
+	m := Marker{Node: "n", Run: uniqueRun(t)}
+	c := mustCgroupNS(t, m) // removes the run's cgroup the helper made
+	if c.ns == nil {
+		t.Skipf("no PID namespaces here: %v", c.PIDNamespaces())
+	}
+	// The helper makes the run's cgroup itself: give it a run of its own
+	// name beside this one.
+	nodeRun := m
+	nodeRun.Run += "n"
+	t.Cleanup(func() {
+		dir := filepath.Join(c.nodeDir, cgroupRunName(nodeRun))
+		if _, err := killCgroupTree(dir, nodeRun, "test cleanup", nil, 5*time.Second); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+		if err := removeCgroupTree(dir); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	s := mustSpawner(t)
+	out := &lines{}
+	cmd := helperCmd("cgroup-node")
+	cmd.Env = append(cmd.Env, "LIFECYCLE_TEST_RUN="+nodeRun.Run)
+	node, err := Start(s, cmd, StartOptions{Stdout: out.add, Stderr: out.add})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(node.Kill)
+	waitFor(t, "the worker's init", 10*time.Second, func() bool { return len(out.pids("worker")) == 1 })
+	init := out.pids("worker")[0]
+	waitFor(t, "the init, the helper and its escapee", 5*time.Second, func() bool { return len(nsMembers(t, init)) == 3 })
+	members := nsMembers(t, init)
+	t.Cleanup(func() { killIdentities(members) })
+	at := time.Now()
+	node.Kill()
+	waitFor(t, "the namespace to die with its node", time.Second, func() bool {
+		for _, id := range members {
+			if id.Alive() {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("%d processes gone %v after the node's SIGKILL", len(members), time.Since(at).Round(time.Microsecond))
 }

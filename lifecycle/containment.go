@@ -12,7 +12,10 @@ import (
 const (
 	// ModeCgroup puts each worker and all its descendants in a cgroup v2
 	// of their own under the node's; ending a worker, the guardian's sweep
-	// and a later node's sweep of a dead run use cgroup.kill.
+	// and a later node's sweep of a dead run use cgroup.kill. Where the
+	// host also allows PID namespaces, each worker runs under ModePIDNS's
+	// init inside its cgroup too, so that its tree dies within
+	// milliseconds even when the node and its guardian die together.
 	ModeCgroup = "cgroup"
 	// ModePIDNS runs each worker under a tiny init that is PID 1 of a new
 	// PID namespace; when that init dies the kernel kills everything in

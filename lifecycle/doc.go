@@ -10,9 +10,11 @@
 //     status, Stop with a grace period); when a child exits, its group is
 //     killed, and so is every process carrying its Marker;
 //   - containment: a Containment prepares each start so that the worker's
-//     whole tree stays where it can be killed; in ModePIDNS each worker runs
-//     under an init, this binary re-executed (InitArg, InitMain), that is
-//     PID 1 of a PID namespace of its own, whose death ends the namespace;
+//     whole tree stays where it can be killed; in ModePIDNS (and in
+//     ModeCgroup where the host allows) each worker runs under an init
+//     (package pidinit: bin/pyfleet-init, or this binary re-executed with
+//     InitArg) that is PID 1 of a PID namespace of its own, whose death
+//     ends the namespace;
 //   - identity: a process is named by pid, start time and boot id
 //     (Identity), never by pid alone, because pids are reused;
 //   - markers: environment variables (EnvWorkerRun, EnvWorkerID) that

@@ -181,6 +181,25 @@ func runHelper(mode string) int {
 		}
 		fmt.Printf("worker %d\n", p.PID())
 		return forever()
+	case "cgroup-node":
+		// pidns-node with ModeCgroup (and its PID namespaces) for the run
+		// LIFECYCLE_TEST_RUN, whose worker leaves a clean-environment
+		// escapee.
+		m := Marker{Node: "n", Run: os.Getenv("LIFECYCLE_TEST_RUN")}
+		c, err := NewCgroupContainment(m)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		m.Worker = "w1"
+		s := NewSpawner()
+		p, err := Start(s, helperCmd("clean-escape"), StartOptions{Marker: m, Contain: c, Stdout: func(b []byte) { fmt.Println(string(b)) }})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		fmt.Printf("worker %d\n", p.PID())
+		return forever()
 	case "middle":
 		// Starts a child in a group of its own and exits without waiting
 		// for it: the child is orphaned and re-parented to the nearest
@@ -248,7 +267,9 @@ func fakeNode() int {
 	if err := reg.Put(rec); err != nil {
 		return fail(err)
 	}
+	// Their "pid" lines reach the test through this process's output.
 	worker := helperCmd("tree")
+	worker.Stdout = os.Stdout
 	worker.Env = append(worker.Env, m.Env()...)
 	worker.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := worker.Start(); err != nil {
@@ -263,6 +284,7 @@ func fakeNode() int {
 		return fail(err)
 	}
 	escapee := helperCmd("sleep")
+	escapee.Stdout = os.Stdout
 	escapee.Env = append(escapee.Env, m.Env()...)
 	escapee.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := escapee.Start(); err != nil {

@@ -168,7 +168,7 @@ func waitPidfd(fd int, limit time.Duration) {
 // marked parent just before the parent was killed is missed by the scan that
 // killed the parent, but not by the next. Each kill is reported through
 // events with the given detail.
-func killMarked(match func(marks) bool, detail string, events Events) (int, error) {
+func killMarked(match func(pid int, k marks) bool, detail string, events Events) (int, error) {
 	killed := 0
 	for range 5 {
 		procs, err := scanMarked()
@@ -178,12 +178,12 @@ func killMarked(match func(marks) bool, detail string, events Events) (int, erro
 		n := 0
 		var errs []error
 		for _, mp := range procs {
-			if !match(mp.marks) {
+			if !match(mp.pid, mp.marks) {
 				continue
 			}
 			ok, err := killIf(mp.pid, func(pid int) bool {
 				k, err := readMarks(pid)
-				return err == nil && match(k)
+				return err == nil && match(pid, k)
 			})
 			if err != nil {
 				errs = append(errs, err)
@@ -218,10 +218,10 @@ func KillMarked(m Marker, events Events) (int, error) {
 	}
 	if m.Worker == "" {
 		run := m.RunValue()
-		return killMarked(func(k marks) bool { return k.run == run }, "carried the marker of run "+run, events)
+		return killMarked(func(_ int, k marks) bool { return k.run == run }, "carried the marker of run "+run, events)
 	}
 	id := m.IDValue()
-	return killMarked(func(k marks) bool { return k.id == id }, "carried the marker of worker "+id, events)
+	return killMarked(func(_ int, k marks) bool { return k.id == id }, "carried the marker of worker "+id, events)
 }
 
 // emit reports ev, stamped with the time, if anyone listens.

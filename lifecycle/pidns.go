@@ -10,20 +10,23 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pyfleet/pyfleet/lifecycle/pidinit"
 )
 
-// pidnsContainment is ModePIDNS: each worker runs under an init (the node's
-// binary re-executed with InitArg, see InitMain) that is PID 1 of a new PID
-// namespace. When the init dies, however it dies (its worker exited, the
+// pidnsContainment is ModePIDNS: each worker runs under an init (package
+// pidinit: bin/pyfleet-init, or the node's binary re-executed with InitArg)
+// that is PID 1 of a new PID namespace. When the init dies, however it dies (its worker exited, the
 // node killed it, its parent-death signal fired), the kernel SIGKILLs every
 // other process in the namespace, and nothing can leave a PID namespace:
 // setsid, double forks and a clean environment change nothing.
 type pidnsContainment struct {
-	exe    string // the binary to re-execute as init
+	exe    string // the init's binary (pidinitBinary)
 	parent string // this process's pid as /proc numbers it
 	root   bool   // no user namespace needed
 }
@@ -38,9 +41,9 @@ type pidnsContainment struct {
 // namespaces, a /proc that cannot be mounted).
 func NewPIDNSContainment(m Marker) (Containment, error) {
 	_ = m // one namespace per worker start: nothing is kept per run
-	exe, err := os.Executable()
+	exe, err := pidinitBinary()
 	if err != nil {
-		return nil, fmt.Errorf("%w: pidns: the node's binary: %w", ErrContainmentUnavailable, err)
+		return nil, fmt.Errorf("%w: pidns: %w", ErrContainmentUnavailable, err)
 	}
 	parent, err := os.Readlink("/proc/self")
 	if err != nil {
@@ -54,6 +57,28 @@ func NewPIDNSContainment(m Marker) (Containment, error) {
 }
 
 func (c *pidnsContainment) Mode() string { return ModePIDNS }
+
+// InitBinaryName is the init's own binary, looked for beside the node's.
+const InitBinaryName = "pyfleet-init"
+
+// pidinitBinary is the binary to start as each worker's init:
+// InitBinaryName beside this process's binary, else this binary itself
+// (which must then hand InitArg over to InitMain). The dedicated one links
+// only package pidinit and starts in about a millisecond; the node's binary
+// runs every package's initialisation first (gRPC, NATS, protobuf
+// registries), which costs several milliseconds per worker start
+// (docs/benchmarks.md).
+func pidinitBinary() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("the node's binary: %w", err)
+	}
+	beside := filepath.Join(filepath.Dir(exe), InitBinaryName)
+	if st, err := os.Stat(beside); err == nil && st.Mode().IsRegular() && unix.Access(beside, unix.X_OK) == nil {
+		return beside, nil
+	}
+	return exe, nil
+}
 
 // namespaces sets attr up to start an init: new PID and mount namespaces,
 // and without root a user namespace in which the init may mount /proc.
@@ -77,7 +102,7 @@ func (c *pidnsContainment) namespaces(attr *syscall.SysProcAttr) {
 
 // probe starts an init that sets up its namespaces and exits.
 func (c *pidnsContainment) probe() error {
-	cmd := exec.Command(c.exe, InitArg, initProbe, c.parent)
+	cmd := exec.Command(c.exe, InitArg, pidinit.Probe, c.parent)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	c.namespaces(cmd.SysProcAttr)
 	// Not a worker: it must not carry (and so be killed as) one's marks.
@@ -186,43 +211,72 @@ func (c *pidnsContainment) Prepare(cmd *exec.Cmd, m Marker) (Container, error) {
 	cmd.Path = c.exe
 	cmd.ExtraFiles = append(cmd.ExtraFiles[:nfiles:nfiles], w)
 	c.namespaces(attr)
-	return &pidnsContainer{status: r, w: w}, nil
+	return newPIDNSContainer(r, w), nil
 }
 
-// pidnsContainer is one worker start's namespace. There is nothing to kill
-// in it by the time Start asks: the kernel kills everything in a PID
-// namespace when its init dies, and does not let the init's exit be seen
-// before the rest is gone.
+// pidnsContainer is one worker start's namespace. Its init writes the
+// command's wait status on the status pipe when the command ends, then
+// waits to be killed (see pidinit.Main): CommandEnded lets Start report and
+// kill the command's marked leftovers while they still run, then kill the
+// init, whose death the kernel makes the end of everything else in the
+// namespace.
 type pidnsContainer struct {
 	status *os.File // the read end of the init's status pipe
-	w      *os.File // its write end, held until Release (the init has its own copy)
+	w      *os.File // its write end, held until the init is reaped (the init has its own copy)
+
+	ended   chan struct{} // closed once readStatus has read the status, or EOF
+	stopped chan struct{} // closed when readStatus returns
+	got     []byte        // what the init wrote, valid once ended is closed
+	closeW  sync.Once
 }
 
+func newPIDNSContainer(r, w *os.File) *pidnsContainer {
+	c := &pidnsContainer{status: r, w: w, ended: make(chan struct{}), stopped: make(chan struct{})}
+	go c.readStatus()
+	return c
+}
+
+// readStatus reads the init's one line. It returns at the line, at EOF (the
+// init and the node's write end are both closed), or when Release closes
+// the read end.
+func (c *pidnsContainer) readStatus() {
+	defer close(c.stopped)
+	defer close(c.ended)
+	buf := make([]byte, 32)
+	for n := 0; n < len(buf); {
+		m, err := c.status.Read(buf[n:])
+		n += m
+		if bytes.IndexByte(buf[:n], '\n') >= 0 || err != nil {
+			c.got = buf[:n]
+			return
+		}
+	}
+}
+
+// CommandEnded is closed when the command the init ran has ended (or the
+// init is gone without saying).
+func (c *pidnsContainer) CommandEnded() <-chan struct{} { return c.ended }
+
+// Kill does nothing: Start kills the init, the leader, and the kernel the
+// rest of the namespace with it.
 func (*pidnsContainer) Kill() error { return nil }
 
 func (c *pidnsContainer) Release() error {
-	return errors.Join(c.w.Close(), c.status.Close())
+	c.closeW.Do(func() { _ = c.w.Close() })
+	err := c.status.Close()
+	<-c.stopped
+	return err
 }
 
-// Exit returns how the worker ended, as its init wrote it, or the init's
-// own status if it wrote none (it was killed: SIGKILL from Stop, its
-// parent-death signal; or it never started the worker).
+// Exit returns how the command ended, as its init wrote it, or the init's
+// own status if it wrote none (it was killed first: SIGKILL from Stop, its
+// parent-death signal; or it never started the command). Start calls it
+// once the init is reaped, when no one else can write to the pipe: closing
+// the node's write end makes the read end at EOF at the latest.
 func (c *pidnsContainer) Exit(leader ExitStatus) ExitStatus {
-	raw, err := c.status.SyscallConn()
-	if err != nil {
-		return leader
-	}
-	buf := make([]byte, 32)
-	n := 0
-	// One non-blocking read: the init wrote before it exited, and it has.
-	_ = raw.Read(func(fd uintptr) bool {
-		n, _ = unix.Read(int(fd), buf)
-		return true
-	})
-	if n <= 0 {
-		return leader
-	}
-	v, err := strconv.ParseUint(strings.TrimSpace(string(buf[:n])), 10, 32)
+	c.closeW.Do(func() { _ = c.w.Close() })
+	<-c.ended
+	v, err := strconv.ParseUint(strings.TrimSpace(string(c.got)), 10, 32)
 	if err != nil {
 		return leader
 	}

@@ -37,10 +37,16 @@ func mustPIDNS(t *testing.T) Containment {
 // gone at the end of the test.
 func startContained(t *testing.T, s *Spawner, c Containment, mode string, extra ...*os.File) (*Process, *lines) {
 	t.Helper()
+	return startContainedAs(t, s, c, mode, Marker{}, extra...)
+}
+
+// startContainedAs is startContained for the worker start m.
+func startContainedAs(t *testing.T, s *Spawner, c Containment, mode string, m Marker, extra ...*os.File) (*Process, *lines) {
+	t.Helper()
 	out := &lines{}
 	cmd := helperCmd(mode)
 	cmd.ExtraFiles = extra
-	p, err := Start(s, cmd, StartOptions{Stdout: out.add, Stderr: out.add, Contain: c})
+	p, err := Start(s, cmd, StartOptions{Stdout: out.add, Stderr: out.add, Contain: c, Marker: m})
 	if err != nil {
 		t.Fatalf("Start %s: %v", mode, err)
 	}

@@ -247,7 +247,7 @@ func (r *Reaper) sweepDeadRun(m Marker, recs []Record, cgroups []string) error {
 		found += n
 		errs = append(errs, err)
 	}
-	n, err := killMarked(func(k marks) bool { return k.run == run }, "carried the marker of dead run "+run, events)
+	n, err := killMarked(func(_ int, k marks) bool { return k.run == run }, "carried the marker of dead run "+run, events)
 	found += n
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {

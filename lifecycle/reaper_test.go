@@ -102,11 +102,16 @@ func startFakeNode(t *testing.T, s *Spawner, dir string, m Marker) (*Process, []
 		}
 	})
 	waitFor(t, "fake node ready", 5*time.Second, func() bool { return slices.Contains(out.get(), "ready") })
+	// The processes are named by what they announce, not found by their
+	// marker: a Go process's first os.StartProcess clones a short-lived
+	// child of its own (the runtime's pidfd check), which carries the
+	// marker too, and a scan at that moment would count it.
 	var ids []Identity
-	waitFor(t, "four marked processes", 5*time.Second, func() bool {
-		ids = markedPids(t, m)
-		return len(ids) == 4
-	})
+	waitFor(t, "four announced processes", 5*time.Second, func() bool { return len(out.pids("pid")) == 4 })
+	ids = identities(out.pids("pid"))
+	if marked := markedPids(t, m); len(marked) != 4 {
+		t.Fatalf("marked processes %v, want the four announced %v", marked, ids)
+	}
 	return p, ids
 }
 

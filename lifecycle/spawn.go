@@ -452,20 +452,12 @@ func (p *Process) signal(sig syscall.Signal) {
 // kills the group while the leader's zombie still pins the group id, reaps
 // the leader, and lets the readers drain.
 func (p *Process) wait() {
-	// No error is expected for our own unreaped child; if one came,
-	// cmd.Wait below would do the blocking, only without the group kill
-	// before the reap.
-	_ = waitExited(p.id.PID)
+	p.waitLeader()
 	// Only this goroutine reaps, so until it does the group id is ours.
 	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
 	waitGroupGone(p.pgid, p.id.PID, drainTimeout)
-	if p.marks != (marks{}) {
-		// Whatever of this start left the group dies now too, each kill
-		// an orphan_reaped event. A failed scan leaves the rest to the
-		// container, then to the Reaper.
-		k := p.marks
-		_, _ = killMarked(func(m marks) bool { return m == k }, "outlived worker "+k.id, p.events)
-	}
+	// Whatever of this start left the group dies now too.
+	p.killMarkedLeftovers()
 	// The container holds what is left, whatever its environment or
 	// session: what dropped the marks, and what forked meanwhile.
 	_ = p.box.Kill()
@@ -504,6 +496,56 @@ func (p *Process) wait() {
 	}
 	t.Stop()
 	close(p.done)
+}
+
+// commandEnder is a Container whose leader outlives the command it runs:
+// ModePIDNS's init, which waits to be killed once its command has ended.
+type commandEnder interface {
+	// CommandEnded is closed when the command has ended.
+	CommandEnded() <-chan struct{}
+}
+
+// waitLeader returns once the leader has exited, without reaping it. A
+// leader that is an init is killed once its command has ended, after the
+// command's marked leftovers, which still run in its namespace, have been
+// killed, each an orphan_reaped event: the init's death would have killed
+// them unreported.
+func (p *Process) waitLeader() {
+	ce, ok := p.box.(commandEnder)
+	if !ok {
+		// No error is expected for our own unreaped child; if one came,
+		// cmd.Wait would do the blocking, only without the group kill
+		// before the reap.
+		_ = waitExited(p.id.PID)
+		return
+	}
+	exited := make(chan struct{})
+	go func() {
+		defer close(exited)
+		_ = waitExited(p.id.PID)
+	}()
+	select {
+	case <-exited:
+		return
+	case <-ce.CommandEnded():
+	}
+	p.killMarkedLeftovers()
+	_ = p.box.Kill()
+	// The init is unreaped: its group id is still ours.
+	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
+	<-exited
+}
+
+// killMarkedLeftovers kills whatever of this start carries its marks, each
+// kill an orphan_reaped event. A failed scan leaves the rest to the
+// container, then to the Reaper.
+func (p *Process) killMarkedLeftovers() {
+	if p.marks == (marks{}) {
+		return
+	}
+	// Not the leader: an init carries the marks too, and is killed after.
+	k, leader := p.marks, p.id.PID
+	_, _ = killMarked(func(pid int, m marks) bool { return m == k && pid != leader }, "outlived worker "+k.id, p.events)
 }
 
 // waitGroupGone waits, up to limit, until every member of group pgid other

@@ -145,10 +145,18 @@ func (n *node) readiness() (bool, string) {
 }
 
 // logContainment is the startup line that says how the workers' trees are
-// kept: the mode asked for (--containment), the mode in use and, when it is
-// not the strongest, why each stronger mode was passed over.
-func logContainment(log *zap.Logger, asked, mode string, passedOver []string) {
-	fields := []zap.Field{zap.String("mode", mode), zap.String("asked", asked)}
+// kept: the mode asked for (--containment), the mode in use, whether a
+// cgroup's workers also get PID namespaces and, when the mode is not the
+// strongest, why each stronger mode was passed over.
+func logContainment(log *zap.Logger, asked string, c lifecycle.Containment, passedOver []string) {
+	fields := []zap.Field{zap.String("mode", c.Mode()), zap.String("asked", asked)}
+	if ns, ok := c.(interface{ PIDNamespaces() error }); ok {
+		pidns := "yes"
+		if err := ns.PIDNamespaces(); err != nil {
+			pidns = "no: " + err.Error()
+		}
+		fields = append(fields, zap.String("pid_namespaces", pidns))
+	}
 	if len(passedOver) > 0 {
 		fields = append(fields, zap.Strings("passed_over", passedOver))
 	}

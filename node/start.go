@@ -114,7 +114,7 @@ func (n *node) openContainment() error {
 	if err := checkLimits(contain, n.limits); err != nil {
 		return err
 	}
-	logContainment(n.log, n.cfg.Containment, contain.Mode(), passedOver)
+	logContainment(n.log, n.cfg.Containment, contain, passedOver)
 	return nil
 }
 

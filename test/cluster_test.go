@@ -453,7 +453,7 @@ func TestSessionKeepsItsWorkerThenGets410(t *testing.T) {
 		out, errOut, code := runSubmitNoFatal(url, append([]string{"call", "--session", "S1", "--headers"}, args...)...)
 		var w who
 		if code == 0 {
-			if err := json.Unmarshal([]byte(out), &w); err != nil {
+			if err := json.Unmarshal(hostPIDs(t, []byte(out)), &w); err != nil {
 				t.Fatalf("submit call %v: stdout %q: %v", args, out, err)
 			}
 		}
@@ -495,11 +495,12 @@ func TestSessionKeepsItsWorkerThenGets410(t *testing.T) {
 	if !isHolders {
 		t.Fatalf("pid %d is not a worker of node %s: %v", first.PID, node, holder.processes())
 	}
+	supervised := supervisedOf(t, first.PID)
 	if err := syscall.Kill(first.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	ev.waitFor(20*time.Second, func(e lifecycle.Event) bool {
-		return e.Kind == lifecycle.KindCrashed && e.Node == node && e.PID == first.PID
+		return e.Kind == lifecycle.KindCrashed && e.Node == node && e.PID == supervised
 	})
 	_, _, errOut, code = call("--node", node, "whoami")
 	if code != 1 || !strings.Contains(errOut, "410 SessionLost: ") {

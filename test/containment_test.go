@@ -28,9 +28,10 @@ func containedApp() string { return filepath.Join(repoRoot, "test", "apps", "con
 
 // userModes are the modes the user-view test runs in: the group mode as the
 // reference, and every mode of kernel containment this branch has.
-var userModes = []string{lifecycle.ModeGroup, lifecycle.ModePIDNS}
+var userModes = []string{lifecycle.ModeGroup, lifecycle.ModePIDNS, lifecycle.ModeCgroup}
 
-// isInit reports whether pid runs a worker's init (poolnode __pyfleet_init).
+// isInit reports whether pid runs a worker's init (pyfleet-init, or
+// poolnode re-executed, with InitArg).
 func isInit(pid int) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
@@ -38,6 +39,13 @@ func isInit(pid int) bool {
 	}
 	args := strings.Split(string(b), "\x00")
 	return len(args) > 1 && args[1] == lifecycle.InitArg
+}
+
+// isPythonWorker reports whether pid runs pyfleet's worker: an init's
+// other children are orphans of its namespace that it adopted.
+func isPythonWorker(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	return err == nil && strings.Contains(string(b), "\x00-m\x00pyfleet.worker\x00")
 }
 
 // pythonPIDs returns the host pids of the node's Python workers: the
@@ -56,7 +64,7 @@ func (n *nodeProc) pythonPIDs(t *testing.T) []int {
 			if err != nil {
 				continue
 			}
-			if pi, err := readProcInfo(child); err == nil && pi.ppid == pid && !isInit(child) {
+			if pi, err := readProcInfo(child); err == nil && pi.ppid == pid && isPythonWorker(child) {
 				out = append(out, child)
 			}
 		}
@@ -65,26 +73,14 @@ func (n *nodeProc) pythonPIDs(t *testing.T) []int {
 	return out
 }
 
-// nsPIDs returns pid's numbers in each PID namespace it is in, outermost
-// first (NSpid in /proc/<pid>/status).
+// nsPIDs is nsPIDsOf, failing the test if pid is gone.
 func nsPIDs(t *testing.T, pid int) []int {
 	t.Helper()
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		t.Fatal(err)
+	ids := nsPIDsOf(pid)
+	if ids == nil {
+		t.Fatalf("no NSpid in /proc/%d/status", pid)
 	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
-			var out []int
-			for _, f := range strings.Fields(rest) {
-				n, _ := strconv.Atoi(f)
-				out = append(out, n)
-			}
-			return out
-		}
-	}
-	t.Fatalf("no NSpid in /proc/%d/status", pid)
-	return nil
+	return ids
 }
 
 // namespaceMembers returns every live process in the PID namespace of
@@ -126,6 +122,9 @@ func readRSSBytes(t *testing.T, pid int) int64 {
 func TestContainmentUserCodeSeesNoDifference(t *testing.T) {
 	for _, mode := range userModes {
 		t.Run(mode, func(t *testing.T) {
+			if mode == lifecycle.ModeCgroup {
+				requireCgroup(t)
+			}
 			n := startNode(t, nodeOptions{app: containedApp(), workers: 1, extra: []string{"--containment", mode}})
 			checkUserView(t, n, mode, os.Getuid())
 		})
@@ -151,8 +150,11 @@ func checkUserView(t *testing.T, n *nodeProc, mode string, uid int) {
 		t.Fatalf("the node's Python workers: %v, want one", pys)
 	}
 	py := pys[0]
-	if supervised := n.workerPIDs(); mode == lifecycle.ModePIDNS && (len(supervised) != 1 || !isInit(supervised[0])) {
-		t.Fatalf("pidns: the node supervises %v, want the worker's init", supervised)
+	// pidns mode runs each worker under an init; so does cgroup mode where
+	// the host allows PID namespaces, which this machine must.
+	namespaced := mode != lifecycle.ModeGroup
+	if supervised := n.workerPIDs(); namespaced && (len(supervised) != 1 || !isInit(supervised[0])) {
+		t.Fatalf("%s: the node supervises %v, want the worker's init", mode, supervised)
 	}
 
 	var who struct {
@@ -187,7 +189,7 @@ func checkUserView(t *testing.T, n *nodeProc, mode string, uid int) {
 		if ns[len(ns)-1] != who.PID {
 			t.Errorf("host pid %d has NSpid %v; the worker says %d", py, ns, who.PID)
 		}
-		if want := map[string]int{lifecycle.ModeGroup: 1, lifecycle.ModePIDNS: 2}[mode]; len(ns) != want {
+		if want := map[bool]int{false: 1, true: 2}[namespaced]; len(ns) != want {
 			t.Errorf("%s: NSpid %v, want %d levels", mode, ns, want)
 		}
 	})
@@ -304,7 +306,7 @@ func checkUserView(t *testing.T, n *nodeProc, mode string, uid int) {
 }
 
 // asOtherUser returns o set to run the node as a throwaway user: a copy of
-// the poolnode binary it can execute, a state dir it owns, and an
+// the poolnode binary and its init it can execute, a state dir it owns, and an
 // interpreter it can run with the venv's packages (the venv's own python
 // may be a link into root's home, which that user cannot enter: then the
 // system's python of the same version with the venv's site-packages on
@@ -321,14 +323,17 @@ func asOtherUser(t *testing.T, o nodeOptions) nodeOptions {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	data, err := os.ReadFile(poolnodeBin)
-	if err != nil {
-		t.Fatal(err)
+	// The init beside poolnode, as installed: the other user runs both.
+	for _, bin := range []string{poolnodeBin, filepath.Join(binDir, lifecycle.InitBinaryName)} {
+		data, err := os.ReadFile(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(bin)), data, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	o.bin = filepath.Join(dir, "poolnode")
-	if err := os.WriteFile(o.bin, data, 0o755); err != nil {
-		t.Fatal(err)
-	}
 	o.stateDir = shortTempDir(t)
 	if err := os.Chown(o.stateDir, uid, gid); err != nil {
 		t.Fatal(err)

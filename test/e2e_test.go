@@ -191,19 +191,21 @@ func TestWorkerCrashIsReplaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	worker := msg.Header.Get("Pyfleet-Worker")
-	pids := n.processes()
-	if len(pids) != 1 {
-		t.Fatalf("want 1 worker process, have %v", pids)
+	// The Python process is killed; events name the process the node
+	// supervises, which is the worker's init where it has one.
+	pys, supervised := n.pythonPIDs(t), n.workerPIDs()
+	if len(pys) != 1 || len(supervised) != 1 {
+		t.Fatalf("want 1 worker process, have %v (supervised %v)", pys, supervised)
 	}
-	if err := syscall.Kill(pids[0].PID, syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(pys[0], syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	crashed := ev.waitFor(10*time.Second, kind(lifecycle.KindCrashed))
-	if crashed.PID != pids[0].PID || crashed.Signal != "SIGKILL" || crashed.Worker != worker {
+	if crashed.PID != supervised[0] || crashed.Signal != "SIGKILL" || crashed.Worker != worker {
 		t.Errorf("crashed event %+v", crashed)
 	}
 	restarted := ev.waitFor(30*time.Second, kind(lifecycle.KindRestarted))
-	if restarted.Worker != worker || restarted.PID == pids[0].PID || restarted.PID == 0 {
+	if restarted.Worker != worker || restarted.PID == supervised[0] || restarted.PID == 0 {
 		t.Errorf("restarted event %+v", restarted)
 	}
 	msg, err = nc.Request("pyfleet.req.default.echo", []byte(`2`), 10*time.Second)
@@ -222,7 +224,7 @@ func TestCleanStop(t *testing.T) {
 	if _, err := nc.Request("pyfleet.req.default.spawn", []byte(`{"seconds":600}`), 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if got := len(n.processes()); got != 3 {
+	if got := len(n.userProcesses()); got != 3 {
 		t.Fatalf("want 2 workers and 1 child, have %d processes", got)
 	}
 	n.signal(syscall.SIGINT)

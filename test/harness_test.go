@@ -31,6 +31,11 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	// requireCgroup's containment probes for PID namespaces by starting
+	// this binary as their init.
+	if len(os.Args) > 1 && os.Args[1] == lifecycle.InitArg {
+		os.Exit(lifecycle.InitMain(os.Args[2:]))
+	}
 	os.Exit(setup(m))
 }
 
@@ -57,6 +62,17 @@ func setup(m *testing.M) int {
 	defer os.RemoveAll(binDir)
 	// Build with -race so the e2e runs also check the binaries under test.
 	build := exec.Command("go", "build", "-race", "-o", binDir+"/", "./cmd/poolnode", "./cmd/submit")
+	build.Dir = repoRoot
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "build: %v\n", err)
+		return 1
+	}
+	// The PID namespaces' init, found by poolnode beside itself, as
+	// installed. Not race-built: it is not the code under test here
+	// (lifecycle's tests run it under -race), and each worker start pays
+	// for its start-up.
+	build = exec.Command("go", "build", "-o", binDir+"/", "./cmd/pyfleet-init")
 	build.Dir = repoRoot
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
@@ -280,6 +296,18 @@ func (n *nodeProc) wait(timeout time.Duration) int {
 // worker's process group.
 func (n *nodeProc) processes() []lifecycle.Identity {
 	return markedProcesses("PYFLEET_WORKER_RUN=" + n.name + "/")
+}
+
+// userProcesses is processes without the workers' inits (see isInit):
+// the workers and what they started.
+func (n *nodeProc) userProcesses() []lifecycle.Identity {
+	var out []lifecycle.Identity
+	for _, id := range n.processes() {
+		if !isInit(id.PID) {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // assertNoLeftovers fails the test if a process the node started is still

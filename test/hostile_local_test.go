@@ -354,15 +354,14 @@ func TestHostileWorkerEnvHasNoCredentials(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(nc.Close)
-			var spawned struct {
-				PID int `json:"pid"`
+			callOK(t, nc, fnSubject("spawn"), `{"seconds": 600}`, nil)
+			// Every process of the node's: workers, their inits where they
+			// have one, and the child the call started.
+			procs := pidsOf(n.processes())
+			if want := 3 + len(procs) - len(n.userProcesses()); len(procs) != want || len(n.workerPIDs()) != 2 {
+				t.Fatalf("the node's processes %v, want 2 workers and a child (and their inits)", procs)
 			}
-			callOK(t, nc, fnSubject("spawn"), `{"seconds": 600}`, &spawned)
-			workers := n.workerPIDs()
-			if len(workers) != 2 {
-				t.Fatalf("workers %v, want 2", workers)
-			}
-			for _, pid := range append(workers, spawned.PID) {
+			for _, pid := range procs {
 				raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
 				if err != nil {
 					t.Fatal(err)

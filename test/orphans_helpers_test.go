@@ -53,11 +53,89 @@ func callOK(t *testing.T, nc *nats.Conn, subject, body string, out any) *nats.Ms
 		t.Fatalf("%s %s: %v %s", subject, body, msg.Header, msg.Data)
 	}
 	if out != nil {
-		if err := json.Unmarshal(msg.Data, out); err != nil {
+		if err := json.Unmarshal(hostPIDs(t, msg.Data), out); err != nil {
 			t.Fatalf("%s: answer %q: %v", subject, msg.Data, err)
 		}
 	}
 	return msg
+}
+
+// pidKeys are the fields of the test apps' answers that hold pids.
+var pidKeys = []string{"pid", "child", "grandchild"}
+
+// hostPIDs rewrites the pids (pidKeys) of an answer that names the PID
+// namespace they are numbered in ("pidns", see test/apps/nasty.py) as this
+// process's /proc numbers them, so that a test can find, signal and watch
+// those processes in every containment mode. Other answers pass unchanged.
+func hostPIDs(t *testing.T, answer []byte) []byte {
+	t.Helper()
+	var fields map[string]any
+	if json.Unmarshal(answer, &fields) != nil {
+		return answer
+	}
+	ns, ok := fields["pidns"].(string)
+	if !ok {
+		return answer
+	}
+	for _, k := range pidKeys {
+		if inner, ok := fields[k].(float64); ok {
+			fields[k] = hostPID(t, ns, int(inner))
+		}
+	}
+	out, err := json.Marshal(fields)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// hostPID is the pid, as this process's /proc numbers it, of the process
+// that the PID namespace ns ("pid:[inode]") numbers inner: itself when ns
+// is this process's own namespace, else the live process of ns whose
+// innermost NSpid is inner. It fails the test if there is none.
+func hostPID(t *testing.T, ns string, inner int) int {
+	t.Helper()
+	if own, err := os.Readlink("/proc/self/ns/pid"); err == nil && own == ns {
+		return inner
+	}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if other, err := os.Readlink("/proc/" + e.Name() + "/ns/pid"); err != nil || other != ns {
+			continue
+		}
+		if ids := nsPIDsOf(pid); len(ids) > 0 && ids[len(ids)-1] == inner {
+			return pid
+		}
+	}
+	t.Fatalf("no process is pid %d in PID namespace %s", inner, ns)
+	return 0
+}
+
+// nsPIDsOf returns pid's numbers in each PID namespace it is in, outermost
+// first (NSpid in /proc/<pid>/status), or nil if it is gone.
+func nsPIDsOf(pid int) []int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return nil
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
+			var out []int
+			for _, f := range strings.Fields(rest) {
+				n, _ := strconv.Atoi(f)
+				out = append(out, n)
+			}
+			return out
+		}
+	}
+	return nil
 }
 
 // Answers of the nasty app.
@@ -337,11 +415,12 @@ func (n *nodeProc) workerPIDs() []int {
 	return out
 }
 
-// tree names every live process the node started, and checks that want are
-// among them.
+// tree names every live process of the node's workers' trees (its inits
+// left out: assertNoLeftovers covers them), and checks that want are among
+// them.
 func (n *nodeProc) tree(t *testing.T, want ...int) []lifecycle.Identity {
 	t.Helper()
-	ids := n.processes()
+	ids := n.userProcesses()
 	have := pidsOf(ids)
 	for _, pid := range want {
 		if !slices.Contains(have, pid) {
@@ -405,7 +484,7 @@ func waitTouch(t *testing.T, path string, timeout time.Duration) int {
 		b, err := os.ReadFile(path)
 		if err == nil {
 			var r pidReply
-			if err := json.Unmarshal(b, &r); err != nil {
+			if err := json.Unmarshal(hostPIDs(t, b), &r); err != nil {
 				t.Fatalf("%s: %q: %v", path, b, err)
 			}
 			return r.PID
@@ -640,4 +719,19 @@ func cleanChild(t *testing.T, n *nodeProc, nc *nats.Conn, newSession bool) (work
 		t.Fatalf("child %d: %+v; want it in worker %d's group: %v, in a session of its own: %v", r.Child, pi, r.PID, !newSession, newSession)
 	}
 	return r.PID, child
+}
+
+// supervisedOf is the process the node supervises for the Python worker
+// pid, which lifecycle events name: the worker's init where it has one,
+// else the worker itself.
+func supervisedOf(t *testing.T, pid int) int {
+	t.Helper()
+	pi, err := readProcInfo(pid)
+	if err != nil {
+		t.Fatalf("worker %d: %v", pid, err)
+	}
+	if isInit(pi.ppid) {
+		return pi.ppid
+	}
+	return pid
 }

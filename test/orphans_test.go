@@ -42,7 +42,7 @@ func TestOrphansCleanStop(t *testing.T) {
 		callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
 		var ss setsidReply
 		callOK(t, nc, fnSubject("setsid_sleep"), `{"how":"sh"}`, &ss)
-		workers := n.workerPIDs()
+		workers := n.workerPIDs() // as events name them
 		tree := n.tree(t, sp.Child, ss.Grandchild)
 		if len(workers) != 2 || len(tree) != 4 {
 			t.Fatalf("want 2 workers, a child and a setsid grandchild; have workers %v in %v", workers, pidsOf(tree))
@@ -96,7 +96,7 @@ func TestOrphansCleanStop(t *testing.T) {
 			answered <- err
 		}()
 		busy := waitTouch(t, touch, 30*time.Second)
-		workers := n.workerPIDs()
+		workers := n.workerPIDs() // as events name them
 		tree := n.tree(t, sp.Child, busy)
 		if len(workers) != 2 || len(tree) != 3 {
 			t.Fatalf("want 2 workers and a child; have workers %v in %v", workers, pidsOf(tree))
@@ -163,7 +163,7 @@ func TestOrphansKillNineNode(t *testing.T) {
 					return
 				}
 				var r mpReply
-				if err := json.Unmarshal(msg.Data, &r); err != nil {
+				if err := json.Unmarshal(hostPIDs(t, msg.Data), &r); err != nil {
 					t.Errorf("mp_tree: %q: %v", msg.Data, err)
 					return
 				}
@@ -259,10 +259,14 @@ func TestOrphansStubbornWorkers(t *testing.T) {
 		t.Fatalf("ignore_sigterm: %v %s", err, msgData(msg))
 	}
 	var ig pidReply
-	if err := json.Unmarshal(msg.Data, &ig); err != nil {
+	if err := json.Unmarshal(hostPIDs(t, msg.Data), &ig); err != nil {
 		t.Fatal(err)
 	}
-	workers := n.workerPIDs()
+	workers := n.pythonPIDs(t)
+	supervised := map[int]int{} // as events name them
+	for _, pid := range workers {
+		supervised[pid] = supervisedOf(t, pid)
+	}
 	stubborn := []int{inThread, onLoop, ig.PID}
 	if slices.Sort(stubborn); !slices.Equal(stubborn, workers) {
 		t.Fatalf("want the three calls on the three workers %v, got %v", workers, stubborn)
@@ -290,7 +294,7 @@ func TestOrphansStubbornWorkers(t *testing.T) {
 
 	ev.waitFor(5*time.Second, kind(lifecycle.KindNodeStopped))
 	for _, pid := range workers {
-		es := matching(ev, allOf(kind(lifecycle.KindTerminated), withPID(pid)))
+		es := matching(ev, allOf(kind(lifecycle.KindTerminated), withPID(supervised[pid])))
 		if len(es) != 1 || es[0].Reason != lifecycle.ReasonStop || es[0].Signal != "SIGKILL" {
 			t.Errorf("worker %d: want one terminated event, reason stop, signal SIGKILL; got %+v", pid, es)
 		}
@@ -347,6 +351,7 @@ func TestOrphansWorkerExits(t *testing.T) {
 	var sp spawnReply
 	callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
 	tree := n.tree(t, sp.PID, sp.Child)
+	supervised := supervisedOf(t, sp.PID)
 
 	msg, err := request(nc, fnSubject("exit_now"), `{"code":3}`, 30*time.Second)
 	if err != nil {
@@ -355,13 +360,13 @@ func TestOrphansWorkerExits(t *testing.T) {
 	if code := msg.Header.Get("Nats-Service-Error-Code"); code != "500" || !strings.Contains(string(msg.Data), "WorkerLost") {
 		t.Errorf("the call whose worker exited got %v %s, want 500 WorkerLost", msg.Header, msg.Data)
 	}
-	crashed := ev.waitFor(10*time.Second, allOf(kind(lifecycle.KindCrashed), withPID(sp.PID)))
+	crashed := ev.waitFor(10*time.Second, allOf(kind(lifecycle.KindCrashed), withPID(supervised)))
 	if crashed.ExitCode == nil || *crashed.ExitCode != 3 || crashed.Signal != "" {
 		t.Errorf("crashed event %+v, want exit code 3", crashed)
 	}
 	assertGone(t, "after the worker exited", tree, 5*time.Second)
 	restarted := ev.waitFor(30*time.Second, kind(lifecycle.KindRestarted))
-	if restarted.Worker != crashed.Worker || restarted.PID == sp.PID || restarted.PID == 0 {
+	if restarted.Worker != crashed.Worker || restarted.PID == supervised || restarted.PID == 0 {
 		t.Errorf("restarted event %+v after crashed %+v", restarted, crashed)
 	}
 	if firstIndex(ev, kind(lifecycle.KindCrashed)) > firstIndex(ev, kind(lifecycle.KindRestarted)) {
@@ -369,7 +374,7 @@ func TestOrphansWorkerExits(t *testing.T) {
 	}
 	var p pidReply
 	callOK(t, nc, fnSubject("pid"), `{}`, &p)
-	if p.PID != restarted.PID {
+	if supervisedOf(t, p.PID) != restarted.PID {
 		t.Errorf("served by pid %d, want the replacement %d", p.PID, restarted.PID)
 	}
 	n.stopClean(t)
@@ -382,6 +387,11 @@ func TestOrphansWorkerExits(t *testing.T) {
 // its old node and its run. Killed alone, the node may leave helpers that act
 // on its death; killed with them (as the OOM killer or a cgroup kill would),
 // only the next node on the state dir is left to do it.
+//
+// In group mode: the layers every host has (markers, the guardian, the next
+// node's reaper) are what this row tests. In the kernel modes nothing
+// outlives the node for them to find: the PID namespaces die with it
+// (TestOrphansKillNodeAndGuardian, TestContainmentPIDNSKillNineNodeAndGuardian).
 func TestOrphansSetsidGrandchild(t *testing.T) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
@@ -396,7 +406,7 @@ func TestOrphansSetsidGrandchild(t *testing.T) {
 			nc := connectURL(t, url)
 			ev := watchEvents(t, nc, "default")
 			state := shortTempDir(t)
-			n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 2, stateDir: state}))
+			n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 2, stateDir: state, extra: []string{"--containment", lifecycle.ModeGroup}}))
 			run := runOf(t, ev, n)
 
 			var sh, fk setsidReply
@@ -412,7 +422,7 @@ func TestOrphansSetsidGrandchild(t *testing.T) {
 					t.Fatalf("grandchild %d: %+v %v; want a new session that it does not lead", id.PID, pi, err)
 				}
 			}
-			workers := identify(t, n.workerPIDs()...)
+			workers := identify(t, n.pythonPIDs(t)...)
 			tree := n.tree(t, sh.Grandchild, fk.Grandchild, sp.Child)
 			if len(workers) != 2 || len(tree) != 5 {
 				t.Fatalf("want 2 workers, a child and two grandchildren; have workers %v in %v", pidsOf(workers), pidsOf(tree))
@@ -553,7 +563,7 @@ func TestOrphansPIDReuse(t *testing.T) {
 
 // Row 6: two nodes on one machine and one state dir; kill -9 one. The other's
 // workers all survive and serve, and its reaper reaps only what the dead one
-// left.
+// left. In group mode, for the reason TestOrphansSetsidGrandchild gives.
 func TestOrphansTwoNodesOneStateDir(t *testing.T) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
@@ -561,8 +571,9 @@ func TestOrphansTwoNodesOneStateDir(t *testing.T) {
 	ev := watchEvents(t, nc, "default")
 	state := shortTempDir(t)
 	base := fmt.Sprintf("t%d-two", os.Getpid())
-	a := startNode(t, onNATS(url, nodeOptions{name: base + "-a", app: nastyApp(), workers: 2, stateDir: state}))
-	b := startNode(t, onNATS(url, nodeOptions{name: base + "-b", app: nastyApp(), workers: 2, stateDir: state}))
+	group := []string{"--containment", lifecycle.ModeGroup}
+	a := startNode(t, onNATS(url, nodeOptions{name: base + "-a", app: nastyApp(), workers: 2, stateDir: state, extra: group}))
+	b := startNode(t, onNATS(url, nodeOptions{name: base + "-b", app: nastyApp(), workers: 2, stateDir: state, extra: group}))
 	runA := runOf(t, ev, a)
 
 	// Each node gets a child in a worker's group and a setsid grandchild.
@@ -572,11 +583,11 @@ func TestOrphansTwoNodesOneStateDir(t *testing.T) {
 	callOK(t, nc, nodeSubject(a.name, "spawn"), `{}`, &aSpawn)
 	callOK(t, nc, nodeSubject(b.name, "setsid_sleep"), `{}`, &bSetsid)
 	callOK(t, nc, nodeSubject(b.name, "spawn"), `{}`, &bSpawn)
-	workersA := identify(t, a.workerPIDs()...)
+	workersA := identify(t, a.pythonPIDs(t)...)
 	treeA := a.tree(t, aSetsid.Grandchild, aSpawn.Child)
 	startedA, groupsA := startedBy(workersA, treeA)
 	treeB := b.tree(t, bSetsid.Grandchild, bSpawn.Child)
-	workersB := b.workerPIDs()
+	workersB := b.pythonPIDs(t)
 	if len(treeA) != 4 || len(treeB) != 4 || len(workersB) != 2 {
 		t.Fatalf("node a has %v, node b %v (workers %v); want 2 workers, a child and a grandchild each",
 			pidsOf(treeA), pidsOf(treeB), workersB)
@@ -658,6 +669,7 @@ func TestOrphansWorkerKilledMidRequest(t *testing.T) {
 	callOK(t, nc, fnSubject("setsid_sleep"), `{}`, &ss)
 	tree := n.tree(t, sp.PID, sp.Child, ss.Grandchild)
 	worker := identify(t, sp.PID)[0]
+	supervised := supervisedOf(t, sp.PID)
 
 	touch := filepath.Join(shortTempDir(t), "busy")
 	const deadline = 30 * time.Second
@@ -690,15 +702,15 @@ func TestOrphansWorkerKilledMidRequest(t *testing.T) {
 		t.Fatalf("no answer 5 s after the worker's SIGKILL (the deadline is %s)", deadline)
 	}
 	crashed := ev.waitFor(10*time.Second, kind(lifecycle.KindCrashed))
-	if crashed.PID != worker.PID || crashed.Signal != "SIGKILL" {
-		t.Errorf("crashed event %+v, want pid %d, SIGKILL", crashed, worker.PID)
+	if crashed.PID != supervised || crashed.Signal != "SIGKILL" {
+		t.Errorf("crashed event %+v, want pid %d, SIGKILL", crashed, supervised)
 	}
 	assertGone(t, "the killed worker's tree", tree, 5*time.Second)
 	if e := matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(ss.Grandchild))); len(e) != 1 {
-		t.Errorf("want one orphan_reaped for the setsid grandchild %d: %v", ss.Grandchild, ev.kinds())
+		t.Errorf("want one orphan_reaped for the setsid grandchild %d: %v %+v", ss.Grandchild, ev.kinds(), matching(ev, kind(lifecycle.KindOrphanReaped)))
 	}
 	restarted := ev.waitFor(30*time.Second, kind(lifecycle.KindRestarted))
-	if restarted.Worker != crashed.Worker || restarted.PID == worker.PID {
+	if restarted.Worker != crashed.Worker || restarted.PID == supervised {
 		t.Errorf("restarted %+v after crashed %+v", restarted, crashed)
 	}
 	if firstIndex(ev, kind(lifecycle.KindCrashed)) > firstIndex(ev, kind(lifecycle.KindRestarted)) {
@@ -706,7 +718,7 @@ func TestOrphansWorkerKilledMidRequest(t *testing.T) {
 	}
 	var p pidReply
 	callOK(t, nc, fnSubject("pid"), `{}`, &p)
-	if p.PID != restarted.PID {
+	if supervisedOf(t, p.PID) != restarted.PID {
 		t.Errorf("served by %d, want the replacement %d", p.PID, restarted.PID)
 	}
 	n.stopClean(t)
@@ -745,7 +757,7 @@ func TestOrphansCleanEnvironment(t *testing.T) {
 					runCgroupOf(t, state, n.name, run)
 				}
 				_, child := cleanChild(t, n, nc, row.newSession)
-				workers := identify(t, n.workerPIDs()...)
+				workers := identify(t, n.pythonPIDs(t)...)
 
 				knownLimit := mode == lifecycle.ModeGroup && row.newSession
 				bound := 5 * time.Second // generous: the measured time is what counts
@@ -799,11 +811,11 @@ func TestOrphansCleanEnvironment(t *testing.T) {
 
 // Row 10 (issue 10): kill -9 of the node and its guardian at the same
 // moment, with a worker's clean-environment child in its group, one in a
-// session of its own, and a marked setsid grandchild. In cgroup mode all of
-// them are gone at the latest when the next node starts on the state dir,
-// which kills the dead run's cgroup before its first worker starts. In
-// group mode that node's sweep finds the marked grandchild; clean-environment
-// children are group mode's known limit.
+// session of its own, and a marked setsid grandchild. In cgroup mode, whose
+// workers run in PID namespaces of their own too, all of them are gone
+// within 1 s; the next node on the state dir removes the dead run's cgroup.
+// In group mode that node's sweep finds the marked grandchild;
+// clean-environment children are group mode's known limit.
 func TestOrphansKillNodeAndGuardian(t *testing.T) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
@@ -828,10 +840,27 @@ func TestOrphansKillNodeAndGuardian(t *testing.T) {
 			marked := identify(t, ss.Grandchild)[0]
 			clean := []lifecycle.Identity{inGroup, ownSession}
 
-			n.killNineWithHelpers(t)
+			// In cgroup mode each worker also runs in a PID namespace of
+			// its own where the host allows it, as this one must: the
+			// namespace dies with its init, and the init with the node.
+			namespaced := mode == lifecycle.ModeCgroup
+			if sup := n.workerPIDs(); namespaced && (len(sup) == 0 || !isInit(sup[0])) {
+				t.Fatalf("cgroup mode: the node supervises %v, want each worker's init", sup)
+			}
+			at := n.killNineWithHelpers(t)
 			n.wait(10 * time.Second)
-			time.Sleep(time.Second)
-			survivors := undoomed(append(slices.Clone(clean), marked))
+			all := append(slices.Clone(clean), marked)
+			if namespaced {
+				took, left := waitGone(all, time.Second)
+				if len(left) > 0 {
+					killIdentities(left)
+					t.Fatalf("cgroup mode: still running 1 s after the node and its guardian were SIGKILLed: %v", left)
+				}
+				t.Logf("cgroup mode: all of %v gone %s after the kill (waited %s)", pidsOf(all), time.Since(at).Round(time.Millisecond), took.Round(time.Millisecond))
+			} else {
+				time.Sleep(time.Second)
+			}
+			survivors := undoomed(all)
 			t.Logf("1 s after the node and its guardian were SIGKILLed, still running: %v (marked grandchild %d, clean-environment children %v)",
 				pidsOf(survivors), marked.PID, pidsOf(clean))
 

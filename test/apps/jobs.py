@@ -89,8 +89,9 @@ def long(payload: Any) -> dict[str, Any]:
 
 @app.function
 def whoami(payload: Any) -> dict[str, Any]:
-    """This worker's pid and pyfleet identity."""
-    return {"pid": os.getpid(), "worker": os.environ.get("PYFLEET_WORKER_ID", "")}
+    """This worker's pid, the PID namespace that numbers it, and its
+    pyfleet identity."""
+    return {"pid": os.getpid(), "pidns": os.readlink("/proc/self/ns/pid"), "worker": os.environ.get("PYFLEET_WORKER_ID", "")}
 
 
 @app.function

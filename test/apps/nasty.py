@@ -3,7 +3,10 @@ to a process supervisor on a bad day.
 
 Every function answers with the pids it made, so a test can name each
 process by pid and start time and check, after a stop or a kill, that each
-one is gone. Functions that block write {"pid": <worker pid>, "thread": ...}
+one is gone. The pids are the worker's own view; where the worker runs in a
+PID namespace of its own the host numbers the same processes differently,
+so every answer with pids also names the namespace ("pidns", as
+/proc/self/ns/pid reads), in which the test translates them. Functions that block write {"pid": <worker pid>, "thread": ...}
 to the file named by payload["touch"] first, so a test knows the call is running
 without sleeping.
 """
@@ -32,6 +35,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _tree: dict[str, int] | None = None
 
 
+def _in_ns(answer: dict[str, Any]) -> dict[str, Any]:
+    """answer, naming the PID namespace its pids are numbered in."""
+    return {**answer, "pidns": os.readlink("/proc/self/ns/pid")}
+
+
 def _arg(payload: Any, key: str, default: Any) -> Any:
     if isinstance(payload, dict):
         return payload.get(key, default)
@@ -46,14 +54,14 @@ def _touch(payload: Any) -> None:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"pid": os.getpid(), "thread": threading.current_thread().name}, f)
+        json.dump(_in_ns({"pid": os.getpid(), "thread": threading.current_thread().name}), f)
     os.rename(tmp, path)
 
 
 @app.function
 def pid(payload: Any) -> dict[str, int]:
     """The worker's pid."""
-    return {"pid": os.getpid()}
+    return _in_ns({"pid": os.getpid()})
 
 
 @app.function
@@ -66,7 +74,7 @@ def spawn(payload: Any) -> dict[str, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    return {"pid": os.getpid(), "child": child.pid}
+    return _in_ns({"pid": os.getpid(), "child": child.pid})
 
 
 @app.function
@@ -84,7 +92,7 @@ def clean_env_spawn(payload: Any) -> dict[str, int]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    return {"pid": os.getpid(), "child": child.pid}
+    return _in_ns({"pid": os.getpid(), "child": child.pid})
 
 
 def _mp_grandchild(seconds: float) -> None:
@@ -109,7 +117,7 @@ def mp_tree(payload: Any) -> dict[str, Any]:
     for N ms after, so that concurrent calls spread over the workers."""
     global _tree
     if _arg(payload, "once", False) and _tree is not None:
-        return {**_tree, "new": False}
+        return _in_ns({**_tree, "new": False})
     seconds = _arg(payload, "seconds", 600)
     ctx = multiprocessing.get_context("fork")
     here, there = ctx.Pipe()
@@ -123,7 +131,7 @@ def mp_tree(payload: Any) -> dict[str, Any]:
     if _arg(payload, "once", False):
         _tree = tree
     time.sleep(_arg(payload, "hold_ms", 0) / 1000)
-    return {**tree, "new": True}
+    return _in_ns({**tree, "new": True})
 
 
 def _setsid_sh(seconds: float) -> int:
@@ -196,7 +204,7 @@ def setsid_sleep(payload: Any) -> dict[str, int]:
         grandchild = _setsid_fork(seconds)
     else:
         raise BadRequest(f"how: want sh or fork, got {how!r}")
-    return {"pid": os.getpid(), "grandchild": grandchild}
+    return _in_ns({"pid": os.getpid(), "grandchild": grandchild})
 
 
 @app.function
@@ -204,7 +212,7 @@ async def ignore_sigterm(payload: Any) -> dict[str, int]:
     """Makes this worker ignore SIGTERM (on the event loop: the main thread,
     where signal handlers are set)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return {"pid": os.getpid()}
+    return _in_ns({"pid": os.getpid()})
 
 
 @app.function
@@ -231,7 +239,7 @@ def sleep_ms(payload: Any) -> dict[str, int]:
     """A long sync call: sleeps {"ms": N} milliseconds."""
     _touch(payload)
     time.sleep(_arg(payload, "ms", 0) / 1000)
-    return {"pid": os.getpid()}
+    return _in_ns({"pid": os.getpid()})
 
 
 @app.function

@@ -39,4 +39,4 @@ def spawn(payload: Any) -> dict[str, Any]:
         stderr=subprocess.DEVNULL,
     )
     _children.append(child)
-    return {"pid": os.getpid(), "worker": _worker(), "child": child.pid}
+    return {"pid": os.getpid(), "worker": _worker(), "child": child.pid, "pidns": os.readlink("/proc/self/ns/pid")}

@@ -158,7 +158,7 @@ func (h *harness) leftovers() (found bool) {
 func (h *harness) measure(ctx context.Context, sections []string) error {
 	h.logf("building poolnode")
 	h.poolnode = filepath.Join(h.tmp, "poolnode")
-	build := exec.CommandContext(ctx, "go", "build", "-o", h.poolnode, "./cmd/poolnode")
+	build := exec.CommandContext(ctx, "go", "build", "-o", h.tmp+"/", "./cmd/poolnode", "./cmd/pyfleet-init")
 	build.Dir = h.root
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
