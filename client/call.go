@@ -38,7 +38,8 @@ type options struct {
 // call (Pyfleet-Timeout), or of a job from its start, time queued included.
 // Without it a call takes its context's deadline, else Options.Timeout.
 // The client waits a little past it for the node's own 408, which says
-// more than the client could.
+// more than the client could. For Nodes, it is how long to collect
+// answers.
 func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
 
 // WithSession sends the call in a session (Pyfleet-Session): calls with the

@@ -55,15 +55,18 @@ type endpointData struct {
 }
 
 // Nodes asks every node of the fleet (every pool, under the client's
-// prefix) for its STATS and returns those that answer before ctx's
-// deadline, or within DefaultNodesWait when ctx has none, ordered by pool
-// and node. No node answering is not an error: the list is empty.
-func (c *Client) Nodes(ctx context.Context) ([]NodeInfo, error) {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, DefaultNodesWait)
-		defer cancel()
+// prefix) for its STATS and returns those that answer within
+// DefaultNodesWait, or WithTimeout's duration, or before ctx's deadline if
+// that comes first, ordered by pool and node. NATS cannot tell when all
+// have answered, so Nodes always waits that long. No node answering is not
+// an error: the list is empty.
+func (c *Client) Nodes(ctx context.Context, opts ...Option) ([]NodeInfo, error) {
+	wait := collect(opts).timeout
+	if wait <= 0 {
+		wait = DefaultNodesWait
 	}
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
 	stats, err := c.collectStats(ctx)
 	if err != nil {
 		return nil, err

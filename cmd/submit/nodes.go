@@ -50,9 +50,7 @@ func (c *nodesCmd) run(ctx context.Context, a *app, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	wctx, cancel := context.WithTimeout(ctx, c.wait)
-	defer cancel()
-	infos, err := cl.Nodes(wctx)
+	infos, err := cl.Nodes(ctx, client.WithTimeout(c.wait))
 	if err != nil {
 		return err
 	}
