@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/pyfleet/pyfleet/call"
+	"github.com/pyfleet/pyfleet/client"
 	"github.com/pyfleet/pyfleet/protocol"
 )
 
@@ -216,14 +217,25 @@ func (a *app) report(cmd string, err error) int {
 	if err == nil {
 		return exitOK
 	}
-	var ce *call.Error
-	if errors.As(err, &ce) {
+	var ce *client.Error
+	switch {
+	case errors.As(err, &ce) && !ce.Local:
 		// The contract is the bare "code type: message", for scripts to parse.
 		fmt.Fprintln(a.stderr, ce.Error())
 		if ce.Code == call.CodeDeadline {
 			return exitUnavailable
 		}
 		return exitFailed
+	case errors.As(err, &ce) && (ce.Code == call.CodeBadRequest || ce.Code == call.CodeTooLarge):
+		// The client refused to send it: submit failed, not the fleet.
+		err = errors.New(ce.Message)
+	case errors.As(err, &ce):
+		// No node answered, or the one holding the call fell silent.
+		err = &exitError{code: exitUnavailable, err: errors.New(ce.Message)}
+	case errors.Is(err, context.Canceled):
+		err = errInterrupted
+	case isClosed(err):
+		err = &exitError{code: exitUnavailable, err: err}
 	}
 	who := "submit"
 	if cmd != "" {

@@ -15,9 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/pyfleet/pyfleet/protocol"
+	"github.com/pyfleet/pyfleet/client"
 )
 
 type benchCmd struct {
@@ -101,22 +99,26 @@ func (c *benchCmd) run(ctx context.Context, a *app, args []string) error {
 	if err != nil {
 		return err
 	}
-	subj := a.subjects().Request(c.pool, fn)
+	subj := a.subjects().Request(c.pool, fn) // for the report
 	if c.node != "" {
 		subj = a.subjects().Node(c.node, c.pool, fn)
 	}
-	hdr := nats.Header{}
-	hdr.Set(protocol.HeaderTimeout, millis(c.timeout))
+	opts := []client.Option{client.WithTimeout(c.timeout)}
 	if c.session != "" {
-		hdr.Set(protocol.HeaderSession, c.session)
+		opts = append(opts, client.WithSession(c.session))
+	}
+	if c.node != "" {
+		opts = append(opts, client.WithNode(c.node))
 	}
 
-	nc, err := a.connect()
+	// Without heartbeats, as a plain NATS requester: a benchmark measures
+	// the fleet, and a heartbeat would add a message to every call.
+	fleet, err := a.connect(client.Options{Pool: c.pool, Heartbeat: -1})
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	if err := probe(ctx, nc, subj, hdr, body, c.timeout); err != nil {
+	defer fleet.Close()
+	if err := probe(ctx, fleet, fn, body, opts); err != nil {
 		return err
 	}
 
@@ -138,8 +140,6 @@ func (c *benchCmd) run(ctx context.Context, a *app, args []string) error {
 		}
 		callers[i] = cl
 		wg.Go(func() {
-			// Each caller reuses its message; nats.go copies what it sends.
-			msg := &nats.Msg{Subject: subj, Header: hdr, Data: body}
 			for ctx.Err() == nil {
 				if c.duration > 0 {
 					if time.Now().After(end) {
@@ -148,7 +148,7 @@ func (c *benchCmd) run(ctx context.Context, a *app, args []string) error {
 				} else if budget.Add(1) > int64(c.n.n) {
 					return
 				}
-				cl.one(ctx, nc, msg, c.timeout, prog)
+				cl.one(ctx, fleet, fn, body, opts, prog)
 			}
 		})
 	}
@@ -175,44 +175,30 @@ func (c *benchCmd) run(ctx context.Context, a *app, args []string) error {
 
 // probe makes one uncounted call first, so that a missing node or an unknown
 // function is reported as such rather than as 10000 identical errors.
-func probe(ctx context.Context, nc *nats.Conn, subj string, hdr nats.Header, body []byte, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeoutCause(ctx, timeout+replyMargin(timeout), errDeadline)
-	defer cancel()
-	m, err := nc.RequestMsgWithContext(ctx, &nats.Msg{Subject: subj, Header: hdr, Data: body})
-	switch {
-	case errors.Is(err, nats.ErrNoResponders):
-		return unavailablef("no node serves %s", subj)
-	case err != nil && errors.Is(context.Cause(ctx), errDeadline):
-		return unavailablef("no answer from %s within %v", subj, timeout)
-	case err != nil && ctx.Err() != nil:
-		return errInterrupted
-	case err != nil:
-		return err
+func probe(ctx context.Context, cl *client.Client, fn string, body []byte, opts []client.Option) error {
+	err := cl.Call(ctx, fn, body, nil, opts...)
+	var ce *client.Error
+	if errors.As(err, &ce) && !ce.Local && (ce.Code == 503 || ce.Code == 408) {
+		return nil // load, which is what a benchmark measures
 	}
-	if e := protocol.ReplyError(m.Header, m.Data); e != nil && e.Code != 503 && e.Code != 408 {
-		// 503 and 408 are load, which is what a benchmark measures.
-		return e
-	}
-	return nil
+	return err
 }
 
-func (cl *caller) one(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout time.Duration, prog *progress) {
-	rctx, cancel := context.WithTimeout(ctx, timeout+replyMargin(timeout))
+func (cl *caller) one(ctx context.Context, c *client.Client, fn string, body []byte, opts []client.Option, prog *progress) {
 	t0 := time.Now()
-	m, err := nc.RequestMsgWithContext(rctx, msg)
+	err := c.Call(ctx, fn, body, nil, opts...)
 	lat := time.Since(t0)
-	cancel()
+	var ce *client.Error
 	var code string
 	switch {
 	case err == nil:
-		if e := protocol.ReplyError(m.Header, m.Data); e != nil {
-			code = strconv.Itoa(e.Code)
-		}
 	case ctx.Err() != nil:
 		return // interrupted: neither a success nor the system's failure
-	case errors.Is(err, nats.ErrNoResponders):
+	case errors.As(err, &ce) && !ce.Local:
+		code = strconv.Itoa(ce.Code)
+	case errors.As(err, &ce) && ce.Type == client.TypeNoResponders:
 		code = "no_responders"
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
+	case errors.Is(err, client.ErrDeadlineExceeded):
 		code = "timeout"
 	default:
 		code = "error"

@@ -2,14 +2,12 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
-	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/pyfleet/pyfleet/protocol"
+	"github.com/pyfleet/pyfleet/client"
 )
 
 type callCmd struct {
@@ -52,96 +50,23 @@ func (c *callCmd) run(ctx context.Context, a *app, args []string) error {
 	if err != nil {
 		return err
 	}
-	subj := a.subjects().Request(c.pool, fn)
-	if c.node != "" {
-		subj = a.subjects().Node(c.node, c.pool, fn)
+	cl, err := a.connect(client.Options{Pool: c.pool})
+	if err != nil {
+		return err
 	}
-	msg := nats.NewMsg(subj)
-	msg.Data = body
-	msg.Header.Set(protocol.HeaderTimeout, millis(c.timeout))
+	defer cl.Close()
+	var trailer nats.Header
+	opts := []client.Option{client.WithTimeout(c.timeout), client.WithReplyHeader(&trailer)}
 	if c.session != "" {
-		msg.Header.Set(protocol.HeaderSession, c.session)
+		opts = append(opts, client.WithSession(c.session))
+	}
+	if c.node != "" {
+		opts = append(opts, client.WithNode(c.node))
 	}
 	if c.requestID != "" {
-		msg.Header.Set(protocol.HeaderRequestID, c.requestID)
+		opts = append(opts, client.WithRequestID(c.requestID))
 	}
-
-	nc, err := a.connect()
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
 	out := &output{stdout: a.stdout, stderr: a.stderr, headers: c.headers, raw: c.raw}
-	return request(ctx, nc, msg, c.timeout, out)
-}
-
-var (
-	errDeadline = errors.New("deadline passed")
-	errNodeLost = errors.New("node lost")
-)
-
-// A call asks its node for a heartbeat at once and then every
-// heartbeatEvery; silence for heartbeatLoss means the node died holding the
-// call (or after it was routed to it, before it read it), which core NATS
-// would otherwise never tell: the call fails then, not at its deadline.
-const (
-	heartbeatEvery = time.Second
-	heartbeatLoss  = 3 * heartbeatEvery
-)
-
-// request sends msg and prints its answer. It does not use nc.Request: a
-// streaming function answers with many messages, so it reads its own inbox
-// until a message that is not a chunk.
-func request(ctx context.Context, nc *nats.Conn, msg *nats.Msg, timeout time.Duration, out *output) error {
-	sub, err := nc.SubscribeSync(nc.NewInbox())
-	if err != nil {
-		return err
-	}
-	defer sub.Unsubscribe()
-	msg.Reply = sub.Subject
-
-	ctx, cancel := context.WithTimeoutCause(ctx, timeout+replyMargin(timeout), errDeadline)
-	defer cancel()
-	msg.Header.Set(protocol.HeaderHeartbeat, millis(heartbeatEvery))
-	if err := nc.PublishMsg(msg); err != nil {
-		return err
-	}
-	heard := time.Now() // the last sign of life of the node holding the call
-	var holder string
-	for {
-		waitCtx, cancelWait := context.WithDeadlineCause(ctx, heard.Add(heartbeatLoss), errNodeLost)
-		m, err := sub.NextMsgWithContext(waitCtx)
-		cancelWait()
-		if err != nil && errors.Is(context.Cause(waitCtx), errNodeLost) {
-			if holder == "" {
-				return unavailablef("no node took the call on %s within %v (the node it reached may have died)", msg.Subject, heartbeatLoss)
-			}
-			return unavailablef("node %s stopped answering while it held the call (no heartbeat for %v): the call is lost", holder, heartbeatLoss)
-		}
-		if err == nil {
-			heard = time.Now()
-			if isHeartbeat(m.Header) {
-				holder = protocol.Header(m.Header, protocol.HeaderNode)
-				continue
-			}
-		}
-		switch {
-		case errors.Is(err, nats.ErrNoResponders), err == nil && isNoResponders(m):
-			return unavailablef("no node serves %s", msg.Subject)
-		case err != nil && errors.Is(context.Cause(ctx), errDeadline):
-			if out.chunks > 0 {
-				return unavailablef("%s: stream did not end within %v", msg.Subject, timeout)
-			}
-			return unavailablef("no answer from %s within %v", msg.Subject, timeout)
-		case err != nil && ctx.Err() != nil:
-			return errInterrupted
-		case isClosed(err):
-			return unavailablef("connection to NATS closed while waiting for %s", msg.Subject)
-		case err != nil:
-			return fmt.Errorf("waiting for %s: %w", msg.Subject, err)
-		}
-		if done, err := out.handle(m.Header, m.Data); done || err != nil {
-			return err
-		}
-	}
+	// The body goes as it is: JSON checked by payload, or raw bytes.
+	return out.show(cl.Stream(ctx, fn, body, opts...), &trailer)
 }

@@ -5,12 +5,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net/url"
 	"os"
 	"strings"
-	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/pyfleet/pyfleet/client"
 )
 
 const defaultNATSURL = "nats://127.0.0.1:4222"
@@ -82,12 +82,12 @@ func (o *connOptions) validate() error {
 	return nil
 }
 
-// connect dials NATS. Failing to reach it is exit 3: no node can answer.
-func (a *app) connect() (*nats.Conn, error) {
-	o := &a.conn
+// connect dials NATS and returns a client of the fleet under --prefix.
+// Failing to reach NATS is exit 3: no node can answer.
+func (a *app) connect(o client.Options) (*client.Client, error) {
+	c := &a.conn
 	opts := []nats.Option{
 		nats.Name("pyfleet submit"),
-		nats.Timeout(5 * time.Second),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			if sub != nil {
 				fmt.Fprintf(a.stderr, "submit: nats: %s: %v\n", sub.Subject, err)
@@ -104,46 +104,33 @@ func (a *app) connect() (*nats.Conn, error) {
 			fmt.Fprintf(a.stderr, "submit: reconnected to NATS at %s\n", redactURLs(nc.ConnectedUrl()))
 		}),
 	}
-	if o.creds != "" {
-		opts = append(opts, nats.UserCredentials(o.creds))
+	if c.creds != "" {
+		opts = append(opts, nats.UserCredentials(c.creds))
 	}
-	if o.user != "" {
-		opts = append(opts, nats.UserInfo(o.user, o.password))
+	if c.user != "" {
+		opts = append(opts, nats.UserInfo(c.user, c.password))
 	}
-	if o.token != "" {
-		opts = append(opts, nats.Token(o.token))
+	if c.token != "" {
+		opts = append(opts, nats.Token(c.token))
 	}
-	if o.tlsCA != "" {
-		opts = append(opts, nats.RootCAs(o.tlsCA))
+	if c.tlsCA != "" {
+		opts = append(opts, nats.RootCAs(c.tlsCA))
 	}
-	if o.tlsCert != "" {
-		opts = append(opts, nats.ClientCert(o.tlsCert, o.tlsKey))
+	if c.tlsCert != "" {
+		opts = append(opts, nats.ClientCert(c.tlsCert, c.tlsKey))
 	}
-	nc, err := nats.Connect(o.url, opts...)
+	o.Prefix = a.prefix
+	o.NATS = opts
+	cl, err := client.Connect(c.url, o)
 	if err != nil {
-		return nil, unavailablef("cannot connect to NATS at %s: %w", redactURLs(o.url), err)
+		return nil, &exitError{code: exitUnavailable, err: err}
 	}
-	return nc, nil
+	return cl, nil
 }
 
 // redactURLs hides passwords and tokens embedded in server URLs before they
 // are printed.
-func redactURLs(list string) string {
-	parts := strings.Split(list, ",")
-	for i, p := range parts {
-		p = strings.TrimSpace(p)
-		u, err := url.Parse(p)
-		if err != nil || u.User == nil {
-			parts[i] = p
-			continue
-		}
-		if _, hasPass := u.User.Password(); !hasPass {
-			u.User = url.User("xxxxx") // a bare user part is a token
-		}
-		parts[i] = u.Redacted()
-	}
-	return strings.Join(parts, ",")
-}
+func redactURLs(list string) string { return client.RedactURLs(list) }
 
 // isClosed reports whether err means the connection is gone for good.
 func isClosed(err error) bool {

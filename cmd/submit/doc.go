@@ -2,13 +2,12 @@
 // and awaits JetStream jobs, follows lifecycle events, lists live nodes and
 // load-tests a pool, talking to NATS only.
 //
-// It owns nothing on the node side. What it relies on is the wire contract
-// of docs/protocol.md, through package protocol: the request, job, result
-// and event subjects under the prefix, the Pyfleet-* and
-// Nats-Service-Error* headers, the chunk/end/heartbeat stream framing, the
-// error body, and the micro service named "pyfleet" whose STATS carry the
-// node's metadata and load figures. It imports neither bus nor nats-server,
-// so the binary stays a small NATS client.
+// It owns nothing on the node side and no protocol code: every exchange
+// with the fleet goes through package client (the Go client of
+// docs/protocol.md), and what is left here is the command line: flags and
+// their checks, reading the argument, printing answers, nodes and events,
+// exit statuses, and the bench loop. It imports neither bus nor
+// nats-server, so the binary stays a small NATS client.
 //
 // Exit status: 0 success, 1 the function failed (its error on stderr as
 // "code type: message"), 2 usage, 3 no node answered, the deadline passed or

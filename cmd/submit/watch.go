@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -12,9 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/client"
 )
 
 type watchCmd struct {
@@ -31,68 +30,51 @@ func (c *watchCmd) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.json, "json", false, "print each event's JSON as received")
 }
 
-var eventKinds = []string{
-	lifecycle.KindNodeStarted, lifecycle.KindNodeStopping, lifecycle.KindNodeStopped,
-	lifecycle.KindSpawned, lifecycle.KindReady, lifecycle.KindSpawnFailed,
-	lifecycle.KindTerminated, lifecycle.KindCrashed, lifecycle.KindRestarted,
-	lifecycle.KindOrphanReaped, lifecycle.KindCrashLoop,
-}
-
 func (c *watchCmd) run(ctx context.Context, a *app, args []string) error {
 	if err := noArgs(args); err != nil {
 		return err
 	}
-	tokens := make([]string, 3)
-	for i, f := range []struct{ flag, v string }{{"--pool", c.pool}, {"--node", c.node}, {"--kind", c.kind}} {
-		tokens[i] = "*"
+	for _, f := range []struct{ flag, v string }{{"--pool", c.pool}, {"--node", c.node}, {"--kind", c.kind}} {
 		if f.v == "" {
 			continue
 		}
 		if err := checkToken(f.flag, f.v); err != nil {
 			return err
 		}
-		tokens[i] = f.v
 	}
 	// A misspelt kind would otherwise wait forever for nothing.
-	if c.kind != "" && !slices.Contains(eventKinds, c.kind) {
-		return usagef("unknown --kind %q; kinds: %s", c.kind, strings.Join(eventKinds, ", "))
+	if c.kind != "" && !slices.Contains(client.EventKinds(), c.kind) {
+		return usagef("unknown --kind %q; kinds: %s", c.kind, strings.Join(client.EventKinds(), ", "))
 	}
 
-	nc, err := a.connect()
+	cl, err := a.connect(client.Options{})
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	subj := a.subjects().Event(tokens[0], tokens[1], tokens[2])
-	sub, err := nc.SubscribeSync(subj)
-	if err != nil {
-		return err
-	}
-	defer sub.Unsubscribe()
-	// Events come in bursts (a node starting N workers); losing some to the
-	// default pending limit would hide exactly the moments worth watching.
-	if err := sub.SetPendingLimits(-1, 64<<20); err != nil {
-		return err
-	}
-	for {
-		m, err := sub.NextMsgWithContext(ctx)
+	defer cl.Close()
+	// The sequence ends by itself at SIGINT/SIGTERM (ctx), the normal way
+	// to stop watching.
+	for ev, err := range cl.Events(ctx, client.EventFilter{Pool: c.pool, Node: c.node, Kind: c.kind}) {
+		var bad *client.EventError
 		switch {
-		case ctx.Err() != nil:
-			return nil // SIGINT/SIGTERM: the normal way to stop watching
-		case isClosed(err):
-			return unavailablef("connection to NATS closed")
+		case errors.As(err, &bad) && c.json:
+			err = printJSONEvent(a.stdout, bad.Data)
+		case errors.As(err, &bad):
+			// One bad message must not end a watch.
+			fmt.Fprintf(a.stderr, "submit watch: %v\n", bad)
+			continue
 		case err != nil:
-			return fmt.Errorf("watching %s: %w", subj, err)
-		}
-		if c.json {
-			err = printJSONEvent(a.stdout, m.Data)
-		} else {
-			err = c.printEvent(a, m)
+			return err
+		case c.json:
+			err = printJSONEvent(a.stdout, ev.Data)
+		default:
+			_, err = io.WriteString(a.stdout, formatEvent(&ev.Event, c.pool == "")+"\n")
 		}
 		if err != nil {
 			return err
 		}
 	}
+	return nil
 }
 
 func printJSONEvent(w io.Writer, data []byte) error {
@@ -106,20 +88,9 @@ func printJSONEvent(w io.Writer, data []byte) error {
 	return err
 }
 
-func (c *watchCmd) printEvent(a *app, m *nats.Msg) error {
-	var ev lifecycle.Event
-	if err := json.Unmarshal(m.Data, &ev); err != nil {
-		// One bad message must not end a watch.
-		fmt.Fprintf(a.stderr, "submit watch: undecodable event on %s: %v\n", m.Subject, err)
-		return nil
-	}
-	_, err := io.WriteString(a.stdout, formatEvent(&ev, c.pool == "")+"\n")
-	return err
-}
-
 // formatEvent renders an event as one line, e.g.
 // "14:03:07.123 node-a/w3 crashed pid=1234 signal=SIGKILL".
-func formatEvent(ev *lifecycle.Event, showPool bool) string {
+func formatEvent(ev *client.Event, showPool bool) string {
 	ts := ev.TS
 	if ts.IsZero() {
 		ts = time.Now()

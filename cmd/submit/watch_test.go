@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/pyfleet/pyfleet/client"
 	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
@@ -103,7 +104,7 @@ func TestWatchAllPoolsJSON(t *testing.T) {
 
 func TestFormatEventShowsPoolWhenWatchingAll(t *testing.T) {
 	ev := lifecycle.Event{Kind: "orphan_reaped", TS: time.Date(2026, 1, 2, 3, 4, 5, 0, time.Local), Pool: "gpu", Node: "node-b", PID: 42, Run: "r1"}
-	got := formatEvent(&ev, true)
+	got := formatEvent((*client.Event)(&ev), true)
 	if !regexp.MustCompile(`^03:04:05\.000 node-b orphan_reaped pool=gpu pid=42 run=r1$`).MatchString(got) {
 		t.Fatalf("got %q", got)
 	}

@@ -2,26 +2,24 @@ package main
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"sort"
-	"strconv"
 	"strings"
-	"time"
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/pyfleet/pyfleet/client"
 	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // checkToken rejects a value that would not be exactly one subject token:
 // a dot would silently address another subject, a wildcard many. The rule
 // is the node's (protocol.ValidToken), so what passes here is not refused
-// there.
+// there; checking it here names the flag.
 func checkToken(what, v string) error {
 	if v == "" {
 		return usagef("%s must not be empty", what)
@@ -41,50 +39,47 @@ func checkPrefix(p string) error {
 	return nil
 }
 
-func isChunk(h nats.Header) bool {
-	return protocol.Header(h, protocol.HeaderStream) == protocol.StreamChunk
-}
-
-func isHeartbeat(h nats.Header) bool {
-	return protocol.Header(h, protocol.HeaderStream) == protocol.StreamHeartbeat
-}
-
-// isNoResponders recognises the server's answer to a request nobody listens
-// to: a status 503 with no body, never a node's 503, which has a body.
-func isNoResponders(m *nats.Msg) bool {
-	return len(m.Data) == 0 && m.Header.Get("Status") == "503"
-}
-
-// output prints replies the way call and job --wait show them.
+// output prints answers the way call and job --wait show them.
 type output struct {
 	stdout  io.Writer
 	stderr  io.Writer
 	headers bool // --headers: reply headers on stderr
 	raw     bool // bytes as they are: no added newline
-	chunks  int
 }
 
-// handle prints one message of an answer and reports whether it was the
-// last: anything but a chunk ends the answer.
-func (o *output) handle(h nats.Header, data []byte) (done bool, err error) {
-	if isChunk(h) {
-		if o.chunks == 0 && o.headers {
-			printHeaders(o.stderr, h)
+// show prints an answer as it comes: each item of a stream on a line of its
+// own, or the one result; with --headers, the headers of the first item
+// and of the answer's last message (the result, the stream's end or the
+// error), which trailer holds once seq is done.
+func (o *output) show(seq iter.Seq2[*client.Msg, error], trailer *nats.Header) error {
+	chunks, whole := 0, false
+	for m, err := range seq {
+		if err != nil {
+			if o.headers && *trailer != nil {
+				printHeaders(o.stderr, *trailer)
+			}
+			return err
 		}
-		o.chunks++
-		return false, o.print(data)
+		switch {
+		case !m.Chunk():
+			whole = true
+			if o.headers {
+				printHeaders(o.stderr, m.Header)
+			}
+		case chunks == 0 && o.headers:
+			printHeaders(o.stderr, m.Header)
+		}
+		if m.Chunk() {
+			chunks++
+		}
+		if err := o.print(m.Data); err != nil {
+			return err
+		}
 	}
-	if o.headers {
-		printHeaders(o.stderr, h)
+	if o.headers && !whole && *trailer != nil {
+		printHeaders(o.stderr, *trailer)
 	}
-	if e := protocol.ReplyError(h, data); e != nil {
-		return true, e
-	}
-	if o.chunks > 0 || protocol.Header(h, protocol.HeaderStream) == protocol.StreamEnd {
-		// The end of a stream carries headers, not a value.
-		return true, nil
-	}
-	return true, o.print(data)
+	return nil
 }
 
 func (o *output) print(data []byte) error {
@@ -181,22 +176,4 @@ func noArgs(args []string) error {
 		return usagef("unexpected argument %q", args[0])
 	}
 	return nil
-}
-
-// millis renders a duration for Pyfleet-Timeout, rounding up so a short
-// timeout never becomes 0, which would mean "none".
-func millis(d time.Duration) string {
-	return strconv.FormatInt(int64((d+time.Millisecond-1)/time.Millisecond), 10)
-}
-
-// replyMargin is how long past the deadline the client still waits, so the
-// node's own 408, which says more than a client-side timeout, gets through.
-func replyMargin(timeout time.Duration) time.Duration {
-	return min(max(timeout/10, 500*time.Millisecond), 5*time.Second)
-}
-
-func randomID() string {
-	var b [8]byte
-	rand.Read(b[:])
-	return hex.EncodeToString(b[:])
 }

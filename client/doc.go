@@ -1,0 +1,45 @@
+// Package client is the Go client of pyfleet: it calls the functions of a
+// pool, streams their items, keeps calls on one worker in a session,
+// submits jobs and waits for their results, lists the live nodes and
+// follows their lifecycle events, over NATS alone. It speaks the wire
+// contract of docs/protocol.md through package protocol; cmd/submit is
+// built on it.
+//
+//	c, err := client.Connect("nats://127.0.0.1:4222", client.Options{Pool: "default"})
+//	...
+//	defer c.Close()
+//	var out map[string]int
+//	err = c.Call(ctx, "echo", map[string]int{"hi": 1}, &out)
+//	for item, err := range c.Stream(ctx, "count", map[string]int{"n": 3}) { ... }
+//	job, err := c.Submit(ctx, "echo", map[string]int{"x": 1})
+//	err = job.Result(ctx, &out)
+//
+// Every method takes a context.Context: its cancellation abandons the call
+// and returns ctx.Err(); its deadline is the call's (sent to the node as
+// Pyfleet-Timeout) unless WithTimeout gives another. Calls ask the node for
+// heartbeats (Options.Heartbeat, one a second by default), so a call whose
+// node dies fails within three intervals with ErrWorkerLost rather than
+// at its deadline.
+//
+// Failures of calls and jobs are *Error, with the code, type and message of
+// the node's answer and the node that sent it; errors.Is compares them with
+// the sentinel of their code: ErrBadRequest (400), ErrNotFound (404),
+// ErrDeadlineExceeded (408), ErrSessionLost (410), ErrPayloadTooLarge
+// (413), ErrWorkerLost (500 WorkerLost) and ErrUnavailable (503). What the
+// client concludes without a node's answer is an *Error too, with Local
+// set: NATS's "no responders" and a call no node took are ErrUnavailable,
+// a node that fell silent holding a call ErrWorkerLost, no answer by the
+// deadline ErrDeadlineExceeded.
+//
+// Streams, job results and events are range-over-func sequences
+// (iter.Seq2[T, error]): items come as the node sends them, an error ends
+// the sequence, and breaking out of the loop abandons what is left.
+//
+// Ownership: a Client owns one subscription (the inbox through which every
+// answer comes, made at the first call) and, from Connect, its connection;
+// Close ends both. Stream, Job.Messages and Events own what they start
+// (a subscription, JetStream ordered consumers and the goroutines reading
+// them) for the duration of their loop, and stop and wait for all of it
+// before the loop ends. The package imports nats.go and pyfleet's protocol
+// and call packages, never nats-server nor any package of the node.
+package client
