@@ -14,7 +14,9 @@ its dead-letter watch, the nodes listing). Needs nats-py: install
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import math
 import secrets
 import unicodedata
@@ -37,6 +39,8 @@ from .errors import (
     WorkerLost,
     from_reply,
 )
+
+_log = logging.getLogger("pyfleet.client")
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncJob", "AsyncStream", "AsyncEvents"]
 
@@ -731,7 +735,8 @@ class AsyncClient:
     ``servers`` is a URL or a list of them; NATS connection options
     (``user``, ``password``, ``token``, ``user_credentials`` or ``creds``,
     ``tls``, ``tls_hostname``, ``nkeys_seed``, ...) pass through to
-    nats-py's ``connect``, which also handles reconnects. ``timeout`` is
+    nats-py's ``connect``, which also handles reconnects; ``connect_wait``
+    bounds the first connection (Unavailable after it). ``timeout`` is
     the default deadline of a call, ``heartbeat`` the interval of the
     heartbeats each call asks for (None: none; a call whose node dies then
     waits for its deadline).
@@ -747,6 +752,7 @@ class AsyncClient:
         heartbeat: float | None = DEFAULT_HEARTBEAT,
         name: str = "pyfleet client",
         creds: str | None = None,
+        connect_wait: float = 5.0,
         **connect_options: Any,
     ) -> None:
         if isinstance(servers, str):
@@ -765,6 +771,7 @@ class AsyncClient:
             if not isinstance(heartbeat, (int, float)) or not 0.1 <= heartbeat <= 3600:
                 raise ValueError(f"heartbeat must be between 0.1 and 3600 seconds (or None), got {heartbeat!r}")
         self.heartbeat = float(heartbeat) if heartbeat else None
+        self.connect_wait = check_timeout(connect_wait, 5.0)
         if creds is not None:
             connect_options.setdefault("user_credentials", creds)
         self._options = {"name": name, **connect_options}
@@ -788,12 +795,24 @@ class AsyncClient:
             if user_closed is not None:
                 await user_closed()
 
+        async def quiet(err: Exception) -> None:
+            # nats-py's default logs every failed attempt with a traceback.
+            _log.warning("nats: %s", err or type(err).__name__)
+
+        options.setdefault("error_cb", quiet)
+        nc = NATS()
         try:
-            nc = await nats.connect(servers=self.servers, closed_cb=closed, **options)
-        except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+            # nats-py retries a first connection as it would a lost one
+            # (max_reconnect_attempts times, reconnect_time_wait apart):
+            # minutes by default. A client that cannot reach NATS says so
+            # after connect_wait instead.
+            await asyncio.wait_for(nc.connect(servers=self.servers, closed_cb=closed, **options), self.connect_wait)
+        except (nats.errors.NoServersError, OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            reason = str(exc) or str(nc.last_error or "") or type(exc).__name__
             raise Unavailable(
-                f"cannot connect to NATS at {redact(self.servers)}: {exc or type(exc).__name__}",
-                type="NoServers",
+                f"cannot connect to NATS at {redact(self.servers)}: {reason}", type="NoServers"
             ) from exc
         inbox = _Inbox(nc)
         await inbox.start()
