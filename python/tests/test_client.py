@@ -135,8 +135,11 @@ def test_session_keeps_its_worker(client: Client, node: Node) -> None:
 def test_session_lost(client: Client, node: Node) -> None:
     with client.session() as s:
         worker = s.call("pid")
-        os.kill(worker, signal.SIGKILL)
-        assert wait_gone(worker, 10)
+        # Once the node has seen its worker die (a call sent before that
+        # meets the dead worker: WorkerLost).
+        with client.events(timeout=60.0, kind="crashed") as events:
+            os.kill(worker, signal.SIGKILL)
+            assert any(ev.get("pid") == worker for ev in events)
         with pytest.raises(SessionLost) as e:
             s.call("pid")
     assert e.value.code == 410 and e.value.node == node.name
