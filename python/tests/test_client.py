@@ -342,6 +342,7 @@ def test_call_fails_fast_when_its_node_is_killed(start_node: StartNode, tmp_path
         assert not t.is_alive()
     assert len(failed) == 1 and isinstance(failed[0], WorkerLost), failed
     assert failed[0].node == victim.name and failed[0].type == "NodeLost"
+    print(f"the call failed {took[0]:.2f} s after the node was killed")
     # Seconds, not the deadline: bounded far below the 120 s the call allowed.
     assert took[0] < 60, took
     # The node's guardian kills its workers; stop() waits for that.
@@ -412,3 +413,12 @@ def test_workers_and_pyfleet_import_without_nats() -> None:
     code = "import sys, pyfleet.worker; print('nats' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=PYTHON_DIR, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_nats_auth_options_pass_through(start_node: StartNode) -> None:
+    n = start_node(workers=1, extra=("--nats-user", "pyfleet", "--nats-password", "s3cret-Pw"))
+    with Client(n.url, user="pyfleet", password="s3cret-Pw") as c:
+        assert c.call("echo", "in") == "in"
+    with pytest.raises(Unavailable, match="cannot connect to NATS") as e:
+        Client(n.url, user="pyfleet", password="wrong", connect_wait=2)
+    assert "wrong" not in str(e.value)
