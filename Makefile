@@ -47,7 +47,7 @@ lint:
 
 test: venv build tools lint test-py test-go
 
-test-py: venv
+test-py: venv build
 	cd python && .venv/bin/python -m pytest -q
 
 test-go: venv build tools

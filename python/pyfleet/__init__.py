@@ -15,11 +15,74 @@ each: ``app`` (this registry), ``codec`` (payloads and result frames),
 ``stream`` (one Batches stream), ``servicer`` (the gRPC server and its
 auth), ``process`` (secret, lifeline, parent death, signals, handshake) and
 ``worker`` (the entry point that wires them).
+
+The client, to call functions from anywhere (needs ``pyfleet[client]``,
+which adds nats-py; workers do not):
+
+    from pyfleet import Client
+
+    with Client("nats://127.0.0.1:4222") as c:
+        c.call("echo", {"hi": 1})
+
+``client`` (the blocking Client) runs ``aio`` (AsyncClient) on a loop of
+its own; ``errors`` holds the exception per status code. ``Client`` and
+``AsyncClient`` are imported on first use, so that ``import pyfleet`` in a
+worker never imports nats-py.
 """
 
 from __future__ import annotations
 
-from .app import App, BadRequest, FunctionSpec, Kind
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["App", "BadRequest", "FunctionSpec", "Kind"]
+from .app import App, FunctionSpec, Kind
+from .errors import (
+    BadRequest,
+    DeadlineExceeded,
+    NotFound,
+    PayloadTooLarge,
+    RemoteError,
+    SessionLost,
+    Unavailable,
+    WorkerLost,
+)
+
+if TYPE_CHECKING:
+    from .aio import AsyncClient
+    from .client import Client
+
+__all__ = [
+    "App",
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "DeadlineExceeded",
+    "FunctionSpec",
+    "Kind",
+    "NotFound",
+    "PayloadTooLarge",
+    "RemoteError",
+    "SessionLost",
+    "Unavailable",
+    "WorkerLost",
+]
 __version__ = "0.1.0"
+
+_LAZY = {"Client": "client", "AsyncClient": "aio"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyfleet' has no attribute {name!r}")
+    try:
+        import nats  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"pyfleet.{name} needs the NATS client nats-py: pip install 'pyfleet[client]'",
+            name="nats",
+        ) from exc
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,4 +1,8 @@
-"""The app registry: the functions an App exports, as the worker serves them."""
+"""The app registry: the functions an App exports, as the worker serves them.
+
+``BadRequest`` lives in ``errors`` (a function raises the class a client
+catches) and is re-exported here, where functions have always found it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, overload
 
+from .errors import BadRequest
+
 Kind = Literal["sync", "async", "gen", "asyncgen"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -16,10 +22,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 # A function name becomes one token of a NATS subject (pyfleet.req.<pool>.<name>),
 # so it may not contain the separator, the wildcards or whitespace.
 _BAD_NAME = re.compile(r"[.*>\s]")
-
-
-class BadRequest(Exception):
-    """Raise from a function to answer the caller with code 400 and this message."""
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,9 @@ def error(call_id: int, code: int, typ: str, message: str) -> Result:
 def failure(call: Call, spec: FunctionSpec, exc: BaseException) -> Result:
     """The END frame for a function that raised; 500s log their traceback."""
     if isinstance(exc, BadRequest):
-        return error(call.id, 400, type(exc).__name__, str(exc))
+        # str() of a RemoteError adds the code and type, which the reply
+        # carries in fields of their own.
+        return error(call.id, 400, type(exc).__name__, exc.message)
     # One write, so that tracebacks of concurrent calls do not interleave.
     sys.stderr.write(
         f"pyfleet: {spec.name} raised (call {call.id}, request {call.request_id or '-'}):\n"

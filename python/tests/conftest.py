@@ -6,6 +6,7 @@ reaped by the fixture that started it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -346,3 +347,137 @@ def odd() -> Iterator[Worker]:
         yield worker
     finally:
         worker.kill()
+
+
+# ------------------------------------------------------------ real poolnodes
+
+REPO = PYTHON_DIR.parent
+POOLNODE = REPO / "bin" / "poolnode"
+_node_seq = itertools.count(1)
+
+
+class Node:
+    """A bin/poolnode started by a test: an embedded NATS server on a random
+    port (JetStream in its state dir), or on ``nats`` when given, serving
+    ``app`` with real workers. ``stop()`` ends it and waits until every
+    process it started is gone; a fixture must call it."""
+
+    def __init__(
+        self,
+        app: Path = APPS / "client_app.py",
+        workers: int = 2,
+        extra: tuple[str, ...] = (),
+        nats: str | None = None,
+    ) -> None:
+        if not POOLNODE.exists():
+            pytest.fail(f"{POOLNODE} is missing: run `make build` (make test-py does)")
+        self.name = f"py{os.getpid()}-{next(_node_seq)}"
+        self.state = tempfile.mkdtemp(prefix="pf", dir="/tmp")
+        self.url: str | None = nats
+        self.log: list[str] = []
+        self._serving = threading.Event()
+        args = [
+            str(POOLNODE),
+            "--node", self.name,
+            "--workers", str(workers),
+            "--state-dir", self.state,
+            "--python", sys.executable,
+            "--log-format", "json",
+            "--log-level", "info",
+            "--app", str(app),
+            *(("--nats", nats) if nats else ("--listen", "127.0.0.1:0")),
+            *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        if not self._serving.wait(60):
+            self.stop()
+            raise AssertionError(f"poolnode {self.name} not serving after 60 s:\n" + "\n".join(self.log))
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip("\n"))
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "embedded NATS server listening":
+                self.url = entry.get("url")
+            # The node's own "serving" comes once jobs are pulled too; bus
+            # logs one under a logger name before that.
+            if entry.get("msg") == "serving" and "logger" not in entry:
+                self._serving.set()
+        self._serving.set()
+
+    def processes(self) -> list[int]:
+        """Live processes carrying this node's worker marker: its workers
+        and whatever they started."""
+        marker = f"PYFLEET_WORKER_RUN={self.name}/".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read()
+            except OSError:
+                continue
+            if (env.startswith(marker) or b"\0" + marker in env) and alive(int(entry)):
+                found.append(int(entry))
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: the node's guardian then kills its workers."""
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        deadline = time.monotonic() + 15
+        left = self.processes()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = self.processes()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # do not leak into other tests
+        shutil.rmtree(self.state, ignore_errors=True)
+        assert not left, f"node {self.name} left processes {left}"
+
+
+@pytest.fixture
+def start_node() -> Iterator[Callable[..., Node]]:
+    """Starts poolnodes; stops each (last first) and checks it left nothing."""
+    nodes: list[Node] = []
+
+    def start(*args: Any, **kwargs: Any) -> Node:
+        node = Node(*args, **kwargs)
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in reversed(nodes):
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    """A node of the client test app shared by a module's tests."""
+    n = Node(workers=2, extra=("--concurrency", "4"))
+    try:
+        yield n
+    finally:
+        n.stop()
