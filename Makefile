@@ -10,7 +10,7 @@ NATS_SERVER := $(GOBIN)/nats-server
 NATS_CLI := $(GOBIN)/nats
 export PATH := $(GOBIN):$(PATH)
 
-.PHONY: all build venv run test test-go test-py lint bench stress proto tools clean
+.PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean
 
 all: build
 
@@ -58,6 +58,12 @@ stress: venv build tools
 
 bench: venv build tools
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench
+
+# The five examples in examples/, each against a node of its own on a
+# random port (concurrent with 100 workers; TestExamples runs 8): one line
+# each with its figure and the processes its node left, which must be 0.
+examples: venv build
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/examples
 
 # Regenerates the committed gRPC code; needs grpcio-tools and the Go plugins.
 proto: venv

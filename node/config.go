@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -32,6 +31,9 @@ type Config struct {
 	App    string // MODULE[:ATTR], or a path to a .py file
 	AppDir string
 	Python string
+	// PythonFrom is which rule chose Python (PythonFromFlag, ...), set by
+	// Validate.
+	PythonFrom string
 
 	Workers        int
 	Concurrency    int
@@ -230,14 +232,27 @@ func (c *Config) validateNATS() error {
 }
 
 // validateApp resolves the app, its directory and the interpreter that
-// runs it.
+// runs it, and checks that the interpreter imports pyfleet.
 func (c *Config) validateApp() error {
+	return c.validateAppIn(processPythonEnv())
+}
+
+func (c *Config) validateAppIn(env pythonEnv) error {
 	if c.App == "" {
-		c.App, c.AppDir = "demo", filepath.Join("python", "examples")
+		// The demo app of the checkout this runs from, wherever it is run.
+		roots := repoRoots(env)
+		if len(roots) == 0 {
+			return badConfig("--app is required: there is no pyfleet checkout here or around this binary " +
+				"to take the demo app from; name your app's .py file or MODULE[:ATTR]")
+		}
+		c.App, c.AppDir = "demo", filepath.Join(roots[0], "python", "examples")
 	}
 	// A path to a .py file is the friendliest way to name an app: its
 	// directory goes on sys.path and its base name is the module.
 	if module, attr, _ := strings.Cut(c.App, ":"); strings.HasSuffix(module, ".py") {
+		if _, err := os.Stat(module); err != nil {
+			return badConfig("--app %q: %v", module, err)
+		}
 		c.AppDir = filepath.Dir(module)
 		c.App = strings.TrimSuffix(filepath.Base(module), ".py")
 		if attr != "" {
@@ -252,18 +267,33 @@ func (c *Config) validateApp() error {
 		return badConfig("--app-dir %q is not a directory", c.AppDir)
 	}
 	c.AppDir = appDir
+	return c.validatePython(env)
+}
 
-	if c.Python == "" {
-		c.Python = "python3"
-		if _, err := os.Stat(filepath.Join("python", ".venv", "bin", "python")); err == nil {
-			c.Python = filepath.Join("python", ".venv", "bin", "python")
-		}
-	}
-	python, err := findExecutable(c.Python)
+// validatePython chooses the interpreter (python.go) and starts it once to
+// check it can run a worker.
+func (c *Config) validatePython(env pythonEnv) error {
+	chosen, from := choosePython(c.Python, env)
+	python, err := findExecutable(chosen, env.lookPath)
 	if err != nil {
-		return badConfig("--python %q: %v", c.Python, err)
+		return badConfig("--python: %s (%s): %v", chosen, from, err)
 	}
-	c.Python = python
+	p, err := probePython(python, c.AppDir)
+	if err != nil {
+		var imp *importError
+		if errors.As(err, &imp) {
+			shown := python
+			if isPyenvShim(python) && p.executable != "" {
+				shown = p.executable
+			}
+			return badConfig("--python: %s (%s) %v\n%s", python, from, err, installHint(shown, p, env))
+		}
+		return badConfig("--python: %s (%s): %v", python, from, err)
+	}
+	if isPyenvShim(python) {
+		python = p.executable
+	}
+	c.Python, c.PythonFrom = python, from
 	return nil
 }
 
@@ -362,10 +392,10 @@ func redactURL(s string) string {
 // findExecutable resolves an interpreter to an absolute path without
 // following symlinks: a venv's python finds its packages through the
 // symlink's own location.
-func findExecutable(name string) (string, error) {
+func findExecutable(name string, lookPath func(string) (string, error)) (string, error) {
 	path := name
 	if !strings.Contains(name, "/") {
-		p, err := exec.LookPath(name)
+		p, err := lookPath(name)
 		if err != nil {
 			return "", err
 		}

@@ -11,7 +11,7 @@ import (
 func validConfig(t *testing.T) Config {
 	t.Helper()
 	c := Defaults()
-	c.Python = "/bin/sh" // any executable: Validate checks it exists and runs
+	c.Python = testPython(t) // Validate starts it once: it must import pyfleet
 	c.StateDir = t.TempDir()
 	c.AppDir = t.TempDir()
 	c.App = "app"

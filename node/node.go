@@ -37,6 +37,8 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		log:   log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
 		abort: abort,
 	}
+	n.log.Info("interpreter", zap.String("python", cfg.Python), zap.String("from", cfg.PythonFrom),
+		zap.String("app", cfg.App), zap.String("app_dir", cfg.AppDir))
 	// Each phase pushes a closer for everything it opens, as it opens it;
 	// close undoes them last first, however far the phases got.
 	defer n.close()

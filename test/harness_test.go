@@ -112,6 +112,8 @@ type nodeOptions struct {
 	extra    []string
 	env      []string
 	bin      string              // default: the race-built poolnode
+	dir      string              // working directory (default: the test's)
+	noPython bool                // leave --python out: the node chooses
 	cred     *syscall.Credential // run as another user (default: as the test)
 }
 
@@ -156,9 +158,11 @@ func launchNode(t *testing.T, o nodeOptions) *nodeProc {
 		"--node", o.name,
 		"--workers", strconv.Itoa(o.workers),
 		"--state-dir", o.stateDir,
-		"--python", python,
 		"--log-format", "json",
 		"--log-level", "debug",
+	}
+	if !o.noPython {
+		args = append(args, "--python", python)
 	}
 	if o.app != "" {
 		args = append(args, "--app", o.app)
@@ -173,6 +177,7 @@ func launchNode(t *testing.T, o nodeOptions) *nodeProc {
 	}
 	n.cmd = exec.Command(bin, args...)
 	n.cmd.Env = append(os.Environ(), o.env...)
+	n.cmd.Dir = o.dir
 	if o.cred != nil {
 		n.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: o.cred}
 	}

@@ -1,0 +1,18 @@
+"""concurrent: a function that waits (as one calling a slow service
+would), served by many workers at once.
+
+    bin/poolnode --app examples/concurrent/app.py --workers 100
+"""
+
+import os
+import time
+
+from pyfleet import App
+
+app = App()
+
+
+@app.function
+def work(payload):
+    time.sleep(payload.get("ms", 50) / 1000)
+    return os.getpid()
