@@ -159,6 +159,7 @@ func (h *harness) reportFigures(w writer) {
 	}
 	h.reportStartKillMemory(w)
 	h.reportContainmentFigures(w)
+	h.reportClients(w)
 }
 
 // reportRequestReply is figure 1's rows.
@@ -287,6 +288,7 @@ func reportMethod(w writer) {
 6. VmRSS of that poolnode (/proc/<pid>/status), read after its workers are ready and after 1 s of echo load at 64 in flight.
 7. For each ` + "`--containment`" + ` mode the machine offers, in turn (one further each round): a node started with ` + "`--nats`" + ` to a NATS server inside the harness and 100 workers, each of which starts, as it imports test/bench/benchapp.py, one ` + "`subprocess.Popen([\"sleep\", \"600\"], env={\"PATH\": \"/usr/bin:/bin\"}, start_new_session=True)`" + ` (its argv[0] a tag of the harness's, so that the harness finds its own): a child without the marker and out of the worker's group, which only kernel containment reaches once the node is dead. Ready: node start to the 100th ` + "`ready`" + ` event; the CPU of the node's whole process tree at that moment (node, guardian, inits, workers, children; ns from /proc/<pid>/task/*/schedstat) over 100. Then SIGKILL: time until poolnode is reaped and every process of the run is gone, by pid and start time (zombies count as gone), scanning every 2 ms: the node's tree as it was before the kill and every process carrying its marker. In ` + "`group`" + ` mode the clean-environment children are not waited for: those alive once the rest is gone are counted (the mode's known limit) and killed by the harness. After each kill the run's cgroups must be gone too.
 8. For each mode, a node with one worker and ` + "`--max-requests 1`" + `: a call to the node makes it start a replacement, timed from the call's answer to the replacement's ` + "`ready`" + ` event, with its CPU: the node's from the call to that event and the new worker's whole tree's (its init's too); the old worker is gone before the next call, and the modes take turns (the three nodes live side by side and only one starts a worker at a time). The difference to ` + "`group`" + ` is the median of the differences within each turn, which a slow spell of the machine shifts for all modes alike.
+9. and 10. One node (2 workers, ` + "`--concurrency 32`" + `, embedded NATS); each round, in turn, the Go client (package ` + "`client`" + `, which ` + "`submit`" + ` is built on) one call at a time and with 64 goroutines, then python/bench/client_bench.py: ` + "`Client.call`" + ` one at a time (as many calls as the Go side's run lasts in ms), then ` + "`AsyncClient.call`" + ` with 64 in flight for the same duration. The same 100-byte echo; heartbeats on in both, as by default. The Python process runs on the same 2 cores as the node.
 `)
 }
 

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/pyfleet/pyfleet/lifecycle"
 	"github.com/pyfleet/pyfleet/proto/workerpb"
 )
 
@@ -33,13 +34,22 @@ type node struct {
 }
 
 // workers lists the node's worker pids: its children that run
-// pyfleet.worker (not its guardian).
+// pyfleet.worker (not its guardian), or where each worker runs under the
+// init of its PID namespace, the inits' children that do.
 func (n *node) workers() []int {
 	var out []int
 	for _, pid := range childrenOf(n.p.pid()) {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-		if err == nil && strings.Contains(string(b), "pyfleet.worker") {
+		switch {
+		case err != nil:
+		case strings.Contains(string(b), "pyfleet.worker"):
 			out = append(out, pid)
+		case strings.Contains(string(b), "\x00"+lifecycle.InitArg+"\x00"):
+			for _, child := range childrenOf(pid) {
+				if b, err := os.ReadFile("/proc/" + strconv.Itoa(child) + "/cmdline"); err == nil && strings.Contains(string(b), "pyfleet.worker") {
+					out = append(out, child)
+				}
+			}
 		}
 	}
 	return out
