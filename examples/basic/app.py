@@ -7,9 +7,7 @@ Serve it (from the checkout) with two workers:
 then run ``python examples/basic/client.py``.
 """
 
-import os
-
-from pyfleet import App, BadRequest
+from pyfleet import App, BadRequest, worker_id
 
 app = App()
 
@@ -29,5 +27,6 @@ def add(payload):
 
 @app.function
 def whoami(payload):
-    """The worker's pid: which of the pool's processes answered."""
-    return {"pid": os.getpid()}
+    """Which of the pool's workers answered (os.getpid() would not tell:
+    in PID namespaces every worker numbers itself alike)."""
+    return {"worker": worker_id()}

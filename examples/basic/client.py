@@ -35,7 +35,7 @@ with Client(url, pool="default") as c:
     pids = set()
     for _ in range(200):
         start = time.perf_counter()
-        pids.add(c.call("whoami")["pid"])
+        pids.add(c.call("whoami")["worker"])
         took.append(time.perf_counter() - start)
     p50 = statistics.median(took) * 1000
     print(f"figure: p50 {p50:.2f} ms per call over 200 calls, {len(pids)} of {workers} workers answered")

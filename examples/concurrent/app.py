@@ -4,10 +4,9 @@ would), served by many workers at once.
     bin/poolnode --app examples/concurrent/app.py --workers 100
 """
 
-import os
 import time
 
-from pyfleet import App
+from pyfleet import App, worker_id
 
 app = App()
 
@@ -15,4 +14,4 @@ app = App()
 @app.function
 def work(payload):
     time.sleep(payload.get("ms", 50) / 1000)
-    return os.getpid()
+    return worker_id()

@@ -4,10 +4,9 @@ count on reaching again.
     bin/poolnode --app examples/sessions/app.py --workers 4
 """
 
-import os
 import time
 
-from pyfleet import App, BadRequest
+from pyfleet import App, BadRequest, worker_id
 
 app = App()
 
@@ -19,12 +18,12 @@ _store: dict[str, object] = {}
 def put(payload):
     time.sleep(0.05)  # long enough that sessions opened together spread over the workers
     _store[payload["key"]] = payload["value"]
-    return {"pid": os.getpid()}
+    return {"worker": worker_id()}
 
 
 @app.function
 def get(payload):
     key = payload["key"]
     if key not in _store:
-        raise BadRequest(f"worker {os.getpid()} holds no {key!r}")
-    return {"pid": os.getpid(), "value": _store[key]}
+        raise BadRequest(f"worker {worker_id()} holds no {key!r}")
+    return {"worker": worker_id(), "value": _store[key]}

@@ -21,10 +21,10 @@ SESSIONS, READS = 12, 10
 def run_session(c, i):
     with c.session() as s:
         key = f"user-{i}"
-        pid = s.call("put", {"key": key, "value": i})["pid"]
+        pid = s.call("put", {"key": key, "value": i})["worker"]
         for _ in range(READS):
             got = s.call("get", {"key": key})
-            if got != {"pid": pid, "value": i}:
+            if got != {"worker": pid, "value": i}:
                 sys.exit(f"session {i}: read {got}, want value {i} from worker {pid}")
         return pid, s.node
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .app import App, FunctionSpec, Kind
+from .app import App, FunctionSpec, Kind, worker_id
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -64,6 +64,7 @@ __all__ = [
     "SessionLost",
     "Unavailable",
     "WorkerLost",
+    "worker_id",
 ]
 __version__ = "0.1.0"
 

@@ -6,6 +6,8 @@ catches) and is re-exported here, where functions have always found it.
 
 from __future__ import annotations
 
+import os
+
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -103,3 +105,12 @@ class App:
 
     def __repr__(self) -> str:
         return f"App(functions={list(self._functions)})"
+
+
+def worker_id() -> str:
+    """This worker's name in the fleet, ``<node>/<run>/<worker>-<start>``
+    (empty outside a worker): unique among all workers of all nodes, which
+    ``os.getpid()`` is not where each worker runs in a PID namespace of its
+    own (``--containment cgroup`` or ``pidns``: every worker numbers itself
+    alike)."""
+    return os.environ.get("PYFLEET_WORKER_ID", "")

@@ -291,6 +291,48 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def locate(where: dict[str, Any]) -> tuple[int, int]:
+    """The host pid of the worker that answered whereami, and the pid the
+    node's events name for it: the worker's own, or where the worker runs
+    under the init of its own PID namespace (cgroup and pidns containment),
+    the init's."""
+    ns, inner = where["pidns"], where["pid"]
+    host = inner
+    if os.readlink("/proc/self/ns/pid") != ns:
+        host = next(
+            (
+                int(p)
+                for p in os.listdir("/proc")
+                if p.isdigit() and _ns_of(p) == ns and _nspid(p)[-1:] == [inner]
+            ),
+            0,
+        )
+        assert host, f"no process is pid {inner} in {ns}"
+    with open(f"/proc/{host}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    with open(f"/proc/{ppid}/cmdline", "rb") as f:
+        is_init = b"\0__pyfleet_init\0" in f.read()
+    return host, ppid if is_init else host
+
+
+def _ns_of(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
+
+
+def _nspid(pid: str) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
 def wait_gone(pid: int, timeout: float = 5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import pyfleet
-from conftest import PYTHON_DIR, Node, wait_gone
+from conftest import PYTHON_DIR, Node, locate, wait_gone
 from pyfleet import (
     BadRequest,
     Client,
@@ -134,12 +134,12 @@ def test_session_keeps_its_worker(client: Client, node: Node) -> None:
 
 def test_session_lost(client: Client, node: Node) -> None:
     with client.session() as s:
-        worker = s.call("pid")
+        worker, supervised = locate(s.call("whereami"))
         # Once the node has seen its worker die (a call sent before that
         # meets the dead worker: WorkerLost).
         with client.events(timeout=60.0, kind="crashed") as events:
             os.kill(worker, signal.SIGKILL)
-            assert any(ev.get("pid") == worker for ev in events)
+            assert any(ev.get("pid") == supervised for ev in events)
         with pytest.raises(SessionLost) as e:
             s.call("pid")
     assert e.value.code == 410 and e.value.node == node.name
@@ -292,12 +292,12 @@ def test_nodes(client: Client, node: Node) -> None:
 
 def test_events(client: Client, node: Node) -> None:
     events = client.events(timeout=60.0)
-    worker = client.call("pid")
+    worker, supervised = locate(client.call("whereami"))
     os.kill(worker, signal.SIGKILL)
     seen = []
     for ev in events:
         seen.append(ev["kind"])
-        if ev["kind"] == "crashed" and ev.get("pid") == worker:
+        if ev["kind"] == "crashed" and ev.get("pid") == supervised:
             assert ev["node"] == node.name and ev["pool"] == "default"
             break
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Node, wait_gone
+from conftest import Node, locate, wait_gone
 from pyfleet import (
     AsyncClient,
     BadRequest,
@@ -91,11 +91,12 @@ def test_session(node: Node) -> None:
                 assert [i async for i in s.stream("count", {"n": 2})] == [0, 1]
                 # Once the node has seen its worker die (a call sent
                 # before that meets the dead worker: WorkerLost).
+                worker, supervised = locate(await s.call("whereami"))
                 async with c.events(timeout=60.0, kind="crashed") as events:
-                    os.kill(first, signal.SIGKILL)
-                    assert wait_gone(first, 10)
+                    os.kill(worker, signal.SIGKILL)
+                    assert wait_gone(worker, 10)
                     async for ev in events:
-                        if ev.get("pid") == first:
+                        if ev.get("pid") == supervised:
                             break
                     else:
                         pytest.fail("no crashed event")
@@ -128,10 +129,10 @@ def test_nodes_and_events(node: Node) -> None:
             rows = await c.nodes()
             assert [(r["node"], r["workers"]) for r in rows] == [(node.name, 2)]
             async with c.events(timeout=60.0, kind="crashed") as events:
-                worker = await c.call("pid")
+                worker, supervised = locate(await c.call("whereami"))
                 os.kill(worker, signal.SIGKILL)
                 async for ev in events:
-                    if ev.get("pid") == worker:
+                    if ev.get("pid") == supervised:
                         assert ev["kind"] == "crashed" and ev["node"] == node.name
                         break
                 else:

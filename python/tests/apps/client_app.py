@@ -73,6 +73,14 @@ def pid(payload: Any) -> int:
 
 
 @app.function
+def whereami(payload: Any) -> dict[str, Any]:
+    """This worker's pid and the PID namespace that numbers it: where the
+    worker runs in a namespace of its own, the host numbers it otherwise
+    (conftest.locate translates)."""
+    return {"pid": os.getpid(), "pidns": os.readlink("/proc/self/ns/pid")}
+
+
+@app.function
 def die(payload: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
