@@ -174,10 +174,17 @@ func joinItems(items [][]byte, result any) []byte {
 // A failure is an *Error (errors.Is(err, ErrNotFound)...), ctx's error when
 // ctx is cancelled, or an error of NATS.
 func (c *Client) Call(ctx context.Context, function string, arg, result any, opts ...Option) error {
+	return collectAnswer(c.Stream(ctx, function, arg, opts...), result)
+}
+
+// collectAnswer stores the answer that msgs carry in result: its one message,
+// or its streamed items as one JSON array (joinItems); or returns the
+// first error.
+func collectAnswer(msgs iter.Seq2[*Msg, error], result any) error {
 	var items [][]byte
 	var single []byte
 	chunked := false
-	for m, err := range c.Stream(ctx, function, arg, opts...) {
+	for m, err := range msgs {
 		if err != nil {
 			return err
 		}

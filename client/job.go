@@ -203,24 +203,7 @@ func (c *Client) deadLetters(ctx context.Context, subj string) *deadWatch {
 // ErrDeadlineExceeded (Local) if ctx's deadline passed. WithReplyHeader
 // applies.
 func (j *Job) Result(ctx context.Context, result any, opts ...Option) error {
-	var items [][]byte
-	var single []byte
-	chunked := false
-	for m, err := range j.Messages(ctx, opts...) {
-		if err != nil {
-			return err
-		}
-		if m.Chunk() {
-			chunked = true
-			items = append(items, m.Data)
-		} else {
-			single = m.Data
-		}
-	}
-	if chunked {
-		single = joinItems(items, result)
-	}
-	return decode(single, result)
+	return collectAnswer(j.Messages(ctx, opts...), result)
 }
 
 // Messages waits for the job's stored result and yields it as stored: one

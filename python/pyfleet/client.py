@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .aio import (
     DEFAULT_HEARTBEAT,
@@ -34,39 +34,48 @@ __all__ = ["Client", "Session", "Job", "Stream", "Events"]
 T = TypeVar("T")
 
 
-class Stream:
-    """The items of a streamed call as they are produced (``for item in
-    ...``). The request is sent when the stream is made. ``close()`` (or
-    leaving ``with``) stops listening early."""
+class _Blocking(Generic[T]):
+    """A blocking iterator over an async one that runs on the client's
+    loop: what Stream and Events share."""
 
-    def __init__(self, client: Client, astream: AsyncStream) -> None:
+    def __init__(self, client: Client, ait: Any) -> None:
         self._c = client
-        self._s = astream
-        client._run(astream.start())
+        self._ait = ait
+        client._run(ait.start())
 
-    @property
-    def node(self) -> str | None:
-        """The node streaming, once it has answered."""
-        return self._s.node
-
-    def __iter__(self) -> Stream:
+    def __iter__(self) -> _Blocking[T]:
         return self
 
-    def __next__(self) -> Any:
-        more, item = self._c._run(_next(self._s))
+    def __next__(self) -> T:
+        more, item = self._c._run(_next(self._ait))
         if not more:
             raise StopIteration
         return item
 
     def close(self) -> None:
         if not self._c.closed:
-            self._c._run(self._s.aclose())
+            self._c._run(self._ait.aclose())
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> _Blocking[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Stream(_Blocking[Any]):
+    """The items of a streamed call as they are produced (``for item in
+    ...``). The request is sent when the stream is made. ``close()`` (or
+    leaving ``with``) stops listening early."""
+
+    def __init__(self, client: Client, astream: AsyncStream) -> None:
+        super().__init__(client, astream)
+        self._s = astream
+
+    @property
+    def node(self) -> str | None:
+        """The node streaming, once it has answered."""
+        return self._s.node
 
 
 async def _next(it: Any) -> tuple[bool, Any]:
@@ -171,33 +180,9 @@ class Job:
         return f"Job(id={self.id!r}, pool={self.pool!r}, function={self.function!r})"
 
 
-class Events:
+class Events(_Blocking[dict[str, Any]]):
     """Lifecycle events as dicts, live (``for ev in ...``), from the moment
     ``events()`` returned; ends after its timeout, or at ``close()``."""
-
-    def __init__(self, client: Client, aevents: AsyncEvents) -> None:
-        self._c = client
-        self._e = aevents
-        client._run(aevents.start())
-
-    def __iter__(self) -> Events:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        more, ev = self._c._run(_next(self._e))
-        if not more:
-            raise StopIteration
-        return ev
-
-    def close(self) -> None:
-        if not self._c.closed:
-            self._c._run(self._e.aclose())
-
-    def __enter__(self) -> Events:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Client:

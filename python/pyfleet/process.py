@@ -127,8 +127,17 @@ def die_with_parent_after_fork() -> None:
     if not sys.platform.startswith("linux"):
         return
     parent: dict[str, Any] = {"pid": 0, "long_lived": False, "prctl": None}
+    # The forking thread's signal mask before the fork (per thread: call
+    # threads may fork at once).
+    masks = threading.local()
+    stops = {signal.SIGTERM, signal.SIGINT}
 
     def before() -> None:
+        # Held until the child has its own handlers (after_in_child): a
+        # SIGTERM sent to it right after the fork stays pending until then,
+        # rather than reaching the worker's handler through the shared
+        # wakeup socket.
+        masks.saved = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         thread = threading.current_thread()
         parent["pid"] = os.getpid()
         parent["long_lived"] = thread is threading.main_thread() or is_call_thread(thread)
@@ -150,6 +159,7 @@ def die_with_parent_after_fork() -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, masks.saved)
         prctl = parent["prctl"]
         if not parent["long_lived"] or not prctl:
             return
@@ -157,7 +167,10 @@ def die_with_parent_after_fork() -> None:
         if os.getppid() != parent["pid"]:
             os._exit(1)  # the parent died before the signal was armed
 
-    os.register_at_fork(before=before, after_in_child=after_in_child)
+    def after_in_parent() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masks.saved)
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
 
 
 # ---------------------------------------------------------------- signals and exit
