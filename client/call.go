@@ -338,6 +338,9 @@ func (c *Client) exchange(ctx context.Context, subj string, body []byte, o *opti
 				"no answer from %s within %v", subj, shown)
 		case errors.Is(err, errClosed):
 			return fmt.Errorf("connection to NATS closed while waiting for %s: %w", subj, nats.ErrConnectionClosed)
+		case errors.Is(err, errOverflow):
+			return localError(call.CodeFailed, TypeSlowConsumer, nil,
+				"%s: more than %d MiB of the answer arrived unread (a stream faster than its reader): the call is abandoned", subj, maxBuffered>>20)
 		case err != nil:
 			return fmt.Errorf("waiting for %s: %w", subj, err)
 		}

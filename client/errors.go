@@ -41,6 +41,9 @@ const (
 	// TypeNoStream: a stream jobs need does not exist: no node has
 	// created it yet (503).
 	TypeNoStream = "NoStream"
+	// TypeSlowConsumer: more of a call's answer arrived than the client
+	// holds unread for one call (64 MiB), so it abandoned the call (500).
+	TypeSlowConsumer = "SlowConsumer"
 )
 
 // Error is every failure of a call or a job that pyfleet answered, or that

@@ -17,6 +17,15 @@ var errClosed = errors.New("connection closed")
 // errSilent is what a wait returns when its loss deadline passed first.
 var errSilent = errors.New("no message in time")
 
+// errOverflow is what a wait returns once its inbox held more than
+// maxBuffered bytes that the caller had not read.
+var errOverflow = errors.New("answer buffered beyond the limit")
+
+// maxBuffered bounds, in bytes of message data, what one call's inbox holds
+// unread: a stream that produces faster than its caller reads would
+// otherwise grow the client without end. Past it the call is abandoned.
+const maxBuffered = 64 << 20
+
 // mux routes the answers of every call of a client through one wildcard
 // subscription, <inbox>.*, as nats.go does for its own requests: a call's
 // answer is many messages (heartbeats, chunks), which nc.Request cannot
@@ -35,16 +44,18 @@ type mux struct {
 	boxes  map[string]*inbox
 }
 
-// inbox queues one call's messages without bound, so that the delivery
-// goroutine, shared by all calls, never waits for a slow reader.
+// inbox queues one call's messages, up to maxBuffered bytes, so that the
+// delivery goroutine, shared by all calls, never waits for a slow reader.
 type inbox struct {
 	subject string
 	token   string
 	gone    <-chan nats.SubStatus
 
-	mu    sync.Mutex
-	msgs  []*nats.Msg
-	ready chan struct{} // holds one signal while msgs may be non-empty
+	mu       sync.Mutex
+	msgs     []*nats.Msg
+	buffered int           // bytes of data in msgs
+	overflow bool          // buffered passed maxBuffered: msgs dropped, the call abandoned
+	ready    chan struct{} // holds one signal while msgs may be non-empty
 }
 
 func (m *mux) open() (*inbox, error) {
@@ -97,7 +108,14 @@ func (m *mux) deliver(msg *nats.Msg) {
 		return // a late message of a call that has ended
 	}
 	ib.mu.Lock()
-	ib.msgs = append(ib.msgs, msg)
+	switch {
+	case ib.overflow:
+	case ib.buffered+len(msg.Data) > maxBuffered:
+		ib.overflow, ib.msgs, ib.buffered = true, nil, 0
+	default:
+		ib.msgs = append(ib.msgs, msg)
+		ib.buffered += len(msg.Data)
+	}
 	ib.mu.Unlock()
 	select {
 	case ib.ready <- struct{}{}:
@@ -106,7 +124,7 @@ func (m *mux) deliver(msg *nats.Msg) {
 }
 
 // wait returns the next message, or errSilent once lost (when not zero)
-// has passed, ctx's error, or errClosed.
+// has passed, ctx's error, errClosed, or errOverflow.
 func (ib *inbox) wait(ctx context.Context, lost *time.Timer) (*nats.Msg, error) {
 	var expired <-chan time.Time
 	if lost != nil {
@@ -114,10 +132,15 @@ func (ib *inbox) wait(ctx context.Context, lost *time.Timer) (*nats.Msg, error) 
 	}
 	for {
 		ib.mu.Lock()
+		if ib.overflow {
+			ib.mu.Unlock()
+			return nil, errOverflow
+		}
 		if len(ib.msgs) > 0 {
 			msg := ib.msgs[0]
 			ib.msgs[0] = nil
 			ib.msgs = ib.msgs[1:]
+			ib.buffered -= len(msg.Data)
 			ib.mu.Unlock()
 			return msg, nil
 		}

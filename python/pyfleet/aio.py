@@ -227,6 +227,45 @@ def redact(servers: str | list[str]) -> str:
 # ---------------------------------------------------------- the reply inbox
 
 
+# Bytes of message data one call holds unread: a stream that produces
+# faster than its caller reads would otherwise grow the client without end.
+# Past it the call is abandoned (RemoteError, type SlowConsumer).
+MAX_BUFFERED = 64 << 20
+
+# What a call's queue yields once MAX_BUFFERED was passed.
+_OVERFLOW: Any = object()
+
+
+class _CallQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """A call's messages, counted in bytes; past MAX_BUFFERED it drops them
+    and holds only _OVERFLOW."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffered = 0
+        self.overflow = False
+
+    def put_nowait(self, msg: Any) -> None:
+        if self.overflow:
+            return
+        size = len(msg.data) if msg is not None and msg is not _OVERFLOW else 0
+        if self.buffered + size > MAX_BUFFERED:
+            self.overflow = True
+            while not self.empty():
+                super().get_nowait()
+            self.buffered = 0
+            super().put_nowait(_OVERFLOW)
+            return
+        self.buffered += size
+        super().put_nowait(msg)
+
+    def get_nowait(self) -> Any:
+        msg = super().get_nowait()
+        if msg is not None and msg is not _OVERFLOW:
+            self.buffered -= len(msg.data)
+        return msg
+
+
 class _Inbox:
     """One wildcard subscription for the replies of every call: a call
     gets a token under it and a queue, instead of a subscription (and its
@@ -257,7 +296,7 @@ class _Inbox:
             raise Unavailable("the client is closed", type="Closed")
         self._next += 1
         token = format(self._next, "x")
-        q: asyncio.Queue[Msg | None] = asyncio.Queue()
+        q: asyncio.Queue[Msg | None] = _CallQueue()
         self._queues[token] = q
         return token, self._prefix + token, q
 
@@ -347,6 +386,14 @@ class _Exchange:
                 self.close()
                 raise Unavailable(
                     f"the connection to NATS closed while waiting for {self.subject}", type="Closed"
+                )
+            if msg is _OVERFLOW:
+                self.close()
+                raise RemoteError(
+                    f"{self.subject}: more than {MAX_BUFFERED >> 20} MiB of the answer arrived unread "
+                    "(a stream faster than its reader): the call is abandoned",
+                    code=500,
+                    type="SlowConsumer",
                 )
             self._heard = loop.time()
             kind = header(msg, H_STREAM)
