@@ -174,8 +174,8 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	if err := nc.FlushTimeout(5 * time.Second); err != nil {
 		s.log.Warn("subscriptions not confirmed by the server; they are sent again on reconnection", zap.Error(err))
 	}
-	s.log.Info("serving", zap.String("pool", cfg.Pool), zap.String("node", cfg.Node),
-		zap.Int("functions", len(fns)), zap.String("subject", protocol.Subjects{Prefix: cfg.Prefix}.Request(cfg.Pool, "*")))
+	// The logger names the node and the pool already.
+	s.log.Info("serving", zap.Int("functions", len(fns)), zap.String("subject", protocol.Subjects{Prefix: cfg.Prefix}.Request(cfg.Pool, "*")))
 	return s, nil
 }
 
