@@ -86,7 +86,9 @@ stderr and exits 1; a passed deadline exits 3.`,
 		detail: `Publishes a job to <prefix>.job.<pool>.<function> with the job id as
 Nats-Msg-Id (a resubmitted id inside the dedup window is dropped, and --wait
 then shows the first run's result). Prints the id; with --wait prints the
-result instead, read from <prefix>.result.<pool>.<id>, like call.`,
+result instead, read from <prefix>.result.<pool>.<id>, like call.
+--job-timeout is the job's deadline from its start (default: the node's
+--job-timeout, 1h); --timeout is only how long --wait waits.`,
 		new: func() runner { return &jobCmd{} },
 	},
 	{

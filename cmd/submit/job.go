@@ -18,8 +18,11 @@ type jobCmd struct {
 	replyTo string
 	wait    bool
 	timeout time.Duration
-	headers bool
-	raw     bool
+	// jobTimeout is the job's own deadline (Pyfleet-Timeout), apart from
+	// timeout, which is only how long --wait waits.
+	jobTimeout time.Duration
+	headers    bool
+	raw        bool
 }
 
 func (c *jobCmd) flags(fs *flag.FlagSet) {
@@ -28,6 +31,7 @@ func (c *jobCmd) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.replyTo, "reply-to", "", "also send the result to `SUBJECT` (Pyfleet-Reply-To)")
 	fs.BoolVar(&c.wait, "wait", false, "wait for the result and print it instead of the id")
 	fs.DurationVar(&c.timeout, "timeout", 0, "with --wait, give up after this long (default: wait until interrupted)")
+	fs.DurationVar(&c.jobTimeout, "job-timeout", 0, "the job's deadline, from its start (Pyfleet-Timeout; default: the node's --job-timeout, 1h)")
 	fs.BoolVar(&c.headers, "headers", false, "with --wait, print the result's headers on stderr")
 	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
 }
@@ -48,6 +52,9 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	if c.timeout < 0 {
 		return usagef("--timeout must not be negative")
 	}
+	if c.jobTimeout < 0 {
+		return usagef("--job-timeout must not be negative")
+	}
 	body, err := payload(rest, a.stdin, c.raw)
 	if err != nil {
 		return err
@@ -60,6 +67,9 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	opts := []client.Option{client.WithJobID(c.id)}
 	if c.replyTo != "" {
 		opts = append(opts, client.WithReplyTo(c.replyTo))
+	}
+	if c.jobTimeout > 0 {
+		opts = append(opts, client.WithTimeout(c.jobTimeout))
 	}
 	if c.wait {
 		opts = append(opts, client.WithAwait())

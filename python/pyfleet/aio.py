@@ -930,8 +930,9 @@ class AsyncClient:
         """Submits a job (JetStream) and returns its handle; ``job_id``
         (default: 16 random hex digits) is the Nats-Msg-Id, so the same id
         submitted again within two minutes is not queued again
-        (``job.duplicate``). ``timeout`` is the job's deadline, counted from
-        its start (default: the node's)."""
+        (``job.duplicate``). ``timeout`` is the job's deadline in seconds,
+        counted from its start (default: the node's ``--job-timeout``, one
+        hour; never the client's call timeout)."""
         check_token("function", function)
         job_id = secrets.token_hex(8) if job_id is None else check_token("job_id", job_id)
         body = encode(payload, raw)
