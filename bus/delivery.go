@@ -42,6 +42,7 @@ type delivery struct {
 	msg       jetstream.Msg
 	n         uint64 // which delivery this is: 1 for the first
 	hdr       nats.Header
+	submitted time.Time // when the jobs stream stored the job
 	log       *zap.Logger
 	stopLease func()
 }
@@ -84,7 +85,8 @@ func (j *Jobs) newDelivery(msg jetstream.Msg) (*delivery, error) {
 		return nil, err
 	}
 	hdr := msg.Headers()
-	d := &delivery{jobIdentity: j.identify(msg.Subject(), hdr, meta.Sequence.Stream), msg: msg, n: meta.NumDelivered, hdr: hdr}
+	d := &delivery{jobIdentity: j.identify(msg.Subject(), hdr, meta.Sequence.Stream), msg: msg, n: meta.NumDelivered, hdr: hdr,
+		submitted: meta.Timestamp.UTC()}
 	d.log = j.log.With(zap.String("job", d.id), zap.String("function", d.function), zap.Uint64("delivery", d.n))
 	return d, nil
 }

@@ -143,9 +143,10 @@ type Jobs struct {
 	stopOnce sync.Once
 
 	mu       sync.Mutex
-	running  int           // fetched and not yet acked, nak'ed or terminated
-	starting int           // fetched and not yet handed to Call
-	idle     chan struct{} // closed once stopping with nothing running
+	running  int                  // fetched and not yet acked, nak'ed or terminated
+	active   map[string]*delivery // the jobs running here, by id (Progress, cancel)
+	starting int                  // fetched and not yet handed to Call
+	idle     chan struct{}        // closed once stopping with nothing running
 	stopping bool
 }
 
@@ -177,6 +178,7 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 		loopDone:  make(chan struct{}),
 		wake:      make(chan struct{}, 1),
 		idle:      make(chan struct{}),
+		active:    map[string]*delivery{},
 	}
 	for _, f := range h.Functions() {
 		j.funcs[f.Name] = f
@@ -230,6 +232,11 @@ func (j *Jobs) setup(ctx context.Context) error {
 		return fmt.Errorf("consumer %s on %s: %w", ccfg.Durable, j.streams.Jobs, err)
 	}
 	st.maxDeliver = st.cons.CachedInfo().Config.MaxDeliver
+	// Without the bucket (an account that may not create it, say) jobs
+	// run all the same; only their status is not kept.
+	if st.status, err = ensureStatusBucket(ctx, j.js, j.cfg.Prefix, j.cfg.Replicas, st.results, j.log); err != nil {
+		j.log.Warn("job status is not kept", zap.Error(err))
+	}
 	j.state.Store(&st)
 	return nil
 }
@@ -248,6 +255,8 @@ type jsState struct {
 	jobs, results jetstream.Stream
 	// maxDeliver is the consumer's, which another node may have set.
 	maxDeliver int
+	// status is the jobs' status bucket, nil when it could not be had.
+	status jetstream.KeyValue
 }
 
 // Running reports how many jobs this node holds: running, or fetched and

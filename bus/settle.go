@@ -31,11 +31,13 @@ func (j *Jobs) handle(msg jetstream.Msg) {
 	// queue in the pool both take time.
 	d.stopLease = j.keepLease(d)
 	defer d.stopLease()
+	defer j.track(d)()
 
 	fn, timeout, settled := j.prepare(d)
 	if settled {
 		return
 	}
+	j.statusRunning(d)
 	j.started(&startedOnce)
 	res, limit, settled := j.invoke(d, fn, timeout)
 	if settled {
@@ -59,6 +61,7 @@ func (j *Jobs) prepare(d *delivery) (fn call.Function, timeout time.Duration, se
 		d.log.Info("result already stored; acked without running")
 		j.forward(d, done)
 		j.ack(d)
+		j.statusEnd(d.jobIdentity, d.n, protocol.JobDone, protocol.Header(done.Header, protocol.HeaderWorker), nil, true)
 		j.outcome("duplicate")
 		return fn, 0, true
 	}
@@ -112,6 +115,9 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 	case err != nil && j.abortCtx.Err() != nil:
 		d.log.Info("job cut short by stop; handed back")
 		d.stopLease()
+		// The status first: the next delivery's "running" must not be
+		// written over.
+		j.statusEnd(d.jobIdentity, d.n, protocol.JobPending, "", nil, true)
 		_ = d.msg.Nak()
 		return res, 0, true
 	case err != nil:
@@ -154,9 +160,12 @@ func (j *Jobs) finish(d *delivery, res call.Result, limit int) {
 			return
 		}
 		d.log.Error("cannot store result; the job will run again", zap.Error(err))
+		j.statusEnd(d.jobIdentity, d.n, protocol.JobRetrying, res.Worker,
+			call.Errorf(call.CodeFailed, call.TypeInternal, "cannot store the result: %v", err), true)
 		j.retry(d)
 		return
 	}
+	j.statusEnd(d.jobIdentity, d.n, protocol.JobDone, res.Worker, nil, true)
 	j.forward(d, out)
 	j.ack(d)
 	j.outcome("acked")
@@ -172,6 +181,7 @@ func (j *Jobs) failed(d *delivery, e *call.Error) {
 		return
 	}
 	d.log.Info("job failed; will be delivered again", zap.Int("code", e.Code), zap.String("type", e.Type), zap.String("error", e.Message))
+	j.statusEnd(d.jobIdentity, d.n, protocol.JobRetrying, "", e, true)
 	j.retry(d)
 }
 

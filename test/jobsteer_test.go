@@ -3,6 +3,7 @@ package test
 import (
 	"encoding/json"
 	"fmt"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -39,5 +40,33 @@ func TestJobTwoMinutesWithDefaults(t *testing.T) {
 	}
 	if strings.Contains(n.log(), "will be delivered again") || strings.Contains(n.log(), "dead-lettered") {
 		t.Fatalf("the job was retried or dead-lettered:\n%s", n.log())
+	}
+}
+
+// TestSubmitStatus: `submit status ID` prints a job's status from the
+// bucket the node keeps, as a table or as JSON, and exits 1 for a job it
+// has no word of.
+func TestSubmitStatus(t *testing.T) {
+	n := startNode(t, nodeOptions{workers: 1, app: jobsApp()})
+	if out, errOut, code := runSubmit(t, n.url, "", "job", "--id", "st-1", "--wait", "--timeout", "60s", "work", `{"id":"st-1"}`); code != 0 {
+		t.Fatalf("submit job: exit %d: %s %s", code, out, errOut)
+	}
+	out, errOut, code := runSubmit(t, n.url, "", "status", "st-1")
+	if code != 0 {
+		t.Fatalf("submit status: exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{`(?m)^state +done$`, `(?m)^attempts +1$`, `(?m)^node +` + n.name + `$`, `(?m)^function +work$`, `(?m)^worker +w\d+$`, `(?m)^finished +20`} {
+		if !regexp.MustCompile(want).MatchString(out) {
+			t.Errorf("submit status prints no %s:\n%s", want, out)
+		}
+	}
+	out, _, code = runSubmit(t, n.url, "", "status", "--json", "st-1")
+	var st map[string]any
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || st["state"] != "done" || st["attempts"] != 1.0 || st["id"] != "st-1" {
+		t.Fatalf("submit status --json: exit %d, %q (%v)", code, out, err)
+	}
+	_, errOut, code = runSubmit(t, n.url, "", "status", "no-such-job")
+	if code != 1 || !strings.Contains(errOut, "no status for job no-such-job in pool default") {
+		t.Fatalf("status of an unknown job: exit %d, %q", code, errOut)
 	}
 }

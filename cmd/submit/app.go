@@ -92,6 +92,16 @@ result instead, read from <prefix>.result.<pool>.<id>, like call.
 		new: func() runner { return &jobCmd{} },
 	},
 	{
+		name:     "status",
+		synopsis: "status [flags] ID",
+		summary:  "print a job's status: state, attempts, node, worker, times, last error, progress",
+		detail: `Reads the job's entry in the status bucket (PYFLEET_STATUS, key <pool>.<id>).
+The state is one of pending, scheduled, running, retrying, done, failed,
+dead, cancelled. A job the bucket has no entry for (unknown, or older than
+the results are kept) exits 1.`,
+		new: func() runner { return &statusCmd{} },
+	},
+	{
 		name:     "watch",
 		synopsis: "watch [flags]",
 		summary:  "print lifecycle events as they happen, one a line",
