@@ -1,9 +1,12 @@
 package bus
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -45,6 +48,36 @@ type delivery struct {
 	submitted time.Time // when the jobs stream stored the job
 	log       *zap.Logger
 	stopLease func()
+
+	// stopMu guards stopRun and cancelled, set by the run and by a cancel
+	// message, which come from different goroutines.
+	stopMu    sync.Mutex
+	stopRun   context.CancelCauseFunc // nil until the call starts
+	cancelled bool
+}
+
+// errCancelled is the cause of a job's context when the job was cancelled.
+var errCancelled = errors.New("the job was cancelled")
+
+// runWith makes stop the way to cancel d's call, and calls it at once if a
+// cancel came first.
+func (d *delivery) runWith(stop context.CancelCauseFunc) {
+	d.stopMu.Lock()
+	defer d.stopMu.Unlock()
+	d.stopRun = stop
+	if d.cancelled {
+		stop(errCancelled)
+	}
+}
+
+// cancel stops d's call, now or as soon as it starts.
+func (d *delivery) cancel() {
+	d.stopMu.Lock()
+	defer d.stopMu.Unlock()
+	d.cancelled = true
+	if d.stopRun != nil {
+		d.stopRun(errCancelled)
+	}
 }
 
 // identify reads who a job is, using no value the node could not carry
@@ -138,7 +171,7 @@ func (j *Jobs) checkReplyTo(to string) *call.Error {
 // noReplyTo lists the subject trees checkReplyTo keeps results out of.
 func noReplyTo(sub protocol.Subjects) []string {
 	p := sub.Root()
-	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", "$JS", "$KV", "$O", "$SYS"}
+	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", p + ".cancel", "$JS", "$KV", "$O", "$SYS"}
 }
 
 // jobTimeout reads a job's Pyfleet-Timeout by the same rule as a call's.

@@ -130,6 +130,9 @@ type Jobs struct {
 	// state is replaced when the consumer is recreated under a running node.
 	state      atomic.Pointer[jsState]
 	advisories *nats.Subscription
+	// cancels hears the cancel messages of the pool's jobs: every node,
+	// since only the one running a job can stop it.
+	cancels *nats.Subscription
 
 	// abortCtx parents every job's context; it is stored because jobs
 	// outlive StartJobs's caller, and cancelling it is how Stop cuts
@@ -191,6 +194,10 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 	adv := fmt.Sprintf("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.%s.%s", j.streams.Jobs, j.consumerName())
 	if j.advisories, err = nc.QueueSubscribe(adv, queueGroup(j.subj, cfg.Pool), j.maxDeliveries); err != nil {
 		return nil, fmt.Errorf("jobs: subscribe %s: %w", adv, err)
+	}
+	if j.cancels, err = nc.Subscribe(j.subj.CancelJob(cfg.Pool, "*"), j.onCancel); err != nil {
+		_ = j.advisories.Unsubscribe()
+		return nil, fmt.Errorf("jobs: subscribe %s: %w", j.subj.CancelJob(cfg.Pool, "*"), err)
 	}
 	j.abortCtx, j.abort = context.WithCancel(context.Background())
 	go j.loop()
@@ -283,6 +290,7 @@ func (j *Jobs) Stop(ctx context.Context) error {
 	case <-j.loopDone:
 	case <-ctx.Done():
 		j.abort()
+		j.unsubscribeCancels()
 		return fmt.Errorf("stop jobs: fetch still in flight: %w", ctx.Err())
 	}
 	j.mu.Lock()
@@ -293,6 +301,8 @@ func (j *Jobs) Stop(ctx context.Context) error {
 		}
 	}
 	j.mu.Unlock()
+	// Cancels are heard until the last job has ended.
+	defer j.unsubscribeCancels()
 	select {
 	case <-j.idle:
 		j.abort()
@@ -300,6 +310,12 @@ func (j *Jobs) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 		j.abort()
 		return fmt.Errorf("stop jobs: %d jobs still running, cancelled: %w", j.Running(), ctx.Err())
+	}
+}
+
+func (j *Jobs) unsubscribeCancels() {
+	if err := j.cancels.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) && !errors.Is(err, nats.ErrBadSubscription) {
+		j.log.Warn("unsubscribe cancels", zap.Error(err))
 	}
 }
 

@@ -37,7 +37,11 @@ func (j *Jobs) handle(msg jetstream.Msg) {
 	if settled {
 		return
 	}
-	j.statusRunning(d)
+	if !j.statusRunning(d) {
+		d.log.Info("job cancelled before it ran")
+		j.settleCancelled(d, "")
+		return
+	}
 	j.started(&startedOnce)
 	res, limit, settled := j.invoke(d, fn, timeout)
 	if settled {
@@ -93,7 +97,10 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		RequestID: d.requestID,
 		Deadline:  time.Now().Add(timeout),
 	}
-	ctx, cancel := context.WithDeadline(j.abortCtx, req.Deadline)
+	run, stopRun := context.WithCancelCause(j.abortCtx)
+	defer stopRun(nil)
+	d.runWith(stopRun)
+	ctx, cancel := context.WithDeadline(run, req.Deadline)
 	defer cancel()
 	col := &collector{raw: fn.Raw, limit: j.maxResult()}
 	emit := func(ch call.Chunk) error {
@@ -111,6 +118,10 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		// Whatever the cancelled call returned, this is why it ended;
 		// a 413 is permanent.
 		j.bury(d, e)
+		return res, 0, true
+	case err != nil && errors.Is(context.Cause(run), errCancelled):
+		d.log.Info("running job cancelled")
+		j.settleCancelled(d, res.Worker)
 		return res, 0, true
 	case err != nil && j.abortCtx.Err() != nil:
 		d.log.Info("job cut short by stop; handed back")
@@ -218,4 +229,22 @@ func (j *Jobs) ack(d *delivery) {
 	if err := d.msg.DoubleAck(ctx); err != nil {
 		d.log.Warn("ack job", zap.Error(err))
 	}
+}
+
+// settleCancelled ends a cancelled job: its result is a 499 Cancelled
+// error, so that whoever waits for it learns why, and it is terminated
+// without a dead letter (nothing failed). Its status says cancelled
+// already: the client wrote it.
+func (j *Jobs) settleCancelled(d *delivery, worker string) {
+	e := call.Errorf(call.CodeCancelled, call.TypeCancelled, "the job was cancelled")
+	e.Worker = worker
+	res, err := j.storeError(d.jobIdentity, e, e)
+	if err == nil {
+		j.forward(d, res)
+	}
+	d.stopLease()
+	if err := d.msg.TermWithReason("499 Cancelled"); err != nil {
+		d.log.Warn("terminate job", zap.Error(err))
+	}
+	j.outcome("cancelled")
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
@@ -195,6 +196,34 @@ func (j *Jobs) Progress(id string, value json.RawMessage) bool {
 		return true
 	})
 	return string(st.Progress) == string(value)
+}
+
+// onCancel stops the job a cancel message names if it runs on this node
+// and its status says it was cancelled: the message alone, which anyone
+// who may publish could send, cancels nothing.
+func (j *Jobs) onCancel(m *nats.Msg) {
+	id := lastToken(m.Subject)
+	d := j.runningJob(id)
+	if d == nil {
+		return
+	}
+	kv := j.state.Load().status
+	if kv == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	e, err := kv.Get(ctx, protocol.StatusKey(j.cfg.Pool, id))
+	if err != nil {
+		d.log.Warn("cancel message, and the job's status cannot be read; the job runs on", zap.Error(err))
+		return
+	}
+	var st protocol.JobStatus
+	if json.Unmarshal(e.Value(), &st) != nil || st.State != protocol.JobCancelled || st.Seq != d.seq {
+		d.log.Warn("cancel message for a job whose status is not cancelled; ignored", zap.String("state", st.State))
+		return
+	}
+	d.cancel()
 }
 
 // runningJob is the delivery of job id running on this node, or nil.

@@ -117,3 +117,49 @@ func TestJobStatusAndProgressHook(t *testing.T) {
 		t.Fatalf("dead status %+v", st)
 	}
 }
+
+// TestCancelMessageAloneCancelsNothing: a cancel message for a job whose
+// status does not say cancelled (anyone who may publish could send one) is
+// ignored; with the status, the running job is stopped and its result is
+// 499 Cancelled, with no dead letter.
+func TestCancelMessageAloneCancelsNothing(t *testing.T) {
+	nc, js := jobsSetup(t)
+	h := &jobHandler{}
+	MustJobs(t, nc, h)
+	ctx := context.Background()
+	kv, err := js.KeyValue(ctx, protocol.StatusBucket(""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	submit(t, js, "sleep", "c1", "1500")
+	waitStatus(t, kv, "c1", protocol.JobRunning)
+	if err := nc.Publish("pyfleet.cancel.job.p.c1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if st := waitStatus(t, kv, "c1", protocol.JobDone); st.Error != nil {
+		t.Fatalf("status %+v", st)
+	}
+
+	submit(t, js, "sleep", "c2", "60000")
+	st := waitStatus(t, kv, "c2", protocol.JobRunning)
+	e, err := kv.Get(ctx, protocol.StatusKey("p", "c2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.State = protocol.JobCancelled
+	b, _ := json.Marshal(st)
+	if _, err := kv.Update(ctx, protocol.StatusKey("p", "c2"), b, e.Revision()); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Publish("pyfleet.cancel.job.p.c2", nil); err != nil {
+		t.Fatal(err)
+	}
+	res := waitStored(t, js, "c2")
+	if ce := protocol.ReplyError(res.Header, res.Data); ce == nil || ce.Code != 499 || ce.Type != "Cancelled" {
+		t.Fatalf("result of the cancelled job: %v %s", res.Header, res.Data)
+	}
+	if n := streamMsgs(t, js, "PYFLEET_DEAD"); n != 0 {
+		t.Fatalf("%d dead letters, want none", n)
+	}
+	eventually(t, "the job left the stream", func() bool { return streamMsgs(t, js, "PYFLEET_JOBS") == 0 })
+}

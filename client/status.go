@@ -105,6 +105,90 @@ func (j *Job) Progress(ctx context.Context) (json.RawMessage, error) {
 	return info.Progress, nil
 }
 
+// Cancel cancels the job: a job no node took yet never runs, a running one
+// is stopped (an async function is cancelled; a sync one's worker is
+// replaced if it does not return within the node's grace), and Result then
+// fails with ErrCancelled. It returns false, and changes nothing, when the
+// job had already ended (done, failed, dead or cancelled: see Status). It
+// needs the job's status (a job submitted by this client or the Python
+// one has it from the start): none fails with ErrNotFound.
+func (j *Job) Cancel(ctx context.Context) (bool, error) {
+	c := j.c
+	kv, err := c.statusBucket(ctx)
+	if err != nil {
+		return false, err
+	}
+	if err := checkName("job id", j.ID); err != nil {
+		return false, err
+	}
+	key := protocol.StatusKey(c.pool, j.ID)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, jsTimeout)
+		done, retry, err := tryCancel(cctx, kv, key, j.ID, c.pool)
+		cancel()
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return false, ctx.Err()
+		case err != nil:
+			return false, err
+		case retry:
+			continue
+		case done:
+			return false, nil
+		}
+		break
+	}
+	// The status says cancelled from now on, so a node that has not
+	// started the job never will; the one running it learns here.
+	if err := c.nc.Publish(c.subjects.CancelJob(c.pool, j.ID), nil); err != nil {
+		return true, fmt.Errorf("job %s is cancelled, but its node could not be told (it will run to its end): %w", j.ID, err)
+	}
+	fctx, cancel := context.WithTimeout(ctx, jsTimeout) // Flush needs a deadline
+	defer cancel()
+	if err := c.nc.FlushWithContext(fctx); err != nil {
+		return true, fmt.Errorf("job %s is cancelled, but its node may not have been told (it will run to its end): %w", j.ID, err)
+	}
+	return true, nil
+}
+
+// tryCancel is one compare-and-set of Cancel: ended when the job had
+// ended, retry when another writer got in between.
+func tryCancel(ctx context.Context, kv jetstream.KeyValue, key, id, pool string) (ended, retry bool, err error) {
+	e, err := kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return false, false, localError(call.CodeNotFound, TypeNoStatus, err,
+			"no status for job %s in pool %s, so it cannot be cancelled: unknown, or older than the status bucket keeps", id, pool)
+	}
+	if err != nil {
+		return false, false, fmt.Errorf("status of job %s: %w", id, err)
+	}
+	var st JobInfo
+	if err := json.Unmarshal(e.Value(), &st); err != nil {
+		return false, false, fmt.Errorf("status of job %s is not a job status: %w", id, err)
+	}
+	if protocol.FinalState(st.State) {
+		return true, false, nil
+	}
+	now := time.Now().UTC()
+	st.State, st.Finished, st.Updated = protocol.JobCancelled, now, now
+	st.Error = &protocol.ErrorDetail{Code: call.CodeCancelled, Type: call.TypeCancelled, Message: "the job was cancelled"}
+	b, err := json.Marshal(st)
+	if err != nil {
+		return false, false, err
+	}
+	_, err = kv.Update(ctx, key, b, e.Revision())
+	if lostRace(err) {
+		return false, true, nil
+	}
+	return false, false, err
+}
+
+// lostRace says err is a compare-and-set that lost to another writer.
+func lostRace(err error) bool {
+	var ae *jetstream.APIError
+	return errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &ae) && (ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || ae.ErrorCode == jsErrWrongLastSequenceConstant))
+}
+
 // setPending records a job just queued as pending, unless a node wrote its
 // status first or a later submission of the id did. Best effort: the job is
 // queued whatever happens here, and the node's "running" follows.
@@ -146,8 +230,7 @@ func trySetPending(ctx context.Context, kv jetstream.KeyValue, key, pool string,
 		_, err = kv.Update(ctx, key, b, rev)
 	}
 	// Only a lost race is worth another round: a node wrote meanwhile.
-	var ae *jetstream.APIError
-	return errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &ae) && (ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || ae.ErrorCode == jsErrWrongLastSequenceConstant))
+	return lostRace(err)
 }
 
 // jsErrWrongLastSequenceConstant is what newer servers answer, in place of

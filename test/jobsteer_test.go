@@ -70,3 +70,49 @@ func TestSubmitStatus(t *testing.T) {
 		t.Fatalf("status of an unknown job: exit %d, %q", code, errOut)
 	}
 }
+
+// TestSubmitCancel: `submit cancel ID` stops a running job, whose
+// `submit job --wait` then ends 499 Cancelled, and refuses a job that has
+// ended.
+func TestSubmitCancel(t *testing.T) {
+	n := startNode(t, nodeOptions{workers: 1, app: jobsApp()})
+	dir := t.TempDir()
+	type waited struct {
+		out, errOut string
+		code        int
+	}
+	done := make(chan waited, 1)
+	go func() {
+		out, errOut, code := runSubmitNoFatal(n.url, "job", "--id", "cx-1", "--wait", "--timeout", "2m", "work",
+			fmt.Sprintf(`{"ms":60000,"id":"cx-1","dir":%q}`, dir))
+		done <- waited{out, errOut, code}
+	}()
+	for end := time.Now().Add(60 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		out, _, _ := runSubmit(t, n.url, "", "status", "--json", "cx-1")
+		if strings.Contains(out, `"state":"running"`) {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("job never running: %s", out)
+		}
+	}
+	if out, errOut, code := runSubmit(t, n.url, "", "cancel", "cx-1"); code != 0 || out != "cancelled cx-1\n" {
+		t.Fatalf("submit cancel: exit %d, %q, %q", code, out, errOut)
+	}
+	var w waited
+	select {
+	case w = <-done:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("submit job --wait still waiting after the cancel\n%s", n.log())
+	}
+	if w.code != 1 || !strings.Contains(w.errOut, "499 Cancelled: the job was cancelled") {
+		t.Fatalf("submit job --wait of a cancelled job: exit %d, %q, %q", w.code, w.out, w.errOut)
+	}
+	if runs := countLines(t, dir, "cx-1"); runs != 0 {
+		t.Fatalf("the cancelled job finished %d times", runs)
+	}
+	out, errOut, code := runSubmit(t, n.url, "", "cancel", "cx-1")
+	if code != 1 || !strings.Contains(errOut, "job cx-1 has ended already (cancelled)") {
+		t.Fatalf("second cancel: exit %d, %q, %q", code, out, errOut)
+	}
+}

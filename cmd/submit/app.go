@@ -102,6 +102,17 @@ the results are kept) exits 1.`,
 		new: func() runner { return &statusCmd{} },
 	},
 	{
+		name:     "cancel",
+		synopsis: "cancel [flags] ID",
+		summary:  "cancel a job: a pending one never runs, a running one is stopped",
+		detail: `Marks the job cancelled in the status bucket, then tells the node running it
+(<prefix>.cancel.job.<pool>.<id>), which stops it: an async function is
+cancelled, a sync one's worker replaced unless it returns within the grace.
+The job's result is then 499 Cancelled. Prints "cancelled ID"; exits 1 when
+the job had ended already (done, failed, dead, cancelled) or has no status.`,
+		new: func() runner { return &cancelCmd{} },
+	},
+	{
 		name:     "watch",
 		synopsis: "watch [flags]",
 		summary:  "print lifecycle events as they happen, one a line",

@@ -131,6 +131,11 @@ _KEY_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 
+def _now() -> str:
+    """Now, RFC 3339 in UTC, as the status bucket's times are."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def status_bucket(prefix: str) -> str:
     """The jobs' status bucket of prefix (protocol.StatusBucket)."""
     base = "PYFLEET" if prefix == "pyfleet" else _NAME_BAD.sub("_", prefix).upper()
@@ -697,6 +702,43 @@ class AsyncJob:
         info: dict[str, Any] = json.loads(entry.value or b"{}")
         return info
 
+    async def cancel(self) -> bool:
+        """Cancels the job: one no node took yet never runs, a running one is
+        stopped (an async function is cancelled; a sync one's worker is
+        replaced unless it returns within the node's grace), and
+        ``result()`` then raises ``pyfleet.Cancelled``. False, and nothing
+        changed, when the job had already ended (see ``status()``).
+        NotFound (type NoStatus) for a job without a status."""
+        c = self._c
+        kv = await c._status_kv()
+        key = status_key(self.pool, self.id)
+        while True:
+            try:
+                entry = await kv.get(key)
+            except jserrors.KeyNotFoundError:
+                raise NotFound(
+                    f"no status for job {self.id} in pool {self.pool}, so it cannot be cancelled: "
+                    "unknown, or older than the status bucket keeps",
+                    type="NoStatus",
+                ) from None
+            st = json.loads(entry.value or b"{}")
+            if st.get("state") in FINAL_STATES:
+                return False
+            now = _now()
+            st.update(state="cancelled", finished=now, updated=now,
+                      error={"code": 499, "type": "Cancelled", "message": "the job was cancelled"})
+            try:
+                await kv.update(key, json.dumps(st, separators=(",", ":")).encode(), last=entry.revision)
+                break
+            except jserrors.KeyWrongLastSequenceError:
+                continue  # a node wrote meanwhile: look again
+        # The status says cancelled from now on, so a node that has not
+        # started the job never will; the one running it learns here.
+        nc = c._nc_or_raise()
+        await nc.publish(f"{c.prefix}.cancel.job.{self.pool}.{self.id}", b"")
+        await nc.flush()
+        return True
+
     async def status(self) -> str:
         """The job's state: pending, scheduled, running, retrying, done,
         failed, dead or cancelled."""
@@ -1061,7 +1103,7 @@ class AsyncClient:
                 pass
             except (jserrors.Error, nats.errors.Error, ValueError):
                 return
-            now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+            now = _now()
             value = json.dumps(
                 {"id": job_id, "pool": self.pool, "function": function, "seq": seq, "state": "pending",
                  "attempts": 0, "submitted": now, "updated": now},

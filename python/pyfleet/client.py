@@ -181,6 +181,10 @@ class Job:
         timestamps, last error, progress (AsyncJob.info)."""
         return self._c._run(self._j.info())
 
+    def cancel(self) -> bool:
+        """Cancels the job (AsyncJob.cancel); False if it had already ended."""
+        return self._c._run(self._j.cancel())
+
     def status(self) -> str:
         """pending, scheduled, running, retrying, done, failed, dead or cancelled."""
         return self._c._run(self._j.status())

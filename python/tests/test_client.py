@@ -20,6 +20,7 @@ import pyfleet
 from conftest import PYTHON_DIR, Node, locate, wait_gone
 from pyfleet import (
     BadRequest,
+    Cancelled,
     Client,
     DeadlineExceeded,
     NotFound,
@@ -310,6 +311,31 @@ def test_job_status(client: Client, node: Node) -> None:
         with pytest.raises(NotFound) as e:
             idle.job("never-submitted").status()
         assert e.value.type == "NoStatus"
+
+
+def test_job_cancel(start_node: StartNode) -> None:
+    """A pending job is cancelled before any node takes it; a running async
+    job and a running sync one are stopped; result() raises Cancelled."""
+    n = start_node(workers=2)
+    with Client(n.url, pool="py-cancel-idle") as idle:
+        pending = idle.submit("echo", 1)
+        assert pending.cancel() is True
+        assert pending.status() == "cancelled"
+        assert pending.cancel() is False  # ended already
+    with Client(n.url) as c:
+        for fn in ("nap", "sleep"):
+            job = c.submit(fn, 60_000)
+            _wait_state(job, "running")
+            assert job.cancel() is True
+            with pytest.raises(Cancelled) as e:
+                job.result(timeout=30)
+            assert (e.value.code, e.value.type) == (499, "Cancelled")
+            assert job.info()["state"] == "cancelled"
+        done = c.submit("echo", 2)
+        assert done.result(timeout=30) == 2
+        _wait_state(done, "done")
+        assert done.cancel() is False
+        assert c.call("echo", "after") == "after"
 
 
 # ----------------------------------------------------------- nodes, events
