@@ -145,7 +145,8 @@ func (j *Jobs) statusRunning(d *delivery) bool {
 		st.Started = time.Now().UTC()
 		return true
 	})
-	return st.State != protocol.JobCancelled
+	// A later submission's status (a higher seq) says nothing of this one.
+	return st.State != protocol.JobCancelled || st.Seq != d.seq
 }
 
 // statusEnd records how delivery n of job who ended: state, with the
