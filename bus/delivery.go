@@ -48,6 +48,7 @@ type delivery struct {
 	submitted time.Time // when the jobs stream stored the job
 	log       *zap.Logger
 	stopLease func()
+	status    statusMemo // what this delivery last wrote to its status
 
 	// stopMu guards stopRun and cancelled, set by the run and by a cancel
 	// message, which come from different goroutines.

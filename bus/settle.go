@@ -65,7 +65,7 @@ func (j *Jobs) prepare(d *delivery) (fn call.Function, timeout time.Duration, se
 		d.log.Info("result already stored; acked without running")
 		j.forward(d, done)
 		j.ack(d)
-		j.statusEnd(d.jobIdentity, d.n, protocol.JobDone, protocol.Header(done.Header, protocol.HeaderWorker), nil, true)
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobDone, protocol.Header(done.Header, protocol.HeaderWorker), nil, true)
 		j.outcome("duplicate")
 		return fn, 0, true
 	}
@@ -128,7 +128,7 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		d.stopLease()
 		// The status first: the next delivery's "running" must not be
 		// written over.
-		j.statusEnd(d.jobIdentity, d.n, protocol.JobPending, "", nil, true)
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobPending, "", nil, true)
 		_ = d.msg.Nak()
 		return res, 0, true
 	case err != nil:
@@ -171,12 +171,12 @@ func (j *Jobs) finish(d *delivery, res call.Result, limit int) {
 			return
 		}
 		d.log.Error("cannot store result; the job will run again", zap.Error(err))
-		j.statusEnd(d.jobIdentity, d.n, protocol.JobRetrying, res.Worker,
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobRetrying, res.Worker,
 			call.Errorf(call.CodeFailed, call.TypeInternal, "cannot store the result: %v", err), true)
 		j.retry(d)
 		return
 	}
-	j.statusEnd(d.jobIdentity, d.n, protocol.JobDone, res.Worker, nil, true)
+	j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobDone, res.Worker, nil, true)
 	j.forward(d, out)
 	j.ack(d)
 	j.outcome("acked")
@@ -192,7 +192,7 @@ func (j *Jobs) failed(d *delivery, e *call.Error) {
 		return
 	}
 	d.log.Info("job failed; will be delivered again", zap.Int("code", e.Code), zap.String("type", e.Type), zap.String("error", e.Message))
-	j.statusEnd(d.jobIdentity, d.n, protocol.JobRetrying, "", e, true)
+	j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobRetrying, "", e, true)
 	j.retry(d)
 }
 

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -60,17 +62,27 @@ func ensureStatusBucket(ctx context.Context, js jetstream.JetStream, prefix stri
 // of the same id. It returns the status as it stands afterwards. A status
 // that cannot be written is logged, never the job's failure: the status is
 // for people, the result and the dead letter are the contract.
-func (j *Jobs) setStatus(who jobIdentity, change func(st *protocol.JobStatus) bool) protocol.JobStatus {
+//
+// memo, when not nil, is what the last write of this delivery left: its
+// first round then skips reading the key, which saves one of the two round
+// trips of each write after a delivery's first. A stale memo (another
+// writer got in between) only costs a lost round.
+func (j *Jobs) setStatus(who jobIdentity, memo *statusMemo, change func(st *protocol.JobStatus) bool) protocol.JobStatus {
 	kv := j.state.Load().status
 	key := protocol.StatusKey(j.cfg.Pool, who.id)
 	var st protocol.JobStatus
 	if kv == nil {
 		return st
 	}
+	if memo == nil {
+		memo = &statusMemo{}
+	}
+	memo.mu.Lock()
+	defer memo.mu.Unlock()
 	var err error
 	for range statusTries {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		st, err = j.trySetStatus(ctx, kv, key, who, change)
+		st, err = j.trySetStatus(ctx, kv, key, who, memo, change)
 		cancel()
 		if !errors.Is(err, errStatusRace) {
 			break
@@ -84,20 +96,35 @@ func (j *Jobs) setStatus(who jobIdentity, change func(st *protocol.JobStatus) bo
 
 var errStatusRace = errors.New("status changed meanwhile")
 
-func (j *Jobs) trySetStatus(ctx context.Context, kv jetstream.KeyValue, key string, who jobIdentity, change func(*protocol.JobStatus) bool) (protocol.JobStatus, error) {
+// statusMemo is the key's revision and value as one delivery last wrote
+// them (rev 0: unknown).
+type statusMemo struct {
+	mu  sync.Mutex
+	rev uint64
+	st  protocol.JobStatus
+}
+
+func (j *Jobs) trySetStatus(ctx context.Context, kv jetstream.KeyValue, key string, who jobIdentity, memo *statusMemo, change func(*protocol.JobStatus) bool) (protocol.JobStatus, error) {
 	var st protocol.JobStatus
 	var rev uint64
-	e, err := kv.Get(ctx, key)
-	switch {
-	case errors.Is(err, jetstream.ErrKeyNotFound):
-	case err != nil:
-		return st, err
-	default:
-		rev = e.Revision()
-		if err := json.Unmarshal(e.Value(), &st); err != nil {
-			st = protocol.JobStatus{} // not ours to keep: written over
+	if memo.rev != 0 {
+		st, rev = memo.st, memo.rev
+		st.Progress = slices.Clone(st.Progress)
+		st.Error = cloneDetail(st.Error)
+	} else {
+		e, err := kv.Get(ctx, key)
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case err != nil:
+			return st, err
+		default:
+			rev = e.Revision()
+			if err := json.Unmarshal(e.Value(), &st); err != nil {
+				st = protocol.JobStatus{} // not ours to keep: written over
+			}
 		}
 	}
+	memo.rev = 0 // until the write below succeeds
 	if st.Seq > who.seq {
 		return st, nil // a later submission's
 	}
@@ -116,22 +143,34 @@ func (j *Jobs) trySetStatus(ctx context.Context, kv jetstream.KeyValue, key stri
 	if err != nil {
 		return st, err
 	}
+	var newRev uint64
 	if rev == 0 {
-		_, err = kv.Create(ctx, key, b)
+		newRev, err = kv.Create(ctx, key, b)
 	} else {
-		_, err = kv.Update(ctx, key, b, rev)
+		newRev, err = kv.Update(ctx, key, b, rev)
 	}
 	var ae *jetstream.APIError
 	if errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &ae) && (ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || ae.ErrorCode == jsErrWrongLastSequenceConstant)) {
 		return st, errStatusRace
 	}
+	if err == nil {
+		memo.rev, memo.st = newRev, st
+	}
 	return st, err
+}
+
+func cloneDetail(e *protocol.ErrorDetail) *protocol.ErrorDetail {
+	if e == nil {
+		return nil
+	}
+	c := *e
+	return &c
 }
 
 // statusRunning records that delivery d starts, and returns false when the
 // job was cancelled: then it must not run.
 func (j *Jobs) statusRunning(d *delivery) bool {
-	st := j.setStatus(d.jobIdentity, func(st *protocol.JobStatus) bool {
+	st := j.setStatus(d.jobIdentity, &d.status, func(st *protocol.JobStatus) bool {
 		if st.State == protocol.JobCancelled {
 			return false
 		}
@@ -153,8 +192,8 @@ func (j *Jobs) statusRunning(d *delivery) bool {
 // worker that ran it and the error, if any. ranHere is false for a job
 // whose node died (the advisory of its last delivery), which keeps the
 // node of its last start. A cancelled job stays cancelled.
-func (j *Jobs) statusEnd(who jobIdentity, n uint64, state, worker string, e *call.Error, ranHere bool) {
-	j.setStatus(who, func(st *protocol.JobStatus) bool {
+func (j *Jobs) statusEnd(who jobIdentity, memo *statusMemo, n uint64, state, worker string, e *call.Error, ranHere bool) {
+	j.setStatus(who, memo, func(st *protocol.JobStatus) bool {
 		if st.State == protocol.JobCancelled {
 			return false
 		}
@@ -189,7 +228,7 @@ func (j *Jobs) Progress(id string, value json.RawMessage) bool {
 	if d == nil || !json.Valid(value) {
 		return false
 	}
-	st := j.setStatus(d.jobIdentity, func(st *protocol.JobStatus) bool {
+	st := j.setStatus(d.jobIdentity, &d.status, func(st *protocol.JobStatus) bool {
 		if protocol.FinalState(st.State) {
 			return false // a late report must not touch a finished job
 		}
