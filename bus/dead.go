@@ -36,6 +36,7 @@ func (j *Jobs) bury(d *delivery, e *call.Error) {
 	case !permanent(e):
 		d.log.Error("cannot publish the dead letter nor store the error; the job will be delivered again",
 			zap.NamedError("dead_letter", deadErr), zap.NamedError("result", resErr))
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobRetrying, "", e, true)
 		j.retry(d)
 		return
 	default:
@@ -46,6 +47,7 @@ func (j *Jobs) bury(d *delivery, e *call.Error) {
 	if err := d.msg.TermWithReason(fmt.Sprintf("%d %s", e.Code, e.Type)); err != nil {
 		d.log.Warn("terminate job", zap.Error(err))
 	}
+	j.statusEnd(d.jobIdentity, &d.status, d.n, deadState(e), "", e, true)
 	j.outcome("dead")
 }
 
@@ -200,5 +202,15 @@ func (j *Jobs) maxDeliveries(m *nats.Msg) {
 	if err := jobs.DeleteMsg(ctx, adv.StreamSeq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
 		j.log.Warn("cannot remove dead-lettered job from the stream", zap.String("job", who.id), zap.Error(err))
 	}
+	j.statusEnd(who, nil, adv.Deliveries, protocol.JobDead, "", e, false)
 	j.log.Warn("job dead-lettered after its delivery limit", zap.String("job", who.id), zap.String("function", who.function))
+}
+
+// deadState is the status of a job dead-lettered with e: failed when it
+// could never succeed, dead when it used up its deliveries.
+func deadState(e *call.Error) string {
+	if permanent(e) {
+		return protocol.JobFailed
+	}
+	return protocol.JobDead
 }

@@ -1,9 +1,12 @@
 package bus
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -42,8 +45,40 @@ type delivery struct {
 	msg       jetstream.Msg
 	n         uint64 // which delivery this is: 1 for the first
 	hdr       nats.Header
+	submitted time.Time // when the jobs stream stored the job
 	log       *zap.Logger
 	stopLease func()
+	status    statusMemo // what this delivery last wrote to its status
+
+	// stopMu guards stopRun and cancelled, set by the run and by a cancel
+	// message, which come from different goroutines.
+	stopMu    sync.Mutex
+	stopRun   context.CancelCauseFunc // nil until the call starts
+	cancelled bool
+}
+
+// errCancelled is the cause of a job's context when the job was cancelled.
+var errCancelled = errors.New("the job was cancelled")
+
+// runWith makes stop the way to cancel d's call, and calls it at once if a
+// cancel came first.
+func (d *delivery) runWith(stop context.CancelCauseFunc) {
+	d.stopMu.Lock()
+	defer d.stopMu.Unlock()
+	d.stopRun = stop
+	if d.cancelled {
+		stop(errCancelled)
+	}
+}
+
+// cancel stops d's call, now or as soon as it starts.
+func (d *delivery) cancel() {
+	d.stopMu.Lock()
+	defer d.stopMu.Unlock()
+	d.cancelled = true
+	if d.stopRun != nil {
+		d.stopRun(errCancelled)
+	}
 }
 
 // identify reads who a job is, using no value the node could not carry
@@ -84,7 +119,8 @@ func (j *Jobs) newDelivery(msg jetstream.Msg) (*delivery, error) {
 		return nil, err
 	}
 	hdr := msg.Headers()
-	d := &delivery{jobIdentity: j.identify(msg.Subject(), hdr, meta.Sequence.Stream), msg: msg, n: meta.NumDelivered, hdr: hdr}
+	d := &delivery{jobIdentity: j.identify(msg.Subject(), hdr, meta.Sequence.Stream), msg: msg, n: meta.NumDelivered, hdr: hdr,
+		submitted: meta.Timestamp.UTC()}
 	d.log = j.log.With(zap.String("job", d.id), zap.String("function", d.function), zap.Uint64("delivery", d.n))
 	return d, nil
 }
@@ -136,7 +172,7 @@ func (j *Jobs) checkReplyTo(to string) *call.Error {
 // noReplyTo lists the subject trees checkReplyTo keeps results out of.
 func noReplyTo(sub protocol.Subjects) []string {
 	p := sub.Root()
-	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", "$JS", "$KV", "$O", "$SYS"}
+	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", p + ".cancel", "$JS", "$KV", "$O", "$SYS"}
 }
 
 // jobTimeout reads a job's Pyfleet-Timeout by the same rule as a call's.

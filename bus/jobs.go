@@ -130,6 +130,9 @@ type Jobs struct {
 	// state is replaced when the consumer is recreated under a running node.
 	state      atomic.Pointer[jsState]
 	advisories *nats.Subscription
+	// cancels hears the cancel messages of the pool's jobs: every node,
+	// since only the one running a job can stop it.
+	cancels *nats.Subscription
 
 	// abortCtx parents every job's context; it is stored because jobs
 	// outlive StartJobs's caller, and cancelling it is how Stop cuts
@@ -143,9 +146,10 @@ type Jobs struct {
 	stopOnce sync.Once
 
 	mu       sync.Mutex
-	running  int           // fetched and not yet acked, nak'ed or terminated
-	starting int           // fetched and not yet handed to Call
-	idle     chan struct{} // closed once stopping with nothing running
+	running  int                  // fetched and not yet acked, nak'ed or terminated
+	active   map[string]*delivery // the jobs running here, by id (Progress, cancel)
+	starting int                  // fetched and not yet handed to Call
+	idle     chan struct{}        // closed once stopping with nothing running
 	stopping bool
 }
 
@@ -177,6 +181,7 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 		loopDone:  make(chan struct{}),
 		wake:      make(chan struct{}, 1),
 		idle:      make(chan struct{}),
+		active:    map[string]*delivery{},
 	}
 	for _, f := range h.Functions() {
 		j.funcs[f.Name] = f
@@ -189,6 +194,10 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 	adv := fmt.Sprintf("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.%s.%s", j.streams.Jobs, j.consumerName())
 	if j.advisories, err = nc.QueueSubscribe(adv, queueGroup(j.subj, cfg.Pool), j.maxDeliveries); err != nil {
 		return nil, fmt.Errorf("jobs: subscribe %s: %w", adv, err)
+	}
+	if j.cancels, err = nc.Subscribe(j.subj.CancelJob(cfg.Pool, "*"), j.onCancel); err != nil {
+		_ = j.advisories.Unsubscribe()
+		return nil, fmt.Errorf("jobs: subscribe %s: %w", j.subj.CancelJob(cfg.Pool, "*"), err)
 	}
 	j.abortCtx, j.abort = context.WithCancel(context.Background())
 	go j.loop()
@@ -230,6 +239,11 @@ func (j *Jobs) setup(ctx context.Context) error {
 		return fmt.Errorf("consumer %s on %s: %w", ccfg.Durable, j.streams.Jobs, err)
 	}
 	st.maxDeliver = st.cons.CachedInfo().Config.MaxDeliver
+	// Without the bucket (an account that may not create it, say) jobs
+	// run all the same; only their status is not kept.
+	if st.status, err = ensureStatusBucket(ctx, j.js, j.cfg.Prefix, j.cfg.Replicas, st.results, j.log); err != nil {
+		j.log.Warn("job status is not kept", zap.Error(err))
+	}
 	j.state.Store(&st)
 	return nil
 }
@@ -248,6 +262,8 @@ type jsState struct {
 	jobs, results jetstream.Stream
 	// maxDeliver is the consumer's, which another node may have set.
 	maxDeliver int
+	// status is the jobs' status bucket, nil when it could not be had.
+	status jetstream.KeyValue
 }
 
 // Running reports how many jobs this node holds: running, or fetched and
@@ -274,6 +290,7 @@ func (j *Jobs) Stop(ctx context.Context) error {
 	case <-j.loopDone:
 	case <-ctx.Done():
 		j.abort()
+		j.unsubscribeCancels()
 		return fmt.Errorf("stop jobs: fetch still in flight: %w", ctx.Err())
 	}
 	j.mu.Lock()
@@ -284,6 +301,8 @@ func (j *Jobs) Stop(ctx context.Context) error {
 		}
 	}
 	j.mu.Unlock()
+	// Cancels are heard until the last job has ended.
+	defer j.unsubscribeCancels()
 	select {
 	case <-j.idle:
 		j.abort()
@@ -291,6 +310,12 @@ func (j *Jobs) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 		j.abort()
 		return fmt.Errorf("stop jobs: %d jobs still running, cancelled: %w", j.Running(), ctx.Err())
+	}
+}
+
+func (j *Jobs) unsubscribeCancels() {
+	if err := j.cancels.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) && !errors.Is(err, nats.ErrBadSubscription) {
+		j.log.Warn("unsubscribe cancels", zap.Error(err))
 	}
 }
 

@@ -31,9 +31,15 @@ func (j *Jobs) handle(msg jetstream.Msg) {
 	// queue in the pool both take time.
 	d.stopLease = j.keepLease(d)
 	defer d.stopLease()
+	defer j.track(d)()
 
 	fn, timeout, settled := j.prepare(d)
 	if settled {
+		return
+	}
+	if !j.statusRunning(d) {
+		d.log.Info("job cancelled before it ran")
+		j.settleCancelled(d, "")
 		return
 	}
 	j.started(&startedOnce)
@@ -59,6 +65,7 @@ func (j *Jobs) prepare(d *delivery) (fn call.Function, timeout time.Duration, se
 		d.log.Info("result already stored; acked without running")
 		j.forward(d, done)
 		j.ack(d)
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobDone, protocol.Header(done.Header, protocol.HeaderWorker), nil, true)
 		j.outcome("duplicate")
 		return fn, 0, true
 	}
@@ -90,7 +97,10 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		RequestID: d.requestID,
 		Deadline:  time.Now().Add(timeout),
 	}
-	ctx, cancel := context.WithDeadline(j.abortCtx, req.Deadline)
+	run, stopRun := context.WithCancelCause(j.abortCtx)
+	defer stopRun(nil)
+	d.runWith(stopRun)
+	ctx, cancel := context.WithDeadline(run, req.Deadline)
 	defer cancel()
 	col := &collector{raw: fn.Raw, limit: j.maxResult()}
 	emit := func(ch call.Chunk) error {
@@ -109,9 +119,16 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		// a 413 is permanent.
 		j.bury(d, e)
 		return res, 0, true
+	case err != nil && errors.Is(context.Cause(run), errCancelled):
+		d.log.Info("running job cancelled")
+		j.settleCancelled(d, res.Worker)
+		return res, 0, true
 	case err != nil && j.abortCtx.Err() != nil:
 		d.log.Info("job cut short by stop; handed back")
 		d.stopLease()
+		// The status first: the next delivery's "running" must not be
+		// written over.
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobPending, "", nil, true)
 		_ = d.msg.Nak()
 		return res, 0, true
 	case err != nil:
@@ -154,9 +171,12 @@ func (j *Jobs) finish(d *delivery, res call.Result, limit int) {
 			return
 		}
 		d.log.Error("cannot store result; the job will run again", zap.Error(err))
+		j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobRetrying, res.Worker,
+			call.Errorf(call.CodeFailed, call.TypeInternal, "cannot store the result: %v", err), true)
 		j.retry(d)
 		return
 	}
+	j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobDone, res.Worker, nil, true)
 	j.forward(d, out)
 	j.ack(d)
 	j.outcome("acked")
@@ -172,6 +192,7 @@ func (j *Jobs) failed(d *delivery, e *call.Error) {
 		return
 	}
 	d.log.Info("job failed; will be delivered again", zap.Int("code", e.Code), zap.String("type", e.Type), zap.String("error", e.Message))
+	j.statusEnd(d.jobIdentity, &d.status, d.n, protocol.JobRetrying, "", e, true)
 	j.retry(d)
 }
 
@@ -208,4 +229,22 @@ func (j *Jobs) ack(d *delivery) {
 	if err := d.msg.DoubleAck(ctx); err != nil {
 		d.log.Warn("ack job", zap.Error(err))
 	}
+}
+
+// settleCancelled ends a cancelled job: its result is a 499 Cancelled
+// error, so that whoever waits for it learns why, and it is terminated
+// without a dead letter (nothing failed). Its status says cancelled
+// already: the client wrote it.
+func (j *Jobs) settleCancelled(d *delivery, worker string) {
+	e := call.Errorf(call.CodeCancelled, call.TypeCancelled, "the job was cancelled")
+	e.Worker = worker
+	res, err := j.storeError(d.jobIdentity, e, e)
+	if err == nil {
+		j.forward(d, res)
+	}
+	d.stopLease()
+	if err := d.msg.TermWithReason("499 Cancelled"); err != nil {
+		d.log.Warn("terminate job", zap.Error(err))
+	}
+	j.outcome("cancelled")
 }

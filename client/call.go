@@ -35,8 +35,9 @@ type options struct {
 }
 
 // WithTimeout sets the deadline the node counts from its receipt of the
-// call (Pyfleet-Timeout), or of a job from its start, time queued included.
-// Without it a call takes its context's deadline, else Options.Timeout.
+// call, time queued included, or from a job's start (Pyfleet-Timeout).
+// Without it a call takes its context's deadline, else Options.Timeout; a
+// job, the node's --job-timeout (1 h), never Options.Timeout.
 // The client waits a little past it for the node's own 408, which says
 // more than the client could. For Nodes, it is how long to collect
 // answers.

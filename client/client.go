@@ -37,8 +37,9 @@ type Options struct {
 	Pool string
 	// Prefix of every subject, as the nodes' --prefix.
 	Prefix string
-	// Timeout is the deadline of a call or a job's run when neither its
-	// context nor WithTimeout gives one.
+	// Timeout is the deadline of a call when neither its context nor
+	// WithTimeout gives one. A job's is WithTimeout's, else the node's
+	// --job-timeout: a job outlives the context that submitted it.
 	Timeout time.Duration
 	// Heartbeat is how often a node holding a call says it is alive; after
 	// three intervals of silence the call fails with ErrWorkerLost (or
@@ -66,7 +67,8 @@ type Client struct {
 	mux      *mux
 
 	mu      sync.Mutex
-	streams map[string]string // stream names by subject wanted, once found
+	streams map[string]string  // stream names by subject wanted, once found
+	status  jetstream.KeyValue // the jobs' status bucket, once found
 }
 
 // New returns a client on a connection the caller owns: Close leaves it

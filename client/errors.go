@@ -21,6 +21,7 @@ var (
 	ErrDeadlineExceeded = errors.New("pyfleet: deadline exceeded")   // 408
 	ErrSessionLost      = errors.New("pyfleet: session lost")        // 410
 	ErrPayloadTooLarge  = errors.New("pyfleet: payload too large")   // 413
+	ErrCancelled        = errors.New("pyfleet: cancelled")           // 499: a cancelled job
 	ErrWorkerLost       = errors.New("pyfleet: worker lost")         // 500 WorkerLost
 	ErrUnavailable      = errors.New("pyfleet: service unavailable") // 503
 )
@@ -92,6 +93,8 @@ func (e *Error) Is(target error) bool {
 		return e.Code == call.CodeSessionLost
 	case ErrPayloadTooLarge:
 		return e.Code == call.CodeTooLarge
+	case ErrCancelled:
+		return e.Code == call.CodeCancelled
 	case ErrWorkerLost:
 		return e.Code == call.CodeFailed && e.Type == call.TypeWorkerLost
 	case ErrUnavailable:

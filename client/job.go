@@ -107,6 +107,9 @@ func (c *Client) Submit(ctx context.Context, function string, arg any, opts ...O
 		return nil, fmt.Errorf("publishing job to %s: %w", msg.Subject, err)
 	}
 	j.Duplicate, j.Seq = ack.Duplicate, ack.Sequence
+	if !j.Duplicate {
+		c.setPending(ctx, j)
+	}
 	return j, nil
 }
 

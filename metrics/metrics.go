@@ -18,6 +18,7 @@ const (
 	JobRedelivered = "redelivered" // it failed and will be delivered again
 	JobDead        = "dead"        // it went to the dead letters
 	JobDuplicate   = "duplicate"   // its result was already stored: not run again
+	JobCancelled   = "cancelled"   // cancelled: stopped, or never run
 )
 
 // Function labels that stand for more than one name.
@@ -147,10 +148,10 @@ func New(pool, node string) *Metrics {
 
 	m.jobs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "pyfleet_jobs_total",
-		Help: "JetStream jobs settled, by outcome: acked, redelivered, dead, duplicate.",
+		Help: "JetStream jobs settled, by outcome: acked, redelivered, dead, duplicate, cancelled.",
 	}, []string{"outcome"})
 	m.jobOutcomes = map[string]prometheus.Counter{}
-	for _, o := range []string{JobAcked, JobRedelivered, JobDead, JobDuplicate} {
+	for _, o := range []string{JobAcked, JobRedelivered, JobDead, JobDuplicate, JobCancelled} {
 		m.jobOutcomes[o] = m.jobs.WithLabelValues(o)
 	}
 

@@ -451,7 +451,7 @@ func TestRestartsCountedByReason(t *testing.T) {
 
 func TestJobsCountedByOutcome(t *testing.T) {
 	m := metrics.New("p", "n")
-	for _, o := range []string{metrics.JobAcked, metrics.JobAcked, metrics.JobAcked, metrics.JobRedelivered, metrics.JobDead, "lost"} {
+	for _, o := range []string{metrics.JobAcked, metrics.JobAcked, metrics.JobAcked, metrics.JobRedelivered, metrics.JobDead, metrics.JobCancelled, "lost"} {
 		m.Job(o)
 	}
 	want := map[string]float64{
@@ -459,6 +459,7 @@ func TestJobsCountedByOutcome(t *testing.T) {
 		"outcome=redelivered": 1,
 		"outcome=dead":        1,
 		"outcome=duplicate":   0,
+		"outcome=cancelled":   1,
 		"outcome=lost":        1,
 	}
 	if got := gather(t, m).counters("pyfleet_jobs_total"); !equalMaps(got, want) {

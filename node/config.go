@@ -39,6 +39,11 @@ type Config struct {
 	Concurrency    int
 	QueueLimit     int
 	RequestTimeout time.Duration
+	// JobTimeout is the deadline of a job that names none, counted from
+	// its start. It is apart from RequestTimeout because a job is the
+	// long-running kind of work: a caller waits on a call, nobody on a job.
+	// 0 means DefaultJobTimeout, held to MaxTimeout (Validate fills it).
+	JobTimeout time.Duration
 	// MaxTimeout caps the Pyfleet-Timeout a request or job may ask for.
 	MaxTimeout    time.Duration
 	ShutdownGrace time.Duration
@@ -72,6 +77,9 @@ type Config struct {
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
 }
+
+// DefaultJobTimeout is the deadline of a job that names none (--job-timeout).
+const DefaultJobTimeout = time.Hour
 
 // ErrConfig marks a bad flag, config value, interpreter or app: the node
 // exits with status 2 and does not retry.
@@ -192,8 +200,8 @@ func (c *Config) validateLimits() error {
 	return nil
 }
 
-// validateTimeouts checks a request's default deadline against the most
-// a request may ask for.
+// validateTimeouts checks the default deadlines of a request and of a job
+// against the most either may ask for.
 func (c *Config) validateTimeouts() error {
 	if c.RequestTimeout <= 0 {
 		return badConfig("--request-timeout must be positive, not %s", c.RequestTimeout)
@@ -203,6 +211,17 @@ func (c *Config) validateTimeouts() error {
 	}
 	if c.RequestTimeout > c.MaxTimeout {
 		return badConfig("--request-timeout %s is over --max-timeout %s", c.RequestTimeout, c.MaxTimeout)
+	}
+	switch {
+	case c.JobTimeout < 0:
+		return badConfig("--job-timeout must be positive, not %s", c.JobTimeout)
+	case c.JobTimeout == 0:
+		// A --max-timeout under the default is no reason to refuse to
+		// start: the default gives way, as an explicit value would not.
+		c.JobTimeout = min(DefaultJobTimeout, c.MaxTimeout)
+	}
+	if c.JobTimeout > c.MaxTimeout {
+		return badConfig("--job-timeout %s is over --max-timeout %s", c.JobTimeout, c.MaxTimeout)
 	}
 	return nil
 }

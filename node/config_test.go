@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func validConfig(t *testing.T) Config {
@@ -32,6 +33,8 @@ func TestValidateRejectsBadSettingsByName(t *testing.T) {
 		{"no concurrency", func(c *Config) { c.Concurrency = 0 }, "--concurrency"},
 		{"negative queue", func(c *Config) { c.QueueLimit = -1 }, "--queue-limit"},
 		{"zero timeout", func(c *Config) { c.RequestTimeout = 0 }, "--request-timeout"},
+		{"negative job timeout", func(c *Config) { c.JobTimeout = -time.Second }, "--job-timeout"},
+		{"job timeout over max", func(c *Config) { c.JobTimeout = 2 * time.Hour }, "--job-timeout"},
 		{"negative max requests", func(c *Config) { c.MaxRequests = -1 }, "--max-requests"},
 		{"negative worker memory limit", func(c *Config) { c.WorkerMemoryLimitMB = -1 }, "--worker-memory-limit"},
 		{"negative worker pids limit", func(c *Config) { c.WorkerPidsLimit = -1 }, "--worker-pids-limit"},
@@ -65,6 +68,21 @@ func TestValidateDerivesAppFromPyFile(t *testing.T) {
 	}
 	if c.App != "myapp:api" || c.AppDir != dir {
 		t.Errorf("app %q in %q, want myapp:api in %q", c.App, c.AppDir, dir)
+	}
+}
+
+// TestValidateDefaultsJobTimeout: a job's default deadline is an hour, not
+// --request-timeout (issue 13), and gives way to a lower --max-timeout.
+func TestValidateDefaultsJobTimeout(t *testing.T) {
+	for _, tc := range []struct{ max, want time.Duration }{{time.Hour, time.Hour}, {2 * time.Hour, time.Hour}, {2 * time.Minute, 2 * time.Minute}} {
+		c := validConfig(t)
+		c.MaxTimeout = tc.max
+		if err := c.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		if c.JobTimeout != tc.want || c.RequestTimeout != time.Minute {
+			t.Errorf("--max-timeout %v: job timeout %v, request timeout %v; want %v and 1m", tc.max, c.JobTimeout, c.RequestTimeout, tc.want)
+		}
 	}
 }
 

@@ -338,7 +338,7 @@ func (n *node) busConfigs() (bus.ServiceConfig, bus.JobsConfig) {
 		Node:           cfg.Node,
 		MaxDeliver:     cfg.MaxDeliver,
 		Replicas:       cfg.StreamReplicas,
-		DefaultTimeout: cfg.RequestTimeout,
+		DefaultTimeout: cfg.JobTimeout,
 		MaxTimeout:     cfg.MaxTimeout,
 		MaxResultBytes: cfg.MaxResultBytes,
 		Capacity:       p.Idle,

@@ -659,8 +659,21 @@ func (p *Pool) execute(w *worker, c *queuedCall) {
 		return
 	}
 	overran := false
+	// A context cancelled before the deadline (a cancelled job, a node
+	// stopping) stops the call as the deadline would: a cancel frame, then
+	// the worker replaced if the call outlives the grace.
+	cancelled := c.ctx.Done()
 	for {
 		select {
+		case <-cancelled:
+			cancelled = nil
+			if !overran {
+				overran = true
+				w.cancel(id)
+				t := time.NewTimer(p.cfg.DeadlineGrace)
+				defer t.Stop()
+				deadline = t.C
+			}
 		case r := <-results:
 			if r.Kind == workerpb.Result_CHUNK {
 				if err := c.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {

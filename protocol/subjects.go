@@ -50,6 +50,12 @@ func (s Subjects) Dead(pool, function string) string {
 	return s.Root() + ".dead." + pool + "." + function
 }
 
+// CancelJob is where a client that cancelled job id of pool (its status
+// says so) tells the node running it to stop it.
+func (s Subjects) CancelJob(pool, id string) string {
+	return s.Root() + ".cancel.job." + pool + "." + id
+}
+
 // Event is where lifecycle events of kind on node are published.
 func (s Subjects) Event(pool, node, kind string) string {
 	return s.Root() + ".evt." + pool + "." + node + "." + kind

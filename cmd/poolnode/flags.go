@@ -45,6 +45,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 	fs.Int64Var(&cfg.QueueLimitBytes, "queue-limit-bytes", cfg.QueueLimitBytes, "payload `bytes` of requests waiting on this node before it answers 503")
 	fs.IntVar(&cfg.MaxSessions, "max-sessions", cfg.MaxSessions, "sessions this node remembers at once before a new one gets 503")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "deadline of a request that names none")
+	fs.DurationVar(&cfg.JobTimeout, "job-timeout", cfg.JobTimeout, "deadline of a job that names none, from the job's start (default 1h, or --max-timeout if less)")
 	fs.DurationVar(&cfg.MaxTimeout, "max-timeout", cfg.MaxTimeout, "largest Pyfleet-Timeout a request or job may ask for (400 above it)")
 	fs.IntVar(&cfg.MaxResultBytes, "max-result-bytes", 0, "largest result of a job, streamed items included, in `bytes` (0: the NATS max payload)")
 	fs.DurationVar(&cfg.ConnectWait, "connect-wait", cfg.ConnectWait, "how long to retry a --nats server that is not up yet")

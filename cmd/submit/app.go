@@ -86,8 +86,31 @@ stderr and exits 1; a passed deadline exits 3.`,
 		detail: `Publishes a job to <prefix>.job.<pool>.<function> with the job id as
 Nats-Msg-Id (a resubmitted id inside the dedup window is dropped, and --wait
 then shows the first run's result). Prints the id; with --wait prints the
-result instead, read from <prefix>.result.<pool>.<id>, like call.`,
+result instead, read from <prefix>.result.<pool>.<id>, like call.
+--job-timeout is the job's deadline from its start (default: the node's
+--job-timeout, 1h); --timeout is only how long --wait waits.`,
 		new: func() runner { return &jobCmd{} },
+	},
+	{
+		name:     "status",
+		synopsis: "status [flags] ID",
+		summary:  "print a job's status: state, attempts, node, worker, times, last error, progress",
+		detail: `Reads the job's entry in the status bucket (PYFLEET_STATUS, key <pool>.<id>).
+The state is one of pending, scheduled, running, retrying, done, failed,
+dead, cancelled. A job the bucket has no entry for (unknown, or older than
+the results are kept) exits 1.`,
+		new: func() runner { return &statusCmd{} },
+	},
+	{
+		name:     "cancel",
+		synopsis: "cancel [flags] ID",
+		summary:  "cancel a job: a pending one never runs, a running one is stopped",
+		detail: `Marks the job cancelled in the status bucket, then tells the node running it
+(<prefix>.cancel.job.<pool>.<id>), which stops it: an async function is
+cancelled, a sync one's worker replaced unless it returns within the grace.
+The job's result is then 499 Cancelled. Prints "cancelled ID"; exits 1 when
+the job had ended already (done, failed, dead, cancelled) or has no status.`,
+		new: func() runner { return &cancelCmd{} },
 	},
 	{
 		name:     "watch",

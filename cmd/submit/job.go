@@ -18,16 +18,20 @@ type jobCmd struct {
 	replyTo string
 	wait    bool
 	timeout time.Duration
-	headers bool
-	raw     bool
+	// jobTimeout is the job's own deadline (Pyfleet-Timeout), apart from
+	// timeout, which is only how long --wait waits.
+	jobTimeout time.Duration
+	headers    bool
+	raw        bool
 }
 
 func (c *jobCmd) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.pool, "pool", "default", "`POOL` to run the job")
 	fs.StringVar(&c.id, "id", "", "job `ID` (default: 16 random hex digits); one subject token")
 	fs.StringVar(&c.replyTo, "reply-to", "", "also send the result to `SUBJECT` (Pyfleet-Reply-To)")
-	fs.BoolVar(&c.wait, "wait", false, "wait for the result and print it instead of the id")
+	fs.BoolVar(&c.wait, "wait", false, "wait for the result and print it instead of the id (on a terminal, with the job's state and progress bar on stderr)")
 	fs.DurationVar(&c.timeout, "timeout", 0, "with --wait, give up after this long (default: wait until interrupted)")
+	fs.DurationVar(&c.jobTimeout, "job-timeout", 0, "the job's deadline, from its start (Pyfleet-Timeout; default: the node's --job-timeout, 1h)")
 	fs.BoolVar(&c.headers, "headers", false, "with --wait, print the result's headers on stderr")
 	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
 }
@@ -48,6 +52,9 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	if c.timeout < 0 {
 		return usagef("--timeout must not be negative")
 	}
+	if c.jobTimeout < 0 {
+		return usagef("--job-timeout must not be negative")
+	}
 	body, err := payload(rest, a.stdin, c.raw)
 	if err != nil {
 		return err
@@ -60,6 +67,9 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	opts := []client.Option{client.WithJobID(c.id)}
 	if c.replyTo != "" {
 		opts = append(opts, client.WithReplyTo(c.replyTo))
+	}
+	if c.jobTimeout > 0 {
+		opts = append(opts, client.WithTimeout(c.jobTimeout))
 	}
 	if c.wait {
 		opts = append(opts, client.WithAwait())
@@ -82,7 +92,27 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	}
 	var trailer nats.Header
 	out := &output{stdout: a.stdout, stderr: a.stderr, headers: c.headers, raw: c.raw}
-	err = out.show(job.Messages(ctx, client.WithReplyHeader(&trailer)), &trailer)
+	stopBar := func() {}
+	if a.stderrTTY {
+		stopBar = startJobBar(ctx, a.stderr, job)
+	}
+	// The bar is cleared before the result is printed: stdout may be the
+	// same terminal.
+	msgs := job.Messages(ctx, client.WithReplyHeader(&trailer))
+	err = out.show(func(yield func(*client.Msg, error) bool) {
+		first := true
+		for m, err := range msgs {
+			if first {
+				stopBar()
+				first = false
+			}
+			if !yield(m, err) {
+				return
+			}
+		}
+		stopBar()
+	}, &trailer)
+	stopBar()
 	var ce *client.Error
 	if errors.As(err, &ce) && ce.Local && errors.Is(err, client.ErrDeadlineExceeded) {
 		return unavailablef("no result for job %s within %v", job.ID, c.timeout)

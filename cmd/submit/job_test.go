@@ -100,6 +100,20 @@ func TestJobPublishes(t *testing.T) {
 		t.Fatalf("stored job has id %q, body %q; want %q, {\"a\":1}", got, m.Data, id)
 	}
 
+	if got := m.Header.Get(protocol.HeaderTimeout); got != "" {
+		t.Fatalf("a job without --job-timeout carries %s %q: the node's --job-timeout should apply", protocol.HeaderTimeout, got)
+	}
+
+	// --job-timeout is the job's deadline; --timeout only how long --wait waits.
+	r = submit(t, s, "", "job", "--id", "long-1", "--job-timeout", "10m", "--timeout", "1s", "echo")
+	r.want(t, 0, "long-1\n")
+	if m, err = stream.GetLastMsgForSubject(t.Context(), "pyfleet.job.default.echo"); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Header.Get(protocol.HeaderTimeout); got != "600000" {
+		t.Fatalf("--job-timeout 10m sent %s %q, want 600000", protocol.HeaderTimeout, got)
+	}
+
 	r = submit(t, s, "", "job", "--id", "fixed-1", "echo")
 	r.want(t, 0, "fixed-1\n")
 	r = submit(t, s, "", "job", "--id", "fixed-1", "echo")

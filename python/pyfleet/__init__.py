@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .app import App, FunctionSpec, Kind, worker_id
 from .errors import (
     BadRequest,
+    Cancelled,
     DeadlineExceeded,
     NotFound,
     PayloadTooLarge,
@@ -54,6 +55,7 @@ __all__ = [
     "App",
     "AsyncClient",
     "BadRequest",
+    "Cancelled",
     "Client",
     "DeadlineExceeded",
     "FunctionSpec",

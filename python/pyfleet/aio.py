@@ -14,8 +14,10 @@ its dead-letter watch, the nodes listing). Needs nats-py: install
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import re
 import logging
 import math
 import secrets
@@ -33,6 +35,7 @@ from nats.js import errors as jserrors
 
 from .errors import (
     DeadlineExceeded,
+    NotFound,
     PayloadTooLarge,
     RemoteError,
     Unavailable,
@@ -70,6 +73,11 @@ H_MSG_ID = "Nats-Msg-Id"
 H_ERROR = "Nats-Service-Error"
 H_ERROR_CODE = "Nats-Service-Error-Code"
 
+
+# The states of a job, as the status bucket holds them (docs/protocol.md,
+# "Job status"); the last four are final.
+JOB_STATES = ("pending", "scheduled", "running", "retrying", "done", "failed", "dead", "cancelled")
+FINAL_STATES = frozenset({"done", "failed", "dead", "cancelled"})
 
 # ------------------------------------------------------------------ helpers
 
@@ -117,6 +125,35 @@ def check_header(what: str, value: str) -> str:
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
         raise ValueError(f"{what} {value!r} contains control or invalid characters")
     return value
+
+
+_KEY_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _now() -> str:
+    """Now, RFC 3339 in UTC, as the status bucket's times are."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def status_bucket(prefix: str) -> str:
+    """The jobs' status bucket of prefix (protocol.StatusBucket)."""
+    base = "PYFLEET" if prefix == "pyfleet" else _NAME_BAD.sub("_", prefix).upper()
+    return base + "_STATUS"
+
+
+def status_key(pool: str, job_id: str) -> str:
+    """The key of a job in the status bucket (protocol.StatusKey): each
+    part as it is when it holds only letters, digits, _ and -, else "=" and
+    its unpadded base64url, which a key may hold where a job id's other
+    characters may not."""
+
+    def part(s: str) -> str:
+        if _KEY_PLAIN.fullmatch(s):
+            return s
+        return "=" + base64.urlsafe_b64encode(s.encode()).rstrip(b"=").decode()
+
+    return part(pool) + "." + part(job_id)
 
 
 def millis(seconds: float) -> str:
@@ -695,6 +732,69 @@ class AsyncJob:
             raise err
         return decode(msg.data, self.raw)
 
+    async def info(self) -> dict[str, Any]:
+        """The job's status as a dict: ``state``, ``attempts``, ``node``,
+        ``worker``, ``submitted``/``started``/``finished``/``updated``
+        (RFC 3339), ``error`` (the last one: code, type, message) and
+        ``progress``. NotFound (type NoStatus) when the status bucket has no
+        word of the job: unknown, or older than it keeps."""
+        kv = await self._c._status_kv()
+        try:
+            entry = await kv.get(status_key(self.pool, self.id))
+        except jserrors.KeyNotFoundError:
+            raise NotFound(
+                f"no status for job {self.id} in pool {self.pool}: unknown, or older than the status bucket keeps",
+                type="NoStatus",
+            ) from None
+        info: dict[str, Any] = json.loads(entry.value or b"{}")
+        return info
+
+    async def cancel(self) -> bool:
+        """Cancels the job: one no node took yet never runs, a running one is
+        stopped (an async function is cancelled; a sync one's worker is
+        replaced unless it returns within the node's grace), and
+        ``result()`` then raises ``pyfleet.Cancelled``. False, and nothing
+        changed, when the job had already ended (see ``status()``).
+        NotFound (type NoStatus) for a job without a status."""
+        c = self._c
+        kv = await c._status_kv()
+        key = status_key(self.pool, self.id)
+        while True:
+            try:
+                entry = await kv.get(key)
+            except jserrors.KeyNotFoundError:
+                raise NotFound(
+                    f"no status for job {self.id} in pool {self.pool}, so it cannot be cancelled: "
+                    "unknown, or older than the status bucket keeps",
+                    type="NoStatus",
+                ) from None
+            st = json.loads(entry.value or b"{}")
+            if st.get("state") in FINAL_STATES:
+                return False
+            now = _now()
+            st.update(state="cancelled", finished=now, updated=now,
+                      error={"code": 499, "type": "Cancelled", "message": "the job was cancelled"})
+            try:
+                await kv.update(key, json.dumps(st, separators=(",", ":")).encode(), last=entry.revision)
+                break
+            except jserrors.KeyWrongLastSequenceError:
+                continue  # a node wrote meanwhile: look again
+        # The status says cancelled from now on, so a node that has not
+        # started the job never will; the one running it learns here.
+        nc = c._nc_or_raise()
+        await nc.publish(f"{c.prefix}.cancel.job.{self.pool}.{self.id}", b"")
+        await nc.flush()
+        return True
+
+    async def status(self) -> str:
+        """The job's state: pending, scheduled, running, retrying, done,
+        failed, dead or cancelled."""
+        return str((await self.info()).get("state"))
+
+    async def progress(self) -> Any:
+        """The last progress value the job's function reported, or None."""
+        return (await self.info()).get("progress")
+
     def __repr__(self) -> str:
         return f"AsyncJob(id={self.id!r}, pool={self.pool!r}, function={self.function!r})"
 
@@ -826,6 +926,7 @@ class AsyncClient:
         self._js: Any = None
         self._inbox: _Inbox | None = None
         self._streams: dict[tuple[str, str], str] = {}
+        self._status: Any = None  # the jobs' status bucket, once found
 
     # -- connection
 
@@ -977,8 +1078,9 @@ class AsyncClient:
         """Submits a job (JetStream) and returns its handle; ``job_id``
         (default: 16 random hex digits) is the Nats-Msg-Id, so the same id
         submitted again within two minutes is not queued again
-        (``job.duplicate``). ``timeout`` is the job's deadline, counted from
-        its start (default: the node's)."""
+        (``job.duplicate``). ``timeout`` is the job's deadline in seconds,
+        counted from its start (default: the node's ``--job-timeout``, one
+        hour; never the client's call timeout)."""
         check_token("function", function)
         job_id = secrets.token_hex(8) if job_id is None else check_token("job_id", job_id)
         body = encode(payload, raw)
@@ -1009,7 +1111,61 @@ class AsyncClient:
             raise Unavailable(
                 f"no acknowledgement of the job from JetStream within {JS_TIMEOUT:g} s", type="NoAck"
             ) from None
+        if not ack.duplicate:
+            await self._set_pending(job_id, function, ack.seq)
         return AsyncJob(self, job_id, function, raw, bool(ack.duplicate), ack.seq, dead)
+
+    async def _status_kv(self) -> Any:
+        """The jobs' status bucket, which the nodes create."""
+        if self._status is not None:
+            return self._status
+        name = status_bucket(self.prefix)
+        try:
+            self._status = await self._js_or_raise().key_value(name)
+        except jserrors.BucketNotFoundError:
+            raise Unavailable(f"no {name} bucket: is a poolnode of this version running?", type="NoStream") from None
+        except (nats.errors.NoRespondersError, jserrors.ServiceUnavailableError, nats.errors.TimeoutError):
+            await self._explain_no_jetstream()
+            raise Unavailable(f"no {name} bucket: is a poolnode running?", type="NoStream") from None
+        return self._status
+
+    async def _set_pending(self, job_id: str, function: str, seq: int) -> None:
+        """Records a job just queued as pending, unless a node wrote its
+        status first or a later submission of the id did; best effort, as
+        the Go client's (client/status.go)."""
+        try:
+            kv = await self._status_kv()
+        except Unavailable:
+            return
+        key = status_key(self.pool, job_id)
+        for _ in range(8):
+            rev = 0
+            try:
+                entry = await kv.get(key)
+                st = json.loads(entry.value or b"{}")
+                if st.get("seq", 0) >= seq:
+                    return
+                rev = entry.revision or 0
+            except jserrors.KeyNotFoundError:
+                pass
+            except (jserrors.Error, nats.errors.Error, ValueError):
+                return
+            now = _now()
+            value = json.dumps(
+                {"id": job_id, "pool": self.pool, "function": function, "seq": seq, "state": "pending",
+                 "attempts": 0, "submitted": now, "updated": now},
+                separators=(",", ":"),
+            ).encode()
+            try:
+                if rev:
+                    await kv.update(key, value, last=rev)
+                else:
+                    await kv.create(key, value)
+                return
+            except jserrors.KeyWrongLastSequenceError:
+                continue  # a node wrote meanwhile: look again
+            except (jserrors.Error, nats.errors.Error):
+                return
 
     def job(self, job_id: str, *, raw: bool = False, function: str | None = None) -> AsyncJob:
         """A handle for a job submitted elsewhere, by its id. Knowing the

@@ -176,6 +176,23 @@ class Job:
         long as it takes; past it, TimeoutError (the job may still run)."""
         return self._c._run(self._j.result(timeout))
 
+    def info(self) -> dict[str, Any]:
+        """The job's status as a dict: state, attempts, node, worker,
+        timestamps, last error, progress (AsyncJob.info)."""
+        return self._c._run(self._j.info())
+
+    def cancel(self) -> bool:
+        """Cancels the job (AsyncJob.cancel); False if it had already ended."""
+        return self._c._run(self._j.cancel())
+
+    def status(self) -> str:
+        """pending, scheduled, running, retrying, done, failed, dead or cancelled."""
+        return self._c._run(self._j.status())
+
+    def progress(self) -> Any:
+        """The last progress value the job's function reported, or None."""
+        return self._c._run(self._j.progress())
+
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, pool={self.pool!r}, function={self.function!r})"
 

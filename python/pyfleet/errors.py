@@ -107,6 +107,13 @@ class PayloadTooLarge(RemoteError):
     code = 413
 
 
+class Cancelled(RemoteError):
+    """499: the job was cancelled (``job.cancel()``, ``submit cancel``)
+    before it finished."""
+
+    code = 499
+
+
 class Unavailable(RemoteError):
     """503: no node could take the call now (none running, draining,
     overloaded, no worker for a new session, results stream refusing);
@@ -128,6 +135,7 @@ _BY_CODE: dict[int, type[RemoteError]] = {
     408: DeadlineExceeded,
     410: SessionLost,
     413: PayloadTooLarge,
+    499: Cancelled,
     503: Unavailable,
 }
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ import pyfleet
 from conftest import PYTHON_DIR, Node, locate, wait_gone
 from pyfleet import (
     BadRequest,
+    Cancelled,
     Client,
     DeadlineExceeded,
     NotFound,
@@ -274,6 +276,66 @@ def test_job_dead_letter_when_the_result_cannot_be_stored(start_node: StartNode)
             job.result(timeout=60)
     assert e.value.type == "ResultRefused"
     assert "refused to store the job's result" in e.value.message
+
+
+def _wait_state(job: Any, state: str, timeout: float = 60) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while True:
+        info = job.info()
+        if info["state"] == state:
+            return info
+        assert time.monotonic() < end, f"job {job.id} never {state}: {info}"
+        time.sleep(0.02)
+
+
+def test_job_status(client: Client, node: Node) -> None:
+    job = client.submit("sleep", 1500, job_id="py-status-1")
+    info = _wait_state(job, "running")
+    assert info["node"] == node.name and info["attempts"] == 1 and info["function"] == "sleep"
+    assert info["seq"] == job.seq and info["submitted"] and info["started"]
+    assert job.result(timeout=30) == 1500
+    info = _wait_state(job, "done")
+    assert info["worker"] and info["finished"] and "error" not in info
+    assert job.status() == "done" and job.progress() is None
+    assert client.job("py-status-1").status() == "done"
+
+    bad = client.submit("bad", "j")
+    info = _wait_state(bad, "failed")
+    assert info["error"] == {"code": 400, "type": "BadRequest", "message": "you asked wrong: 'j'"}
+
+    # No node serves this pool: the job is as its submitter left it.
+    with Client(node.url, pool="py-status-idle") as idle:
+        pending = idle.submit("echo", 1, job_id="a:b")  # not a plain key: encoded
+        info = pending.info()
+        assert info["state"] == "pending" and info["attempts"] == 0 and info["id"] == "a:b"
+        with pytest.raises(NotFound) as e:
+            idle.job("never-submitted").status()
+        assert e.value.type == "NoStatus"
+
+
+def test_job_cancel(start_node: StartNode) -> None:
+    """A pending job is cancelled before any node takes it; a running async
+    job and a running sync one are stopped; result() raises Cancelled."""
+    n = start_node(workers=2)
+    with Client(n.url, pool="py-cancel-idle") as idle:
+        pending = idle.submit("echo", 1)
+        assert pending.cancel() is True
+        assert pending.status() == "cancelled"
+        assert pending.cancel() is False  # ended already
+    with Client(n.url) as c:
+        for fn in ("nap", "sleep"):
+            job = c.submit(fn, 60_000)
+            _wait_state(job, "running")
+            assert job.cancel() is True
+            with pytest.raises(Cancelled) as e:
+                job.result(timeout=30)
+            assert (e.value.code, e.value.type) == (499, "Cancelled")
+            assert job.info()["state"] == "cancelled"
+        done = c.submit("echo", 2)
+        assert done.result(timeout=30) == 2
+        _wait_state(done, "done")
+        assert done.cancel() is False
+        assert c.call("echo", "after") == "after"
 
 
 # ----------------------------------------------------------- nodes, events

@@ -119,6 +119,10 @@ def test_jobs(node: Node) -> None:
             with pytest.raises(TimeoutError):
                 await slow.result(timeout=0.1)
             assert await slow.result(timeout=30) == 1000
+            assert await slow.status() == "done"
+            info = await slow.info()
+            assert info["node"] == node.name and info["attempts"] == 1
+            assert await slow.progress() is None
 
     run(main())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import signal
 import time
@@ -57,6 +59,13 @@ def bad(payload: Any) -> None:
 @app.function
 def sleep(payload: Any) -> float:
     time.sleep(payload / 1000)
+    return payload
+
+
+@app.function
+async def nap(payload: Any) -> float:
+    """Awaits payload milliseconds: a cancel cancels it cleanly."""
+    await asyncio.sleep(payload / 1000)
     return payload
 
 
