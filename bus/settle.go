@@ -89,6 +89,9 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		Session:   protocol.Header(d.hdr, protocol.HeaderSession),
 		RequestID: d.requestID,
 		Deadline:  time.Now().Add(timeout),
+		JobID:     d.id,
+		Attempt:   int(d.n),
+		Progress:  func(v []byte) { j.progress(d, v) },
 	}
 	ctx, cancel := context.WithDeadline(j.abortCtx, req.Deadline)
 	defer cancel()
@@ -207,5 +210,17 @@ func (j *Jobs) ack(d *delivery) {
 	// counts it. If the ack is lost, the next delivery finds the result.
 	if err := d.msg.DoubleAck(ctx); err != nil {
 		d.log.Warn("ack job", zap.Error(err))
+	}
+}
+
+// progress publishes a running job's ctx.progress value on
+// <prefix>.progress.<pool>.<job id> (protocol.Subjects.Progress), for
+// whoever watches the job live; best effort, as a lost value is replaced by
+// the next.
+func (j *Jobs) progress(d *delivery, value []byte) {
+	m := &nats.Msg{Subject: j.subj.Progress(j.cfg.Pool, d.id), Data: value,
+		Header: nats.Header{protocol.HeaderJobID: {d.id}, protocol.HeaderNode: {j.cfg.Node}}}
+	if err := j.nc.PublishMsg(m); err != nil {
+		d.log.Debug("publish job progress", zap.Error(err))
 	}
 }

@@ -13,6 +13,7 @@ const (
 	CodeDeadline    = 408 // the caller's deadline passed
 	CodeSessionLost = 410 // the session's worker is gone
 	CodeTooLarge    = 413 // the payload is over the size limit
+	CodeCancelled   = 499 // the job was cancelled (HTTP's "client closed request")
 	CodeFailed      = 500 // the function raised, or its worker died under it
 	CodeUnavailable = 503 // the node is overloaded or draining
 )
@@ -27,6 +28,7 @@ const (
 	TypeDeadline      = "DeadlineExceeded" // 408
 	TypeSessionLost   = "SessionLost"      // 410
 	TypeTooLarge      = "TooLarge"         // 413
+	TypeCancelled     = "Cancelled"        // 499: cancelled before it finished
 	TypeInternal      = "InternalError"    // 500: the node failed, not the function
 	TypeWorkerLost    = "WorkerLost"       // 500: the worker died or its channel broke under the call
 	TypeDeliveryLimit = "DeliveryLimit"    // 500: no node finished a job in its deliveries
@@ -55,6 +57,15 @@ type Request struct {
 	// Deadline is when the caller stops waiting; the zero time means none.
 	// The caller's ctx carries the same deadline.
 	Deadline time.Time
+	// JobID is the job's id when the call runs a job; Attempt is which
+	// delivery of it this is (0 is taken as 1, a call's). The function's
+	// pyfleet.Context reads both.
+	JobID   string
+	Attempt int
+	// Progress, when set, gets each value (JSON) the function passes to
+	// ctx.progress, in order and before Call returns; nil drops them. The
+	// worker rate-limits them, but Progress must still be quick.
+	Progress func(value []byte)
 }
 
 // Chunk is one item a streaming function yielded.
