@@ -443,7 +443,7 @@ func (w *worker) logRecord(r *workerpb.Result) {
 		level = zapcore.ErrorLevel
 	}
 	if ce := w.log.Check(level, string(r.Payload)); ce != nil {
-		ce.Write(zap.String("request_id", r.RequestId), zap.String("level", r.Level), zap.String("stream", "ctx.log"))
+		ce.Write(zap.String("request_id", r.RequestId), zap.String("python_level", r.Level), zap.String("stream", "ctx.log"))
 	}
 }
 
