@@ -43,6 +43,21 @@ def plain(payload: Any) -> Any:
 
 
 @app.function
+def ctx_echo(payload: Any, ctx: Context) -> Any:
+    """plain, with a context it does not use: the cost of the injection
+    (python/bench/context_cost.py)."""
+    return payload
+
+
+@app.function
+def ctx_progress(payload: Any, ctx: Context) -> Any:
+    """plain, reporting progress once per call: the cost of ctx.progress
+    under its rate limit."""
+    ctx.progress(1)
+    return payload
+
+
+@app.function
 def whoami(payload: Any) -> str:
     return worker_id()
 
