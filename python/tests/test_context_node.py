@@ -203,3 +203,36 @@ def test_job_context(client: Client) -> None:
     job = client.submit("info", {"j": 1}, job_id="ctx-job-1")
     got = job.result(timeout=30)
     assert got["job_id"] == "ctx-job-1" and got["attempt"] == 1 and got["payload"] == {"j": 1}
+
+
+def test_job_progress_published_live(client: Client, ctx_node: Node, tmp_path: Path) -> None:
+    import nats
+
+    gate = tmp_path / "gate"
+    seen: list[tuple[Any, str, str]] = []
+
+    async def run() -> Any:
+        nc = await nats.connect(ctx_node.url)
+        try:
+            got = asyncio.Event()
+
+            async def on(msg: Any) -> None:
+                seen.append((json.loads(msg.data), msg.headers.get("Pyfleet-Job-Id"), msg.headers.get("Pyfleet-Node")))
+                got.set()
+
+            await nc.subscribe("pyfleet.progress.default.ctx-job-p", cb=on)
+            await nc.flush()
+            async with AsyncClient(ctx_node.url) as c:
+                job = await c.submit("steps", {"n": 2, "gate": str(gate)}, job_id="ctx-job-p")
+                # Live: the job waits for the gate after its first report.
+                await asyncio.wait_for(got.wait(), 30)
+                gate.touch()
+                result = await job.result(timeout=30)
+            await nc.flush()
+            return result
+        finally:
+            await nc.close()
+
+    assert asyncio.run(run()) == 2
+    assert seen[0] == ({"done": 0, "total": 2}, "ctx-job-p", ctx_node.name)
+    wait_until(lambda: seen[-1][0] == {"done": 2, "total": 2}, "the last progress value", 5)
