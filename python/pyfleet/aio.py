@@ -485,6 +485,7 @@ class AsyncStream:
             msg = await self._ex.next()
         except BaseException:
             self._ended = True
+            await self._ex.cancel()  # no-op once the exchange closed itself
             raise
         if msg is None:
             self._ended = True
@@ -506,8 +507,10 @@ class AsyncStream:
         return decode(msg.data, self._raw)
 
     async def aclose(self) -> None:
-        """Stops listening; items still coming are dropped."""
+        """Stops listening; items still coming are dropped, and a stream
+        still running is cancelled on its node."""
         self._ended = True
+        await self._ex.cancel()
         self._ex.close()
 
     async def __aenter__(self) -> AsyncStream:

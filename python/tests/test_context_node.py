@@ -191,6 +191,16 @@ def test_cancel_of_a_sync_call_that_does_not_poll_replaces_its_worker(
     )
 
 
+def test_stream_closed_early_cancels_the_generator(client: Client, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = client.stream("ticker", {"out": str(out)}, timeout=60)
+    it = iter(s)
+    assert [next(it), next(it)] == [0, 1]
+    s.close()
+    wait_until(out.exists, "the generator to see ctx.cancelled")
+    assert json.loads(out.read_text())["remaining"] > 30
+
+
 def test_deadline_turns_cancelled_true(client: Client, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(DeadlineExceeded):
@@ -203,6 +213,12 @@ def test_job_context(client: Client) -> None:
     job = client.submit("info", {"j": 1}, job_id="ctx-job-1")
     got = job.result(timeout=30)
     assert got["job_id"] == "ctx-job-1" and got["attempt"] == 1 and got["payload"] == {"j": 1}
+
+
+def test_job_attempt_is_the_delivery_count(client: Client) -> None:
+    # The first delivery raises (500: retried after the first backoff, 1 s).
+    got = client.submit("flaky", None, job_id="ctx-job-flaky").result(timeout=60)
+    assert got == {"attempt": 2, "job_id": "ctx-job-flaky"}
 
 
 def test_job_progress_published_live(client: Client, ctx_node: Node, tmp_path: Path) -> None:

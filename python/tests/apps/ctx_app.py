@@ -58,6 +58,25 @@ def ctx_progress(payload: Any, ctx: Context) -> Any:
 
 
 @app.function
+def flaky(payload: Any, ctx: Context) -> dict[str, Any]:
+    """Fails its first delivery; returns what the second saw."""
+    if ctx.attempt == 1:
+        raise RuntimeError("first delivery fails")
+    return {"attempt": ctx.attempt, "job_id": ctx.job_id}
+
+
+@app.function
+def ticker(payload: dict[str, str], ctx: Context) -> Any:
+    """Yields a number every 50 ms until cancelled; then writes payload["out"]."""
+    i = 0
+    while not ctx.cancelled:
+        yield i
+        i += 1
+        time.sleep(0.05)
+    Path(payload["out"]).write_text(json.dumps({"items": i, "remaining": ctx.remaining()}))
+
+
+@app.function
 def whoami(payload: Any) -> str:
     return worker_id()
 
