@@ -55,6 +55,13 @@ type delivery struct {
 	stopMu    sync.Mutex
 	stopRun   context.CancelCauseFunc // nil until the call starts
 	cancelled bool
+
+	// progressMu guards the job's last ctx.progress value and what of it
+	// its status has (Jobs.progress, saveProgress).
+	progressMu         sync.Mutex
+	progressLast       []byte
+	progressSaved      time.Time
+	progressSavedValue []byte
 }
 
 // errCancelled is the cause of a job's context when the job was cancelled.

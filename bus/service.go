@@ -76,6 +76,11 @@ type Service struct {
 	state    serviceState
 	inFlight int
 	idle     chan struct{} // closed once stopped with nothing in flight
+	// running holds the cancel of each call in flight by its reply
+	// subject, which only its caller knows: a cancel message names it
+	// (protocol.Subjects.CancelCall).
+	running   map[string]context.CancelCauseFunc
+	cancelSub *nats.Subscription
 
 	endpoints map[string]*endpointCounters // by endpoint subject; fixed by Serve
 }
@@ -145,6 +150,7 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		observe:   cfg.Observe,
 		idle:      make(chan struct{}),
 		endpoints: map[string]*endpointCounters{},
+		running:   map[string]context.CancelCauseFunc{},
 	}
 	var err error
 	if s.limits, err = cfg.limits(int(nc.MaxPayload())); err != nil {
@@ -168,6 +174,14 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	if err := s.register(cfg, eps); err != nil {
 		s.abort()
 		return nil, fmt.Errorf("serve pool %q: %w", cfg.Pool, err)
+	}
+	// Every node of the pool hears every cancel: the caller does not know
+	// which node took its call. nats.go's own goroutine runs the handler;
+	// Stop unsubscribes.
+	if s.cancelSub, err = nc.Subscribe(protocol.Subjects{Prefix: cfg.Prefix}.CancelCall(cfg.Pool), s.cancelCall); err != nil {
+		_ = s.svc.Stop()
+		s.abort()
+		return nil, fmt.Errorf("serve pool %q: cancel subscription: %w", cfg.Pool, err)
 	}
 	// Once Serve returns, the subscriptions are in place on the server, so
 	// a caller that learns of this node (from node_started, say) can reach it.
@@ -345,6 +359,8 @@ func (s *Service) Stop(ctx context.Context) error {
 		if err = s.svc.Stop(); err != nil {
 			err = fmt.Errorf("stop service: %w", err)
 		}
+		// Cancels still count while the calls in flight finish.
+		defer func() { _ = s.cancelSub.Unsubscribe() }()
 	}
 	select {
 	case <-s.idle:
@@ -425,7 +441,7 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	go func() {
 		defer s.end()
 		defer c.inFlight.Add(-1)
-		s.answer(reply, *fn, a.req, a.timeout, a.heartbeat, c, arrived)
+		s.answer(reply, *fn, a, c, arrived)
 	}()
 }
 
@@ -445,6 +461,8 @@ type admission struct {
 	// req.Deadline is left to the caller.
 	req                *call.Request
 	timeout, heartbeat time.Duration
+	// progress: the caller asked for the call's progress (HeaderProgress).
+	progress bool
 }
 
 // admit decides whether the node takes a request for fn (nil when the pool
@@ -478,6 +496,9 @@ func admit(l admitLimits, hdr nats.Header, name string, fn *call.Function, data 
 		}
 	}
 	a.timeout, a.heartbeat = timeout, heartbeat
+	if v := protocol.Header(hdr, protocol.HeaderProgress); v != "" && v != "0" {
+		a.progress = true
+	}
 	// Copies: a value may share memory with the whole header block, and a
 	// session key outlives the request in the pool.
 	a.req = &call.Request{
@@ -575,12 +596,29 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 // answer makes the call and publishes its answer. It publishes straight to
 // the reply subject: micro's Request is not safe to use once its handler
 // returned.
-func (s *Service) answer(reply string, fn call.Function, req *call.Request, timeout, heartbeat time.Duration, c *endpointCounters, arrived time.Time) {
-	ctx, cancel := context.WithDeadline(s.abortCtx, req.Deadline)
+func (s *Service) answer(reply string, fn call.Function, a admission, c *endpointCounters, arrived time.Time) {
+	req, timeout, heartbeat := a.req, a.timeout, a.heartbeat
+	cctx, cancelCall := context.WithCancelCause(s.abortCtx)
+	ctx, cancel := context.WithDeadline(cctx, req.Deadline)
 	defer cancel()
+	unlist := s.list(reply, cancelCall)
+	defer unlist()
 	stopBeats := func() {}
 	if heartbeat > 0 {
 		stopBeats = s.heartbeats(reply, req.RequestID, heartbeat)
+	}
+	var progressMu sync.Mutex // Progress may race the end of the call
+	progressDone := false
+	if a.progress {
+		req.Progress = func(v []byte) {
+			m := &nats.Msg{Subject: reply, Data: v, Header: replyHeader(protocol.StatusOK, s.node, "", req.RequestID)}
+			m.Header[protocol.HeaderStream] = []string{protocol.StreamProgress}
+			progressMu.Lock()
+			defer progressMu.Unlock()
+			if !progressDone {
+				_ = s.nc.PublishMsg(m)
+			}
+		}
 	}
 
 	var emit call.Emit
@@ -609,8 +647,16 @@ func (s *Service) answer(reply string, fn call.Function, req *call.Request, time
 	res, err := s.h.Call(ctx, req, emit)
 	stopBeats() // no heartbeat may follow the answer
 	done.Store(true)
+	progressMu.Lock()
+	progressDone = true // nor any progress
+	progressMu.Unlock()
 	if emitErr != nil {
 		err = emitErr
+	}
+	if errors.Is(context.Cause(cctx), errCallerCancelled) {
+		// Nobody may be listening, but a caller that cancelled in one
+		// place and still reads in another learns why.
+		err = call.Errorf(call.CodeCancelled, call.TypeCancelled, "the caller cancelled the call")
 	}
 
 	var m *nats.Msg
@@ -636,6 +682,39 @@ func (s *Service) answer(reply string, fn call.Function, req *call.Request, time
 	c.completed.Add(1)
 	if err := s.publish(m); err != nil {
 		s.log.Warn("cannot send reply", zap.String("function", fn.Name), zap.String("request_id", req.RequestID), zap.Error(err))
+	}
+}
+
+// errCallerCancelled is the cause of a call's context when its caller
+// cancelled it.
+var errCallerCancelled = errors.New("the caller cancelled the call")
+
+// list records the cancel of the call answering to reply until the
+// returned func is called. A reply subject already listed (a caller
+// reusing one for two calls at once) keeps its first call: the cancel of
+// the second call cannot be told apart and is dropped.
+func (s *Service) list(reply string, cancel context.CancelCauseFunc) (unlist func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, dup := s.running[reply]; dup {
+		return func() {}
+	}
+	s.running[reply] = cancel
+	return func() {
+		s.mu.Lock()
+		delete(s.running, reply)
+		s.mu.Unlock()
+	}
+}
+
+// cancelCall handles a cancel message: its body is the reply subject of the
+// call to stop. A call this node does not run is none of its business.
+func (s *Service) cancelCall(m *nats.Msg) {
+	s.mu.Lock()
+	cancel := s.running[string(m.Data)]
+	s.mu.Unlock()
+	if cancel != nil {
+		cancel(errCallerCancelled)
 	}
 }
 

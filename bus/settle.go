@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"time"
 
@@ -96,6 +97,9 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		Session:   protocol.Header(d.hdr, protocol.HeaderSession),
 		RequestID: d.requestID,
 		Deadline:  time.Now().Add(timeout),
+		JobID:     d.id,
+		Attempt:   int(d.n),
+		Progress:  func(v []byte) { j.progress(d, v) },
 	}
 	run, stopRun := context.WithCancelCause(j.abortCtx)
 	defer stopRun(nil)
@@ -113,6 +117,7 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		return nil
 	}
 	res, err := j.h.Call(ctx, req, emit)
+	j.saveProgress(d) // the last value, before the status says how the job ended
 	switch e := col.failure(); {
 	case e != nil:
 		// Whatever the cancelled call returned, this is why it ended;
@@ -247,4 +252,43 @@ func (j *Jobs) settleCancelled(d *delivery, worker string) {
 		d.log.Warn("terminate job", zap.Error(err))
 	}
 	j.outcome("cancelled")
+}
+
+// progress publishes a running job's ctx.progress value on
+// <prefix>.progress.<pool>.<job id> (protocol.Subjects.Progress), for
+// whoever watches the job live; best effort, as a lost value is replaced by
+// the next. The job's status (job.progress()) gets it too, at most once per
+// progressSaveEvery, a key-value round trip each; saveProgress stores the
+// last one when the call ends.
+func (j *Jobs) progress(d *delivery, value []byte) {
+	m := &nats.Msg{Subject: j.subj.Progress(j.cfg.Pool, d.id), Data: value,
+		Header: nats.Header{protocol.HeaderJobID: {d.id}, protocol.HeaderNode: {j.cfg.Node}}}
+	if err := j.nc.PublishMsg(m); err != nil {
+		d.log.Debug("publish job progress", zap.Error(err))
+	}
+	d.progressMu.Lock()
+	d.progressLast = append(d.progressLast[:0], value...)
+	due := time.Since(d.progressSaved) >= progressSaveEvery
+	d.progressMu.Unlock()
+	if due {
+		j.saveProgress(d)
+	}
+}
+
+// progressSaveEvery is how often, at most, a running job's progress is
+// written to its status.
+const progressSaveEvery = time.Second
+
+// saveProgress writes d's last progress value to its status, if it has one
+// not written yet.
+func (j *Jobs) saveProgress(d *delivery) {
+	d.progressMu.Lock()
+	if d.progressLast == nil || !d.progressSaved.IsZero() && string(d.progressLast) == string(d.progressSavedValue) {
+		d.progressMu.Unlock()
+		return
+	}
+	value := append(json.RawMessage(nil), d.progressLast...)
+	d.progressSaved, d.progressSavedValue = time.Now(), value
+	d.progressMu.Unlock()
+	j.Progress(d.id, value)
 }

@@ -57,6 +57,15 @@ type Request struct {
 	// Deadline is when the caller stops waiting; the zero time means none.
 	// The caller's ctx carries the same deadline.
 	Deadline time.Time
+	// JobID is the job's id when the call runs a job; Attempt is which
+	// delivery of it this is (0 is taken as 1, a call's). The function's
+	// pyfleet.Context reads both.
+	JobID   string
+	Attempt int
+	// Progress, when set, gets each value (JSON) the function passes to
+	// ctx.progress, in order and before Call returns; nil drops them. The
+	// worker rate-limits them, but Progress must still be quick.
+	Progress func(value []byte)
 }
 
 // Chunk is one item a streaming function yielded.

@@ -29,9 +29,18 @@ type options struct {
 	jobID     string
 	replyTo   string
 	await     bool
+	progress  func(json.RawMessage)
 	// first, when set, sees the headers of the answer's first message from
 	// a worker, and last those of its last message (Session uses them).
 	first, last func(nats.Header)
+}
+
+// WithProgress asks the node for the call's progress: f gets each value
+// (JSON) the function passes to ctx.progress, as it comes and before the
+// call returns, on the goroutine that makes the call. Without it the node
+// sends none.
+func WithProgress(f func(value json.RawMessage)) Option {
+	return func(o *options) { o.progress = f }
 }
 
 // WithTimeout sets the deadline the node counts from its receipt of the
@@ -295,6 +304,9 @@ func (c *Client) exchange(ctx context.Context, subj string, body []byte, o *opti
 	if o.requestID != "" {
 		msg.Header.Set(protocol.HeaderRequestID, o.requestID)
 	}
+	if o.progress != nil {
+		msg.Header.Set(protocol.HeaderProgress, "1")
+	}
 	var lost *time.Timer
 	if c.beat > 0 {
 		msg.Header.Set(protocol.HeaderHeartbeat, millis(c.beat))
@@ -325,6 +337,7 @@ func (c *Client) exchange(ctx context.Context, subj string, body []byte, o *opti
 			e.Node = holder
 			return e
 		case err != nil && ctx.Err() == context.Canceled:
+			c.cancelCall(ib.subject)
 			return ctx.Err()
 		case err != nil && wctx.Err() != nil:
 			shown := timeout
@@ -360,6 +373,12 @@ func (c *Client) exchange(ctx context.Context, subj string, body []byte, o *opti
 		if kind == protocol.StreamHeartbeat {
 			continue
 		}
+		if kind == protocol.StreamProgress {
+			if o.progress != nil {
+				o.progress(json.RawMessage(m.Data))
+			}
+			continue
+		}
 		if o.first != nil && protocol.Header(h, protocol.HeaderWorker) != "" {
 			o.first(h)
 			o.first = nil
@@ -367,12 +386,20 @@ func (c *Client) exchange(ctx context.Context, subj string, body []byte, o *opti
 		if kind == protocol.StreamChunk {
 			chunks++
 			if !yield(&Msg{Data: m.Data, Header: h}) {
+				c.cancelCall(ib.subject) // the caller broke out of its loop
 				return nil
 			}
 			continue
 		}
 		return finish(h, m.Data, chunks > 0, o, yield)
 	}
+}
+
+// cancelCall tells the node running the call that answers to reply that
+// its caller gave up (docs/protocol.md, "Cancel"): it stops the call as at
+// its deadline. Best effort: a node that already answered ignores it.
+func (c *Client) cancelCall(reply string) {
+	_ = c.nc.Publish(c.subjects.CancelCall(c.pool), []byte(reply))
 }
 
 // finish handles the last message of an answer, live or stored: an error,

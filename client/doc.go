@@ -14,8 +14,11 @@
 //	job, err := c.Submit(ctx, "echo", map[string]int{"x": 1})
 //	err = job.Result(ctx, &out)
 //
-// Every method takes a context.Context: its cancellation abandons the call
-// and returns ctx.Err(); its deadline is the call's (sent to the node as
+// Every method takes a context.Context: its cancellation abandons the call,
+// tells the node (which stops the function as at its deadline:
+// docs/protocol.md, "Progress and cancel") and returns ctx.Err(); so does
+// breaking out of a Stream loop. WithProgress gets the values a function
+// passes to ctx.progress while it runs. Its deadline is the call's (sent to the node as
 // Pyfleet-Timeout) unless WithTimeout gives another. Calls ask the node for
 // heartbeats (Options.Heartbeat, one a second by default), so a call whose
 // node dies fails within three intervals with ErrWorkerLost rather than

@@ -617,6 +617,12 @@ func (c *queuedCall) chunk(ch call.Chunk) error {
 	return c.emit(ch)
 }
 
+func (c *queuedCall) isAbandoned() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.abandoned
+}
+
 func (c *queuedCall) abandon() {
 	c.mu.Lock()
 	c.abandoned = true
@@ -640,7 +646,8 @@ func (p *Pool) execute(w *worker, c *queuedCall) {
 
 	id := w.nextID.Add(1)
 	frame := &workerpb.Call{Id: id, Function: c.req.Function, Payload: c.req.Payload,
-		RequestId: c.req.RequestID, Session: c.req.Session}
+		RequestId: c.req.RequestID, Session: c.req.Session,
+		JobId: c.req.JobID, Attempt: uint32(max(c.req.Attempt, 1))}
 	var deadline <-chan time.Time
 	if !c.req.Deadline.IsZero() {
 		left := time.Until(c.req.Deadline)
@@ -675,6 +682,12 @@ func (p *Pool) execute(w *worker, c *queuedCall) {
 				deadline = t.C
 			}
 		case r := <-results:
+			if r.Kind == workerpb.Result_PROGRESS {
+				if c.req.Progress != nil && !c.isAbandoned() {
+					c.req.Progress(r.Payload)
+				}
+				continue
+			}
 			if r.Kind == workerpb.Result_CHUNK {
 				if err := c.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {
 					w.cancel(id)
@@ -694,7 +707,10 @@ func (p *Pool) execute(w *worker, c *queuedCall) {
 			return
 		case <-w.lost:
 			p.errors.Add(1)
-			if overran {
+			if overran && errors.Is(c.ctx.Err(), context.Canceled) {
+				c.finish(outcome{err: &call.Error{Code: call.CodeCancelled, Type: call.TypeCancelled,
+					Message: "the call was cancelled and did not stop within the grace; its worker was replaced", Worker: w.name}})
+			} else if overran {
 				c.finish(outcome{err: deadlineError(w.name)})
 			} else {
 				c.finish(outcome{err: lostError(w)})
@@ -709,8 +725,8 @@ func (p *Pool) execute(w *worker, c *queuedCall) {
 				deadline = t.C
 				continue
 			}
-			p.log.Warn("call overran its deadline; killing its worker",
-				zap.String("worker", w.name), zap.String("function", c.req.Function))
+			p.log.Warn("call overran its deadline or cancel; killing its worker",
+				zap.String("worker", w.name), zap.String("function", c.req.Function), zap.String("request_id", c.req.RequestID))
 			w.stopProcess(lifecycle.ReasonDeadline, 0)
 			deadline = nil
 		}

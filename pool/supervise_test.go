@@ -316,7 +316,7 @@ func TestCallRefusesInvalidUTF8(t *testing.T) {
 		cancel()
 		var ce *call.Error
 		if !errors.As(err, &ce) || ce.Code != call.CodeBadRequest || !strings.Contains(ce.Message, "UTF-8") {
-			t.Errorf("%+q: %v, want 400 naming UTF-8", req, err)
+			t.Errorf("%+q %+q %+q: %v, want 400 naming UTF-8", req.Function, req.RequestID, req.Session, err)
 		}
 	}
 	if n := len(p.sessions); n != 0 {

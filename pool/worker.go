@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -404,6 +405,13 @@ func (w *worker) recv() {
 		w.out.answered()
 		chans = w.calls.route(b.Results, chans[:0])
 		for i, r := range b.Results {
+			if r.Kind == workerpb.Result_LOG {
+				// Logged here, not by the call's slot: a record may
+				// come after its call ended (a thread the call left
+				// behind), and it still belongs in the node's log.
+				w.logRecord(r)
+				continue
+			}
 			ch := chans[i]
 			if ch == nil {
 				continue // a call the node already gave up on
@@ -418,6 +426,24 @@ func (w *worker) recv() {
 				return
 			}
 		}
+	}
+}
+
+// logRecord writes one ctx.log record of the worker's to the node's log, at
+// the zap level nearest its Python level, whole: a traceback stays one
+// record, unlike what the worker prints, which is logged line by line.
+func (w *worker) logRecord(r *workerpb.Result) {
+	level := zapcore.InfoLevel
+	switch r.Level {
+	case "DEBUG", "NOTSET":
+		level = zapcore.DebugLevel
+	case "WARNING":
+		level = zapcore.WarnLevel
+	case "ERROR", "CRITICAL":
+		level = zapcore.ErrorLevel
+	}
+	if ce := w.log.Check(level, string(r.Payload)); ce != nil {
+		ce.Write(zap.String("request_id", r.RequestId), zap.String("python_level", r.Level), zap.String("stream", "ctx.log"))
 	}
 }
 

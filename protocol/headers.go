@@ -20,6 +20,11 @@ const (
 	// for its deadline. Plain requesters send no such header and get one
 	// plain reply.
 	HeaderHeartbeat = "Pyfleet-Heartbeat"
+	// HeaderProgress on a request asks the node to send each ctx.progress
+	// value of the call to the reply subject, as a message with
+	// HeaderStream StreamProgress, before the answer. Any value but "" and
+	// "0" asks; plain requesters send none and get one plain reply.
+	HeaderProgress = "Pyfleet-Progress"
 	// HeaderReplyTo on a job names a subject that also gets the result.
 	HeaderReplyTo = "Pyfleet-Reply-To"
 	// HeaderMsgID is JetStream's dedup header; on a job it is the job id.
@@ -29,7 +34,7 @@ const (
 	HeaderStatus = "Pyfleet-Status" // StatusOK or StatusError
 	HeaderNode   = "Pyfleet-Node"
 	HeaderWorker = "Pyfleet-Worker"
-	HeaderStream = "Pyfleet-Stream" // StreamChunk, StreamEnd or StreamHeartbeat
+	HeaderStream = "Pyfleet-Stream" // StreamChunk, StreamEnd, StreamHeartbeat or StreamProgress
 	HeaderJobID  = "Pyfleet-Job-Id"
 	// HeaderFunction on a stored result names the function of its job.
 	// With Pyfleet-Job-Id it is how a later delivery of a job knows that a
@@ -48,6 +53,7 @@ const (
 	StreamChunk     = "chunk"
 	StreamEnd       = "end"
 	StreamHeartbeat = "heartbeat"
+	StreamProgress  = "progress"
 )
 
 // MaxHeaderValue caps the value of every pyfleet request header (and of

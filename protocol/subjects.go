@@ -61,6 +61,19 @@ func (s Subjects) Event(pool, node, kind string) string {
 	return s.Root() + ".evt." + pool + "." + node + "." + kind
 }
 
+// CancelCall is where a caller that gave up on a call publishes the call's
+// reply subject (the body, nothing else): every node of pool listens, and
+// the one running the call stops it.
+func (s Subjects) CancelCall(pool string) string {
+	return s.Root() + ".cancel.call." + pool
+}
+
+// Progress is where the node publishes each ctx.progress value of job id
+// of pool while the job runs.
+func (s Subjects) Progress(pool, id string) string {
+	return s.Root() + ".progress." + pool + "." + id
+}
+
 // ErrInvalidName is what every error of ValidToken and ValidPrefix is
 // (errors.Is).
 var ErrInvalidName = errors.New("invalid name")

@@ -8,7 +8,9 @@ import os
 import time
 from typing import Any, Iterator
 
-from pyfleet import App, BadRequest
+from pathlib import Path
+
+from pyfleet import App, BadRequest, Context
 
 app = App()
 
@@ -78,3 +80,32 @@ def crash(payload: Any) -> None:
 def big(payload: dict[str, int]) -> str:
     """A string of payload["bytes"] bytes."""
     return "x" * payload["bytes"]
+
+
+@app.function
+def progressive(payload: dict[str, Any], ctx: Context) -> int:
+    """Reports {"done": 0} and waits for the file payload["gate"], then
+    reports done 1..n: a caller that sees done 0 before it makes the file
+    saw it live."""
+    n = payload["n"]
+    ctx.progress({"done": 0, "total": n})
+    end = time.monotonic() + 30
+    while not Path(payload["gate"]).exists() and time.monotonic() < end:
+        time.sleep(0.01)
+    for i in range(1, n + 1):
+        time.sleep(0.15)  # past the worker's rate limit: each value is sent
+        ctx.progress({"done": i, "total": n})
+    return n
+
+
+@app.function
+async def cancellable(payload: dict[str, str], ctx: Context) -> str:
+    """Marks payload["started"] and sleeps; writes payload["out"] when its
+    caller cancels it."""
+    Path(payload["started"]).touch()
+    try:
+        await asyncio.sleep(600)
+    except asyncio.CancelledError:
+        Path(payload["out"]).write_text("cancelled" if ctx.cancelled else "not marked")
+        raise
+    return "woke"

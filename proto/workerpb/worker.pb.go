@@ -35,6 +35,12 @@ const (
 	Result_END Result_Kind = 0
 	// CHUNK is one item a generator yielded; an END frame follows.
 	Result_CHUNK Result_Kind = 1
+	// PROGRESS is a JSON value the function passed to ctx.progress: the
+	// latest one wins, the worker rate-limits them, and they come before END.
+	Result_PROGRESS Result_Kind = 2
+	// LOG is one record of ctx.log: payload is its whole text, traceback
+	// included.
+	Result_LOG Result_Kind = 3
 )
 
 // Enum value maps for Result_Kind.
@@ -42,10 +48,14 @@ var (
 	Result_Kind_name = map[int32]string{
 		0: "END",
 		1: "CHUNK",
+		2: "PROGRESS",
+		3: "LOG",
 	}
 	Result_Kind_value = map[string]int32{
-		"END":   0,
-		"CHUNK": 1,
+		"END":      0,
+		"CHUNK":    1,
+		"PROGRESS": 2,
+		"LOG":      3,
 	}
 )
 
@@ -87,10 +97,17 @@ type Call struct {
 	// timeout_ms is the time left before the caller's deadline; 0 means none.
 	// Async functions are cancelled when it passes.
 	TimeoutMs uint32 `protobuf:"varint,4,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
-	// cancel asks the worker to stop call id; no other field is read.
-	Cancel        bool   `protobuf:"varint,5,opt,name=cancel,proto3" json:"cancel,omitempty"`
-	RequestId     string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Session       string `protobuf:"bytes,7,opt,name=session,proto3" json:"session,omitempty"`
+	// cancel asks the worker to stop call id; no other field is read. The
+	// node sends it when the deadline passes or the caller cancels: an async
+	// call is cancelled, a sync one sees ctx.cancelled turn true.
+	Cancel    bool   `protobuf:"varint,5,opt,name=cancel,proto3" json:"cancel,omitempty"`
+	RequestId string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Session   string `protobuf:"bytes,7,opt,name=session,proto3" json:"session,omitempty"`
+	// job_id is the job's id when the call runs a job, else empty; attempt is
+	// which delivery this is (1 for the first; a call's is always 1). Both
+	// are for the function's pyfleet.Context.
+	JobId         string `protobuf:"bytes,8,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Attempt       uint32 `protobuf:"varint,9,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -172,6 +189,20 @@ func (x *Call) GetSession() string {
 		return x.Session
 	}
 	return ""
+}
+
+func (x *Call) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *Call) GetAttempt() uint32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
 }
 
 // CallBatch is the frames the node had ready to send, in order.
@@ -271,7 +302,12 @@ type Result struct {
 	// payload is the JSON (or raw) return value for END, one item for CHUNK.
 	Payload []byte `protobuf:"bytes,3,opt,name=payload,proto3" json:"payload,omitempty"`
 	// error is set on END when the function raised.
-	Error         *Error `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	Error *Error `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// level is a LOG frame's Python level name (DEBUG, INFO, WARNING, ERROR,
+	// CRITICAL); request_id is its call's, so that the node can log a record
+	// that arrives after the call ended.
+	Level         string `protobuf:"bytes,5,opt,name=level,proto3" json:"level,omitempty"`
+	RequestId     string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -332,6 +368,20 @@ func (x *Result) GetError() *Error {
 		return x.Error
 	}
 	return nil
+}
+
+func (x *Result) GetLevel() string {
+	if x != nil {
+		return x.Level
+	}
+	return ""
+}
+
+func (x *Result) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
 }
 
 type Error struct {
@@ -401,7 +451,7 @@ var File_worker_proto protoreflect.FileDescriptor
 
 const file_worker_proto_rawDesc = "" +
 	"\n" +
-	"\fworker.proto\x12\x11pyfleet.worker.v1\"\xbc\x01\n" +
+	"\fworker.proto\x12\x11pyfleet.worker.v1\"\xed\x01\n" +
 	"\x04Call\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1a\n" +
 	"\bfunction\x18\x02 \x01(\tR\bfunction\x12\x18\n" +
@@ -411,19 +461,26 @@ const file_worker_proto_rawDesc = "" +
 	"\x06cancel\x18\x05 \x01(\bR\x06cancel\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x06 \x01(\tR\trequestId\x12\x18\n" +
-	"\asession\x18\a \x01(\tR\asession\":\n" +
+	"\asession\x18\a \x01(\tR\asession\x12\x15\n" +
+	"\x06job_id\x18\b \x01(\tR\x05jobId\x12\x18\n" +
+	"\aattempt\x18\t \x01(\rR\aattempt\":\n" +
 	"\tCallBatch\x12-\n" +
 	"\x05calls\x18\x01 \x03(\v2\x17.pyfleet.worker.v1.CallR\x05calls\"B\n" +
 	"\vResultBatch\x123\n" +
-	"\aresults\x18\x01 \x03(\v2\x19.pyfleet.worker.v1.ResultR\aresults\"\xb2\x01\n" +
+	"\aresults\x18\x01 \x03(\v2\x19.pyfleet.worker.v1.ResultR\aresults\"\xfe\x01\n" +
 	"\x06Result\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x122\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x1e.pyfleet.worker.v1.Result.KindR\x04kind\x12\x18\n" +
 	"\apayload\x18\x03 \x01(\fR\apayload\x12.\n" +
-	"\x05error\x18\x04 \x01(\v2\x18.pyfleet.worker.v1.ErrorR\x05error\"\x1a\n" +
+	"\x05error\x18\x04 \x01(\v2\x18.pyfleet.worker.v1.ErrorR\x05error\x12\x14\n" +
+	"\x05level\x18\x05 \x01(\tR\x05level\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x06 \x01(\tR\trequestId\"1\n" +
 	"\x04Kind\x12\a\n" +
 	"\x03END\x10\x00\x12\t\n" +
-	"\x05CHUNK\x10\x01\"I\n" +
+	"\x05CHUNK\x10\x01\x12\f\n" +
+	"\bPROGRESS\x10\x02\x12\a\n" +
+	"\x03LOG\x10\x03\"I\n" +
 	"\x05Error\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x18\n" +

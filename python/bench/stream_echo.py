@@ -1,8 +1,10 @@
 """Calls/s of one worker over one Batches stream (the node's), from a grpc.aio client.
 
     python bench/stream_echo.py [--function echo] [--inflight 16] [--seconds 5]
+                                [--app demo --app-dir examples]
 
-Starts its own worker (demo app) on a temporary socket and stops it after.
+Starts its own worker (the demo app unless --app) on a temporary socket and
+stops it after.
 The client shares the machine's cores with the worker, so this is a floor
 for the worker's own ceiling.
 """
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16, help="the worker's --concurrency")
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--app", default="demo", help="the worker's --app")
+    parser.add_argument("--app-dir", default=str(HERE / "examples"), help="the worker's --app-dir")
     parser.add_argument(
         "--payload",
         default='{"message":"' + "x" * 82 + '","n":1}',
@@ -111,9 +115,9 @@ def main() -> None:
             "-m",
             "pyfleet.worker",
             "--app",
-            "demo",
+            args.app,
             "--app-dir",
-            str(HERE / "examples"),
+            args.app_dir,
             "--socket",
             sock,
             "--worker-id",

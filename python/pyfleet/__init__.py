@@ -12,7 +12,8 @@ The worker (``python -m pyfleet.worker``, started by poolnode) imports the
 module that holds the App and serves its functions. Its modules, one concern
 each: ``app`` (this registry), ``codec`` (payloads and result frames),
 ``calls`` (one call to its END frame), ``threads`` (the call threads),
-``stream`` (one Batches stream), ``servicer`` (the gRPC server and its
+``stream`` (one Batches stream), ``context`` (``Context``, which a
+function gets by annotating a parameter ``pyfleet.Context``), ``servicer`` (the gRPC server and its
 auth), ``process`` (secret, lifeline, parent death, signals, handshake) and
 ``worker`` (the entry point that wires them).
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .app import App, FunctionSpec, Kind, worker_id
+from .context import Context
 from .errors import (
     BadRequest,
     Cancelled,
@@ -57,6 +59,7 @@ __all__ = [
     "BadRequest",
     "Cancelled",
     "Client",
+    "Context",
     "DeadlineExceeded",
     "FunctionSpec",
     "Kind",

@@ -63,6 +63,7 @@ H_TIMEOUT = "Pyfleet-Timeout"
 H_SESSION = "Pyfleet-Session"
 H_REQUEST_ID = "Pyfleet-Request-Id"
 H_HEARTBEAT = "Pyfleet-Heartbeat"
+H_PROGRESS = "Pyfleet-Progress"
 H_REPLY_TO = "Pyfleet-Reply-To"
 H_STATUS = "Pyfleet-Status"
 H_NODE = "Pyfleet-Node"
@@ -361,9 +362,12 @@ class _Exchange:
         body: bytes,
         headers: dict[str, str],
         timeout: float,
+        progress: Callable[[Any], None] | None = None,
     ) -> None:
         self._c = client
         self.subject = subject
+        self._progress = progress
+        self._reply = ""
         self._body = body
         self._headers = headers
         self.timeout = timeout
@@ -379,10 +383,13 @@ class _Exchange:
         inbox = c._inbox_or_raise()
         loop = asyncio.get_running_loop()
         self._token, reply, self._q = inbox.open()
+        self._reply = reply
         h = dict(self._headers)
         h[H_TIMEOUT] = millis(self.timeout)
         if c.heartbeat:
             h[H_HEARTBEAT] = millis(c.heartbeat)
+        if self._progress is not None:
+            h[H_PROGRESS] = "1"
         try:
             await c._nc_or_raise().publish(self.subject, self._body, reply=reply, headers=h)
         except nats.errors.MaxPayloadError as exc:
@@ -437,6 +444,10 @@ class _Exchange:
             if kind == "heartbeat":
                 self.holder = header(msg, H_NODE) or self.holder
                 continue
+            if kind == "progress":
+                if self._progress is not None:
+                    self._progress(decode(msg.data, False))
+                continue
             if is_no_responders(msg):
                 self.close()
                 raise Unavailable(f"no node serves {self.subject}", type="NoResponders")
@@ -465,6 +476,17 @@ class _Exchange:
             node=self.holder,
         )
 
+    async def cancel(self) -> None:
+        """Tells the node that runs the call that its caller gave up (the
+        call's reply subject on <prefix>.cancel.call.<pool>, docs/protocol.md);
+        it stops the call as at its deadline. Best effort: a call already
+        answered, or a closed connection, is left alone."""
+        if self.done or not self._reply:
+            return
+        c = self._c
+        with contextlib.suppress(Exception):
+            await c._nc_or_raise().publish(f"{c.prefix}.cancel.call.{c.pool}", self._reply.encode())
+
     def close(self) -> None:
         self.done = True
         if self._token is not None:
@@ -485,7 +507,14 @@ async def _answer(ex: _Exchange, raw: bool, pin: Callable[[str | None, bool], No
     streamed = False
     try:
         while True:
-            msg = await ex.next()
+            try:
+                msg = await ex.next()
+            except BaseException:
+                # A caller that gives up (task cancelled, KeyboardInterrupt
+                # in the blocking Client, a progress callback that raised)
+                # tells the node, which stops the work.
+                await ex.cancel()
+                raise
             if msg is None:  # pragma: no cover - next() returns the last message first
                 return items
             err = reply_error(msg)
@@ -540,6 +569,7 @@ class AsyncStream:
             msg = await self._ex.next()
         except BaseException:
             self._ended = True
+            await self._ex.cancel()  # no-op once the exchange closed itself
             raise
         if msg is None:
             self._ended = True
@@ -561,8 +591,10 @@ class AsyncStream:
         return decode(msg.data, self._raw)
 
     async def aclose(self) -> None:
-        """Stops listening; items still coming are dropped."""
+        """Stops listening; items still coming are dropped, and a stream
+        still running is cancelled on its node."""
         self._ended = True
+        await self._ex.cancel()
         self._ex.close()
 
     async def __aenter__(self) -> AsyncStream:
@@ -608,9 +640,10 @@ class AsyncSession:
         timeout: float | None = None,
         raw: bool = False,
         request_id: str | None = None,
+        progress: Callable[[Any], None] | None = None,
     ) -> Any:
         """As AsyncClient.call, on the session's worker."""
-        ex = self._c._exchange(self._subject(function), payload, timeout, raw, self.key, request_id)
+        ex = self._c._exchange(self._subject(function), payload, timeout, raw, self.key, request_id, progress)
         await ex.start()
         return await _answer(ex, raw, self._pin)
 
@@ -1011,13 +1044,16 @@ class AsyncClient:
         raw: bool,
         session: str | None,
         request_id: str | None,
+        progress: Callable[[Any], None] | None = None,
     ) -> _Exchange:
         headers: dict[str, str] = {}
         if session is not None:
             headers[H_SESSION] = session
         if request_id is not None:
             headers[H_REQUEST_ID] = check_header("request_id", request_id)
-        return _Exchange(self, subject, encode(payload, raw), headers, check_timeout(timeout, self.timeout))
+        return _Exchange(
+            self, subject, encode(payload, raw), headers, check_timeout(timeout, self.timeout), progress
+        )
 
     # -- calls
 
@@ -1030,13 +1066,16 @@ class AsyncClient:
         raw: bool = False,
         node: str | None = None,
         request_id: str | None = None,
+        progress: Callable[[Any], None] | None = None,
     ) -> Any:
         """Calls function with payload and returns its value: JSON in and
         out, or bytes with raw=True. A streamed function's items come back
         as one list. ``node`` sends the call to that node only. Raises the
-        RemoteError subclass of the answer's code."""
+        RemoteError subclass of the answer's code. ``progress`` is called
+        with each value the function passes to ``ctx.progress``, as it
+        comes. Cancelling the task tells the node, which stops the call."""
         subject = self._subject_node(node, function) if node else self._subject_req(function)
-        ex = self._exchange(subject, payload, timeout, raw, None, request_id)
+        ex = self._exchange(subject, payload, timeout, raw, None, request_id, progress)
         await ex.start()
         return await _answer(ex, raw, None)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, overload
 
+from .context import Invoke, context_param, invoker
 from .errors import BadRequest
 
 Kind = Literal["sync", "async", "gen", "asyncgen"]
@@ -34,6 +35,11 @@ class FunctionSpec:
     fn: Callable[..., Any]
     raw: bool
     kind: Kind
+    # context names the parameter annotated pyfleet.Context (injected, never
+    # bound from the body), None without one; invoke calls fn with the body
+    # and the context (pyfleet/context.py).
+    context: str | None = None
+    invoke: Invoke | None = None
 
     @property
     def stream(self) -> bool:
@@ -101,7 +107,15 @@ class App:
             )
         if name in self._functions:
             raise ValueError(f"function {name!r} is already registered")
-        self._functions[name] = FunctionSpec(name=name, fn=fn, raw=bool(raw), kind=_kind(fn))
+        ctx = context_param(fn)
+        self._functions[name] = FunctionSpec(
+            name=name,
+            fn=fn,
+            raw=bool(raw),
+            kind=_kind(fn),
+            context=ctx,
+            invoke=invoker(fn, ctx) if ctx is not None else None,
+        )
 
     def __repr__(self) -> str:
         return f"App(functions={list(self._functions)})"

@@ -11,28 +11,47 @@ from __future__ import annotations
 
 import asyncio
 
+from typing import Any
+
 from . import codec
 from .app import FunctionSpec, Kind
+from .context import Context
 
 
-def runs_inline(concurrency: int, kind: Kind) -> bool:
+def runs_inline(concurrency: int, kind: Kind, context: bool = False) -> bool:
     """Whether a function of this kind runs on the event loop itself rather
     than on a call thread: a sync one, when calls come one at a time (a hand-off
-    to a thread and back costs more than most calls)."""
-    return concurrency == 1 and kind == "sync"
+    to a thread and back costs more than most calls), unless it takes a
+    context: its progress and log frames must reach the node while it runs,
+    which the loop cannot send while the call holds it."""
+    return concurrency == 1 and kind == "sync" and not context
 
 
-def call_sync(call: codec.Call, spec: FunctionSpec) -> codec.Result:
+def invoke(call: codec.Call, spec: FunctionSpec, ctx: Context | None) -> Any:
+    """Calls the function with the call's body, and its context if it
+    takes one (a context outside a stream is made here: the Unary RPC)."""
+    body = codec.decode(spec, call.payload)
+    if spec.invoke is None:
+        return spec.fn(body)
+    return spec.invoke(body, ctx if ctx is not None else Context(call))
+
+
+def call_sync(call: codec.Call, spec: FunctionSpec, ctx: Context | None = None) -> codec.Result:
     try:
-        value = spec.fn(codec.decode(spec, call.payload))
+        if spec.invoke is None:  # the plain path, as short as it was
+            value = spec.fn(codec.decode(spec, call.payload))
+        else:
+            value = invoke(call, spec, ctx)
         return codec.Result(id=call.id, payload=codec.encode(spec, value))
     except BaseException as exc:
         return codec.failure(call, spec, exc)
 
 
-async def call_async(call: codec.Call, spec: FunctionSpec) -> codec.Result:
+async def call_async(
+    call: codec.Call, spec: FunctionSpec, ctx: Context | None = None
+) -> codec.Result:
     try:
-        value = await spec.fn(codec.decode(spec, call.payload))
+        value = await invoke(call, spec, ctx)
         return codec.Result(id=call.id, payload=codec.encode(spec, value))
     except asyncio.CancelledError:
         raise

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from .aio import (
@@ -113,9 +113,12 @@ class Session:
         timeout: float | None = None,
         raw: bool = False,
         request_id: str | None = None,
+        progress: Callable[[Any], None] | None = None,
     ) -> Any:
         """As Client.call, on the session's worker."""
-        return self._c._run(self._s.call(function, payload, timeout=timeout, raw=raw, request_id=request_id))
+        return self._c._run(
+            self._s.call(function, payload, timeout=timeout, raw=raw, request_id=request_id, progress=progress)
+        )
 
     def stream(
         self,
@@ -309,12 +312,20 @@ class Client:
         raw: bool = False,
         node: str | None = None,
         request_id: str | None = None,
+        progress: Callable[[Any], None] | None = None,
     ) -> Any:
         """Calls function with payload and returns its value: JSON in and
         out, or bytes with raw=True; a streamed function's items come back
         as one list. ``node`` sends it to that node only. Raises the
-        RemoteError subclass of the answer's code."""
-        return self._run(self._aio.call(function, payload, timeout=timeout, raw=raw, node=node, request_id=request_id))
+        RemoteError subclass of the answer's code. ``progress`` is called
+        (on the client's thread) with each value the function passes to
+        ``ctx.progress``. A KeyboardInterrupt while waiting tells the node,
+        which stops the call."""
+        return self._run(
+            self._aio.call(
+                function, payload, timeout=timeout, raw=raw, node=node, request_id=request_id, progress=progress
+            )
+        )
 
     def stream(
         self,

@@ -109,7 +109,5 @@ def stopped(call: Call, spec: FunctionSpec, reason: str) -> Result:
     """The END frame for an async call cancelled by the node (reason
     "Cancelled") or at its deadline ("DeadlineExceeded")."""
     if reason == "DeadlineExceeded":
-        message = f"{spec.name} passed its deadline of {call.timeout_ms} ms"
-    else:
-        message = f"{spec.name} was cancelled"
-    return error(call.id, 408, reason, message)
+        return error(call.id, 408, reason, f"{spec.name} passed its deadline of {call.timeout_ms} ms")
+    return error(call.id, 499, reason, f"{spec.name} was cancelled")

@@ -280,7 +280,7 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
             "name": spec.name,
             "raw": spec.raw,
             "stream": spec.stream,
-            "inline": runs_inline(concurrency, spec.kind),
+            "inline": runs_inline(concurrency, spec.kind, spec.context is not None),
         }
         for spec in app.functions.values()
     ]

@@ -61,7 +61,7 @@ class Servicer(worker_pb2_grpc.WorkerServicer):
                 call.id, 400, "BadRequest", f"{spec.name} streams: call it on Batches"
             )
         if spec.kind == "sync":
-            if runs_inline(self._concurrency, spec.kind):
+            if runs_inline(self._concurrency, spec.kind, spec.context is not None):
                 return call_sync(call, spec)  # as a stream runs it: see Stream._start
             result: codec.Result = await self._calls.call(call_sync, call, spec)
             return result

@@ -14,8 +14,9 @@ import grpc
 
 from . import codec
 from .app import FunctionSpec
-from .calls import call_async, call_sync, runs_inline
+from .calls import call_async, call_sync, invoke, runs_inline
 from .codec import Call, Result, ResultBatch
+from .context import Context
 from .threads import CallThreads
 
 # Chunks that one stream's generators (sync ones, and async ones, each) may
@@ -59,6 +60,9 @@ class Stream:
         self._writes = 0  # messages written
         self._ack = False  # write an empty ResultBatch, even with no frames
         self._tasks: dict[int, asyncio.Task[Result]] = {}
+        # The contexts of the calls in flight that take one, by call id.
+        self._contexts: dict[int, Context] = {}
+        self._loop_thread = threading.get_ident()
         self._cancel_reasons: dict[int, str] = {}
         self._pending = 0  # calls started whose END is not queued yet
         self._eof = False
@@ -165,8 +169,12 @@ class Stream:
             self._end(codec.unknown_function(call))
             return
         kind = spec.kind
+        ctx = None
+        if spec.context is not None:
+            ctx = Context(call, functools.partial(self._ctx_frame, call), self._schedule)
+            self._contexts[call.id] = ctx
         if kind == "sync":
-            if self._inline:
+            if self._inline and ctx is None:
                 # The loop waits for the call: with one call at a time,
                 # nothing else of this worker would run meanwhile anyway.
                 # The handshake says so ("inline"), so that the node does
@@ -174,12 +182,12 @@ class Stream:
                 # kills the worker if the call overruns its deadline.
                 self._end(call_sync(call, spec))
             else:
-                self._calls.submit(self._run_sync, call, spec)
+                self._calls.submit(self._run_sync, call, spec, ctx)
         elif kind == "gen":
-            self._calls.submit(self._run_gen, call, spec)
+            self._calls.submit(self._run_gen, call, spec, ctx)
         else:
             runner = call_async if kind == "async" else self._run_asyncgen
-            task = self._loop.create_task(runner(call, spec))
+            task = self._loop.create_task(runner(call, spec, ctx))
             self._tasks[call.id] = task
             timer = None
             if call.timeout_ms:
@@ -188,8 +196,34 @@ class Stream:
                 )
             task.add_done_callback(functools.partial(self._task_done, call, spec, timer))
 
+    def _ctx_frame(self, call: Call, kind: str, payload: bytes, level: str) -> None:
+        """A context's sink: one PROGRESS or LOG frame of call, from any
+        thread. A call thread posts it, in order with the END frame it
+        posts later; the loop queues it at once."""
+        frame = Result(
+            id=call.id,
+            kind=Result.PROGRESS if kind == "progress" else Result.LOG,
+            payload=payload,
+            level=level,
+            request_id=call.request_id if kind == "log" else "",
+        )
+        if threading.get_ident() == self._loop_thread:
+            self._put((frame, None))
+        else:
+            self._calls.post(self._put, (frame, None))
+
+    def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        """A context's timer: callback on the loop after delay, from any thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_later(delay, callback)
+        else:
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, callback)
+
     def _end(self, frame: Result) -> None:
         """Queue the one END frame of a call (on the loop thread)."""
+        ctx = self._contexts.pop(frame.id, None)
+        if ctx is not None:
+            ctx.end()  # its last progress value goes before the END
         self._put((frame, None))
         self._pending -= 1
         self._finish_if_idle()
@@ -199,6 +233,9 @@ class Stream:
             self._put((None, None))
 
     def _cancel(self, call_id: int, reason: str) -> None:
+        ctx = self._contexts.get(call_id)
+        if ctx is not None:
+            ctx.cancel()  # what a sync function that polls ctx.cancelled sees
         task = self._tasks.get(call_id)
         # Sync calls are not in _tasks: a thread cannot be interrupted, and
         # the node kills the worker if one overruns its deadline too far.
@@ -234,15 +271,15 @@ class Stream:
     # The runners catch BaseException so that every call ends with one END
     # frame, even if the function calls sys.exit().
 
-    def _run_sync(self, call: Call, spec: FunctionSpec) -> None:
-        self._calls.post(self._end, call_sync(call, spec))
+    def _run_sync(self, call: Call, spec: FunctionSpec, ctx: Context | None) -> None:
+        self._calls.post(self._end, call_sync(call, spec, ctx))
 
-    def _run_gen(self, call: Call, spec: FunctionSpec) -> None:
+    def _run_gen(self, call: Call, spec: FunctionSpec, ctx: Context | None) -> None:
         post = self._calls.post
         put = self._put
         room = self._thread_room
         try:
-            with contextlib.closing(spec.fn(codec.decode(spec, call.payload))) as gen:
+            with contextlib.closing(invoke(call, spec, ctx)) as gen:
                 for item in gen:
                     chunk = codec.chunk(call, spec, item)
                     room.acquire()
@@ -255,11 +292,11 @@ class Stream:
             frame = codec.failure(call, spec, exc)
         post(self._end, frame)
 
-    async def _run_asyncgen(self, call: Call, spec: FunctionSpec) -> Result:
+    async def _run_asyncgen(self, call: Call, spec: FunctionSpec, ctx: Context | None) -> Result:
         room = self._task_room
         put = self._put
         try:
-            async with contextlib.aclosing(spec.fn(codec.decode(spec, call.payload))) as agen:
+            async with contextlib.aclosing(invoke(call, spec, ctx)) as agen:
                 async for item in agen:
                     chunk = codec.chunk(call, spec, item)
                     await room.acquire()

@@ -121,7 +121,7 @@ def test_cancel(demo: Worker, connect: Connect) -> None:
     time.sleep(0.1)
     conn.cancel(call_id)
     frames = conn.frames(call_id)
-    assert len(frames) == 1 and error(frames[0])[:2] == (408, "Cancelled")
+    assert len(frames) == 1 and error(frames[0])[:2] == (499, "Cancelled")
     # Cancelling again, or cancelling calls that are gone or unknown, sends nothing.
     conn.cancel(call_id)
     conn.cancel(999)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x11pyfleet.worker.v1\"~\n\x04\x43\x61ll\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07session\x18\x07 \x01(\t\"3\n\tCallBatch\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.pyfleet.worker.v1.Call\"9\n\x0bResultBatch\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.pyfleet.worker.v1.Result\"\x98\x01\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.pyfleet.worker.v1.Result.Kind\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.pyfleet.worker.v1.Error\"\x1a\n\x04Kind\x12\x07\n\x03\x45ND\x10\x00\x12\t\n\x05\x43HUNK\x10\x01\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\x92\x01\n\x06Worker\x12K\n\x07\x42\x61tches\x12\x1c.pyfleet.worker.v1.CallBatch\x1a\x1e.pyfleet.worker.v1.ResultBatch(\x01\x30\x01\x12;\n\x05Unary\x12\x17.pyfleet.worker.v1.Call\x1a\x19.pyfleet.worker.v1.ResultB+Z)github.com/pyfleet/pyfleet/proto/workerpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x11pyfleet.worker.v1\"\x9f\x01\n\x04\x43\x61ll\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07session\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\"3\n\tCallBatch\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.pyfleet.worker.v1.Call\"9\n\x0bResultBatch\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.pyfleet.worker.v1.Result\"\xd2\x01\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.pyfleet.worker.v1.Result.Kind\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.pyfleet.worker.v1.Error\x12\r\n\x05level\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"1\n\x04Kind\x12\x07\n\x03\x45ND\x10\x00\x12\t\n\x05\x43HUNK\x10\x01\x12\x0c\n\x08PROGRESS\x10\x02\x12\x07\n\x03LOG\x10\x03\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\x92\x01\n\x06Worker\x12K\n\x07\x42\x61tches\x12\x1c.pyfleet.worker.v1.CallBatch\x1a\x1e.pyfleet.worker.v1.ResultBatch(\x01\x30\x01\x12;\n\x05Unary\x12\x17.pyfleet.worker.v1.Call\x1a\x19.pyfleet.worker.v1.ResultB+Z)github.com/pyfleet/pyfleet/proto/workerpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,18 +32,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z)github.com/pyfleet/pyfleet/proto/workerpb'
-  _globals['_CALL']._serialized_start=35
-  _globals['_CALL']._serialized_end=161
-  _globals['_CALLBATCH']._serialized_start=163
-  _globals['_CALLBATCH']._serialized_end=214
-  _globals['_RESULTBATCH']._serialized_start=216
-  _globals['_RESULTBATCH']._serialized_end=273
-  _globals['_RESULT']._serialized_start=276
-  _globals['_RESULT']._serialized_end=428
-  _globals['_RESULT_KIND']._serialized_start=402
-  _globals['_RESULT_KIND']._serialized_end=428
-  _globals['_ERROR']._serialized_start=430
-  _globals['_ERROR']._serialized_end=482
-  _globals['_WORKER']._serialized_start=485
-  _globals['_WORKER']._serialized_end=631
+  _globals['_CALL']._serialized_start=36
+  _globals['_CALL']._serialized_end=195
+  _globals['_CALLBATCH']._serialized_start=197
+  _globals['_CALLBATCH']._serialized_end=248
+  _globals['_RESULTBATCH']._serialized_start=250
+  _globals['_RESULTBATCH']._serialized_end=307
+  _globals['_RESULT']._serialized_start=310
+  _globals['_RESULT']._serialized_end=520
+  _globals['_RESULT_KIND']._serialized_start=471
+  _globals['_RESULT_KIND']._serialized_end=520
+  _globals['_ERROR']._serialized_start=522
+  _globals['_ERROR']._serialized_end=574
+  _globals['_WORKER']._serialized_start=577
+  _globals['_WORKER']._serialized_end=723
 # @@protoc_insertion_point(module_scope)
