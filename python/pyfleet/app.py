@@ -11,11 +11,12 @@ import os
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, overload
 
 from .errors import BadRequest
+from .typed import Binder, describe
 
 Kind = Literal["sync", "async", "gen", "asyncgen"]
 
@@ -34,6 +35,18 @@ class FunctionSpec:
     fn: Callable[..., Any]
     raw: bool
     kind: Kind
+    # How the function takes a call's body (pyfleet/typed.py).
+    binder: Binder = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.binder is None:
+            object.__setattr__(self, "binder", Binder(self.fn, self.name, self.raw))
+
+    def schemas(self) -> dict[str, Any]:
+        """The JSON Schema of the body ("input") and of the return value
+        ("output"), each bounded in size (typed.SCHEMA_LIMIT); None for a
+        raw function's bytes."""
+        return describe({self.name: self.binder})[self.name]
 
     @property
     def stream(self) -> bool:
@@ -73,8 +86,13 @@ class App:
     ) -> F | Callable[[F], F]:
         """Export a function: ``@app.function`` or ``@app.function(name=..., raw=...)``.
 
-        JSON functions take the decoded request body and return a
-        JSON-serialisable value; raw functions take and return bytes.
+        A function whose only parameter is named ``payload`` takes the
+        decoded request body; any other takes a JSON object whose fields
+        are its parameters, converted and validated from their annotations
+        (pyfleet/typed.py); either returns a JSON-serialisable value
+        (dataclasses, msgspec Structs and pydantic models included). Raw
+        functions take and return bytes. A signature the binder cannot
+        take raises TypeError here, at import.
         Generators (sync or async) stream their items. The function itself
         is returned unchanged, so it can still be called directly.
         """

@@ -24,7 +24,7 @@ def runs_inline(concurrency: int, kind: Kind) -> bool:
 
 def call_sync(call: codec.Call, spec: FunctionSpec) -> codec.Result:
     try:
-        value = spec.fn(codec.decode(spec, call.payload))
+        value = codec.invoke(spec, call)
         return codec.Result(id=call.id, payload=codec.encode(spec, value))
     except BaseException as exc:
         return codec.failure(call, spec, exc)
@@ -32,7 +32,7 @@ def call_sync(call: codec.Call, spec: FunctionSpec) -> codec.Result:
 
 async def call_async(call: codec.Call, spec: FunctionSpec) -> codec.Result:
     try:
-        value = await spec.fn(codec.decode(spec, call.payload))
+        value = await codec.invoke(spec, call)
         return codec.Result(id=call.id, payload=codec.encode(spec, value))
     except asyncio.CancelledError:
         raise

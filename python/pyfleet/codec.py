@@ -11,10 +11,14 @@ a 500 with a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
+
+import msgspec
 
 from ._proto import worker_pb2
 from .app import BadRequest, FunctionSpec
@@ -25,9 +29,28 @@ ResultBatch = worker_pb2.ResultBatch
 Error = worker_pb2.Error
 CHUNK = worker_pb2.Result.CHUNK
 
+
+def _builtins(value: Any) -> Any:
+    """What json cannot encode itself: dataclasses, msgspec Structs and the
+    other types typed functions take (pyfleet/typed.py), and pydantic models,
+    as JSON builtins. Called only for such values, so plain ones cost
+    nothing more."""
+    dump = getattr(value, "model_dump", None)
+    if dump is not None and hasattr(type(value), "model_fields"):  # a pydantic model
+        return dump(mode="json")
+    if isinstance(value, msgspec.Struct) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        return msgspec.to_builtins(value)
+    # Sets and the like stay refused, as they always were: JSON has no set.
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 # Built once: json.dumps with arguments builds a new encoder on every call.
 # allow_nan=False because NaN and Infinity are not JSON to other languages.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_encode_json = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_builtins
+).encode
 
 
 def _not_json(name: str) -> Any:
@@ -54,6 +77,27 @@ def decode(spec: FunctionSpec, payload: bytes) -> Any:
         # ValueError: an integer over sys.get_int_max_str_digits();
         # RecursionError: nesting deeper than the interpreter's stack.
         raise BadRequest(f"JSON not accepted: {exc}") from None
+
+
+def invoke(spec: FunctionSpec, call: Call, inject: Callable[[Any], Any] | None = None) -> Any:
+    """Calls the function with the call's arguments (by the binding rule,
+    pyfleet/typed.py); ``inject(annotation)`` gives each injected parameter.
+    BadRequest if the body does not fit the function."""
+    binder = spec.binder
+    if binder.plain:
+        return spec.fn(decode(spec, call.payload))
+    args, kwargs = arguments(spec, call.payload, inject)
+    return spec.fn(*args, **kwargs)
+
+
+def arguments(
+    spec: FunctionSpec, payload: bytes, inject: Callable[[Any], Any] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The function's positional and keyword arguments for a body."""
+    binder = spec.binder
+    if not binder.whole:
+        return binder.bind(payload, inject)
+    return binder.finish({binder.body_param: decode(spec, payload)}, inject)
 
 
 def encode(spec: FunctionSpec, value: Any, what: str = "return value") -> bytes:

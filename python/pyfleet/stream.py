@@ -242,7 +242,7 @@ class Stream:
         put = self._put
         room = self._thread_room
         try:
-            with contextlib.closing(spec.fn(codec.decode(spec, call.payload))) as gen:
+            with contextlib.closing(codec.invoke(spec, call)) as gen:
                 for item in gen:
                     chunk = codec.chunk(call, spec, item)
                     room.acquire()
@@ -259,7 +259,7 @@ class Stream:
         room = self._task_room
         put = self._put
         try:
-            async with contextlib.aclosing(spec.fn(codec.decode(spec, call.payload))) as agen:
+            async with contextlib.aclosing(codec.invoke(spec, call)) as agen:
                 async for item in agen:
                     chunk = codec.chunk(call, spec, item)
                     await room.acquire()
