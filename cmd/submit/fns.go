@@ -121,12 +121,12 @@ func describeInput(raw json.RawMessage) string {
 // string", "Thumb" for a reference, "any" for the empty schema.
 func describeSchema(raw json.RawMessage) string {
 	var s struct {
-		Type  any             `json:"type"`
-		Ref   string          `json:"$ref"`
-		Title string          `json:"title"`
-		Items json.RawMessage `json:"items"`
-		Enum  []any           `json:"enum"`
-		AnyOf []json.RawMessage
+		Type  any               `json:"type"`
+		Ref   string            `json:"$ref"`
+		Title string            `json:"title"`
+		Items json.RawMessage   `json:"items"`
+		Enum  []any             `json:"enum"`
+		AnyOf []json.RawMessage `json:"anyOf"`
 	}
 	if len(raw) == 0 {
 		return "-"
@@ -134,10 +134,6 @@ func describeSchema(raw json.RawMessage) string {
 	if json.Unmarshal(raw, &s) != nil {
 		return "?"
 	}
-	var anyOf struct {
-		AnyOf []json.RawMessage `json:"anyOf"`
-	}
-	_ = json.Unmarshal(raw, &anyOf)
 	switch {
 	case s.Ref != "":
 		return s.Ref[strings.LastIndex(s.Ref, "/")+1:]
@@ -150,9 +146,9 @@ func describeSchema(raw json.RawMessage) string {
 			vals[i] = string(b)
 		}
 		return strings.Join(vals, "|")
-	case len(anyOf.AnyOf) > 0:
-		alts := make([]string, len(anyOf.AnyOf))
-		for i, a := range anyOf.AnyOf {
+	case len(s.AnyOf) > 0:
+		alts := make([]string, len(s.AnyOf))
+		for i, a := range s.AnyOf {
 			alts[i] = describeSchema(a)
 		}
 		return strings.Join(alts, "|")
