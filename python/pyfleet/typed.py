@@ -85,6 +85,15 @@ def _type_name(tp: Any) -> str:
     return repr(tp).replace("typing.", "")
 
 
+def _item_type(fn: Callable[..., Any], returns: Any) -> Any:
+    """What one answer holds: a generator's items (the X of Iterator[X],
+    Generator[X, ...], AsyncIterator[X]...), or the return value."""
+    if not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+        return returns
+    args = typing.get_args(returns)
+    return args[0] if args else inspect.Parameter.empty
+
+
 def _copying(default: Any) -> Callable[[], Any]:
     return lambda: copy.deepcopy(default)
 
@@ -130,7 +139,7 @@ class Binder:
         self.plain = self.whole and not self.injected and (
             not params or params[0].kind is not inspect.Parameter.KEYWORD_ONLY
         )
-        self.returns = hints.get("return", inspect.Parameter.empty)
+        self.returns = _item_type(fn, hints.get("return", inspect.Parameter.empty))
         self._fields: list[str] = [p.name for p in params]
         self._pydantic: dict[str, Any] = {}  # field -> its pydantic TypeAdapter
         self._hints = {p.name: hints.get(p.name, inspect.Parameter.empty) for p in params}
@@ -158,8 +167,16 @@ class Binder:
                 f"{name}_args", fields, forbid_unknown_fields=True, module=__name__
             )
             self._decoder = msgspec.json.Decoder(self._args)
+            # msgspec takes any class, but no JSON decodes to one it does
+            # not know (it would need a dec_hook): its schema tells.
+            msgspec.json.schema_components([self._args])
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"function {name!r}: unsupported parameter type: {exc}") from None
+            why = str(exc).strip().splitlines()[-1]
+            raise TypeError(
+                f"function {name!r}: unsupported parameter type: {why}; parameters may be "
+                "builtins, list/dict/tuple, Optional, Literal, dataclasses, TypedDict, "
+                "msgspec.Struct or pydantic models"
+            ) from None
 
     def bind(
         self, body: bytes, inject: Callable[[Any], Any] | None = None
