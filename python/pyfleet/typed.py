@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
+import msgspec.structs
 
 from .errors import BadRequest
 
@@ -83,6 +84,9 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and not typing.get_args(tp):
         return tp.__name__
     return repr(tp).replace("typing.", "")
+
+
+_asdict = msgspec.structs.asdict
 
 
 def _item_type(fn: Callable[..., Any], returns: Any) -> Any:
@@ -162,6 +166,9 @@ class Binder:
                 fields.append((p.name, tp, msgspec.field(default_factory=_copying(p.default))))
             else:
                 fields.append((p.name, tp, p.default))
+        # Nothing to inject and no positional-only parameter: the decoded
+        # fields are the keyword arguments as they are.
+        self._simple = not self.injected and not self._positional
         try:
             self._args = msgspec.defstruct(
                 f"{name}_args", fields, forbid_unknown_fields=True, module=__name__
@@ -191,10 +198,13 @@ class Binder:
             raise BadRequest(self._explain(str(exc))) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
-        values = {f: getattr(args, f) for f in self._fields}
-        for field, adapter in self._pydantic.items():
-            if isinstance(values[field], msgspec.Raw):  # else the default
-                values[field] = _validate_pydantic(adapter, field, values[field])
+        values = _asdict(args)
+        if self._pydantic:
+            for field, adapter in self._pydantic.items():
+                if isinstance(values[field], msgspec.Raw):  # else the default
+                    values[field] = _validate_pydantic(adapter, field, values[field])
+        if self._simple:
+            return (), values
         return self.finish(values, inject)
 
     def _explain(self, msg: str) -> str:

@@ -249,15 +249,27 @@ def test_signatures_the_binder_cannot_take_fail_at_registration() -> None:
         def dangling(x: "NoSuchType") -> None: ...  # noqa: F821
 
 
-def test_values_json_cannot_hold_stay_refused() -> None:
+def test_return_values_are_encoded_by_msgspec_for_typed_functions_only() -> None:
     app = App()
 
     @app.function
-    def f() -> Any:
+    def typed() -> Any:
+        return {"set": {1}, "nan": float("nan"), "size": Size(1)}
+
+    @app.function
+    def plain(payload):
         return {1, 2}
 
+    @app.function
+    def unencodable() -> Any:
+        return Opaque()
+
+    # msgspec writes a set as an array and NaN as null, as pydantic does.
+    assert run(app, "typed", "") == {"set": [1], "nan": None, "size": {"width": 1, "height": 1}}
     with pytest.raises(TypeError, match="not JSON-serialisable"):
-        run(app, "f", "")
+        run(app, "plain", "")  # json, as always: JSON has no set
+    with pytest.raises(TypeError, match="return value of 'unencodable' is not JSON-serialisable"):
+        run(app, "unencodable", "")
 
 
 # --------------------------------------------------------------- injection
