@@ -78,3 +78,9 @@ def crash(payload: Any) -> None:
 def big(payload: dict[str, int]) -> str:
     """A string of payload["bytes"] bytes."""
     return "x" * payload["bytes"]
+
+
+@app.function
+def scale(values: list[float], factor: float = 2.0) -> list[float]:
+    """Typed: a JSON object bound by name and validated (README, "Writing an app")."""
+    return [v * factor for v in values]
