@@ -30,27 +30,25 @@ Error = worker_pb2.Error
 CHUNK = worker_pb2.Result.CHUNK
 
 
-def _builtins(value: Any) -> Any:
-    """What json cannot encode itself: dataclasses, msgspec Structs and the
-    other types typed functions take (pyfleet/typed.py), and pydantic models,
-    as JSON builtins. Called only for such values, so plain ones cost
-    nothing more."""
+def _pydantic_hook(value: Any) -> Any:
+    """A pydantic model as JSON builtins (pydantic is never imported here:
+    a model exists only if the app imported it)."""
     dump = getattr(value, "model_dump", None)
-    if dump is not None and hasattr(type(value), "model_fields"):  # a pydantic model
+    if dump is not None and hasattr(type(value), "model_fields"):
         return dump(mode="json")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _builtins(value: Any) -> Any:
+    """What json cannot encode itself: dataclasses, msgspec Structs and
+    pydantic models, as JSON builtins, so that a plain function may return
+    them too. Called only for such values: plain ones cost nothing more."""
     if isinstance(value, msgspec.Struct) or (
         dataclasses.is_dataclass(value) and not isinstance(value, type)
     ):
         return msgspec.to_builtins(value)
     # Sets and the like stay refused, as they always were: JSON has no set.
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _pydantic_hook(value: Any) -> Any:
-    dump = getattr(value, "model_dump", None)
-    if dump is not None and hasattr(type(value), "model_fields"):  # a pydantic model
-        return dump(mode="json")
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    return _pydantic_hook(value)
 
 
 # A typed function's values are encoded by msgspec, which decoded its

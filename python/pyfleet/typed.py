@@ -212,9 +212,12 @@ class Binder:
         annotation where the problem does not name the type expected."""
         if msg.startswith("Expected `object`, got `") and " - at `" not in msg:
             got = msg[len("Expected `object`, got `"):].rstrip("`")
+            hint = ""
+            if len(self._fields) == 1:
+                hint = " (only a parameter named payload takes the whole body)"
             return (
                 f"{self.name} takes a JSON object of its parameters "
-                f"({', '.join(self._fields) or 'none'}), not {got}"
+                f"({', '.join(self._fields) or 'none'}), not {got}{hint}"
             )
         text = _field_error(msg)
         field = text.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0]

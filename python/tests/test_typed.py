@@ -73,7 +73,10 @@ def test_any_other_signature_takes_an_object_bound_by_name() -> None:
     assert run(app, "nothing", "") == "ok"  # no body: no arguments
     assert run(app, "nothing", "{}") == "ok"
     assert run(app, "data", '{"data":[1]}') == [1]
-    assert refused(app, "data", "[1]") == "data takes a JSON object of its parameters (data), not array"
+    assert refused(app, "data", "[1]") == (
+        "data takes a JSON object of its parameters (data), not array"
+        " (only a parameter named payload takes the whole body)"
+    )
     assert refused(app, "nothing", '{"x":1}') == "x: unknown field"
 
 
@@ -356,3 +359,28 @@ def test_a_schema_over_the_limit_is_replaced_by_a_note() -> None:
 
     s = app.functions["big"].schemas()["input"]
     assert list(s) == ["$comment"] and f"(limit {SCHEMA_LIMIT})" in s["$comment"]
+
+
+def test_the_handshake_line_stays_under_the_nodes_line_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    from pyfleet import process
+
+    app = App()
+    # 30 functions with schemas near the 4 KiB limit: over the budget in all.
+    for i in range(30):
+        fields = {f"f{i}_{j:03d}": (int, 0) for j in range(65)}
+        model = pydantic.create_model(f"M{i}", **fields)  # type: ignore[call-overload]
+
+        def fn(m: Any) -> None: ...
+
+        fn.__annotations__ = {"m": model, "return": None}
+        app.function(name=f"fn{i}")(fn)
+    process.announce_ready(app, 1, True)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("PYFLEET-READY ") and len(line.encode()) < 64 << 10
+    functions = json.loads(line[len("PYFLEET-READY ") :])["functions"]
+    assert [f["name"] for f in functions] == [f"fn{i}" for i in range(30)]
+    with_schema = [f for f in functions if "input_schema" in f]
+    assert 0 < len(with_schema) < 30  # the first ones, until the budget ran out
+    assert with_schema == functions[: len(with_schema)]
+    size = len(json.dumps(with_schema[0]["input_schema"], separators=(",", ":")))
+    assert 3000 < size <= SCHEMA_LIMIT
