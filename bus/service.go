@@ -230,7 +230,7 @@ func (cfg ServiceConfig) endpoints(fns []call.Function) []endpoint {
 			name:    endpointName(f.Name),
 			subject: sub.Request(cfg.Pool, f.Name),
 			fn:      &f,
-			meta:    map[string]string{"function": f.Name, "raw": strconv.FormatBool(f.Raw), "stream": strconv.FormatBool(f.Stream)},
+			meta:    functionMeta(f),
 		})
 	}
 	return append(eps,
@@ -242,6 +242,23 @@ func (cfg ServiceConfig) endpoints(fns []call.Function) []endpoint {
 			meta: map[string]string{"function": "*", "node": cfg.Node},
 			opt:  micro.WithEndpointQueueGroup(sub.Root() + ".node." + cfg.Node)},
 	)
+}
+
+// functionMeta is a function endpoint's metadata (docs/protocol.md, "Micro
+// service"), its schemas included when they are within
+// protocol.MaxSchemaBytes.
+func functionMeta(f call.Function) map[string]string {
+	meta := map[string]string{
+		protocol.MetaFunction: f.Name,
+		protocol.MetaRaw:      strconv.FormatBool(f.Raw),
+		protocol.MetaStream:   strconv.FormatBool(f.Stream),
+	}
+	for key, s := range map[string][]byte{protocol.MetaInputSchema: f.InputSchema, protocol.MetaOutputSchema: f.OutputSchema} {
+		if len(s) > 0 && len(s) <= protocol.MaxSchemaBytes {
+			meta[key] = string(s)
+		}
+	}
+	return meta
 }
 
 // register adds the micro service and its endpoints eps.

@@ -2,6 +2,7 @@ package call
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"time"
 )
@@ -46,6 +47,10 @@ type Function struct {
 	Name   string
 	Raw    bool // bytes in and out, no JSON
 	Stream bool // a generator: answers with chunks
+	// InputSchema and OutputSchema are the JSON Schemas of the body the
+	// function takes and the value it returns, as its worker reported them;
+	// nil when it reported none.
+	InputSchema, OutputSchema json.RawMessage
 }
 
 // Request is one call of a function.

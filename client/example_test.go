@@ -154,6 +154,39 @@ func ExampleClient_Nodes() {
 	// default 2 workers
 }
 
+func ExampleClient_Functions() {
+	c, err := client.Connect(natsURL, client.Options{Pool: "default"})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	// The schemas a typed function publishes, from every node's micro INFO.
+	fns, err := c.Functions(ctx)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	for _, f := range fns {
+		if f.Name == "scale" {
+			fmt.Println(string(f.InputSchema))
+			fmt.Println(string(f.OutputSchema))
+		}
+	}
+
+	// A body that does not fit it is a 400 naming the field.
+	var out []float64
+	err = c.Call(ctx, "scale", map[string]any{"values": "x"}, &out)
+	fmt.Println(errors.Is(err, client.ErrBadRequest), err)
+	// Output:
+	// {"type":"object","properties":{"values":{"type":"array","items":{"type":"number"}},"factor":{"type":"number","default":2.0}},"additionalProperties":false,"required":["values"]}
+	// {"type":"array","items":{"type":"number"}}
+	// true 400 BadRequest: values: expected `array`, got `str`
+}
+
 func ExampleError() {
 	c, err := client.Connect(natsURL, client.Options{})
 	if err != nil {

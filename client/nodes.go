@@ -87,40 +87,59 @@ func (c *Client) Nodes(ctx context.Context, opts ...Option) ([]NodeInfo, error) 
 // collectStats asks every instance of the service for its stats and gathers
 // the answers that arrive before ctx's deadline.
 func (c *Client) collectStats(ctx context.Context) ([]micro.Stats, error) {
-	subj, err := micro.ControlSubject(micro.StatsVerb, protocol.ServiceName, "")
+	var out []micro.Stats
+	err := c.collectService(ctx, micro.StatsVerb, "node stats", func(data []byte) string {
+		var s micro.Stats
+		if json.Unmarshal(data, &s) != nil || s.ID == "" {
+			return ""
+		}
+		out = append(out, s)
+		return s.ID
+	})
+	return out, err
+}
+
+// collectService sends verb to every instance of the service and hands each
+// answer that arrives before ctx's deadline to take, which returns the
+// instance's id, or "" for an answer it did not keep; an instance answers
+// once per subscription it has, and only its first answer is taken.
+func (c *Client) collectService(ctx context.Context, verb micro.Verb, what string, take func([]byte) string) error {
+	subj, err := micro.ControlSubject(verb, protocol.ServiceName, "")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	ib, err := c.mux.open()
 	if err != nil {
-		return nil, fmt.Errorf("asking for node stats: %w", err)
+		return fmt.Errorf("asking for %s: %w", what, err)
 	}
 	defer c.mux.close(ib)
 	if err := c.nc.PublishRequest(subj, ib.subject, nil); err != nil {
-		return nil, fmt.Errorf("asking for node stats: %w", err)
+		return fmt.Errorf("asking for %s: %w", what, err)
 	}
-	var out []micro.Stats
 	seen := map[string]bool{}
 	for {
 		m, err := ib.wait(ctx, nil)
 		switch {
 		case errors.Is(err, context.DeadlineExceeded):
-			return out, nil
+			return nil
 		case err != nil && ctx.Err() != nil:
-			return nil, ctx.Err()
+			return ctx.Err()
 		case errors.Is(err, errClosed):
-			return nil, fmt.Errorf("connection to NATS closed while asking for node stats: %w", nats.ErrConnectionClosed)
+			return fmt.Errorf("connection to NATS closed while asking for %s: %w", what, nats.ErrConnectionClosed)
 		case err != nil:
-			return nil, err
+			return err
 		case len(m.Data) == 0 && m.Header.Get("Status") == "503":
-			return out, nil // no responders: no node at all
+			return nil // no responders: no node at all
 		}
-		var s micro.Stats
-		if err := json.Unmarshal(m.Data, &s); err != nil || s.ID == "" || seen[s.ID] {
+		var id struct {
+			ID string `json:"id"`
+		}
+		if json.Unmarshal(m.Data, &id) != nil || id.ID == "" || seen[id.ID] {
 			continue
 		}
-		seen[s.ID] = true
-		out = append(out, s)
+		if take(m.Data) != "" {
+			seen[id.ID] = true
+		}
 	}
 }
 

@@ -30,6 +30,10 @@ type handshake struct {
 		// Inline says the worker runs the function on its event loop,
 		// which answers nothing else (health checks included) meanwhile.
 		Inline bool `json:"inline"`
+		// The JSON Schemas of what the function takes and returns
+		// (python/pyfleet/typed.py); absent for raw functions.
+		InputSchema  json.RawMessage `json:"input_schema,omitempty"`
+		OutputSchema json.RawMessage `json:"output_schema,omitempty"`
 	} `json:"functions"`
 }
 

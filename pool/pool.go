@@ -1,7 +1,9 @@
 package pool
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -19,6 +21,7 @@ import (
 	"github.com/pyfleet/pyfleet/call"
 	"github.com/pyfleet/pyfleet/lifecycle"
 	"github.com/pyfleet/pyfleet/proto/workerpb"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 // Config says how to run a pool. Zero values take the defaults noted.
@@ -752,11 +755,26 @@ func (p *Pool) setFunctions(hs *handshake) {
 	}
 	p.fnIndex = make(map[string]call.Function, len(hs.Functions))
 	for _, f := range hs.Functions {
-		fn := call.Function{Name: f.Name, Raw: f.Raw, Stream: f.Stream}
+		fn := call.Function{Name: f.Name, Raw: f.Raw, Stream: f.Stream,
+			InputSchema: schemaOf(f.InputSchema), OutputSchema: schemaOf(f.OutputSchema)}
 		p.functions = append(p.functions, fn)
 		p.fnIndex[f.Name] = fn
 	}
 	sort.Slice(p.functions, func(a, b int) bool { return p.functions[a].Name < p.functions[b].Name })
+}
+
+// schemaOf keeps a reported schema if it is a JSON object within
+// protocol.MaxSchemaBytes, compacted; the worker bounds its schemas, and a
+// node must not publish what does not fit however the worker misbehaves.
+func schemaOf(raw json.RawMessage) json.RawMessage {
+	if len(raw) == 0 || raw[0] != '{' {
+		return nil
+	}
+	var b bytes.Buffer
+	if json.Compact(&b, raw) != nil || b.Len() > protocol.MaxSchemaBytes {
+		return nil
+	}
+	return b.Bytes()
 }
 
 func (p *Pool) lookup(name string) (call.Function, bool) {

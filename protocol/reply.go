@@ -23,6 +23,23 @@ const (
 	MetaContainment = "containment"
 )
 
+// Keys of a function endpoint's metadata: the function's name, whether it
+// is raw or streams, and the JSON Schema (compact JSON text) of the body it
+// takes and of the value it returns, left out when the worker gave none
+// (a raw function's bytes, a schema over MaxSchemaBytes).
+const (
+	MetaFunction     = "function"
+	MetaRaw          = "raw"
+	MetaStream       = "stream"
+	MetaInputSchema  = "input_schema"
+	MetaOutputSchema = "output_schema"
+)
+
+// MaxSchemaBytes bounds each schema a node publishes, so that `nats micro
+// info` of a node with many functions still fits in a NATS message. The
+// worker replaces a larger one with a note (python/pyfleet/typed.py).
+const MaxSchemaBytes = 4096
+
 // ErrorBody is the JSON body of an error reply, of a stored error result
 // and, with the job beside it, of a dead letter:
 // {"error":{"code":…,"type":"…","message":"…"}}.

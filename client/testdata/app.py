@@ -109,3 +109,9 @@ async def cancellable(payload: dict[str, str], ctx: Context) -> str:
         Path(payload["out"]).write_text("cancelled" if ctx.cancelled else "not marked")
         raise
     return "woke"
+
+
+@app.function
+def scale(values: list[float], factor: float = 2.0) -> list[float]:
+    """Typed: a JSON object bound by name and validated (README, "Writing an app")."""
+    return [v * factor for v in values]

@@ -130,6 +130,16 @@ lists those that answer within --wait. Exits 3 when none does.`,
 		new: func() runner { return &nodesCmd{} },
 	},
 	{
+		name:     "fns",
+		synopsis: "fns [flags]",
+		summary:  "list a pool's functions: what each takes and returns",
+		detail: `Asks every node of --pool for its micro service INFO and lists the functions
+they serve: name, kind (json, stream, raw), the parameters (name?: type, "?"
+when it has a default) and the return type, read from each function's JSON
+Schema; --json prints the schemas whole. Exits 3 when no node answers.`,
+		new: func() runner { return &fnsCmd{} },
+	},
+	{
 		name:     "bench",
 		synopsis: "bench [flags] FUNCTION [JSON]",
 		summary:  "load a function, then report req/s, latency and errors",

@@ -1,4 +1,6 @@
-"""Functions the pool tests call: quick, slow, streaming and crashing."""
+"""Functions the pool tests call: quick, slow, streaming and crashing.
+Each takes the whole body (its one parameter is named payload: README,
+"Writing an app"), a bare number for most."""
 import asyncio
 import os
 import socket
@@ -16,20 +18,20 @@ def echo(payload):
 
 
 @app.function
-def sleep(ms):
-    time.sleep(ms / 1000)
-    return ms
+def sleep(payload):
+    time.sleep(payload / 1000)
+    return payload
 
 
 @app.function
-async def slow_async(ms):
-    await asyncio.sleep(ms / 1000)
-    return ms
+async def slow_async(payload):
+    await asyncio.sleep(payload / 1000)
+    return payload
 
 
 @app.function
-def gen(n):
-    for i in range(n):
+def gen(payload):
+    for i in range(payload):
         yield {"i": i}
 
 
@@ -47,17 +49,17 @@ _hoard = []
 
 
 @app.function
-def leak(mb):
-    """Keeps mb megabytes for the life of the worker."""
-    _hoard.append(bytearray(mb * 1024 * 1024))
+def leak(payload):
+    """Keeps payload megabytes for the life of the worker."""
+    _hoard.append(bytearray(payload * 1024 * 1024))
     return len(_hoard)
 
 
 @app.function
-async def hang(seconds):
+async def hang(payload):
     """Blocks the event loop, so the worker stops answering health checks."""
-    time.sleep(seconds)
-    return seconds
+    time.sleep(payload)
+    return payload
 
 
 @app.function(raw=True)

@@ -84,6 +84,13 @@ async def add(payload: Any) -> float:
         raise BadRequest(f"want a list of numbers: {exc}") from None
 
 
+@app.function
+def scale(values: list[float], factor: float = 2.0) -> list[float]:
+    """Typed: takes {"values": [...], "factor": N}, bound by name and
+    validated; {"values": "x"} is a 400 naming the field."""
+    return [v * factor for v in values]
+
+
 @app.function(raw=True)
 def reverse(data: bytes) -> bytes:
     """Returns the request body reversed, bytes in and out."""

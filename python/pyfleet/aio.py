@@ -1268,12 +1268,69 @@ class AsyncClient:
             check_token("pool", pool)
         pool = self.pool if pool is None else pool
         wait = check_timeout(wait, 0.5)
+        stats = await self._collect("STATS", wait)
+        now = datetime.now(timezone.utc)
+        rows = []
+        for s in stats:
+            meta = s.get("metadata") or {}
+            if meta.get("prefix") and meta["prefix"] != self.prefix:
+                continue  # a fleet under another prefix shares the service name
+            row = _node_row(s, now)
+            if pool == "*" or row["pool"] == pool:
+                rows.append(row)
+        rows.sort(key=lambda r: (r["pool"], r["node"], r["id"]))
+        return rows
+
+    async def functions(
+        self, pool: str | None = None, *, wait: float = 0.5
+    ) -> list[dict[str, Any]]:
+        """The functions the nodes of ``pool`` (None: the client's) serve,
+        from the micro INFO of those that answer within ``wait`` seconds,
+        sorted by name, as dicts: name, pool, raw, stream, input_schema and
+        output_schema (the JSON Schemas of the body it takes and the value
+        it returns, None where the node published none) and nodes."""
+        if pool is not None:
+            check_token("pool", pool)
+        pool = self.pool if pool is None else pool
+        wait = check_timeout(wait, 0.5)
+        by_name: dict[str, dict[str, Any]] = {}
+        for info in await self._collect("INFO", wait):
+            meta = info.get("metadata") or {}
+            if meta.get("prefix") and meta["prefix"] != self.prefix:
+                continue  # a fleet under another prefix shares the service name
+            if meta.get("pool") != pool:
+                continue
+            node = meta.get("node") or info.get("id")
+            for ep in info.get("endpoints") or []:
+                em = (ep.get("metadata") if isinstance(ep, dict) else None) or {}
+                name = em.get("function")
+                if not name or name == "*":
+                    continue
+                # Nodes of a pool run one app; the first to answer describes it.
+                f = by_name.setdefault(name, {
+                    "name": name,
+                    "pool": pool,
+                    "raw": em.get("raw") == "true",
+                    "stream": em.get("stream") == "true",
+                    "input_schema": _schema(em.get("input_schema")),
+                    "output_schema": _schema(em.get("output_schema")),
+                    "nodes": [],
+                })
+                if node not in f["nodes"]:
+                    f["nodes"].append(node)
+        for f in by_name.values():
+            f["nodes"].sort()
+        return [by_name[n] for n in sorted(by_name)]
+
+    async def _collect(self, verb: str, wait: float) -> list[dict[str, Any]]:
+        """The answers to $SRV.<verb>.pyfleet that arrive within wait
+        seconds, one per service instance."""
         inbox = self._inbox_or_raise()
         token, reply, q = inbox.open()
-        stats: list[dict[str, Any]] = []
+        answers: list[dict[str, Any]] = []
         seen: set[str] = set()
         try:
-            await self._nc_or_raise().publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=reply)
+            await self._nc_or_raise().publish(f"$SRV.{verb}.{SERVICE_NAME}", b"", reply=reply)
             end = asyncio.get_running_loop().time() + wait
             while True:
                 try:
@@ -1286,26 +1343,16 @@ class AsyncClient:
                 if is_no_responders(msg):
                     break
                 try:
-                    s = json.loads(msg.data)
+                    a = json.loads(msg.data)
                 except ValueError:
                     continue
-                if not isinstance(s, dict) or not s.get("id") or s["id"] in seen:
+                if not isinstance(a, dict) or not a.get("id") or a["id"] in seen:
                     continue
-                seen.add(s["id"])
-                stats.append(s)
+                seen.add(a["id"])
+                answers.append(a)
         finally:
             inbox.close(token)
-        now = datetime.now(timezone.utc)
-        rows = []
-        for s in stats:
-            meta = s.get("metadata") or {}
-            if meta.get("prefix") and meta["prefix"] != self.prefix:
-                continue  # a fleet under another prefix shares the service name
-            row = _node_row(s, now)
-            if pool == "*" or row["pool"] == pool:
-                rows.append(row)
-        rows.sort(key=lambda r: (r["pool"], r["node"], r["id"]))
-        return rows
+        return answers
 
     def events(
         self,
@@ -1334,6 +1381,16 @@ class AsyncClient:
 
 
 _LOAD_KEYS = ("workers", "busy", "queued", "handled", "errors")
+
+
+def _schema(text: Any) -> Any:
+    """A published schema, decoded; None if absent or not JSON."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _int(v: Any) -> int | None:

@@ -11,12 +11,13 @@ import os
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, overload
 
-from .context import Invoke, context_param, invoker
+from .context import context_param
 from .errors import BadRequest
+from .typed import Binder, describe
 
 Kind = Literal["sync", "async", "gen", "asyncgen"]
 
@@ -35,11 +36,22 @@ class FunctionSpec:
     fn: Callable[..., Any]
     raw: bool
     kind: Kind
-    # context names the parameter annotated pyfleet.Context (injected, never
-    # bound from the body), None without one; invoke calls fn with the body
-    # and the context (pyfleet/context.py).
+    # context names the parameter annotated pyfleet.Context (injected by
+    # the binder, never bound from the body; pyfleet/context.py), None
+    # without one.
     context: str | None = None
-    invoke: Invoke | None = None
+    # How the function takes a call's body (pyfleet/typed.py).
+    binder: Binder = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.binder is None:
+            object.__setattr__(self, "binder", Binder(self.fn, self.name, self.raw))
+
+    def schemas(self) -> dict[str, Any]:
+        """The JSON Schema of the body ("input") and of the return value
+        ("output"), each bounded in size (typed.SCHEMA_LIMIT); None for a
+        raw function's bytes."""
+        return describe({self.name: self.binder})[self.name]
 
     @property
     def stream(self) -> bool:
@@ -79,8 +91,13 @@ class App:
     ) -> F | Callable[[F], F]:
         """Export a function: ``@app.function`` or ``@app.function(name=..., raw=...)``.
 
-        JSON functions take the decoded request body and return a
-        JSON-serialisable value; raw functions take and return bytes.
+        A function whose only parameter is named ``payload`` takes the
+        decoded request body; any other takes a JSON object whose fields
+        are its parameters, converted and validated from their annotations
+        (pyfleet/typed.py); either returns a JSON-serialisable value
+        (dataclasses, msgspec Structs and pydantic models included). Raw
+        functions take and return bytes. A signature the binder cannot
+        take raises TypeError here, at import.
         Generators (sync or async) stream their items. The function itself
         is returned unchanged, so it can still be called directly.
         """
@@ -114,7 +131,6 @@ class App:
             raw=bool(raw),
             kind=_kind(fn),
             context=ctx,
-            invoke=invoker(fn, ctx) if ctx is not None else None,
         )
 
     def __repr__(self) -> str:

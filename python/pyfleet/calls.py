@@ -28,20 +28,18 @@ def runs_inline(concurrency: int, kind: Kind, context: bool = False) -> bool:
 
 
 def invoke(call: codec.Call, spec: FunctionSpec, ctx: Context | None) -> Any:
-    """Calls the function with the call's body, and its context if it
-    takes one (a context outside a stream is made here: the Unary RPC)."""
-    body = codec.decode(spec, call.payload)
-    if spec.invoke is None:
-        return spec.fn(body)
-    return spec.invoke(body, ctx if ctx is not None else Context(call))
+    """Calls the function with the call's arguments (the binding rule,
+    pyfleet/typed.py), and its context if it takes one (a context outside a
+    stream is made here: the Unary RPC)."""
+    if spec.context is None:
+        return codec.invoke(spec, call)
+    context = ctx if ctx is not None else Context(call)
+    return codec.invoke(spec, call, lambda annotation: context)
 
 
 def call_sync(call: codec.Call, spec: FunctionSpec, ctx: Context | None = None) -> codec.Result:
     try:
-        if spec.invoke is None:  # the plain path, as short as it was
-            value = spec.fn(codec.decode(spec, call.payload))
-        else:
-            value = invoke(call, spec, ctx)
+        value = invoke(call, spec, ctx)
         return codec.Result(id=call.id, payload=codec.encode(spec, value))
     except BaseException as exc:
         return codec.failure(call, spec, exc)

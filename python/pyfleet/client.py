@@ -388,6 +388,12 @@ class Client:
         the client's pool; "*": every pool."""
         return self._run(self._aio.nodes(pool, wait=wait))
 
+    def functions(self, pool: str | None = None, *, wait: float = 0.5) -> list[dict[str, Any]]:
+        """The functions the nodes of ``pool`` (None: the client's) serve,
+        as dicts: name, pool, raw, stream, input_schema, output_schema (JSON
+        Schemas, None where none was published) and nodes."""
+        return self._run(self._aio.functions(pool, wait=wait))
+
     def events(
         self,
         timeout: float | None = None,

@@ -24,6 +24,10 @@ LIFELINE_ENV = "PYFLEET_WORKER_LIFELINE_FD"
 # The node's secret is 64 hex digits; more than this on the pipe is not one.
 MAX_SECRET_BYTES = 1024
 PR_SET_PDEATHSIG = 1
+# The most bytes of JSON Schema in the PYFLEET-READY line: what is left of
+# the node's 64 KiB line limit (lifecycle/spawn.go) covers the rest of it
+# for hundreds of functions. Schemas past it are left out.
+HANDSHAKE_SCHEMA_BUDGET = 40 << 10
 
 
 class UsageError(Exception):
@@ -275,15 +279,26 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
     # inline: the function runs on the event loop, which answers nothing
     # else meanwhile (see Stream._start), so the node must not take the
     # silence for a hang.
-    functions = [
-        {
+    # Each schema is bounded (typed.SCHEMA_LIMIT) and so is their sum, so
+    # that the line stays under the node's line limit (lifecycle/spawn.go).
+    budget = HANDSHAKE_SCHEMA_BUDGET
+    functions = []
+    for spec in app.functions.values():
+        f: dict[str, Any] = {
             "name": spec.name,
             "raw": spec.raw,
             "stream": spec.stream,
             "inline": runs_inline(concurrency, spec.kind, spec.context is not None),
         }
-        for spec in app.functions.values()
-    ]
+        for key, schema in spec.schemas().items():
+            if schema is None:
+                continue
+            size = len(json.dumps(schema, separators=(",", ":")))
+            if size > budget:
+                continue  # the node publishes no schema for it
+            budget -= size
+            f[f"{key}_schema"] = schema
+        functions.append(f)
     body = {"v": 1, "pid": os.getpid(), "functions": functions}
     line = "PYFLEET-READY " + json.dumps(body, separators=(",", ":"))
     _write_line(sys.stdout, line, at_line_start)

@@ -352,6 +352,31 @@ def test_nodes(client: Client, node: Node) -> None:
     assert client.nodes("other-pool") == []
 
 
+def test_typed_function_and_functions(client: Client, node: Node) -> None:
+    assert client.call("resize", {"url": "u"}) == {"url": "u", "width": 256}
+    with pytest.raises(BadRequest) as e:
+        client.call("resize", {"url": "u", "width": "wide"})
+    assert e.value.message == "width: expected `int`, got `str`"
+    with pytest.raises(BadRequest) as e:
+        client.call("resize", {"width": 1})
+    assert e.value.message == "url: missing required field (expected str)"
+    fns = {f["name"]: f for f in client.functions()}
+    assert {"echo", "reverse", "count", "resize"} <= set(fns)
+    resize = fns["resize"]
+    assert resize["nodes"] == [node.name] and resize["pool"] == "default"
+    assert not resize["raw"] and not resize["stream"]
+    assert resize["input_schema"] == {
+        "type": "object",
+        "properties": {"url": {"type": "string"}, "width": {"type": "integer", "default": 256}},
+        "additionalProperties": False,
+        "required": ["url"],
+    }
+    assert resize["output_schema"]["$defs"]["Thumb"]["required"] == ["url", "width"]
+    assert fns["echo"]["input_schema"] == {} and fns["count"]["stream"]
+    assert fns["reverse"]["raw"] and fns["reverse"]["input_schema"] is None
+    assert client.functions("other-pool") == []
+
+
 def test_events(client: Client, node: Node) -> None:
     events = client.events(timeout=60.0)
     worker, supervised = locate(client.call("whereami"))

@@ -48,6 +48,21 @@ def test_call_stream_raw(node: Node, tmp_path: Path) -> None:
     run(main())
 
 
+def test_typed_function_and_functions(node: Node) -> None:
+    async def main() -> None:
+        async with AsyncClient(node.url) as c:
+            assert await c.call("resize", {"url": "u", "width": 3}) == {"url": "u", "width": 3}
+            with pytest.raises(BadRequest) as e:
+                await c.call("resize", {"url": "u", "depth": 1})
+            assert e.value.message == "depth: unknown field"
+            fns = {f["name"]: f for f in await c.functions()}
+            assert fns["resize"]["nodes"] == [node.name]
+            assert fns["resize"]["input_schema"]["required"] == ["url"]
+            assert fns["resize"]["output_schema"]["$ref"] == "#/$defs/Thumb"
+
+    run(main())
+
+
 def test_gather_of_a_thousand_calls(node: Node) -> None:
     async def main() -> list[object]:
         async with AsyncClient(node.url) as c:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import APPS, Conn, Result, Worker, error, value
-from pyfleet import App, Context
+from pyfleet import App, Context, calls
 from pyfleet._proto import worker_pb2
 
 
@@ -167,10 +167,11 @@ def test_context_parameter_shapes() -> None:
     specs = app.functions
     assert specs["first"].context == "ctx" and specs["last"].context == "ctx"
     assert specs["keyword"].context == "ctx" and specs["alone"].context == "ctx"
-    assert specs["none"].context is None and specs["none"].invoke is None
+    assert specs["none"].context is None and specs["none"].binder.plain
     ctx = C(worker_pb2.Call(id=1))
 
-    # The invokers put the body and the context where each signature wants them.
+    # The binder puts the body and the context where each signature wants
+    # them (pyfleet/typed.py; calls.invoke injects the context).
     def f1(ctx: Context, payload: int) -> tuple:
         return (ctx, payload)
 
@@ -188,8 +189,9 @@ def test_context_parameter_shapes() -> None:
     for f in (f1, f2, f3, f4):
         a.function(f)
         spec = a.functions[f.__name__]
-        assert spec.invoke is not None
-        got = spec.invoke(5 if f is not f4 else "ignored", ctx)
+        assert spec.context == "ctx"
+        body = b"5" if f is not f4 else b"{}"
+        got = calls.invoke(worker_pb2.Call(id=1, payload=body), spec, ctx)
         assert got == (ctx, 5 if f is not f4 else None)
 
     with pytest.raises(ValueError, match="at most one"):

@@ -37,9 +37,24 @@ def test_handshake(demo: Worker) -> None:
         "cpu": (False, False),
         "spawn": (False, False),
         "sum": (False, False),
+        "scale": (False, False),
         "reverse": (True, False),
         "slow_async": (False, False),
     }
+    # Each function's schemas (pyfleet/typed.py), none for raw bytes.
+    by_name = {f["name"]: f for f in hs["functions"]}
+    assert by_name["scale"]["input_schema"] == {
+        "type": "object",
+        "properties": {
+            "values": {"type": "array", "items": {"type": "number"}},
+            "factor": {"type": "number", "default": 2.0},
+        },
+        "additionalProperties": False,
+        "required": ["values"],
+    }
+    assert by_name["scale"]["output_schema"] == {"type": "array", "items": {"type": "number"}}
+    assert by_name["echo"]["input_schema"] == {} and by_name["count"]["output_schema"] == {"type": "integer"}
+    assert "input_schema" not in by_name["reverse"] and "output_schema" not in by_name["reverse"]
     # The handshake is one compact line.
     assert demo.handshake_line() == "PYFLEET-READY " + json.dumps(hs, separators=(",", ":"))
 
@@ -50,6 +65,16 @@ def test_echo(demo: Worker, connect: Connect) -> None:
     assert frame.kind == Result.END
     # Compact JSON, UTF-8 not escaped.
     assert frame.payload == '{"a":[1,2.5,"é",null]}'.encode()
+
+
+def test_typed_function(demo: Worker, connect: Connect) -> None:
+    conn = connect(demo)
+    assert conn.call("scale", b'{"values":[1,2.5]}').payload == b"[2.0,5.0]"
+    frame = conn.call("scale", b'{"values":"x"}')
+    assert frame.error.code == 400 and frame.error.type == "BadRequest"
+    assert frame.error.message == "values: expected `array`, got `str`"
+    frame = conn.call("scale", b'{"values":[1],"factr":3}')
+    assert frame.error.code == 400 and frame.error.message == "factr: unknown field"
 
 
 def test_empty_payload_is_null(demo: Worker, connect: Connect) -> None:

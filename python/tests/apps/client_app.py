@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,15 @@ def big(payload: Any) -> str:
 @app.function(raw=True)
 def reverse(data: bytes) -> bytes:
     return data[::-1]
+
+
+@dataclass
+class Thumb:
+    url: str
+    width: int
+
+
+@app.function
+def resize(url: str, width: int = 256) -> Thumb:
+    """Typed: a JSON object bound by name (pyfleet/typed.py)."""
+    return Thumb(url=url, width=width)
