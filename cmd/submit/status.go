@@ -24,22 +24,12 @@ func (c *statusCmd) flags(fs *flag.FlagSet) {
 }
 
 func (c *statusCmd) run(ctx context.Context, a *app, args []string) error {
-	if len(args) != 1 {
-		return usagef("want one job ID, got %d arguments", len(args))
-	}
-	id := args[0]
-	if err := checkToken("--pool", c.pool); err != nil {
-		return err
-	}
-	if err := checkToken("job ID", id); err != nil {
-		return err
-	}
-	cl, err := a.connect(client.Options{Pool: c.pool})
+	cl, job, err := a.jobByID(c.pool, args)
 	if err != nil {
 		return err
 	}
 	defer cl.Close()
-	info, err := cl.Job(id).Info(ctx)
+	info, err := job.Info(ctx)
 	var ce *client.Error
 	if errors.As(err, &ce) && ce.Type == client.TypeNoStatus {
 		// Not the fleet's failure: there is nothing to show.
