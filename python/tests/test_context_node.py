@@ -262,3 +262,19 @@ def test_job_progress_published_live(client: Client, ctx_node: Node, tmp_path: P
     assert asyncio.run(run()) == 2
     assert seen[0] == ({"done": 0, "total": 2}, "ctx-job-p", ctx_node.name)
     wait_until(lambda: seen[-1][0] == {"done": 2, "total": 2}, "the last progress value", 5)
+
+
+def test_job_progress_seen_by_a_second_client(client: Client, ctx_node: Node, tmp_path: Path) -> None:
+    """The job's status keeps its last ctx.progress value: another client,
+    knowing only the job id, sees it while the job runs and the last one
+    once it is done."""
+    gate = tmp_path / "gate"
+    job = client.submit("steps", {"n": 3, "gate": str(gate)}, job_id="ctx-job-second")
+    with Client(ctx_node.url) as other:
+        watched = other.job("ctx-job-second")
+        wait_until(lambda: watched.progress() == {"done": 0, "total": 3}, "the first progress value in the status", 30)
+        assert watched.status() == "running"
+        gate.touch()
+        assert job.result(timeout=30) == 3
+        wait_until(lambda: watched.status() == "done", "the done status", 10)
+        assert watched.progress() == {"done": 3, "total": 3}
