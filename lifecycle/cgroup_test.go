@@ -779,29 +779,9 @@ func TestCgroupNamespacesDieWithNode(t *testing.T) {
 			t.Errorf("cleanup: %v", err)
 		}
 	})
-	s := mustSpawner(t)
-	out := &lines{}
 	cmd := helperCmd("cgroup-node")
 	cmd.Env = append(cmd.Env, "LIFECYCLE_TEST_RUN="+nodeRun.Run)
-	node, err := Start(s, cmd, StartOptions{Stdout: out.add, Stderr: out.add})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(node.Kill)
-	waitFor(t, "the worker's init", 10*time.Second, func() bool { return len(out.pids("worker")) == 1 })
-	init := out.pids("worker")[0]
-	waitFor(t, "the init, the helper and its escapee", 5*time.Second, func() bool { return len(nsMembers(t, init)) == 3 })
-	members := nsMembers(t, init)
-	t.Cleanup(func() { killIdentities(members) })
-	at := time.Now()
-	node.Kill()
-	waitFor(t, "the namespace to die with its node", time.Second, func() bool {
-		for _, id := range members {
-			if id.Alive() {
-				return false
-			}
-		}
-		return true
-	})
-	t.Logf("%d processes gone %v after the node's SIGKILL", len(members), time.Since(at).Round(time.Microsecond))
+	// The init, the helper and its escapee.
+	took := namespaceDiesWithNode(t, cmd, 3)
+	t.Logf("3 processes gone %v after the node's SIGKILL", took.Round(time.Microsecond))
 }

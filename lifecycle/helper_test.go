@@ -165,35 +165,28 @@ func runHelper(mode string) int {
 		_, err := NewPIDNSContainment(Marker{Node: "n", Run: "r"})
 		fmt.Printf("unavailable %v: %v\n", errors.Is(err, ErrContainmentUnavailable), err)
 		return 0
-	case "pidns-node":
+	case "pidns-node", "cgroup-node":
 		// A supervisor with a contained worker: the test SIGKILLs it and
-		// checks that the worker's namespace dies with it.
-		c, err := NewPIDNSContainment(Marker{Node: "n", Run: "r"})
+		// checks that the worker's namespace dies with it. pidns-node's
+		// worker is "whoami"; cgroup-node's, in ModeCgroup (and its PID
+		// namespaces) for the run LIFECYCLE_TEST_RUN, leaves a
+		// clean-environment escapee.
+		m, worker := Marker{Node: "n", Run: "r"}, "whoami"
+		newContainment := NewPIDNSContainment
+		if mode == "cgroup-node" {
+			m.Run, worker, newContainment = os.Getenv("LIFECYCLE_TEST_RUN"), "clean-escape", NewCgroupContainment
+		}
+		c, err := newContainment(m)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 3
 		}
-		s := NewSpawner()
-		p, err := Start(s, helperCmd("whoami"), StartOptions{Contain: c, Stdout: func(b []byte) { fmt.Println(string(b)) }})
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 3
+		if mode == "cgroup-node" {
+			m.Worker = "w1"
+		} else {
+			m = Marker{}
 		}
-		fmt.Printf("worker %d\n", p.PID())
-		return forever()
-	case "cgroup-node":
-		// pidns-node with ModeCgroup (and its PID namespaces) for the run
-		// LIFECYCLE_TEST_RUN, whose worker leaves a clean-environment
-		// escapee.
-		m := Marker{Node: "n", Run: os.Getenv("LIFECYCLE_TEST_RUN")}
-		c, err := NewCgroupContainment(m)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			return 3
-		}
-		m.Worker = "w1"
-		s := NewSpawner()
-		p, err := Start(s, helperCmd("clean-escape"), StartOptions{Marker: m, Contain: c, Stdout: func(b []byte) { fmt.Println(string(b)) }})
+		p, err := Start(NewSpawner(), helperCmd(worker), StartOptions{Marker: m, Contain: c, Stdout: func(b []byte) { fmt.Println(string(b)) }})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 3

@@ -247,10 +247,18 @@ func TestPIDNSContainsEscapees(t *testing.T) {
 // SIGKILLed; nothing else (no lifeline, no guardian, no marker) ends the
 // namespace.
 func TestPIDNSInitDiesWithNode(t *testing.T) {
-	s := mustSpawner(t)
 	mustPIDNS(t)
+	namespaceDiesWithNode(t, helperCmd("pidns-node"), 2)
+}
+
+// namespaceDiesWithNode starts cmd, a "node" helper (pidns-node,
+// cgroup-node) whose worker's namespace holds want processes, SIGKILLs it,
+// and fails the test unless the namespace is empty within a second. It
+// returns how long that took.
+func namespaceDiesWithNode(t *testing.T, cmd *exec.Cmd, want int) time.Duration {
+	t.Helper()
+	s := mustSpawner(t)
 	out := &lines{}
-	cmd := helperCmd("pidns-node")
 	node, err := Start(s, cmd, StartOptions{Stdout: out.add, Stderr: out.add})
 	if err != nil {
 		t.Fatal(err)
@@ -258,9 +266,10 @@ func TestPIDNSInitDiesWithNode(t *testing.T) {
 	t.Cleanup(node.Kill)
 	waitFor(t, "the worker's init", 10*time.Second, func() bool { return len(out.pids("worker")) == 1 })
 	init := out.pids("worker")[0]
-	waitFor(t, "the namespace's two processes", 5*time.Second, func() bool { return len(nsMembers(t, init)) == 2 })
+	waitFor(t, "the namespace's processes", 5*time.Second, func() bool { return len(nsMembers(t, init)) == want })
 	members := nsMembers(t, init)
 	t.Cleanup(func() { killIdentities(members) })
+	at := time.Now()
 	node.Kill()
 	waitFor(t, "the namespace to die with its node", time.Second, func() bool {
 		for _, id := range members {
@@ -270,6 +279,7 @@ func TestPIDNSInitDiesWithNode(t *testing.T) {
 		}
 		return true
 	})
+	return time.Since(at)
 }
 
 // TestPIDNSInitReapsOrphans: a process orphaned inside the namespace

@@ -452,12 +452,15 @@ func (p *Process) signal(sig syscall.Signal) {
 // kills the group while the leader's zombie still pins the group id, reaps
 // the leader, and lets the readers drain.
 func (p *Process) wait() {
-	p.waitLeader()
+	swept := p.waitLeader()
 	// Only this goroutine reaps, so until it does the group id is ours.
 	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
 	waitGroupGone(p.pgid, p.id.PID, drainTimeout)
-	// Whatever of this start left the group dies now too.
-	p.killMarkedLeftovers()
+	// Whatever of this start left the group dies now too (once: an init's
+	// namespace, which nothing leaves, was swept before the init died).
+	if !swept {
+		p.killMarkedLeftovers()
+	}
 	// The container holds what is left, whatever its environment or
 	// session: what dropped the marks, and what forked meanwhile.
 	_ = p.box.Kill()
@@ -509,15 +512,15 @@ type commandEnder interface {
 // leader that is an init is killed once its command has ended, after the
 // command's marked leftovers, which still run in its namespace, have been
 // killed, each an orphan_reaped event: the init's death would have killed
-// them unreported.
-func (p *Process) waitLeader() {
+// them unreported. swept says that sweep was made.
+func (p *Process) waitLeader() (swept bool) {
 	ce, ok := p.box.(commandEnder)
 	if !ok {
 		// No error is expected for our own unreaped child; if one came,
 		// cmd.Wait would do the blocking, only without the group kill
 		// before the reap.
 		_ = waitExited(p.id.PID)
-		return
+		return false
 	}
 	exited := make(chan struct{})
 	go func() {
@@ -526,7 +529,7 @@ func (p *Process) waitLeader() {
 	}()
 	select {
 	case <-exited:
-		return
+		return false
 	case <-ce.CommandEnded():
 	}
 	p.killMarkedLeftovers()
@@ -534,6 +537,7 @@ func (p *Process) waitLeader() {
 	// The init is unreaped: its group id is still ours.
 	_ = syscall.Kill(-p.pgid, syscall.SIGKILL)
 	<-exited
+	return true
 }
 
 // killMarkedLeftovers kills whatever of this start carries its marks, each

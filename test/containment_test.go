@@ -90,16 +90,8 @@ func namespaceMembers(init int) []lifecycle.Identity {
 	if err != nil {
 		return nil
 	}
-	entries, _ := os.ReadDir("/proc")
 	var out []lifecycle.Identity
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if other, err := os.Readlink("/proc/" + e.Name() + "/ns/pid"); err != nil || other != ns {
-			continue
-		}
+	for _, pid := range pidsInNamespace(ns) {
 		if id, err := lifecycle.ReadIdentity(pid); err == nil && id.Alive() {
 			out = append(out, id)
 		}

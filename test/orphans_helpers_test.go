@@ -98,24 +98,30 @@ func hostPID(t *testing.T, ns string, inner int) int {
 	if own, err := os.Readlink("/proc/self/ns/pid"); err == nil && own == ns {
 		return inner
 	}
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if other, err := os.Readlink("/proc/" + e.Name() + "/ns/pid"); err != nil || other != ns {
-			continue
-		}
+	for _, pid := range pidsInNamespace(ns) {
 		if ids := nsPIDsOf(pid); len(ids) > 0 && ids[len(ids)-1] == inner {
 			return pid
 		}
 	}
 	t.Fatalf("no process is pid %d in PID namespace %s", inner, ns)
 	return 0
+}
+
+// pidsInNamespace lists, as this process's /proc numbers them, the
+// processes in the PID namespace ns ("pid:[inode]").
+func pidsInNamespace(ns string) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if other, err := os.Readlink("/proc/" + e.Name() + "/ns/pid"); err == nil && other == ns {
+			out = append(out, pid)
+		}
+	}
+	return out
 }
 
 // nsPIDsOf returns pid's numbers in each PID namespace it is in, outermost
