@@ -25,7 +25,8 @@ type jobIdentity struct {
 	idNote    string // why id is not the job's Nats-Msg-Id, when it is not
 	seq       uint64 // the job's sequence in the jobs stream
 	subject   string
-	function  string // the subject's last token(s) after the pool
+	function  string // the subject's token(s) after the pool, less a priority
+	priority  string // the subject's priority token, or protocol.PriorityNormal
 	requestID string // Pyfleet-Request-Id, or the id
 	replyTo   string // Pyfleet-Reply-To if the node may publish to it, else ""
 }
@@ -95,11 +96,8 @@ func (d *delivery) cancel() {
 // the dead letter; a bad request id gives way to the id, and a Reply-To the
 // node may not publish to is never used.
 func (j *Jobs) identify(subject string, hdr nats.Header, seq uint64) jobIdentity {
-	who := jobIdentity{
-		seq:      seq,
-		subject:  subject,
-		function: strings.TrimPrefix(subject, j.subj.Job(j.cfg.Pool, "")),
-	}
+	who := jobIdentity{seq: seq, subject: subject}
+	who.function, who.priority = protocol.SplitJobFunction(strings.TrimPrefix(subject, j.subj.Job(j.cfg.Pool, "")))
 	who.id = protocol.Header(hdr, protocol.HeaderMsgID)
 	if who.id != "" && !safeHeader(protocol.HeaderMsgID, who.id) {
 		who.idNote = fmt.Sprintf("; the job is named by its stream sequence %d instead", seq)
@@ -128,7 +126,8 @@ func (j *Jobs) newDelivery(msg jetstream.Msg) (*delivery, error) {
 	hdr := msg.Headers()
 	d := &delivery{jobIdentity: j.identify(msg.Subject(), hdr, meta.Sequence.Stream), msg: msg, n: meta.NumDelivered, hdr: hdr,
 		submitted: meta.Timestamp.UTC()}
-	d.log = j.log.With(zap.String("job", d.id), zap.String("function", d.function), zap.Uint64("delivery", d.n))
+	d.log = j.log.With(zap.String("job", d.id), zap.String("function", d.function), zap.Uint64("delivery", d.n),
+		zap.String("priority", d.priority))
 	return d, nil
 }
 

@@ -36,18 +36,12 @@ func (j *Jobs) loop() {
 			}
 			continue
 		}
-		batch, err := j.state.Load().cons.Fetch(n, jetstream.FetchMaxWait(j.cfg.FetchWait))
-		if err == nil {
-			for msg := range batch.Messages() {
-				if j.stopped() {
-					// Stop came while the pull was open: hand the
-					// job back for another node to run now.
-					_ = msg.Nak()
-					continue
-				}
-				j.dispatch(msg)
-			}
-			err = batch.Error()
+		st := j.state.Load()
+		got, err := j.fetchLevels(st, n)
+		if err == nil && got == 0 && !j.stopped() {
+			// Nothing waits at any level: wait on the normal one, but not
+			// for long, since a high job may come meanwhile.
+			_, err = j.fetchInto(st.cons.Fetch(n, jetstream.FetchMaxWait(min(j.cfg.FetchWait, levelWait))))
 		}
 		if err != nil {
 			if errors.Is(err, nats.ErrConnectionClosed) {
@@ -67,6 +61,52 @@ func (j *Jobs) loop() {
 			}
 		}
 	}
+}
+
+// levelWait bounds the pull that waits for a job when no level has one: a
+// high or low job submitted to an idle node waits up to this long (a
+// normal one is delivered by that pull at once), and an idle node sends
+// four pull requests a second, three of them cheap ones that return at
+// once.
+const levelWait = 250 * time.Millisecond
+
+// fetchLevels takes up to n jobs that are waiting now, level by level in
+// the order of protocol.Priorities: a lower level gets only the slots the
+// higher ones left. The rule is strict, so a steady flow of high jobs that
+// keeps every node busy starves the normal and low ones; that is what
+// high means here (docs/protocol.md, "Priorities").
+func (j *Jobs) fetchLevels(st *jsState, n int) (int, error) {
+	got := 0
+	for _, cons := range st.levels {
+		if got >= n || j.stopped() {
+			break
+		}
+		k, err := j.fetchInto(cons.FetchNoWait(n - got))
+		got += k
+		if err != nil {
+			return got, err
+		}
+	}
+	return got, nil
+}
+
+// fetchInto dispatches the jobs of one pull.
+func (j *Jobs) fetchInto(batch jetstream.MessageBatch, err error) (int, error) {
+	if err != nil {
+		return 0, err
+	}
+	got := 0
+	for msg := range batch.Messages() {
+		got++
+		if j.stopped() {
+			// Stop came while the pull was open: hand the job back for
+			// another node to run now.
+			_ = msg.Nak()
+			continue
+		}
+		j.dispatch(msg)
+	}
+	return got, batch.Error()
 }
 
 func (j *Jobs) resetup() {

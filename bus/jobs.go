@@ -129,7 +129,7 @@ type Jobs struct {
 	noReplyTo []string
 	// state is replaced when the consumer is recreated under a running node.
 	state      atomic.Pointer[jsState]
-	advisories *nats.Subscription
+	advisories []*nats.Subscription // one per priority's consumer
 	// cancels hears the cancel messages of the pool's jobs: every node,
 	// since only the one running a job can stop it.
 	cancels *nats.Subscription
@@ -191,12 +191,17 @@ func StartJobs(ctx context.Context, nc *nats.Conn, cfg JobsConfig, h call.Handle
 	}
 
 	// Every node of the pool listens, one of them (a queue group) acts.
-	adv := fmt.Sprintf("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.%s.%s", j.streams.Jobs, j.consumerName())
-	if j.advisories, err = nc.QueueSubscribe(adv, queueGroup(j.subj, cfg.Pool), j.maxDeliveries); err != nil {
-		return nil, fmt.Errorf("jobs: subscribe %s: %w", adv, err)
+	for _, p := range protocol.Priorities {
+		adv := fmt.Sprintf("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.%s.%s", j.streams.Jobs, j.consumerNameOf(p))
+		sub, err := nc.QueueSubscribe(adv, queueGroup(j.subj, cfg.Pool), j.maxDeliveries)
+		if err != nil {
+			j.unsubscribeAdvisories()
+			return nil, fmt.Errorf("jobs: subscribe %s: %w", adv, err)
+		}
+		j.advisories = append(j.advisories, sub)
 	}
 	if j.cancels, err = nc.Subscribe(j.subj.CancelJob(cfg.Pool, "*"), j.onCancel); err != nil {
-		_ = j.advisories.Unsubscribe()
+		j.unsubscribeAdvisories()
 		return nil, fmt.Errorf("jobs: subscribe %s: %w", j.subj.CancelJob(cfg.Pool, "*"), err)
 	}
 	j.abortCtx, j.abort = context.WithCancel(context.Background())
@@ -221,23 +226,22 @@ func (j *Jobs) setup(ctx context.Context) error {
 	if st.results, err = j.js.Stream(ctx, j.streams.Results); err != nil {
 		return fmt.Errorf("stream %s: %w", j.streams.Results, err)
 	}
-	ccfg := jetstream.ConsumerConfig{
-		Durable:       j.consumerName(),
-		Description:   "pyfleet jobs of pool " + j.cfg.Pool,
-		FilterSubject: j.subj.Job(j.cfg.Pool, ">"),
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       j.cfg.AckWait,
-		MaxDeliver:    j.cfg.MaxDeliver,
-		// No server-side BackOff: the server would use its entries in
-		// place of AckWait as later deliveries' leases, which both delays
-		// the redelivery of a job whose node died and stretches the
-		// NakWithDelay of a failed one. Failures set their own delay.
-	}
 	// Create or update: the node started last sets --max-deliver for the
-	// pool, rather than the first one forever.
-	if st.cons, err = j.js.CreateOrUpdateConsumer(ctx, j.streams.Jobs, ccfg); err != nil {
-		return fmt.Errorf("consumer %s on %s: %w", ccfg.Durable, j.streams.Jobs, err)
+	// pool, rather than the first one forever. The normal level goes first:
+	// a node of an older version had it filter the whole pool, which
+	// overlaps the other levels, and a work queue stream refuses
+	// overlapping consumers.
+	byLevel := map[string]jetstream.Consumer{}
+	for _, p := range []string{protocol.PriorityNormal, protocol.PriorityHigh, protocol.PriorityLow} {
+		ccfg := j.consumerConfig(p)
+		if byLevel[p], err = j.js.CreateOrUpdateConsumer(ctx, j.streams.Jobs, ccfg); err != nil {
+			return fmt.Errorf("consumer %s on %s: %w", ccfg.Durable, j.streams.Jobs, err)
+		}
 	}
+	for _, p := range protocol.Priorities {
+		st.levels = append(st.levels, byLevel[p])
+	}
+	st.cons = byLevel[protocol.PriorityNormal]
 	st.maxDeliver = st.cons.CachedInfo().Config.MaxDeliver
 	// Without the bucket (an account that may not create it, say) jobs
 	// run all the same; only their status is not kept.
@@ -256,9 +260,43 @@ func (j *Jobs) consumerName() string {
 	return safeName(base + "_" + j.cfg.Pool)
 }
 
+// consumerNameOf names the consumer of priority p: consumerName for
+// normal, as before priorities, and that name with _high or _low.
+func (j *Jobs) consumerNameOf(p string) string {
+	if p == protocol.PriorityNormal {
+		return j.consumerName()
+	}
+	return j.consumerName() + "_" + p
+}
+
+// consumerConfig is the pool's consumer of priority p. Normal takes the
+// subjects without a priority token, and those with more tokens than any
+// job has, so that they are still dead-lettered as naming no function;
+// high and low take their own token.
+func (j *Jobs) consumerConfig(p string) jetstream.ConsumerConfig {
+	filters := []string{j.subj.JobPriority(j.cfg.Pool, "*", p)}
+	if p == protocol.PriorityNormal {
+		filters = append(filters, j.subj.Job(j.cfg.Pool, "*.*.>"))
+	}
+	return jetstream.ConsumerConfig{
+		Durable:        j.consumerNameOf(p),
+		Description:    "pyfleet " + p + "-priority jobs of pool " + j.cfg.Pool,
+		FilterSubjects: filters,
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		AckWait:        j.cfg.AckWait,
+		MaxDeliver:     j.cfg.MaxDeliver,
+		// No server-side BackOff: the server would use its entries in
+		// place of AckWait as later deliveries' leases, which both delays
+		// the redelivery of a job whose node died and stretches the
+		// NakWithDelay of a failed one. Failures set their own delay.
+	}
+}
+
 // jsState is what setup finds or creates.
 type jsState struct {
-	cons          jetstream.Consumer
+	cons jetstream.Consumer // the normal level's
+	// levels are the consumers of protocol.Priorities, in fetch order.
+	levels        []jetstream.Consumer
 	jobs, results jetstream.Stream
 	// maxDeliver is the consumer's, which another node may have set.
 	maxDeliver int
@@ -282,9 +320,7 @@ func (j *Jobs) Running() int {
 func (j *Jobs) Stop(ctx context.Context) error {
 	j.stopOnce.Do(func() {
 		close(j.stop)
-		if err := j.advisories.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
-			j.log.Warn("unsubscribe advisories", zap.Error(err))
-		}
+		j.unsubscribeAdvisories()
 	})
 	select {
 	case <-j.loopDone:
@@ -310,6 +346,14 @@ func (j *Jobs) Stop(ctx context.Context) error {
 	case <-ctx.Done():
 		j.abort()
 		return fmt.Errorf("stop jobs: %d jobs still running, cancelled: %w", j.Running(), ctx.Err())
+	}
+}
+
+func (j *Jobs) unsubscribeAdvisories() {
+	for _, sub := range j.advisories {
+		if err := sub.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			j.log.Warn("unsubscribe advisories", zap.Error(err))
+		}
 	}
 }
 

@@ -51,6 +51,9 @@ type Function struct {
 	// function takes and the value it returns, as its worker reported them;
 	// nil when it reported none.
 	InputSchema, OutputSchema json.RawMessage
+	// RateLimit is the function's limit on starts per pool, as the app
+	// declared it ("100/s"; protocol.ParseRate), or "" for none.
+	RateLimit string
 }
 
 // Request is one call of a function.

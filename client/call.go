@@ -29,6 +29,7 @@ type options struct {
 	jobID     string
 	replyTo   string
 	await     bool
+	priority  string // a job's; see WithPriority
 	progress  func(json.RawMessage)
 	// first, when set, sees the headers of the answer's first message from
 	// a worker, and last those of its last message (Session uses them).

@@ -50,10 +50,14 @@ type deadWatch struct {
 // of the pool as soon as one has a free worker, at least once, its result
 // stored for 24 hours. WithJobID names it, WithReplyTo forwards the result,
 // WithTimeout bounds its run, WithSession and WithRequestID go with it,
-// WithAwait prepares for Job.Result.
+// WithAwait prepares for Job.Result, WithPriority puts it before or after
+// others.
 func (c *Client) Submit(ctx context.Context, function string, arg any, opts ...Option) (*Job, error) {
 	o := collect(opts)
 	if err := checkName("function", function); err != nil {
+		return nil, err
+	}
+	if err := checkPriority(o.priority); err != nil {
 		return nil, err
 	}
 	body, err := encode(arg)
@@ -74,7 +78,7 @@ func (c *Client) Submit(ctx context.Context, function string, arg any, opts ...O
 		}
 		j.dead = c.deadLetters(ctx, c.subjects.Dead(c.pool, function))
 	}
-	msg := nats.NewMsg(c.subjects.Job(c.pool, function))
+	msg := nats.NewMsg(c.subjects.JobPriority(c.pool, function, o.priority))
 	msg.Data = body
 	msg.Header.Set(protocol.HeaderMsgID, j.ID)
 	if o.replyTo != "" {

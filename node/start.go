@@ -20,9 +20,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/call"
 	"github.com/pyfleet/pyfleet/lifecycle"
 	"github.com/pyfleet/pyfleet/metrics"
 	"github.com/pyfleet/pyfleet/pool"
+	"github.com/pyfleet/pyfleet/ratelimit"
 )
 
 // serveMetrics serves /metrics and /healthz with --metrics. It is the first
@@ -291,7 +293,11 @@ func (n *node) serve(context.Context) error {
 	jobsCtx, stopJobs := context.WithCancel(context.Background())
 	n.onClose(stopJobs)
 	svcCfg, jobsCfg := n.busConfigs()
-	svc, err := bus.Serve(n.nc, svcCfg, n.pool, n.log)
+	h, err := n.rateLimited(&jobsCfg)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	svc, err := bus.Serve(n.nc, svcCfg, h, n.log)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
@@ -311,12 +317,30 @@ func (n *node) serve(context.Context) error {
 	if err := bus.CheckJetStream(jobsCtx, n.nc); errors.Is(err, bus.ErrNoJetStream) {
 		n.log.Warn("jobs are off: the NATS server has no JetStream; calls are served", zap.String("server", n.nc.ConnectedServerName()),
 			zap.String("url", n.nc.ConnectedUrlRedacted()), zap.Error(err))
-	} else if n.jobs, err = bus.StartJobs(jobsCtx, n.nc, jobsCfg, n.pool, n.log); err != nil {
+	} else if n.jobs, err = bus.StartJobs(jobsCtx, n.nc, jobsCfg, h, n.log); err != nil {
 		return fmt.Errorf("jobs: %w", err)
 	}
 	n.ready.Store(nil)
 	n.log.Info("serving", zap.String("subject", n.cfg.Prefix+".req."+n.cfg.Pool+".*"), zap.Int("functions", len(n.pool.Functions())))
 	return nil
+}
+
+// rateLimited is the pool with the app's rate limits applied to calls and
+// jobs alike (package ratelimit). Jobs that wait for their slot count as
+// busy, so that the node fetches no more of them than it has workers for.
+func (n *node) rateLimited(jobs *bus.JobsConfig) (call.Handler, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	lim, err := ratelimit.New(ctx, n.nc, ratelimit.Config{Prefix: n.cfg.Prefix, Pool: n.cfg.Pool, Replicas: n.cfg.StreamReplicas},
+		n.pool.Functions(), n.log)
+	if err != nil {
+		return nil, err
+	}
+	if lim.Limited() {
+		idle := jobs.Capacity
+		jobs.Capacity = func() int { return idle() - lim.Waiting() }
+	}
+	return lim.Wrap(n.pool), nil
 }
 
 // busConfigs are the micro service's and the jobs consumer's settings.

@@ -34,6 +34,8 @@ type handshake struct {
 		// (python/pyfleet/typed.py); absent for raw functions.
 		InputSchema  json.RawMessage `json:"input_schema,omitempty"`
 		OutputSchema json.RawMessage `json:"output_schema,omitempty"`
+		// RateLimit is @app.function(rate_limit=...), "" for none.
+		RateLimit string `json:"rate_limit,omitempty"`
 	} `json:"functions"`
 }
 

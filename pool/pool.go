@@ -756,7 +756,7 @@ func (p *Pool) setFunctions(hs *handshake) {
 	p.fnIndex = make(map[string]call.Function, len(hs.Functions))
 	for _, f := range hs.Functions {
 		fn := call.Function{Name: f.Name, Raw: f.Raw, Stream: f.Stream,
-			InputSchema: schemaOf(f.InputSchema), OutputSchema: schemaOf(f.OutputSchema)}
+			InputSchema: schemaOf(f.InputSchema), OutputSchema: schemaOf(f.OutputSchema), RateLimit: f.RateLimit}
 		p.functions = append(p.functions, fn)
 		p.fnIndex[f.Name] = fn
 	}

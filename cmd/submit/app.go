@@ -88,7 +88,9 @@ Nats-Msg-Id (a resubmitted id inside the dedup window is dropped, and --wait
 then shows the first run's result). Prints the id; with --wait prints the
 result instead, read from <prefix>.result.<pool>.<id>, like call.
 --job-timeout is the job's deadline from its start (default: the node's
---job-timeout, 1h); --timeout is only how long --wait waits.`,
+--job-timeout, 1h); --timeout is only how long --wait waits.
+--priority high or low publishes to <prefix>.job.<pool>.<function>.<priority>
+instead: nodes fetch waiting high jobs before normal ones, low ones last.`,
 		new: func() runner { return &jobCmd{} },
 	},
 	{

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/pyfleet/pyfleet/client"
+	"github.com/pyfleet/pyfleet/protocol"
 )
 
 type jobCmd struct {
@@ -23,6 +24,7 @@ type jobCmd struct {
 	jobTimeout time.Duration
 	headers    bool
 	raw        bool
+	priority   string
 }
 
 func (c *jobCmd) flags(fs *flag.FlagSet) {
@@ -34,6 +36,7 @@ func (c *jobCmd) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.jobTimeout, "job-timeout", 0, "the job's deadline, from its start (Pyfleet-Timeout; default: the node's --job-timeout, 1h)")
 	fs.BoolVar(&c.headers, "headers", false, "with --wait, print the result's headers on stderr")
 	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
+	fs.StringVar(&c.priority, "priority", "normal", "`high`, normal or low: nodes fetch waiting high jobs first, low ones last")
 }
 
 func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
@@ -55,6 +58,9 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	if c.jobTimeout < 0 {
 		return usagef("--job-timeout must not be negative")
 	}
+	if err := protocol.ValidPriority(c.priority); err != nil {
+		return usagef("--priority: %v", err)
+	}
 	body, err := payload(rest, a.stdin, c.raw)
 	if err != nil {
 		return err
@@ -64,7 +70,7 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 		return err
 	}
 	defer cl.Close()
-	opts := []client.Option{client.WithJobID(c.id)}
+	opts := []client.Option{client.WithJobID(c.id), client.WithPriority(c.priority)}
 	if c.replyTo != "" {
 		opts = append(opts, client.WithReplyTo(c.replyTo))
 	}

@@ -83,6 +83,17 @@ FINAL_STATES = frozenset({"done", "failed", "dead", "cancelled"})
 # ------------------------------------------------------------------ helpers
 
 
+PRIORITIES = ("high", "normal", "low")
+
+
+def job_priority_suffix(priority: str) -> str:
+    """What a job of ``priority`` adds to its subject (protocol.JobPriority):
+    nothing for normal, ".high" or ".low" otherwise."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r}: want 'high', 'normal' or 'low'")
+    return "" if priority == "normal" else "." + priority
+
+
 def check_token(what: str, value: str) -> str:
     """value, if it is exactly one subject token (the node's rule,
     protocol.ValidToken): a dot would address another subject, a wildcard
@@ -1113,14 +1124,18 @@ class AsyncClient:
         timeout: float | None = None,
         session: str | None = None,
         request_id: str | None = None,
+        priority: str = "normal",
     ) -> AsyncJob:
         """Submits a job (JetStream) and returns its handle; ``job_id``
         (default: 16 random hex digits) is the Nats-Msg-Id, so the same id
         submitted again within two minutes is not queued again
         (``job.duplicate``). ``timeout`` is the job's deadline in seconds,
         counted from its start (default: the node's ``--job-timeout``, one
-        hour; never the client's call timeout)."""
+        hour; never the client's call timeout). ``priority`` is "high",
+        "normal" or "low": nodes fetch the waiting high jobs first and the
+        low ones last (docs/protocol.md, "Priorities")."""
         check_token("function", function)
+        suffix = job_priority_suffix(priority)
         job_id = secrets.token_hex(8) if job_id is None else check_token("job_id", job_id)
         body = encode(payload, raw)
         headers = {H_MSG_ID: job_id}
@@ -1136,7 +1151,7 @@ class AsyncClient:
         # Where dead letters stand before the job exists, so that its own
         # is found and an earlier one of the same id is not.
         dead = await self._dead_position(function)
-        subject = f"{self.prefix}.job.{self.pool}.{function}"
+        subject = f"{self.prefix}.job.{self.pool}.{function}{suffix}"
         try:
             ack = await js.publish(subject, body, timeout=JS_TIMEOUT, headers=headers)
         except jserrors.NoStreamResponseError:

@@ -42,6 +42,9 @@ class FunctionSpec:
     context: str | None = None
     # How the function takes a call's body (pyfleet/typed.py).
     binder: Binder = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    # The limit on its starts across the pool ("100/s"), as declared; the
+    # node enforces it (ratelimit/doc.go), None for none.
+    rate_limit: str | None = None
 
     def __post_init__(self) -> None:
         if self.binder is None:
@@ -57,6 +60,23 @@ class FunctionSpec:
     def stream(self) -> bool:
         """Whether the function answers with chunks (it is a generator)."""
         return self.kind in ("gen", "asyncgen")
+
+
+# protocol.ParseRate's rule: a positive count, a slash, s, m or h.
+_RATE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*/\s*([smh])\s*")
+
+
+def check_rate(name: str, rate: object) -> float:
+    """The calls per second of ``rate`` ("100/s", "30/m", "2/h"), or a
+    ValueError naming function ``name``."""
+    m = _RATE.fullmatch(rate) if isinstance(rate, str) else None
+    count = float(m.group(1)) if m else 0.0
+    if not m or not 0 < count <= 1e9:
+        raise ValueError(
+            f"function {name!r}: bad rate_limit {rate!r}: "
+            'want a positive number of calls per s, m or h, such as "100/s"'
+        )
+    return count / {"s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def _kind(fn: Callable[..., Any]) -> Kind:
@@ -84,12 +104,25 @@ class App:
     def function(self, fn: F) -> F: ...
 
     @overload
-    def function(self, *, name: str | None = None, raw: bool = False) -> Callable[[F], F]: ...
+    def function(
+        self, *, name: str | None = None, raw: bool = False, rate_limit: str | None = None
+    ) -> Callable[[F], F]: ...
 
     def function(
-        self, fn: F | None = None, *, name: str | None = None, raw: bool = False
+        self,
+        fn: F | None = None,
+        *,
+        name: str | None = None,
+        raw: bool = False,
+        rate_limit: str | None = None,
     ) -> F | Callable[[F], F]:
         """Export a function: ``@app.function`` or ``@app.function(name=..., raw=...)``.
+
+        ``rate_limit="100/s"`` (or ``"/m"``, ``"/h"``; the count may be a
+        decimal) caps how often the function starts across every node of
+        the pool, calls and jobs alike: each start waits for its slot, one
+        interval after the previous one. A bad limit raises ValueError here,
+        naming the function, so the worker does not start.
 
         A function whose only parameter is named ``payload`` takes the
         decoded request body; any other takes a JSON object whose fields
@@ -103,14 +136,16 @@ class App:
         """
 
         def register(f: F) -> F:
-            self._register(f, name, raw)
+            self._register(f, name, raw, rate_limit)
             return f
 
         if fn is None:
             return register
         return register(fn)
 
-    def _register(self, fn: Callable[..., Any], name: str | None, raw: bool) -> None:
+    def _register(
+        self, fn: Callable[..., Any], name: str | None, raw: bool, rate_limit: str | None = None
+    ) -> None:
         if not callable(fn):
             raise TypeError(f"app.function needs a callable, got {type(fn).__name__}")
         if name is None:
@@ -124,6 +159,8 @@ class App:
             )
         if name in self._functions:
             raise ValueError(f"function {name!r} is already registered")
+        if rate_limit is not None:
+            check_rate(name, rate_limit)
         ctx = context_param(fn)
         self._functions[name] = FunctionSpec(
             name=name,
@@ -131,6 +168,7 @@ class App:
             raw=bool(raw),
             kind=_kind(fn),
             context=ctx,
+            rate_limit=rate_limit,
         )
 
     def __repr__(self) -> str:

@@ -359,9 +359,11 @@ class Client:
         timeout: float | None = None,
         session: str | None = None,
         request_id: str | None = None,
+        priority: str = "normal",
     ) -> Job:
         """Submits a job and returns its handle; ``job.id`` is the
-        Nats-Msg-Id (default: 16 random hex digits)."""
+        Nats-Msg-Id (default: 16 random hex digits). ``priority``: "high",
+        "normal" or "low" (AsyncClient.submit)."""
         aj = self._run(
             self._aio.submit(
                 function,
@@ -372,6 +374,7 @@ class Client:
                 timeout=timeout,
                 session=session,
                 request_id=request_id,
+                priority=priority,
             )
         )
         return Job(self, aj)

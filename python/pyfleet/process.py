@@ -290,6 +290,8 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
             "stream": spec.stream,
             "inline": runs_inline(concurrency, spec.kind, spec.context is not None),
         }
+        if spec.rate_limit is not None:
+            f["rate_limit"] = spec.rate_limit
         for key, schema in spec.schemas().items():
             if schema is None:
                 continue
