@@ -326,8 +326,11 @@ func (n *node) serve(context.Context) error {
 }
 
 // rateLimited is the pool with the app's rate limits applied to calls and
-// jobs alike (package ratelimit). Jobs that wait for their slot count as
-// busy, so that the node fetches no more of them than it has workers for.
+// jobs alike (package ratelimit). A job waiting for its slot holds no
+// worker, so the node may fetch more jobs than it has idle workers, but
+// no more than rateAhead per worker slot may wait at once: enough that
+// the next slots are always taken while earlier jobs settle, and not so
+// many that one node takes a whole backlog from the others.
 func (n *node) rateLimited(jobs *bus.JobsConfig) (call.Handler, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -337,11 +340,15 @@ func (n *node) rateLimited(jobs *bus.JobsConfig) (call.Handler, error) {
 		return nil, err
 	}
 	if lim.Limited() {
-		idle := jobs.Capacity
-		jobs.Capacity = func() int { return idle() - lim.Waiting() }
+		idle, ahead := jobs.Capacity, rateAhead*n.cfg.Workers*n.cfg.Concurrency
+		jobs.Capacity = func() int { return min(idle(), ahead-lim.Waiting()) }
 	}
 	return lim.Wrap(n.pool), nil
 }
+
+// rateAhead is how many jobs per worker slot may wait for their rate
+// limit's slot on a node.
+const rateAhead = 4
 
 // busConfigs are the micro service's and the jobs consumer's settings.
 func (n *node) busConfigs() (bus.ServiceConfig, bus.JobsConfig) {
