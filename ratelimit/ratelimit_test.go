@@ -1,0 +1,139 @@
+package ratelimit
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/pyfleet/pyfleet/bus"
+	"github.com/pyfleet/pyfleet/call"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+type echo struct{}
+
+func (echo) Functions() []call.Function {
+	return []call.Function{{Name: "slow", RateLimit: "50/s"}, {Name: "free"}}
+}
+
+func (echo) Call(_ context.Context, req *call.Request, _ call.Emit) (call.Result, error) {
+	return call.Result{Data: req.Payload}, nil
+}
+
+// TestSlotsSharedAcrossLimiters: two limiters on one bucket (two nodes of
+// a pool) reserving at once never share a slot nor come closer than one
+// interval: the compare-and-set makes one of two racing nodes read again.
+func TestSlotsSharedAcrossLimiters(t *testing.T) {
+	srv, err := bus.StartEmbedded(bus.EmbeddedConfig{Listen: "127.0.0.1:0", StoreDir: t.TempDir()}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var lims []*Limiter
+	for range 2 {
+		nc, err := bus.Connect(bus.ConnConfig{URLs: srv.ClientURL()}, zaptest.NewLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		l, err := New(ctx, nc, Config{Pool: "p"}, echo{}.Functions(), zaptest.NewLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.kv == nil {
+			t.Fatal("no bucket: the limit would be per node")
+		}
+		lims = append(lims, l)
+	}
+	const iv, each = 20 * time.Millisecond, 25
+	var mu sync.Mutex
+	var slots []time.Time
+	var wg sync.WaitGroup
+	for _, l := range lims {
+		for range 4 {
+			wg.Go(func() {
+				for range each {
+					s, err := l.reserve(ctx, "slow", iv, time.Time{})
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					mu.Lock()
+					slots = append(slots, s)
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	slices.SortFunc(slots, func(a, b time.Time) int { return a.Compare(b) })
+	if len(slots) != 2*4*each {
+		t.Fatalf("%d slots, want %d", len(slots), 2*4*each)
+	}
+	for i := 1; i < len(slots); i++ {
+		if gap := slots[i].Sub(slots[i-1]); gap < iv {
+			t.Fatalf("slots %d and %d are %v apart, less than the interval %v", i-1, i, gap, iv)
+		}
+	}
+}
+
+// TestWrap: a limited function waits for its slot, an unlimited one does
+// not, and a slot past the call's deadline is refused at once with a 503
+// that names the function.
+func TestWrap(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l, err := New(ctx, nil, Config{Pool: "p"}, echo{}.Functions(), zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := l.Wrap(echo{})
+	start := time.Now()
+	for range 3 {
+		if res, err := h.Call(ctx, &call.Request{Function: "slow", Payload: []byte("1")}, nil); err != nil || string(res.Data) != "1" {
+			t.Fatalf("slow: %v %v", res, err)
+		}
+	}
+	// Three slots of 20 ms are taken, the first no earlier than start.
+	l.mu.Lock()
+	next := l.local["slow"]
+	l.mu.Unlock()
+	if d := next.Sub(start); d < 60*time.Millisecond {
+		t.Fatalf("the next slot is %v after the first call, want three intervals (60ms) at least", d)
+	}
+	if _, ok := l.local["free"]; ok {
+		t.Fatal("free has a slot: it has no limit")
+	}
+	short, cancelShort := context.WithDeadline(ctx, time.Now())
+	defer cancelShort()
+	l.mu.Lock()
+	l.local["slow"] = time.Now().Add(time.Hour)
+	l.mu.Unlock()
+	_, err = h.Call(short, &call.Request{Function: "slow"}, nil)
+	var ce *call.Error
+	if !errors.As(err, &ce) || ce.Code != call.CodeUnavailable || !strings.Contains(ce.Message, "function slow is at its rate limit") {
+		t.Fatalf("slot after the deadline: %v", err)
+	}
+	if l.Waiting() != 0 {
+		t.Fatalf("Waiting = %d after every call returned", l.Waiting())
+	}
+}
+
+func TestNewRefusesABadLimit(t *testing.T) {
+	_, err := New(context.Background(), nil, Config{Pool: "p"}, []call.Function{{Name: "hurry", RateLimit: "fast"}}, nil)
+	if err == nil || !strings.Contains(err.Error(), `function hurry: rate limit "fast"`) {
+		t.Fatalf("New: %v, want an error naming the function", err)
+	}
+}
