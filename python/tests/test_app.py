@@ -84,3 +84,23 @@ def test_not_callable() -> None:
 
 def test_bad_request_is_an_exception() -> None:
     assert issubclass(BadRequest, Exception)
+
+
+def test_rate_limit_is_checked_at_registration() -> None:
+    app = App()
+
+    @app.function(rate_limit="100/s")
+    def fast(payload: Any) -> Any:
+        return payload
+
+    @app.function(rate_limit="1.5 / m")
+    def slow(payload: Any) -> Any:
+        return payload
+
+    assert app.functions["fast"].rate_limit == "100/s"
+    assert app.functions["slow"].rate_limit == "1.5 / m"
+    assert app.functions["slow"].raw is False
+    for bad in ("100", "0/s", "-3/s", "fast", "10/d", "/s", 100):
+        with pytest.raises(ValueError, match=r"function 'hurry': bad rate_limit .*such as \"100/s\""):
+            app.function(rate_limit=bad, name="hurry")(lambda payload: payload)  # type: ignore[arg-type]
+    assert "hurry" not in app.functions

@@ -509,3 +509,12 @@ def test_nats_auth_options_pass_through(start_node: StartNode) -> None:
     with pytest.raises(Unavailable, match="cannot connect to NATS") as e:
         Client(n.url, user="pyfleet", password="wrong", connect_wait=2)
     assert "wrong" not in str(e.value)
+
+
+def test_submit_with_priority(client: Client) -> None:
+    # Each level is its own subject and consumer (docs/protocol.md,
+    # "Priorities"); the order they run in is test/priorityrate_test.go's.
+    for p in ("high", "normal", "low"):
+        assert client.submit("echo", {"p": p}, priority=p).result(timeout=30) == {"p": p}
+    with pytest.raises(ValueError, match="priority 'urgent': want 'high', 'normal' or 'low'"):
+        client.submit("echo", 1, priority="urgent")
