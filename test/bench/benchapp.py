@@ -7,7 +7,7 @@ import os
 import subprocess
 from typing import Any
 
-from pyfleet import App
+from pyfleet import App, Context
 
 app = App()
 
@@ -38,4 +38,21 @@ def echo(payload: Any) -> Any:
 @app.function
 async def echo_async(payload: Any) -> Any:
     """Returns its payload, on the worker's event loop."""
+    return payload
+
+
+# The "fnargs" section (test/bench/fnargs.go): what a typed signature and a
+# pyfleet.Context cost per call against echo, through the node. Both take
+# and return what echo does for the bench's payload ({"message":...,"n":1}).
+
+
+@app.function
+def echo_typed(message: str, n: int) -> dict[str, Any]:
+    """echo, its body bound and validated by name (pyfleet/typed.py)."""
+    return {"message": message, "n": n}
+
+
+@app.function
+def echo_ctx(payload: Any, ctx: Context) -> Any:
+    """echo with a pyfleet.Context it does not use."""
     return payload

@@ -108,6 +108,7 @@ func (h *harness) report(took time.Duration) string {
 	h.reportFigures(w)
 	h.reportCPU(w)
 	h.reportContainment(w)
+	h.reportFnArgs(w)
 	h.reportRuns(w)
 	if notes, err := os.ReadFile(filepath.Join(h.root, "test", "bench", "notes.md")); err == nil {
 		// What the profiles showed and what was changed: written by hand,
