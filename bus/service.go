@@ -253,6 +253,9 @@ func functionMeta(f call.Function) map[string]string {
 		protocol.MetaRaw:      strconv.FormatBool(f.Raw),
 		protocol.MetaStream:   strconv.FormatBool(f.Stream),
 	}
+	if f.RateLimit != "" {
+		meta[protocol.MetaRateLimit] = f.RateLimit
+	}
 	for key, s := range map[string][]byte{protocol.MetaInputSchema: f.InputSchema, protocol.MetaOutputSchema: f.OutputSchema} {
 		if len(s) > 0 && len(s) <= protocol.MaxSchemaBytes {
 			meta[key] = string(s)

@@ -25,6 +25,9 @@ type FunctionInfo struct {
 	// protocol.MaxSchemaBytes, a node from before schemas).
 	InputSchema  json.RawMessage `json:"input_schema,omitempty"`
 	OutputSchema json.RawMessage `json:"output_schema,omitempty"`
+	// RateLimit is the function's limit on starts across the pool, as
+	// its app declared it ("100/s"), or "" for none.
+	RateLimit string `json:"rate_limit,omitempty"`
 	// Nodes serving it, sorted.
 	Nodes []string `json:"nodes"`
 }
@@ -70,6 +73,7 @@ func (c *Client) Functions(ctx context.Context, opts ...Option) ([]FunctionInfo,
 					Stream:       ep.Metadata[protocol.MetaStream] == "true",
 					InputSchema:  schema(ep.Metadata[protocol.MetaInputSchema]),
 					OutputSchema: schema(ep.Metadata[protocol.MetaOutputSchema]),
+					RateLimit:    ep.Metadata[protocol.MetaRateLimit],
 				}
 				byName[name] = f
 			}

@@ -30,6 +30,11 @@ func ParseRate(s string) (time.Duration, error) {
 	return time.Duration(float64(per) / n), nil
 }
 
+// MetaRateLimit is the function endpoint metadata that gives the
+// function's rate limit as its app declared it ("100/s"), absent without
+// one.
+const MetaRateLimit = "rate_limit"
+
 // RateBucket names the key-value bucket that holds the pools' rate limits
 // under prefix ("" means DefaultPrefix): PYFLEET_RATE, or <PREFIX>_RATE,
 // beside StatusBucket. Its key for a function is StatusKey(pool, function).

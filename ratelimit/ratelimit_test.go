@@ -137,3 +137,30 @@ func TestNewRefusesABadLimit(t *testing.T) {
 		t.Fatalf("New: %v, want an error naming the function", err)
 	}
 }
+
+// BenchmarkReserveKV is what the limit adds to a call of a limited
+// function when no wait is needed: a get and a compare-and-set on the
+// bucket of an embedded server (docs/benchmarks.md quotes it).
+func BenchmarkReserveKV(b *testing.B) {
+	srv, err := bus.StartEmbedded(bus.EmbeddedConfig{Listen: "127.0.0.1:0", StoreDir: b.TempDir()}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	nc, err := bus.Connect(bus.ConnConfig{URLs: srv.ClientURL()}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	ctx := context.Background()
+	l, err := New(ctx, nc, Config{Pool: "p"}, []call.Function{{Name: "f", RateLimit: "1000000000/s"}}, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		if _, err := l.reserve(ctx, "f", time.Nanosecond, time.Time{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -145,6 +145,15 @@ func TestRateLimitAcrossNodes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	const limit = 20.0
+	fns, err := cl.Functions(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fns {
+		if want := map[string]string{"tick": "20/s"}[f.Name]; f.RateLimit != want {
+			t.Errorf("Functions: %s has rate limit %q, want %q", f.Name, f.RateLimit, want)
+		}
+	}
 
 	t.Run("jobs", func(t *testing.T) {
 		dir := t.TempDir()

@@ -1303,7 +1303,8 @@ class AsyncClient:
         from the micro INFO of those that answer within ``wait`` seconds,
         sorted by name, as dicts: name, pool, raw, stream, input_schema and
         output_schema (the JSON Schemas of the body it takes and the value
-        it returns, None where the node published none) and nodes."""
+        it returns, None where the node published none), rate_limit ("100/s",
+        None for none) and nodes."""
         if pool is not None:
             check_token("pool", pool)
         pool = self.pool if pool is None else pool
@@ -1329,6 +1330,7 @@ class AsyncClient:
                     "stream": em.get("stream") == "true",
                     "input_schema": _schema(em.get("input_schema")),
                     "output_schema": _schema(em.get("output_schema")),
+                    "rate_limit": em.get("rate_limit"),
                     "nodes": [],
                 })
                 if node not in f["nodes"]:
