@@ -17,8 +17,9 @@ const pollInterval = 100 * time.Millisecond
 // maxBatch bounds one fetch, whatever Capacity says.
 const maxBatch = 256
 
-// loop pulls jobs while there is idle capacity. It uses Fetch, one pull
-// request at a time for no more than the idle capacity, and never Consume
+// loop pulls jobs while there is idle capacity, the priority levels in
+// turn (fetchLevels). It uses Fetch, one pull request at a time for no
+// more than the idle capacity, and never Consume
 // or Messages: those keep a buffer of jobs filled ahead, and a buffered job
 // gets no InProgress, outlives its AckWait and runs twice (nats.go #1929).
 func (j *Jobs) loop() {

@@ -261,12 +261,14 @@ func (j *Jobs) consumerName() string {
 }
 
 // consumerNameOf names the consumer of priority p: consumerName for
-// normal, as before priorities, and that name with _high or _low.
+// normal, as before priorities, and that name with ~high or ~low. No
+// consumerName holds a "~" (safeName), so pool "a_high" cannot take pool
+// "a"'s high consumer.
 func (j *Jobs) consumerNameOf(p string) string {
 	if p == protocol.PriorityNormal {
 		return j.consumerName()
 	}
-	return j.consumerName() + "_" + p
+	return j.consumerName() + "~" + p
 }
 
 // consumerConfig is the pool's consumer of priority p. Normal takes the

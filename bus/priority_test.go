@@ -30,7 +30,7 @@ func TestJobPriorityConsumers(t *testing.T) {
 	}
 	h := &jobHandler{}
 	MustJobs(t, nc, h)
-	for _, name := range []string{"pyfleet_p", "pyfleet_p_high", "pyfleet_p_low"} {
+	for _, name := range []string{"pyfleet_p", "pyfleet_p~high", "pyfleet_p~low"} {
 		c, err := js.Consumer(ctx, "PYFLEET_JOBS", name)
 		if err != nil {
 			t.Fatalf("consumer %s: %v", name, err)
@@ -46,6 +46,14 @@ func TestJobPriorityConsumers(t *testing.T) {
 			t.Errorf("%s job: stored %s %v", p, m.Data, m.Header)
 		}
 	}
+
+	// A pool whose name ends as the level's consumer would: its
+	// consumers are its own, and both pools run their jobs.
+	other := &jobHandler{}
+	MustJobs(t, nc, other, func(c *bus.JobsConfig) { c.Pool = "p_high" })
+	submitTo(t, js, "pyfleet.job.p_high.echo", "other-pool", `2`)
+	submitTo(t, js, "pyfleet.job.p.echo.high", "still-p", `3`)
+	eventually(t, "both pools ran their jobs", func() bool { return other.runsOf("other-pool") == 1 && h.runsOf("still-p") == 1 })
 
 	dead := mustSub(t, nc, "pyfleet.dead.>")
 	submitTo(t, js, "pyfleet.job.p.echo.x.y", "too-long", `1`)
