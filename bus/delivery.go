@@ -27,6 +27,7 @@ type jobIdentity struct {
 	subject   string
 	function  string // the subject's last token(s) after the pool
 	requestID string // Pyfleet-Request-Id, or the id
+	fired     bool   // a schedule produced the job (firedID)
 	replyTo   string // Pyfleet-Reply-To if the node may publish to it, else ""
 }
 
@@ -106,7 +107,7 @@ func (j *Jobs) identify(subject string, hdr nats.Header, seq uint64) jobIdentity
 		who.id = ""
 	}
 	if who.id == "" {
-		who.id = strconv.FormatUint(seq, 10)
+		who.id, who.fired = firedID(hdr, seq)
 	}
 	who.requestID = protocol.Header(hdr, protocol.HeaderRequestID)
 	if who.requestID == "" || !safeHeader(protocol.HeaderRequestID, who.requestID) {
@@ -179,7 +180,7 @@ func (j *Jobs) checkReplyTo(to string) *call.Error {
 // noReplyTo lists the subject trees checkReplyTo keeps results out of.
 func noReplyTo(sub protocol.Subjects) []string {
 	p := sub.Root()
-	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", p + ".cancel", "$JS", "$KV", "$O", "$SYS"}
+	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", p + ".cancel", p + ".sched", "$JS", "$KV", "$O", "$SYS"}
 }
 
 // jobTimeout reads a job's Pyfleet-Timeout by the same rule as a call's.

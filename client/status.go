@@ -138,6 +138,10 @@ func (j *Job) Cancel(ctx context.Context) (bool, error) {
 		}
 		break
 	}
+	// A delayed job fires now, for a node to settle it as cancelled.
+	if err := c.fireCancelled(ctx, j.ID); err != nil {
+		return true, err
+	}
 	// The status says cancelled from now on, so a node that has not
 	// started the job never will; the one running it learns here.
 	if err := c.nc.Publish(c.subjects.CancelJob(c.pool, j.ID), nil); err != nil {
@@ -223,7 +227,11 @@ func trySetPending(ctx context.Context, kv jetstream.KeyValue, key, pool string,
 		rev = e.Revision()
 	}
 	now := time.Now().UTC()
-	b, _ := json.Marshal(JobInfo{ID: j.ID, Pool: pool, Function: j.function, Seq: j.Seq, State: protocol.JobPending, Submitted: now, Updated: now})
+	state := protocol.JobPending
+	if !j.At.IsZero() {
+		state = protocol.JobScheduled
+	}
+	b, _ := json.Marshal(JobInfo{ID: j.ID, Pool: pool, Function: j.function, Seq: j.Seq, State: state, Submitted: now, Updated: now})
 	if rev == 0 {
 		_, err = kv.Create(ctx, key, b)
 	} else {
