@@ -23,6 +23,8 @@ type jobCmd struct {
 	jobTimeout time.Duration
 	headers    bool
 	raw        bool
+	delay      time.Duration // --delay, --at: a delayed job (schedules.go)
+	at         string
 }
 
 func (c *jobCmd) flags(fs *flag.FlagSet) {
@@ -34,6 +36,8 @@ func (c *jobCmd) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.jobTimeout, "job-timeout", 0, "the job's deadline, from its start (Pyfleet-Timeout; default: the node's --job-timeout, 1h)")
 	fs.BoolVar(&c.headers, "headers", false, "with --wait, print the result's headers on stderr")
 	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
+	fs.DurationVar(&c.delay, "delay", 0, "run the job this long from now (status scheduled until then; nats-server >= 2.12)")
+	fs.StringVar(&c.at, "at", "", "run the job at `TIME` (RFC 3339, e.g. 2030-01-02T15:04:05Z)")
 }
 
 func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
@@ -73,6 +77,11 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	}
 	if c.wait {
 		opts = append(opts, client.WithAwait())
+	}
+	if when, err := c.when(); err != nil {
+		return err
+	} else if when != nil {
+		opts = append(opts, when)
 	}
 	job, err := cl.Submit(ctx, fn, body, opts...)
 	if err != nil {
