@@ -104,7 +104,7 @@ the results are kept) exits 1.`,
 	{
 		name:     "cancel",
 		synopsis: "cancel [flags] ID",
-		summary:  "cancel a job: a pending one never runs, a running one is stopped",
+		summary:  "cancel a job: a pending or scheduled one never runs, a running one is stopped",
 		detail: `Marks the job cancelled in the status bucket, then tells the node running it
 (<prefix>.cancel.job.<pool>.<id>), which stops it: an async function is
 cancelled, a sync one's worker replaced unless it returns within the grace.

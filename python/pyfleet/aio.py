@@ -806,6 +806,7 @@ class AsyncJob:
             st = json.loads(entry.value or b"{}")
             if st.get("state") in FINAL_STATES:
                 return False
+            was = st.get("state")
             now = _now()
             st.update(state="cancelled", finished=now, updated=now,
                       error={"code": 499, "type": "Cancelled", "message": "the job was cancelled"})
@@ -815,7 +816,8 @@ class AsyncJob:
             except jserrors.KeyWrongLastSequenceError:
                 continue  # a node wrote meanwhile: look again
         # A delayed job fires now, for a node to settle it as cancelled.
-        await _schedule.fire_cancelled(c, self.id)
+        if was == "scheduled":
+            await _schedule.fire_cancelled(c, self.id)
         # The status says cancelled from now on, so a node that has not
         # started the job never will; the one running it learns here.
         nc = c._nc_or_raise()
