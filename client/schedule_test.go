@@ -132,7 +132,9 @@ func TestScheduleCron(t *testing.T) {
 		t.Errorf("schedules after unschedule: %+v, %v", list, err)
 	}
 	// Nothing fires any more: no job is stored in the jobs stream for 3
-	// firing periods. (One fired just before may still be running.)
+	// firing periods. A firing the server had taken up as the schedule was
+	// removed is given a second to be stored first.
+	time.Sleep(time.Second)
 	js, err := jetstream.New(c.Conn())
 	if err != nil {
 		t.Fatal(err)
