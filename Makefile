@@ -8,6 +8,8 @@ GO ?= go
 GOBIN := $(CURDIR)/.tools/bin
 NATS_SERVER := $(GOBIN)/nats-server
 NATS_CLI := $(GOBIN)/nats
+# A server from before message schedules, for test/schedule_oldserver_test.go.
+NATS_SERVER_OLD := $(CURDIR)/.tools/nats-server-2.11/nats-server
 export PATH := $(GOBIN):$(PATH)
 
 .PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean
@@ -30,10 +32,13 @@ $(VENV)/.installed: python/pyproject.toml
 
 # The real nats-server and nats CLI, for tests that need a separate server
 # or an outside client.
-tools: $(NATS_SERVER) $(NATS_CLI)
+tools: $(NATS_SERVER) $(NATS_CLI) $(NATS_SERVER_OLD)
 
 $(NATS_SERVER):
 	GOBIN=$(GOBIN) $(GO) install github.com/nats-io/nats-server/v2@v2.15.2
+
+$(NATS_SERVER_OLD):
+	GOBIN=$(dir $@) $(GO) install github.com/nats-io/nats-server/v2@v2.11.17
 
 $(NATS_CLI):
 	GOBIN=$(GOBIN) $(GO) install github.com/nats-io/natscli/nats@v0.5.0

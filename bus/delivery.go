@@ -28,6 +28,7 @@ type jobIdentity struct {
 	function  string // the subject's token(s) after the pool, less a priority
 	priority  string // the subject's priority token, or protocol.PriorityNormal
 	requestID string // Pyfleet-Request-Id, or the id
+	fired     bool   // a schedule produced the job (firedID)
 	replyTo   string // Pyfleet-Reply-To if the node may publish to it, else ""
 }
 
@@ -104,7 +105,7 @@ func (j *Jobs) identify(subject string, hdr nats.Header, seq uint64) jobIdentity
 		who.id = ""
 	}
 	if who.id == "" {
-		who.id = strconv.FormatUint(seq, 10)
+		who.id, who.fired = firedID(hdr, seq)
 	}
 	who.requestID = protocol.Header(hdr, protocol.HeaderRequestID)
 	if who.requestID == "" || !safeHeader(protocol.HeaderRequestID, who.requestID) {
@@ -178,7 +179,7 @@ func (j *Jobs) checkReplyTo(to string) *call.Error {
 // noReplyTo lists the subject trees checkReplyTo keeps results out of.
 func noReplyTo(sub protocol.Subjects) []string {
 	p := sub.Root()
-	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", p + ".cancel", "$JS", "$KV", "$O", "$SYS"}
+	return []string{p + ".result", p + ".job", p + ".evt", p + ".dead", p + ".cancel", p + ".sched", "$JS", "$KV", "$O", "$SYS"}
 }
 
 // jobTimeout reads a job's Pyfleet-Timeout by the same rule as a call's.

@@ -128,7 +128,7 @@ func (j *Jobs) trySetStatus(ctx context.Context, kv jetstream.KeyValue, key stri
 	if st.Seq > who.seq {
 		return st, nil // a later submission's
 	}
-	if st.Seq < who.seq {
+	if st.Seq < who.seq && !adoptsStatus(who, st) {
 		st = protocol.JobStatus{}
 	}
 	st.ID, st.Pool, st.Seq = who.id, j.cfg.Pool, who.seq

@@ -42,11 +42,15 @@ func StreamConfigs(prefix string, replicas int) []jetstream.StreamConfig {
 	return []jetstream.StreamConfig{{
 		Name:        names.Jobs,
 		Description: "pyfleet jobs waiting to run",
-		Subjects:    []string{p + ".job.>"},
+		Subjects:    []string{p + ".job.>", p + ".sched.>"},
 		Retention:   jetstream.WorkQueuePolicy,
 		Storage:     jetstream.FileStorage,
 		Duplicates:  2 * time.Minute,
 		Replicas:    r,
+		// Delayed and recurring jobs are schedules in this stream
+		// (bus/schedule.go); the server needs roll-ups for them.
+		AllowMsgSchedules: true,
+		AllowRollup:       true,
 	}, {
 		Name:        names.Results,
 		Description: "pyfleet job results, by job id",
@@ -93,6 +97,9 @@ func ensureStreams(ctx context.Context, js jetstream.JetStream, prefix string, r
 	for _, cfg := range StreamConfigs(prefix, replicas) {
 		if err := ensureStream(ctx, js, cfg, log); err != nil {
 			return err
+		}
+		if cfg.AllowMsgSchedules {
+			ensureSchedules(ctx, js, cfg, log)
 		}
 	}
 	return nil

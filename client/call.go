@@ -31,6 +31,7 @@ type options struct {
 	await     bool
 	priority  string // a job's; see WithPriority
 	progress  func(json.RawMessage)
+	when      schedule // WithDelay, WithAt (client/schedule.go)
 	// first, when set, sees the headers of the answer's first message from
 	// a worker, and last those of its last message (Session uses them).
 	first, last func(nats.Header)

@@ -13,6 +13,12 @@
 //	for item, err := range c.Stream(ctx, "count", map[string]int{"n": 3}) { ... }
 //	job, err := c.Submit(ctx, "echo", map[string]int{"x": 1})
 //	err = job.Result(ctx, &out)
+//	job, err = c.Submit(ctx, "echo", 1, client.WithDelay(30*time.Second))
+//	_, err = c.Schedule(ctx, "nightly", "0 3 * * *", "report", nil)
+//
+// Delayed jobs (WithDelay, WithAt) and recurring ones (Schedule, Schedules,
+// Unschedule) are JetStream message schedules that the NATS server (>=
+// 2.12) keeps and fires, with or without a node running (client/schedule.go).
 //
 // Every method takes a context.Context: its cancellation abandons the call,
 // tells the node (which stops the function as at its deadline:

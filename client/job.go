@@ -29,8 +29,11 @@ type Job struct {
 	// window: this submission was not queued, and the result is the first
 	// one's.
 	Duplicate bool
-	// Seq is the job's sequence in the jobs stream (0 for a handle).
+	// Seq is the job's sequence in the jobs stream (0 for a handle); for a
+	// delayed job, its schedule's.
 	Seq uint64
+	// At is when a delayed job (WithDelay, WithAt) is due; zero otherwise.
+	At time.Time
 
 	c        *Client
 	function string // "" for a handle: its dead letter may be under any function
@@ -93,10 +96,15 @@ func (c *Client) Submit(ctx context.Context, function string, arg any, opts ...O
 	if o.requestID != "" {
 		msg.Header.Set(protocol.HeaderRequestID, o.requestID)
 	}
+	if j.At, err = c.delayJob(ctx, msg, j.ID, o.when); err != nil {
+		return nil, err
+	}
 	pctx, cancel := context.WithTimeout(ctx, jsTimeout)
 	ack, err := c.js.PublishMsg(pctx, msg)
 	cancel()
 	switch {
+	case errors.Is(err, jetstream.ErrMessageSchedulesDisabled):
+		return nil, c.schedulesDisabled(ctx, err)
 	case errors.Is(err, jetstream.ErrNoStreamResponse):
 		if err := c.noJetStream(ctx); err != nil {
 			return nil, err

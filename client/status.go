@@ -122,9 +122,10 @@ func (j *Job) Cancel(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	key := protocol.StatusKey(c.pool, j.ID)
+	var was string // the state the cancel replaced
 	for {
 		cctx, cancel := context.WithTimeout(ctx, jsTimeout)
-		done, retry, err := tryCancel(cctx, kv, key, j.ID, c.pool)
+		done, retry, err := tryCancel(cctx, kv, key, j.ID, c.pool, &was)
 		cancel()
 		switch {
 		case err != nil && ctx.Err() != nil:
@@ -137,6 +138,12 @@ func (j *Job) Cancel(ctx context.Context) (bool, error) {
 			return false, nil
 		}
 		break
+	}
+	// A delayed job fires now, for a node to settle it as cancelled.
+	if was == protocol.JobScheduled {
+		if err := c.fireCancelled(ctx, j.ID); err != nil {
+			return true, err
+		}
 	}
 	// The status says cancelled from now on, so a node that has not
 	// started the job never will; the one running it learns here.
@@ -153,7 +160,7 @@ func (j *Job) Cancel(ctx context.Context) (bool, error) {
 
 // tryCancel is one compare-and-set of Cancel: ended when the job had
 // ended, retry when another writer got in between.
-func tryCancel(ctx context.Context, kv jetstream.KeyValue, key, id, pool string) (ended, retry bool, err error) {
+func tryCancel(ctx context.Context, kv jetstream.KeyValue, key, id, pool string, was *string) (ended, retry bool, err error) {
 	e, err := kv.Get(ctx, key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return false, false, localError(call.CodeNotFound, TypeNoStatus, err,
@@ -169,6 +176,7 @@ func tryCancel(ctx context.Context, kv jetstream.KeyValue, key, id, pool string)
 	if protocol.FinalState(st.State) {
 		return true, false, nil
 	}
+	*was = st.State
 	now := time.Now().UTC()
 	st.State, st.Finished, st.Updated = protocol.JobCancelled, now, now
 	st.Error = &protocol.ErrorDetail{Code: call.CodeCancelled, Type: call.TypeCancelled, Message: "the job was cancelled"}
@@ -223,7 +231,11 @@ func trySetPending(ctx context.Context, kv jetstream.KeyValue, key, pool string,
 		rev = e.Revision()
 	}
 	now := time.Now().UTC()
-	b, _ := json.Marshal(JobInfo{ID: j.ID, Pool: pool, Function: j.function, Seq: j.Seq, State: protocol.JobPending, Submitted: now, Updated: now})
+	state := protocol.JobPending
+	if !j.At.IsZero() {
+		state = protocol.JobScheduled
+	}
+	b, _ := json.Marshal(JobInfo{ID: j.ID, Pool: pool, Function: j.function, Seq: j.Seq, State: state, Submitted: now, Updated: now})
 	if rev == 0 {
 		_, err = kv.Create(ctx, key, b)
 	} else {

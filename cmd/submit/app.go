@@ -106,13 +106,26 @@ the results are kept) exits 1.`,
 	{
 		name:     "cancel",
 		synopsis: "cancel [flags] ID",
-		summary:  "cancel a job: a pending one never runs, a running one is stopped",
+		summary:  "cancel a job: a pending or scheduled one never runs, a running one is stopped",
 		detail: `Marks the job cancelled in the status bucket, then tells the node running it
 (<prefix>.cancel.job.<pool>.<id>), which stops it: an async function is
 cancelled, a sync one's worker replaced unless it returns within the grace.
 The job's result is then 499 Cancelled. Prints "cancelled ID"; exits 1 when
 the job had ended already (done, failed, dead, cancelled) or has no status.`,
 		new: func() runner { return &cancelCmd{} },
+	},
+	{
+		name:     "schedules",
+		synopsis: "schedules [list|add|remove] [flags] [NAME CRON FUNCTION [JSON|-]]",
+		summary:  "list, add or remove recurring jobs (JetStream message schedules)",
+		detail: `list (the default) prints the pool's recurring schedules. add NAME CRON
+FUNCTION [JSON|-] makes FUNCTION run with JSON on CRON, each time a job of
+its own (id NAME-<sequence>), replacing a schedule of that name; CRON is 5
+fields (minute first), 6 (seconds first), "@every 10m" or @hourly/@daily/
+@weekly/@monthly/@yearly, in UTC. remove NAME stops it. The schedules live in
+the jobs stream (<prefix>.sched.<pool>.cron.<name>) and need nats-server >=
+2.12; the server fires them whether or not a node runs.`,
+		new: func() runner { return &schedulesCmd{} },
 	},
 	{
 		name:     "watch",

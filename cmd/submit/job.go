@@ -25,6 +25,8 @@ type jobCmd struct {
 	headers    bool
 	raw        bool
 	priority   string
+	delay      time.Duration // --delay, --at: a delayed job (schedules.go)
+	at         string
 }
 
 func (c *jobCmd) flags(fs *flag.FlagSet) {
@@ -37,6 +39,8 @@ func (c *jobCmd) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.headers, "headers", false, "with --wait, print the result's headers on stderr")
 	fs.BoolVar(&c.raw, "raw", false, "send the argument and print the result as raw bytes (raw functions)")
 	fs.StringVar(&c.priority, "priority", "normal", "`high`, normal or low: nodes fetch waiting high jobs first, low ones last")
+	fs.DurationVar(&c.delay, "delay", 0, "run the job this long from now (status scheduled until then; nats-server >= 2.12)")
+	fs.StringVar(&c.at, "at", "", "run the job at `TIME` (RFC 3339, e.g. 2030-01-02T15:04:05Z)")
 }
 
 func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
@@ -79,6 +83,11 @@ func (c *jobCmd) run(ctx context.Context, a *app, args []string) error {
 	}
 	if c.wait {
 		opts = append(opts, client.WithAwait())
+	}
+	if when, err := c.when(); err != nil {
+		return err
+	} else if when != nil {
+		opts = append(opts, when)
 	}
 	job, err := cl.Submit(ctx, fn, body, opts...)
 	if err != nil {

@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import api as jsapi
 from nats.js import errors as jserrors
 
+from . import _schedule
 from .errors import (
     DeadlineExceeded,
     NotFound,
@@ -705,7 +706,8 @@ class AsyncJob:
         self.function = function
         self.raw = raw
         self.duplicate = duplicate  # the stream had this id already: not queued again
-        self.seq = seq  # the job's sequence in the jobs stream
+        self.seq = seq  # the job's sequence in the jobs stream (a delayed job's: its schedule's)
+        self.at: datetime | None = None  # when a delayed job is due
         self._dead_from = dead_from
 
     async def result(self, timeout: float | None = None) -> Any:
@@ -815,6 +817,7 @@ class AsyncJob:
             st = json.loads(entry.value or b"{}")
             if st.get("state") in FINAL_STATES:
                 return False
+            was = st.get("state")
             now = _now()
             st.update(state="cancelled", finished=now, updated=now,
                       error={"code": 499, "type": "Cancelled", "message": "the job was cancelled"})
@@ -823,6 +826,9 @@ class AsyncJob:
                 break
             except jserrors.KeyWrongLastSequenceError:
                 continue  # a node wrote meanwhile: look again
+        # A delayed job fires now, for a node to settle it as cancelled.
+        if was == "scheduled":
+            await _schedule.fire_cancelled(c, self.id)
         # The status says cancelled from now on, so a node that has not
         # started the job never will; the one running it learns here.
         nc = c._nc_or_raise()
@@ -1124,6 +1130,8 @@ class AsyncClient:
         timeout: float | None = None,
         session: str | None = None,
         request_id: str | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
         priority: str = "normal",
     ) -> AsyncJob:
         """Submits a job (JetStream) and returns its handle; ``job_id``
@@ -1131,9 +1139,13 @@ class AsyncClient:
         submitted again within two minutes is not queued again
         (``job.duplicate``). ``timeout`` is the job's deadline in seconds,
         counted from its start (default: the node's ``--job-timeout``, one
-        hour; never the client's call timeout). ``priority`` is "high",
-        "normal" or "low": nodes fetch the waiting high jobs first and the
-        low ones last (docs/protocol.md, "Priorities")."""
+        hour; never the client's call timeout). ``delay`` (seconds) or
+        ``at`` (a datetime; naive means local time) makes the job due
+        later: its status is ``scheduled`` until then and the NATS server
+        (>= 2.12) keeps it, so it fires even if every node was down.
+        ``priority`` is "high", "normal" or "low": nodes fetch the waiting
+        high jobs first and the low ones last (docs/protocol.md,
+        "Priorities")."""
         check_token("function", function)
         suffix = job_priority_suffix(priority)
         job_id = secrets.token_hex(8) if job_id is None else check_token("job_id", job_id)
@@ -1152,6 +1164,9 @@ class AsyncClient:
         # is found and an earlier one of the same id is not.
         dead = await self._dead_position(function)
         subject = f"{self.prefix}.job.{self.pool}.{function}{suffix}"
+        due = _schedule.due_time(job_id, delay, at)
+        if due is not None:
+            subject = _schedule.delay_headers(self, subject, job_id, due, headers)
         try:
             ack = await js.publish(subject, body, timeout=JS_TIMEOUT, headers=headers)
         except jserrors.NoStreamResponseError:
@@ -1161,13 +1176,19 @@ class AsyncClient:
             ) from None
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(f"job for {subject}: {exc}", type="TooLarge") from None
+        except jserrors.APIError as exc:
+            if exc.err_code == _schedule.ERR_SCHEDULES_DISABLED:
+                raise _schedule.schedules_disabled(self) from None
+            raise
         except nats.errors.TimeoutError:
             raise Unavailable(
                 f"no acknowledgement of the job from JetStream within {JS_TIMEOUT:g} s", type="NoAck"
             ) from None
         if not ack.duplicate:
-            await self._set_pending(job_id, function, ack.seq)
-        return AsyncJob(self, job_id, function, raw, bool(ack.duplicate), ack.seq, dead)
+            await self._set_pending(job_id, function, ack.seq, "pending" if due is None else "scheduled")
+        job = AsyncJob(self, job_id, function, raw, bool(ack.duplicate), ack.seq, dead)
+        job.at = due
+        return job
 
     async def _status_kv(self) -> Any:
         """The jobs' status bucket, which the nodes create."""
@@ -1183,7 +1204,7 @@ class AsyncClient:
             raise Unavailable(f"no {name} bucket: is a poolnode running?", type="NoStream") from None
         return self._status
 
-    async def _set_pending(self, job_id: str, function: str, seq: int) -> None:
+    async def _set_pending(self, job_id: str, function: str, seq: int, state: str = "pending") -> None:
         """Records a job just queued as pending, unless a node wrote its
         status first or a later submission of the id did; best effort, as
         the Go client's (client/status.go)."""
@@ -1206,7 +1227,7 @@ class AsyncClient:
                 return
             now = _now()
             value = json.dumps(
-                {"id": job_id, "pool": self.pool, "function": function, "seq": seq, "state": "pending",
+                {"id": job_id, "pool": self.pool, "function": function, "seq": seq, "state": state,
                  "attempts": 0, "submitted": now, "updated": now},
                 separators=(",", ":"),
             ).encode()
@@ -1220,6 +1241,37 @@ class AsyncClient:
                 continue  # a node wrote meanwhile: look again
             except (jserrors.Error, nats.errors.Error):
                 return
+
+    async def schedule(
+        self,
+        name: str,
+        cron: str,
+        function: str,
+        payload: Any = None,
+        *,
+        raw: bool = False,
+        timeout: float | None = None,
+        reply_to: str | None = None,
+    ) -> dict[str, Any]:
+        """Runs ``function`` with ``payload`` on ``cron``, each time as a job
+        of its own (id ``<name>-<sequence>``), until ``unschedule(name)``; a
+        schedule of that name is replaced. ``cron``: 5 fields (minute
+        first), 6 (seconds first), ``@every <duration>`` (at least 1s) or
+        @hourly, @daily, @weekly, @monthly, @yearly; in UTC. The NATS
+        server (>= 2.12) keeps and fires it, with or without a node running.
+        ValueError for a cron this client can tell is wrong, BadRequest for
+        one the server refuses."""
+        return await _schedule.schedule(self, name, cron, function, payload, raw, timeout, reply_to)
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        """The pool's recurring schedules, by name: name, cron, pattern (as
+        the server has it), function, payload, created, seq."""
+        return await _schedule.schedules(self)
+
+    async def unschedule(self, name: str) -> bool:
+        """Removes the schedule ``name`` (a job it fired already runs);
+        False when there was none."""
+        return await _schedule.unschedule(self, name)
 
     def job(self, job_id: str, *, raw: bool = False, function: str | None = None) -> AsyncJob:
         """A handle for a job submitted elsewhere, by its id. Knowing the

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from .aio import (
@@ -172,6 +173,11 @@ class Job:
     def seq(self) -> int | None:
         """The job's sequence in the jobs stream, when this client submitted it."""
         return self._j.seq
+
+    @property
+    def at(self) -> datetime | None:
+        """When a delayed job (``delay``, ``at``) is due; None otherwise."""
+        return self._j.at
 
     def result(self, timeout: float | None = None) -> Any:
         """The stored result, waited for: the value, or the stored error
@@ -359,10 +365,13 @@ class Client:
         timeout: float | None = None,
         session: str | None = None,
         request_id: str | None = None,
+        delay: float | None = None,
+        at: datetime | None = None,
         priority: str = "normal",
     ) -> Job:
         """Submits a job and returns its handle; ``job.id`` is the
-        Nats-Msg-Id (default: 16 random hex digits). ``priority``: "high",
+        Nats-Msg-Id (default: 16 random hex digits). ``delay`` (seconds)
+        or ``at`` (a datetime) makes it due later; ``priority``: "high",
         "normal" or "low" (AsyncClient.submit)."""
         aj = self._run(
             self._aio.submit(
@@ -375,9 +384,36 @@ class Client:
                 session=session,
                 request_id=request_id,
                 priority=priority,
+                delay=delay,
+                at=at,
             )
         )
         return Job(self, aj)
+
+    def schedule(
+        self,
+        name: str,
+        cron: str,
+        function: str,
+        payload: Any = None,
+        *,
+        raw: bool = False,
+        timeout: float | None = None,
+        reply_to: str | None = None,
+    ) -> dict[str, Any]:
+        """Runs ``function`` on ``cron`` until ``unschedule(name)``
+        (AsyncClient.schedule)."""
+        return self._run(
+            self._aio.schedule(name, cron, function, payload, raw=raw, timeout=timeout, reply_to=reply_to)
+        )
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """The pool's recurring schedules, by name."""
+        return self._run(self._aio.schedules())
+
+    def unschedule(self, name: str) -> bool:
+        """Removes the schedule ``name``; False when there was none."""
+        return self._run(self._aio.unschedule(name))
 
     def job(self, job_id: str, *, raw: bool = False, function: str | None = None) -> Job:
         """A handle for a job submitted elsewhere, by its id."""
