@@ -46,6 +46,16 @@ def test_delayed_job_is_scheduled_then_runs(client: Client) -> None:
     assert started >= job.at.replace(microsecond=0)
 
 
+def test_delayed_job_keeps_its_priority(client: Client) -> None:
+    # The schedule targets the priority's subject, so the job fired later is
+    # fetched by that level's consumer, not dropped between levels.
+    for level in ("high", "low"):
+        job = client.submit("echo", level, delay=1, priority=level)
+        assert job.status() == "scheduled" or datetime.now(timezone.utc) >= job.at
+        assert job.result(timeout=60) == level
+        assert wait_state(job, "done")["state"] == "done"
+
+
 def test_at_datetime_async(node: Node) -> None:
     async def main() -> None:
         async with AsyncClient(node.url, pool="default") as c:
