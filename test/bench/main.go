@@ -38,6 +38,8 @@ type harness struct {
 	profile  string // directory for profiles, or ""
 	pyspy    string // py-spy binary, or ""
 	autoMode string // the containment mode --containment auto chose, once known
+	pgo      string   // go build's -pgo for poolnode: "auto" uses cmd/poolnode/default.pgo
+	nodeEnv  []string // KEY=VALUE added to every node's environment (GOGC, GOMAXPROCS)
 }
 
 func main() {
@@ -55,7 +57,13 @@ func run() int {
 	flag.StringVar(&out, "out", "docs/benchmarks.md", "report file, relative to the repository (empty: none)")
 	flag.StringVar(&h.profile, "profile", "", "write a poolnode CPU profile (and worker py-spy profiles with -pyspy) of the first pyfleet run of each kind to this directory")
 	flag.StringVar(&h.pyspy, "pyspy", "", "py-spy binary for -profile")
+	flag.StringVar(&h.pgo, "pgo", "auto", "go build -pgo for poolnode: auto (cmd/poolnode/default.pgo), off, or a profile")
+	var nodeEnv string
+	flag.StringVar(&nodeEnv, "node-env", "", "comma-separated KEY=VALUE added to every node's environment, e.g. GOGC=400")
 	flag.Parse()
+	if nodeEnv != "" {
+		h.nodeEnv = strings.Split(nodeEnv, ",")
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -156,9 +164,9 @@ func (h *harness) leftovers() (found bool) {
 }
 
 func (h *harness) measure(ctx context.Context, sections []string) error {
-	h.logf("building poolnode")
+	h.logf("building poolnode (-pgo=%s; node environment %q)", h.pgo, h.nodeEnv)
 	h.poolnode = filepath.Join(h.tmp, "poolnode")
-	build := exec.CommandContext(ctx, "go", "build", "-o", h.tmp+"/", "./cmd/poolnode", "./cmd/pyfleet-init")
+	build := exec.CommandContext(ctx, "go", "build", "-pgo="+h.pgo, "-o", h.tmp+"/", "./cmd/poolnode", "./cmd/pyfleet-init")
 	build.Dir = h.root
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
