@@ -34,10 +34,10 @@ type harness struct {
 	rounds   int
 	duration time.Duration
 	jobs     int
-	big      int    // workers for the start/kill/memory figures
-	profile  string // directory for profiles, or ""
-	pyspy    string // py-spy binary, or ""
-	autoMode string // the containment mode --containment auto chose, once known
+	big      int      // workers for the start/kill/memory figures
+	profile  string   // directory for profiles, or ""
+	pyspy    string   // py-spy binary, or ""
+	autoMode string   // the containment mode --containment auto chose, once known
 	pgo      string   // go build's -pgo for poolnode: "auto" uses cmd/poolnode/default.pgo
 	nodeEnv  []string // KEY=VALUE added to every node's environment (GOGC, GOMAXPROCS)
 }
