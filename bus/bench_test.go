@@ -27,8 +27,9 @@ func (echoHandler) Call(_ context.Context, req *call.Request, _ call.Emit) (call
 var benchBody = []byte(`{"message":"` + strings.Repeat("x", 100-len(`{"message":"","n":1}`)) + `","n":1}`)
 
 // serveEcho sets up what a node with an embedded server has: the service on
-// an in-process connection (node/start.go), and a caller over TCP.
-func serveEcho(b *testing.B) *nats.Conn {
+// an in-process connection (node/start.go), or over TCP if tcp, and a caller
+// over TCP.
+func serveEcho(b *testing.B, tcp bool) *nats.Conn {
 	// Quiet: zaptest's logger prints a benchmark's log with its result.
 	srv, err := bus.StartEmbedded(bus.EmbeddedConfig{Listen: "127.0.0.1:0", StoreDir: b.TempDir()}, zap.NewNop())
 	if err != nil {
@@ -38,7 +39,11 @@ func serveEcho(b *testing.B) *nats.Conn {
 		srv.Shutdown()
 		srv.WaitForShutdown()
 	})
-	nc, err := bus.Connect(bus.ConnConfig{InProcess: srv, Name: "node"}, nil)
+	cc := bus.ConnConfig{InProcess: srv, Name: "node"}
+	if tcp {
+		cc = bus.ConnConfig{URLs: srv.ClientURL(), Name: "node"}
+	}
+	nc, err := bus.Connect(cc, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -64,7 +69,7 @@ func serveEcho(b *testing.B) *nats.Conn {
 // caller's allocations included (they are the same before and after a
 // change to the bus).
 func BenchmarkServiceRequest(b *testing.B) {
-	client := serveEcho(b)
+	client := serveEcho(b, false)
 	b.ReportAllocs()
 	for b.Loop() {
 		m, err := client.Request("pyfleet.req.p.echo", benchBody, 5*time.Second)
@@ -78,22 +83,28 @@ func BenchmarkServiceRequest(b *testing.B) {
 }
 
 // BenchmarkServiceRequestParallel keeps 16 requests in flight (on 2
-// cores), as make bench's rr16 does.
+// cores), as make bench's rr16 does; the node's own connection in process
+// (what poolnode does with its embedded server) or over loopback TCP.
 func BenchmarkServiceRequestParallel(b *testing.B) {
-	client := serveEcho(b)
-	b.ReportAllocs()
-	b.SetParallelism(8)
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			m, err := client.Request("pyfleet.req.p.echo", benchBody, 5*time.Second)
-			if err != nil {
-				b.Error(err)
-				return
-			}
-			if m.Header.Get("Pyfleet-Status") != "ok" {
-				b.Errorf("reply %v %s", m.Header, m.Data)
-				return
-			}
-		}
-	})
+	for _, conn := range []string{"inprocess", "tcp"} {
+		b.Run(conn, func(b *testing.B) {
+			client := serveEcho(b, conn == "tcp")
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.SetParallelism(8)
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					m, err := client.Request("pyfleet.req.p.echo", benchBody, 5*time.Second)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					if m.Header.Get("Pyfleet-Status") != "ok" {
+						b.Errorf("reply %v %s", m.Header, m.Data)
+						return
+					}
+				}
+			})
+		})
+	}
 }
