@@ -12,7 +12,7 @@ NATS_CLI := $(GOBIN)/nats
 NATS_SERVER_OLD := $(CURDIR)/.tools/nats-server-2.11/nats-server
 export PATH := $(GOBIN):$(PATH)
 
-.PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean
+.PHONY: all build venv run test test-go test-py lint bench pgo stress examples proto tools clean
 
 all: build
 
@@ -63,6 +63,16 @@ stress: venv build tools
 
 bench: venv build tools
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench
+
+# Regenerates cmd/poolnode/default.pgo, the profile go build uses for
+# profile-guided optimization of poolnode (-pgo=auto): CPU profiles of a
+# node built without it, under the request/reply and one-at-a-time loads of
+# make bench, merged. Commit the result; docs/benchmarks.md says what it gains.
+pgo: venv build tools
+	rm -rf .pgo-profiles
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench -sections rr,c1 -rounds 1 -out '' -pgo off -profile .pgo-profiles
+	$(GO) tool pprof -proto .pgo-profiles/*-poolnode.pprof > cmd/poolnode/default.pgo
+	rm -rf .pgo-profiles
 
 # The five examples in examples/, each against a node of its own on a
 # random port (concurrent with 100 workers; TestExamples runs 8): one line

@@ -60,7 +60,7 @@ type Service struct {
 	h       call.Handler
 	log     *zap.Logger
 	svc     micro.Service
-	funcs   map[string]call.Function
+	funcs   map[string]*call.Function // pointers: the wildcard endpoint hands one per request without a copy escaping
 	node    string
 	limits  admitLimits
 	stats   func() any
@@ -144,7 +144,7 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		nc:        nc,
 		h:         h,
 		log:       log.Named("service"),
-		funcs:     map[string]call.Function{},
+		funcs:     map[string]*call.Function{},
 		node:      cfg.Node,
 		stats:     cfg.Stats,
 		observe:   cfg.Observe,
@@ -164,7 +164,7 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		if _, dup := s.funcs[f.Name]; dup {
 			return nil, fmt.Errorf("serve pool %q: function %q is listed twice", cfg.Pool, f.Name)
 		}
-		s.funcs[f.Name] = f
+		s.funcs[f.Name] = &f
 	}
 	eps := cfg.endpoints(fns)
 	for _, ep := range eps {
@@ -430,9 +430,7 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	}
 	name := lastToken(r.Subject())
 	if fn == nil {
-		if f, ok := s.funcs[name]; ok {
-			fn = &f
-		}
+		fn = s.funcs[name]
 	}
 	// The headers are checked before any value of theirs is used, even to
 	// echo the request id in a refusal.
@@ -621,32 +619,36 @@ func (s *Service) answer(reply string, fn call.Function, a admission, c *endpoin
 	cctx, cancelCall := context.WithCancelCause(s.abortCtx)
 	ctx, cancel := context.WithDeadline(cctx, req.Deadline)
 	defer cancel()
-	unlist := s.list(reply, cancelCall)
-	defer unlist()
+	listed := s.list(reply, cancelCall)
+	if listed {
+		defer s.unlist(reply)
+	}
 	stopBeats := func() {}
 	if heartbeat > 0 {
 		stopBeats = s.heartbeats(reply, req.RequestID, heartbeat)
 	}
-	var progressMu sync.Mutex // Progress may race the end of the call
-	progressDone := false
+	// A plain call (no progress, no stream: nearly every call) allocates
+	// none of what the others need; see BenchmarkServiceRequest.
+	var st *streamState
+	if a.progress || fn.Stream {
+		st = &streamState{}
+	}
 	if a.progress {
 		req.Progress = func(v []byte) {
 			m := &nats.Msg{Subject: reply, Data: v, Header: replyHeader(protocol.StatusOK, s.node, "", req.RequestID)}
 			m.Header[protocol.HeaderStream] = []string{protocol.StreamProgress}
-			progressMu.Lock()
-			defer progressMu.Unlock()
-			if !progressDone {
+			st.mu.Lock()
+			defer st.mu.Unlock()
+			if !st.progressDone {
 				_ = s.nc.PublishMsg(m)
 			}
 		}
 	}
 
-	var emit call.Emit
-	var done atomic.Bool // an Emit after Call returned would land after the end message
-	var emitErr *call.Error
+	emit := notStreaming
 	if fn.Stream {
 		emit = func(ch call.Chunk) error {
-			if done.Load() {
+			if st.done.Load() {
 				return errors.New("emit after the call returned")
 			}
 			m := &nats.Msg{Subject: reply, Data: ch.Data, Header: replyHeader(protocol.StatusOK, s.node, ch.Worker, req.RequestID)}
@@ -655,23 +657,24 @@ func (s *Service) answer(reply string, fn call.Function, a admission, c *endpoin
 			if errors.Is(err, nats.ErrMaxPayload) {
 				// The end message must say why the stream stopped,
 				// whatever the handler makes of this error.
-				emitErr = call.Errorf(call.CodeTooLarge, call.TypeTooLarge, "chunk of %d bytes is over the limit of %d bytes", len(ch.Data), s.nc.MaxPayload())
-				emitErr.Worker = ch.Worker
-				return emitErr
+				e := call.Errorf(call.CodeTooLarge, call.TypeTooLarge, "chunk of %d bytes is over the limit of %d bytes", len(ch.Data), s.nc.MaxPayload())
+				e.Worker = ch.Worker
+				st.emitErr.Store(e)
+				return e
 			}
 			return err
 		}
-	} else {
-		emit = func(call.Chunk) error { return fmt.Errorf("function %q does not stream", fn.Name) }
 	}
 	res, err := s.h.Call(ctx, req, emit)
 	stopBeats() // no heartbeat may follow the answer
-	done.Store(true)
-	progressMu.Lock()
-	progressDone = true // nor any progress
-	progressMu.Unlock()
-	if emitErr != nil {
-		err = emitErr
+	if st != nil {
+		st.done.Store(true)
+		st.mu.Lock()
+		st.progressDone = true // nor any progress
+		st.mu.Unlock()
+		if e := st.emitErr.Load(); e != nil {
+			err = e
+		}
 	}
 	if errors.Is(context.Cause(cctx), errCallerCancelled) {
 		// Nobody may be listening, but a caller that cancelled in one
@@ -705,26 +708,46 @@ func (s *Service) answer(reply string, fn call.Function, a admission, c *endpoin
 	}
 }
 
+// streamState is what a call that sends more than its answer (progress,
+// chunks) shares with the callbacks that send them.
+type streamState struct {
+	mu           sync.Mutex  // Progress may race the end of the call
+	progressDone bool        // under mu: no progress may follow the answer
+	done         atomic.Bool // an Emit after Call returned would land after the end message
+	emitErr      atomic.Pointer[call.Error]
+}
+
+// errNotStreaming is what emit returns for a function that does not
+// stream: a worker that sends chunks for one is cancelled (pool.execute).
+var errNotStreaming = errors.New("the function does not stream")
+
+// notStreaming is the emit of a function that does not stream; one shared
+// func, so a plain call allocates no closure for it.
+func notStreaming(call.Chunk) error { return errNotStreaming }
+
 // errCallerCancelled is the cause of a call's context when its caller
 // cancelled it.
 var errCallerCancelled = errors.New("the caller cancelled the call")
 
-// list records the cancel of the call answering to reply until the
-// returned func is called. A reply subject already listed (a caller
+// list records the cancel of the call answering to reply until unlist,
+// and reports whether it did. A reply subject already listed (a caller
 // reusing one for two calls at once) keeps its first call: the cancel of
-// the second call cannot be told apart and is dropped.
-func (s *Service) list(reply string, cancel context.CancelCauseFunc) (unlist func()) {
+// the second call cannot be told apart and is dropped, and the second call
+// must not unlist the first.
+func (s *Service) list(reply string, cancel context.CancelCauseFunc) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, dup := s.running[reply]; dup {
-		return func() {}
+		return false
 	}
 	s.running[reply] = cancel
-	return func() {
-		s.mu.Lock()
-		delete(s.running, reply)
-		s.mu.Unlock()
-	}
+	return true
+}
+
+func (s *Service) unlist(reply string) {
+	s.mu.Lock()
+	delete(s.running, reply)
+	s.mu.Unlock()
 }
 
 // cancelCall handles a cancel message: its body is the reply subject of the

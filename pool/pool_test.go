@@ -27,7 +27,7 @@ func TestMain(m *testing.M) {
 // marker: two test binaries on one machine (two checkouts) must not share it.
 var testRun = "r" + strconv.Itoa(os.Getpid())
 
-func testPython(t *testing.T) string {
+func testPython(t testing.TB) string {
 	t.Helper()
 	py := os.Getenv("PYFLEET_TEST_PYTHON")
 	if py == "" {
@@ -78,7 +78,7 @@ func (r *recorder) waitFor(t *testing.T, what string, match func(lifecycle.Event
 }
 
 // startPool starts a pool of the test app; Close runs in cleanup.
-func startPool(t *testing.T, mod func(*Config)) (*Pool, *recorder) {
+func startPool(t testing.TB, mod func(*Config)) (*Pool, *recorder) {
 	t.Helper()
 	sockDir, err := os.MkdirTemp("", "pft")
 	if err != nil {

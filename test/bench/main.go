@@ -34,10 +34,13 @@ type harness struct {
 	rounds   int
 	duration time.Duration
 	jobs     int
-	big      int    // workers for the start/kill/memory figures
-	profile  string // directory for profiles, or ""
-	pyspy    string // py-spy binary, or ""
-	autoMode string // the containment mode --containment auto chose, once known
+	big      int      // workers for the start/kill/memory figures
+	profile  string   // directory for profiles, or ""
+	pyspy    string   // py-spy binary, or ""
+	autoMode string   // the containment mode --containment auto chose, once known
+	bin      string   // prebuilt poolnode and pyfleet-init, or "" to build them
+	pgo      string   // go build's -pgo for poolnode: "auto" uses cmd/poolnode/default.pgo
+	nodeEnv  []string // KEY=VALUE added to every node's environment (GOGC, GOMAXPROCS)
 }
 
 func main() {
@@ -55,7 +58,14 @@ func run() int {
 	flag.StringVar(&out, "out", "docs/benchmarks.md", "report file, relative to the repository (empty: none)")
 	flag.StringVar(&h.profile, "profile", "", "write a poolnode CPU profile (and worker py-spy profiles with -pyspy) of the first pyfleet run of each kind to this directory")
 	flag.StringVar(&h.pyspy, "pyspy", "", "py-spy binary for -profile")
+	flag.StringVar(&h.bin, "bin", "", "a directory with poolnode and pyfleet-init already built (another commit's, say) instead of building them")
+	flag.StringVar(&h.pgo, "pgo", "auto", "go build -pgo for poolnode: auto (cmd/poolnode/default.pgo), off, or a profile")
+	var nodeEnv string
+	flag.StringVar(&nodeEnv, "node-env", "", "comma-separated KEY=VALUE added to every node's environment, e.g. GOGC=400")
 	flag.Parse()
+	if nodeEnv != "" {
+		h.nodeEnv = strings.Split(nodeEnv, ",")
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -156,13 +166,8 @@ func (h *harness) leftovers() (found bool) {
 }
 
 func (h *harness) measure(ctx context.Context, sections []string) error {
-	h.logf("building poolnode")
-	h.poolnode = filepath.Join(h.tmp, "poolnode")
-	build := exec.CommandContext(ctx, "go", "build", "-o", h.tmp+"/", "./cmd/poolnode", "./cmd/pyfleet-init")
-	build.Dir = h.root
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		return fmt.Errorf("build poolnode: %w", err)
+	if err := h.buildNode(ctx); err != nil {
+		return err
 	}
 	for _, s := range sections {
 		var err error
@@ -188,6 +193,33 @@ func (h *harness) measure(ctx context.Context, sections []string) error {
 		if err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// buildNode builds poolnode and pyfleet-init (found beside it) into h.tmp,
+// or copies them from -bin.
+func (h *harness) buildNode(ctx context.Context) error {
+	h.poolnode = filepath.Join(h.tmp, "poolnode")
+	if h.bin != "" {
+		h.logf("poolnode from %s (node environment %q)", h.bin, h.nodeEnv)
+		for _, name := range []string{"poolnode", "pyfleet-init"} {
+			b, err := os.ReadFile(filepath.Join(h.bin, name))
+			if err != nil {
+				return fmt.Errorf("-bin: %w", err)
+			}
+			if err := os.WriteFile(filepath.Join(h.tmp, name), b, 0o755); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	h.logf("building poolnode (-pgo=%s; node environment %q)", h.pgo, h.nodeEnv)
+	build := exec.CommandContext(ctx, "go", "build", "-pgo="+h.pgo, "-o", h.tmp+"/", "./cmd/poolnode", "./cmd/pyfleet-init")
+	build.Dir = h.root
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build poolnode: %w", err)
 	}
 	return nil
 }

@@ -107,7 +107,7 @@ func (h *harness) startNode(ctx context.Context, short string, o nodeOpts) (*nod
 		n.natsURL = "nats://127.0.0.1:" + strconv.Itoa(port)
 		args = append(args, "--listen", "127.0.0.1:"+strconv.Itoa(port))
 	}
-	env := childEnv(o.env...)
+	env := append(childEnv(o.env...), h.nodeEnv...)
 	if o.metrics {
 		port, err := freePort()
 		if err != nil {
