@@ -281,6 +281,7 @@ func (n *node) poolConfig() pool.Config {
 		WorkerMemoryLimit: n.limits.Memory,
 		WorkerPidsLimit:   n.limits.Pids,
 		Guardian:          n.guardian,
+		Preload:           n.cfg.Preload,
 	}
 }
 
