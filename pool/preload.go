@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -76,7 +77,10 @@ func (p *Pool) startTemplate() (*lifecycle.Template, error) {
 	if err := p.record(rec); err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(p.cfg.Python, "-m", "pyfleet.template", "--app", p.cfg.App, "--app-dir", p.cfg.AppDir)
+	cmd := exec.Command(p.cfg.Python, "-m", "pyfleet.template", "--app", p.cfg.App, "--app-dir", p.cfg.AppDir,
+		// Room for a forked worker's command line, which it writes over
+		// the template's (python/pyfleet/template.py, set_cmdline).
+		"--argv-room", strings.Repeat("-", 1024))
 	cmd.Env = workerEnv(os.Environ())
 	cmd.Dir = p.cfg.AppDir
 	log := p.log.With(zap.String("worker", start))

@@ -413,7 +413,7 @@ func (n *nodeProc) workerPIDs() []int {
 	var out []int
 	for _, id := range n.processes() {
 		pi, err := readProcInfo(id.PID)
-		if err == nil && pi.ppid == n.cmd.Process.Pid && pi.pgrp == id.PID {
+		if err == nil && pi.ppid == n.cmd.Process.Pid && pi.pgrp == id.PID && !isTemplate(id.PID) {
 			out = append(out, id.PID)
 		}
 	}

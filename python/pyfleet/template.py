@@ -90,8 +90,10 @@ def main() -> int:
         print(f"pyfleet template: bad {TEMPLATE_FD_ENV}={value!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     args = sys.argv[1:]
-    if len(args) != 4 or args[0] != "--app" or args[2] != "--app-dir":
-        print("usage: python -m pyfleet.template --app MODULE[:ATTR] --app-dir DIR", file=sys.stderr)
+    # --argv-room is padding: the room a worker's command line is written
+    # into (see set_cmdline).
+    if len(args) not in (4, 6) or args[0] != "--app" or args[2] != "--app-dir" or args[4:5] not in ([], ["--argv-room"]):
+        print("usage: python -m pyfleet.template --app MODULE[:ATTR] --app-dir DIR [--argv-room PADDING]", file=sys.stderr)
         return EXIT_USAGE
     # The template has no lifeline of its own: it reads the node's socket,
     # whose EOF is the node's death, and its parent-death signal is set by
@@ -192,6 +194,7 @@ def become_worker(sock: socket.socket, req: dict, fds: list[int]) -> None:
         sock.close()
         place_fds(fds[0], fds[1], fds[2 : 2 + nextra])
         set_environment(req["env"])
+        set_cmdline(req["argv"])
         os.chdir(req["dir"])
         wait_for_adoption(int(req["node"]))
         argv = req["argv"]
@@ -249,13 +252,29 @@ def set_environment(env: list[str]) -> None:
     os.environ.clear()
     os.environ.update(new)
     block = b"".join(kv.encode() + b"\0" for kv in env)
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
+    fields = _stat_fields()
     # env_start and env_end, the two fields before the last (exit_code).
     start, end = int(fields[-3]), int(fields[-2])
     if len(block) > end - start:
         raise ValueError(f"the environment ({len(block)} bytes) does not fit the template's ({end - start} bytes)")
     ctypes.memmove(start, block + b"\0" * (end - start - len(block)), end - start)
+
+
+def _stat_fields() -> list[bytes]:
+    with open("/proc/self/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def set_cmdline(argv: list[str]) -> None:
+    """Shows the worker's command line in /proc/<pid>/cmdline (ps, the
+    node's tools), written over the template's, which has room for it
+    (--argv-room). One that does not fit leaves the template's."""
+    fields = _stat_fields()
+    # arg_start and arg_end come before env_start, env_end and exit_code.
+    start, end = int(fields[-5]), int(fields[-4])
+    block = b"".join(a.encode() + b"\0" for a in argv)
+    if len(block) <= end - start:
+        ctypes.memmove(start, block + b"\0" * (end - start - len(block)), end - start)
 
 
 def wait_for_adoption(node: int) -> None:
