@@ -191,3 +191,12 @@ def hello(payload):
 		}
 	})
 }
+
+// inBothModes runs test with workers started plainly, then with --preload
+// (README "Preloaded workers": group containment, where forks can be
+// contained), so that what holds for spawned workers is checked for
+// preloaded ones too.
+func inBothModes(t *testing.T, test func(t *testing.T, preload bool)) {
+	t.Run("Spawned", func(t *testing.T) { test(t, false) })
+	t.Run("Preloaded", func(t *testing.T) { test(t, true) })
+}
