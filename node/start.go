@@ -239,6 +239,7 @@ func (n *node) startPool(ctx context.Context) error {
 		return fmt.Errorf("%w: no worker could start: %v", ErrConfig, err)
 	}
 	n.log.Info("workers ready", zap.Int("workers", p.Stats().Workers), zap.Duration("took", time.Since(start)))
+	n.goUntilClose(n.reloadOnHangup)
 	if m := n.metrics; m != nil {
 		names := make([]string, 0, len(p.Functions()))
 		for _, f := range p.Functions() {

@@ -1,7 +1,9 @@
 package pool
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
@@ -179,4 +181,51 @@ func (p *Pool) superviseTemplate(t *lifecycle.Template) {
 func (p *Pool) reportTemplateStop(t *lifecycle.Template, reason string) {
 	proc := t.Process()
 	p.emit(lifecycle.Event{Kind: lifecycle.KindTerminated, Worker: TemplateWorker, Reason: reason, PID: proc.PID(), PGID: proc.PGID()})
+}
+
+// Reload picks up a changed app on disk (SIGHUP): a new template first
+// (with Config.Preload), then a rolling recycle of every worker, one at a
+// time, each replacement serving before the worker it replaces stops taking
+// calls and finishes the ones it has (see replace), so that no call fails.
+// A template that cannot start leaves the old one serving and the workers
+// alone, and Reload returns why.
+func (p *Pool) Reload(ctx context.Context) error {
+	if p.pre.reload != nil && p.template() != nil {
+		done := make(chan error, 1)
+		select {
+		case p.pre.reload <- done:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.closed:
+			return errors.New("pool: closed")
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				return fmt.Errorf("pool: reload: new template: %w", err)
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	p.mu.Lock()
+	old := make([]*worker, 0, len(p.workers))
+	for _, w := range p.workers {
+		old = append(old, w)
+	}
+	p.mu.Unlock()
+	for _, w := range old {
+		select {
+		case w.recycle <- "reload":
+		default: // a recycle is asked for already
+		}
+		select {
+		case <-w.proc.Done():
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-p.closed:
+			return errors.New("pool: closed")
+		}
+	}
+	return nil
 }

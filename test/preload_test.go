@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -199,4 +200,105 @@ def hello(payload):
 func inBothModes(t *testing.T, test func(t *testing.T, preload bool)) {
 	t.Run("Spawned", func(t *testing.T) { test(t, false) })
 	t.Run("Preloaded", func(t *testing.T) { test(t, true) })
+}
+
+// SIGHUP picks up a changed app: a new template, then a rolling recycle of
+// the workers, with calls in flight the whole time and none failed.
+func TestPreloadReloadOnSIGHUP(t *testing.T) {
+	dir := t.TempDir()
+	app := filepath.Join(dir, "versioned.py")
+	src := func(version string) string {
+		return `import time
+from pyfleet import App
+
+app = App()
+
+
+@app.function
+def version(payload):
+    time.sleep(0.02)
+    return {"version": "` + version + `"}
+`
+	}
+	if err := writeFile(app, src("v1")); err != nil {
+		t.Fatal(err)
+	}
+	n := startNode(t, nodeOptions{app: app, workers: 2, preload: true})
+	nc := n.connect()
+	oldTemplates := templatesOf(n)
+	oldWorkers := n.workerPIDs()
+
+	// A different size, so that no stale bytecode is taken for it.
+	if err := writeFile(app, src("v2-reloaded")); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	type outcome struct {
+		calls   int
+		failed  []string
+		version map[string]int
+	}
+	results := make(chan outcome, 4)
+	for range 4 {
+		go func() {
+			o := outcome{version: map[string]int{}}
+			defer func() { results <- o }()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				msg, err := request(nc, fnSubject("version"), `{}`, 30*time.Second)
+				o.calls++
+				if err != nil {
+					o.failed = append(o.failed, err.Error())
+					continue
+				}
+				if st := msg.Header.Get("Pyfleet-Status"); st != "ok" {
+					o.failed = append(o.failed, st+": "+string(msg.Data))
+					continue
+				}
+				var v struct{ Version string }
+				_ = json.Unmarshal(msg.Data, &v)
+				o.version[v.Version]++
+			}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond) // calls are in flight before the reload
+	n.signal(syscall.SIGHUP)
+	deadline := time.Now().Add(60 * time.Second)
+	for !n.hasLog("reloaded", nil) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(stop)
+	total := outcome{version: map[string]int{}}
+	for range 4 {
+		o := <-results
+		total.calls += o.calls
+		total.failed = append(total.failed, o.failed...)
+		for k, v := range o.version {
+			total.version[k] += v
+		}
+	}
+	if !n.hasLog("reloaded", nil) {
+		t.Fatalf("no reload within 60 s")
+	}
+	if len(total.failed) > 0 {
+		t.Fatalf("%d of %d calls failed during the reload: %v", len(total.failed), total.calls, total.failed)
+	}
+	var v struct{ Version string }
+	callOK(t, nc, fnSubject("version"), `{}`, &v)
+	if v.Version != "v2-reloaded" {
+		t.Fatalf("after the reload the app answers %q, want v2-reloaded (calls during it: %v)", v.Version, total.version)
+	}
+	if now := templatesOf(n); len(now) != 1 || slices.Equal(now, oldTemplates) {
+		t.Fatalf("templates %v after the reload, %v before: want one new one", now, oldTemplates)
+	}
+	for _, pid := range n.workerPIDs() {
+		if slices.Contains(oldWorkers, pid) {
+			t.Fatalf("worker %d served before the reload and still does", pid)
+		}
+	}
+	t.Logf("%d calls during the reload, none failed: %v", total.calls, total.version)
 }
