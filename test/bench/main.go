@@ -179,6 +179,8 @@ func (h *harness) measure(ctx context.Context, sections []string) error {
 			err = h.containment(ctx)
 		case "client":
 			err = h.clientBench(ctx)
+		case "preload":
+			err = h.preloadBench(ctx)
 		case "":
 		default:
 			err = fmt.Errorf("unknown section %q", s)
