@@ -181,6 +181,8 @@ func (h *harness) measure(ctx context.Context, sections []string) error {
 			err = h.clientBench(ctx)
 		case "preload":
 			err = h.preloadBench(ctx)
+		case "preload-start", "preload-recycle", "preload-pss":
+			err = h.preloadBench(ctx, strings.TrimPrefix(strings.TrimSpace(s), "preload-"))
 		case "":
 		default:
 			err = fmt.Errorf("unknown section %q", s)

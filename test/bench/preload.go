@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,7 +21,15 @@ import (
 // and kill -9 of a node with h.big preloaded workers to its last process
 // gone. Both sides run in group containment: the PID namespace modes do
 // not preload (README "Preloaded workers").
-func (h *harness) preloadBench(ctx context.Context) error {
+//
+// parts picks among "start", "recycle" and "pss" (sections preload-start,
+// ...; "preload" is all three), for a machine too loaded to run them all
+// within make bench's budget.
+func (h *harness) preloadBench(ctx context.Context, parts ...string) error {
+	if len(parts) == 0 {
+		parts = []string{"start", "recycle", "pss"}
+	}
+	doing := func(p string) bool { return slices.Contains(parts, p) }
 	url, nc, stop, err := h.harnessNATS("nats-preload")
 	if err != nil {
 		return err
@@ -28,6 +37,9 @@ func (h *harness) preloadBench(ctx context.Context) error {
 	defer stop()
 	for r := range h.rounds {
 		for _, size := range []int{8, h.big} {
+			if !doing("start") {
+				break
+			}
 			d, err := h.bare(ctx, size)
 			if err != nil {
 				return err
@@ -41,11 +53,17 @@ func (h *harness) preloadBench(ctx context.Context) error {
 			}
 		}
 		for _, pre := range []bool{false, true} {
+			if !doing("recycle") {
+				break
+			}
 			if err := h.recycleTime(ctx, nc, url, r, pre); err != nil {
 				return err
 			}
 		}
 		for _, pre := range []bool{false, true} {
+			if !doing("pss") {
+				break
+			}
 			if err := h.pss(ctx, url, r, pre); err != nil {
 				return err
 			}
@@ -216,7 +234,12 @@ func (h *harness) recycleTime(ctx context.Context, nc *nats.Conn, url string, ro
 func (h *harness) pss(ctx context.Context, url string, round int, pre bool) error {
 	const size = 8
 	short := fmt.Sprintf("pss-%s-%d", side(pre), round)
-	n, err := h.startNode(ctx, short, nodeOpts{workers: size, concurrency: 1, natsURL: url, containment: "group", preload: pre, app: "numpyapp", wait: true})
+	// numpy's OpenBLAS starts a thread per core at import, which preload
+	// refuses to fork over (README "Preloaded workers"); one BLAS thread
+	// per worker process is also what a process per core wants. Both
+	// sides run with it.
+	n, err := h.startNode(ctx, short, nodeOpts{workers: size, concurrency: 1, natsURL: url, containment: "group", preload: pre, app: "numpyapp", wait: true,
+		env: []string{"OPENBLAS_NUM_THREADS=1"}})
 	if err != nil {
 		return err
 	}
