@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -239,6 +240,7 @@ def version(payload):
 		version map[string]int
 	}
 	results := make(chan outcome, 4)
+	var answered atomic.Int64
 	for range 4 {
 		go func() {
 			o := outcome{version: map[string]int{}}
@@ -251,6 +253,7 @@ def version(payload):
 				}
 				msg, err := request(nc, fnSubject("version"), `{}`, 30*time.Second)
 				o.calls++
+				answered.Add(1)
 				if err != nil {
 					o.failed = append(o.failed, err.Error())
 					continue
@@ -265,9 +268,12 @@ def version(payload):
 			}
 		}()
 	}
-	time.Sleep(100 * time.Millisecond) // calls are in flight before the reload
-	n.signal(syscall.SIGHUP)
+	// Calls are in flight before the reload starts.
 	deadline := time.Now().Add(60 * time.Second)
+	for answered.Load() < 4 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	n.signal(syscall.SIGHUP)
 	for !n.hasLog("reloaded", nil) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
