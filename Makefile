@@ -62,6 +62,7 @@ stress: venv build tools
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_STRESS=1 $(GO) test -race -count=1 -timeout 60m -run Stress ./test/
 
 bench: venv build tools
+	$(VPY) -m pip install -q --disable-pip-version-check -e 'python[bench]'
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench
 
 # Regenerates cmd/poolnode/default.pgo, the profile go build uses for

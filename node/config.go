@@ -73,6 +73,9 @@ type Config struct {
 	// kernel; they need a containment with the controller (cgroup).
 	WorkerMemoryLimitMB int
 	WorkerPidsLimit     int
+	// Preload forks workers from a template that imported the app once
+	// (README "Preloaded workers"); off by default.
+	Preload bool
 
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string

@@ -241,6 +241,7 @@ func (n *node) startPool(ctx context.Context) error {
 		return fmt.Errorf("%w: no worker could start: %v", ErrConfig, err)
 	}
 	n.log.Info("workers ready", zap.Int("workers", p.Stats().Workers), zap.Duration("took", time.Since(start)))
+	n.goUntilClose(n.reloadOnHangup)
 	if m := n.metrics; m != nil {
 		names := make([]string, 0, len(p.Functions()))
 		for _, f := range p.Functions() {
@@ -283,6 +284,7 @@ func (n *node) poolConfig() pool.Config {
 		WorkerMemoryLimit: n.limits.Memory,
 		WorkerPidsLimit:   n.limits.Pids,
 		Guardian:          n.guardian,
+		Preload:           n.cfg.Preload,
 	}
 }
 

@@ -89,8 +89,12 @@ type Config struct {
 	// Guardian, if set, is told every worker's process group, to kill it
 	// if the node dies (lifecycle.StartOptions.Guardian).
 	Guardian *lifecycle.Guardian
-	Events   lifecycle.Events // may be nil
-	Logger   *zap.Logger      // may be nil
+	// Preload forks workers from a template that imported the app once
+	// (pool/preload.go); where that cannot be done safely workers start
+	// plainly, and the log says why.
+	Preload bool
+	Events  lifecycle.Events // may be nil
+	Logger  *zap.Logger      // may be nil
 
 	// sessionIdle is how long an unused session is kept (default 1 h) and
 	// sessionSweep how often idle ones are looked for (default 1 min); tests
@@ -190,6 +194,7 @@ type Pool struct {
 
 	goroutines sync.WaitGroup // every goroutine the pool started
 	spawnSeq   atomic.Uint64
+	pre        preload
 
 	fnMu      sync.RWMutex
 	functions []call.Function
@@ -255,6 +260,7 @@ func (p *Pool) Start(ctx context.Context) error {
 		defer p.goroutines.Done()
 		p.sweepSessions()
 	}()
+	p.startPreload()
 	for i := range p.cfg.Workers {
 		name := "w" + strconv.Itoa(i+1)
 		p.goroutines.Add(1)

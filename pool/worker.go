@@ -182,7 +182,7 @@ func (p *Pool) spawnWorker(ctx context.Context, name string) (*worker, error) {
 		return nil, err
 	}
 	hr := newHandshakeReader(name, w.log)
-	proc, err := p.startProcess(p.command(name, sock, pipes), w.start, hr)
+	proc, err := p.startProcess(func() *exec.Cmd { return p.command(name, sock, pipes) }, w.start, hr)
 	pipes.closeWorkerEnds()
 	if err != nil {
 		pipes.lifelineW.Close()
@@ -301,9 +301,10 @@ func (p *Pool) command(name, sock string, pipes *workerPipes) *exec.Cmd {
 }
 
 // startProcess forks the worker through lifecycle, marked with its start
-// and contained as the pool's config says.
-func (p *Pool) startProcess(cmd *exec.Cmd, start string, hr *handshakeReader) (*lifecycle.Process, error) {
-	proc, err := lifecycle.Start(p.cfg.Spawner, cmd, lifecycle.StartOptions{
+// and contained as the pool's config says: from the template when one
+// serves (Config.Preload), else, or if that fails, by a plain start.
+func (p *Pool) startProcess(command func() *exec.Cmd, start string, hr *handshakeReader) (*lifecycle.Process, error) {
+	opts := lifecycle.StartOptions{
 		Stdout:   hr.stdout,
 		Stderr:   hr.stderr,
 		Marker:   lifecycle.Marker{Node: p.cfg.Node, Run: p.cfg.Run, Worker: start},
@@ -311,7 +312,15 @@ func (p *Pool) startProcess(cmd *exec.Cmd, start string, hr *handshakeReader) (*
 		Contain:  p.cfg.Containment,
 		Limits:   p.cfg.limits(),
 		Guardian: p.cfg.Guardian,
-	})
+	}
+	if t := p.template(); t != nil {
+		proc, err := t.Fork(command(), opts)
+		if err == nil {
+			return proc, nil
+		}
+		p.log.Warn("preloaded start failed; starting plainly", zap.String("start", start), zap.Error(err))
+	}
+	proc, err := lifecycle.Start(p.cfg.Spawner, command(), opts)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", p.cfg.Python, err)
 	}

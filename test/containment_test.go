@@ -121,6 +121,10 @@ func TestContainmentUserCodeSeesNoDifference(t *testing.T) {
 			checkUserView(t, n, mode, os.Getuid())
 		})
 	}
+	t.Run("group-preloaded", func(t *testing.T) {
+		n := startNode(t, nodeOptions{app: containedApp(), workers: 1, preload: true})
+		checkUserView(t, n, lifecycle.ModeGroup, os.Getuid())
+	})
 }
 
 // TestContainmentPIDNSAsOtherUser: without root, the init needs a user

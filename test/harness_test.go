@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -115,6 +116,10 @@ type nodeOptions struct {
 	dir      string              // working directory (default: the test's)
 	noPython bool                // leave --python out: the node chooses
 	cred     *syscall.Credential // run as another user (default: as the test)
+	// preload runs the node with --preload, in group containment unless
+	// extra names one (the PID namespace modes do not preload), and
+	// startNode checks that its workers fork from the template.
+	preload bool
 }
 
 var nodeSeq struct {
@@ -134,6 +139,9 @@ func startNode(t *testing.T, o nodeOptions) *nodeProc {
 		t.Fatalf("poolnode exited before serving: %v\n%s", n.err, n.log())
 	case <-time.After(60 * time.Second):
 		t.Fatalf("poolnode not serving after 60 s\n%s", n.log())
+	}
+	if o.preload && !n.hasLog("template serving: workers fork from it", nil) {
+		t.Fatalf("--preload: no template serves\n%s", n.log())
 	}
 	return n
 }
@@ -170,6 +178,12 @@ func launchNode(t *testing.T, o nodeOptions) *nodeProc {
 		args = append(args, "--app", filepath.Join(repoRoot, "python", "examples", "demo.py"))
 	}
 	args = append(args, o.extra...)
+	if o.preload {
+		args = append(args, "--preload")
+		if !slices.Contains(o.extra, "--containment") {
+			args = append(args, "--containment", lifecycle.ModeGroup)
+		}
+	}
 	n := &nodeProc{t: t, name: o.name, state: o.stateDir, done: make(chan struct{}), serving: make(chan struct{})}
 	bin := poolnodeBin
 	if o.bin != "" {
@@ -308,7 +322,7 @@ func (n *nodeProc) processes() []lifecycle.Identity {
 func (n *nodeProc) userProcesses() []lifecycle.Identity {
 	var out []lifecycle.Identity
 	for _, id := range n.processes() {
-		if !isInit(id.PID) {
+		if !isInit(id.PID) && !isTemplate(id.PID) {
 			out = append(out, id)
 		}
 	}

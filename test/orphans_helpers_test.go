@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/pyfleet/pyfleet/lifecycle"
+	"github.com/pyfleet/pyfleet/pool"
 )
 
 // nastyApp is the test app with the functions the rows need.
@@ -413,7 +414,7 @@ func (n *nodeProc) workerPIDs() []int {
 	var out []int
 	for _, id := range n.processes() {
 		pi, err := readProcInfo(id.PID)
-		if err == nil && pi.ppid == n.cmd.Process.Pid && pi.pgrp == id.PID {
+		if err == nil && pi.ppid == n.cmd.Process.Pid && pi.pgrp == id.PID && !isTemplate(id.PID) {
 			out = append(out, id.PID)
 		}
 	}
@@ -559,7 +560,10 @@ func withPID(pid int) func(lifecycle.Event) bool {
 }
 
 func terminatedFor(reason string) func(lifecycle.Event) bool {
-	return func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindTerminated && e.Reason == reason }
+	// A --preload template's own events (pool.TemplateWorker) are not a worker's.
+	return func(e lifecycle.Event) bool {
+		return e.Kind == lifecycle.KindTerminated && e.Reason == reason && e.Worker != pool.TemplateWorker
+	}
 }
 
 // runOf waits for the node_started event of the poolnode n and returns its run.

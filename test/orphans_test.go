@@ -31,11 +31,13 @@ import (
 )
 
 // Row 1: a clean stop with SIGTERM, and a second SIGTERM during the drain.
-func TestOrphansCleanStop(t *testing.T) {
+func TestOrphansCleanStop(t *testing.T) { inBothModes(t, testOrphansCleanStop) }
+
+func testOrphansCleanStop(t *testing.T, preload bool) {
 	by := startBystanders(t)
 
 	t.Run("SIGTERM", func(t *testing.T) {
-		n := startNode(t, nodeOptions{app: nastyApp(), workers: 2})
+		n := startNode(t, nodeOptions{preload: preload, app: nastyApp(), workers: 2})
 		nc := n.connect()
 		ev := watchEvents(t, nc, "default")
 		var sp spawnReply
@@ -84,7 +86,7 @@ func TestOrphansCleanStop(t *testing.T) {
 
 	t.Run("second SIGTERM during the drain", func(t *testing.T) {
 		const grace = 10 * time.Second
-		n := startNode(t, nodeOptions{app: nastyApp(), workers: 2, extra: []string{"--shutdown-grace", grace.String()}})
+		n := startNode(t, nodeOptions{preload: preload, app: nastyApp(), workers: 2, extra: []string{"--shutdown-grace", grace.String()}})
 		nc := n.connect()
 		ev := watchEvents(t, nc, "default")
 		var sp spawnReply
@@ -138,14 +140,16 @@ func TestOrphansCleanStop(t *testing.T) {
 
 // Row 2: kill -9 of the poolnode with 8 workers, each with a multiprocessing
 // child and grandchild: all 24 gone within 1 s, without a restart.
-func TestOrphansKillNineNode(t *testing.T) {
+func TestOrphansKillNineNode(t *testing.T) { inBothModes(t, testOrphansKillNineNode) }
+
+func testOrphansKillNineNode(t *testing.T, preload bool) {
 	const workers = 8
 	url := startTestNATS(t)
 	by := startBystanders(t)
 	nc := connectURL(t, url)
 	ev := watchEvents(t, nc, "default")
 	state := shortTempDir(t)
-	n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: workers, stateDir: state}))
+	n := startNode(t, onNATS(url, nodeOptions{preload: preload, app: nastyApp(), workers: workers, stateDir: state}))
 	run := runOf(t, ev, n)
 
 	// One tree per worker: each call keeps its worker busy a while, so
@@ -209,7 +213,7 @@ func TestOrphansKillNineNode(t *testing.T) {
 	// A node that starts again on the state dir finds nothing to reap; it
 	// publishes what the dead node's guardian killed as the node died
 	// (the dead node could not), and those processes are already gone.
-	again := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 1, stateDir: state, name: n.name}))
+	again := startNode(t, onNATS(url, nodeOptions{preload: preload, app: nastyApp(), workers: 1, stateDir: state, name: n.name}))
 	run2 := runOf(t, ev, again)
 	ev.waitFor(30*time.Second, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady && e.Run == run2 })
 	for _, e := range matching(ev, kind(lifecycle.KindOrphanReaped)) {
@@ -226,11 +230,13 @@ func TestOrphansKillNineNode(t *testing.T) {
 // Row 3: a worker that ignores SIGTERM, and workers stuck in a C-level
 // sleep (in a call thread, and on the event loop): a clean stop still ends
 // them, with SIGKILL after the worker stop grace.
-func TestOrphansStubbornWorkers(t *testing.T) {
+func TestOrphansStubbornWorkers(t *testing.T) { inBothModes(t, testOrphansStubbornWorkers) }
+
+func testOrphansStubbornWorkers(t *testing.T, preload bool) {
 	by := startBystanders(t)
 	// Two calls per worker: a sync call then runs in a call thread, not
 	// inline on the worker's event loop.
-	n := startNode(t, nodeOptions{app: nastyApp(), workers: 3, extra: []string{"--shutdown-grace", "1s", "--concurrency", "2"}})
+	n := startNode(t, nodeOptions{preload: preload, app: nastyApp(), workers: 3, extra: []string{"--shutdown-grace", "1s", "--concurrency", "2"}})
 	nc := n.connect()
 	ev := watchEvents(t, nc, "default")
 	dir := shortTempDir(t)
@@ -343,9 +349,11 @@ func ignores(t *testing.T, pid int, sig syscall.Signal) bool {
 
 // Row 3: a worker that exits by itself: crashed with its exit code, then
 // restarted, and the replacement serves; its child goes with it.
-func TestOrphansWorkerExits(t *testing.T) {
+func TestOrphansWorkerExits(t *testing.T) { inBothModes(t, testOrphansWorkerExits) }
+
+func testOrphansWorkerExits(t *testing.T, preload bool) {
 	by := startBystanders(t)
-	n := startNode(t, nodeOptions{app: nastyApp(), workers: 1})
+	n := startNode(t, nodeOptions{preload: preload, app: nastyApp(), workers: 1})
 	nc := n.connect()
 	ev := watchEvents(t, nc, "default")
 	var sp spawnReply
@@ -392,7 +400,9 @@ func TestOrphansWorkerExits(t *testing.T) {
 // node's reaper) are what this row tests. In the kernel modes nothing
 // outlives the node for them to find: the PID namespaces die with it
 // (TestOrphansKillNodeAndGuardian, TestContainmentPIDNSKillNineNodeAndGuardian).
-func TestOrphansSetsidGrandchild(t *testing.T) {
+func TestOrphansSetsidGrandchild(t *testing.T) { inBothModes(t, testOrphansSetsidGrandchild) }
+
+func testOrphansSetsidGrandchild(t *testing.T, preload bool) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
 	for _, tc := range []struct {
@@ -406,7 +416,7 @@ func TestOrphansSetsidGrandchild(t *testing.T) {
 			nc := connectURL(t, url)
 			ev := watchEvents(t, nc, "default")
 			state := shortTempDir(t)
-			n := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 2, stateDir: state, extra: []string{"--containment", lifecycle.ModeGroup}}))
+			n := startNode(t, onNATS(url, nodeOptions{preload: preload, app: nastyApp(), workers: 2, stateDir: state, extra: []string{"--containment", lifecycle.ModeGroup}}))
 			run := runOf(t, ev, n)
 
 			var sh, fk setsidReply
@@ -451,7 +461,7 @@ func TestOrphansSetsidGrandchild(t *testing.T) {
 				t.Logf("1 s after the node's SIGKILL, still running: %v of the workers' children %v", pidsOf(survivors), pidsOf(started))
 			}
 
-			again := startNode(t, onNATS(url, nodeOptions{app: nastyApp(), workers: 1, stateDir: state, name: n.name}))
+			again := startNode(t, onNATS(url, nodeOptions{preload: preload, app: nastyApp(), workers: 1, stateDir: state, name: n.name}))
 			// The sweep runs before the node serves, and its events come
 			// before the first worker's.
 			assertGone(t, "once a node started again on the state dir", tree, time.Second)
@@ -659,8 +669,12 @@ func TestOrphansTwoNodesOneStateDir(t *testing.T) {
 // WorkerLost at once, not at its deadline; crashed, then restarted; what
 // the worker started goes with it.
 func TestOrphansWorkerKilledMidRequest(t *testing.T) {
+	inBothModes(t, testOrphansWorkerKilledMidRequest)
+}
+
+func testOrphansWorkerKilledMidRequest(t *testing.T, preload bool) {
 	by := startBystanders(t)
-	n := startNode(t, nodeOptions{app: nastyApp(), workers: 1})
+	n := startNode(t, nodeOptions{preload: preload, app: nastyApp(), workers: 1})
 	nc := n.connect()
 	ev := watchEvents(t, nc, "default")
 	var sp spawnReply

@@ -54,7 +54,7 @@ func run() int {
 	flag.DurationVar(&h.duration, "duration", 3*time.Second, "length of one throughput or latency run")
 	flag.IntVar(&h.jobs, "jobs", 6000, "jobs per jobs run")
 	flag.IntVar(&h.big, "big", 100, "workers of the start, kill and memory figures")
-	flag.StringVar(&sections, "sections", "rr,c1,jobs,start,contain,client,fnargs", "which figures to measure")
+	flag.StringVar(&sections, "sections", "rr,c1,jobs,start,contain,client,fnargs,preload", "which figures to measure")
 	flag.StringVar(&out, "out", "docs/benchmarks.md", "report file, relative to the repository (empty: none)")
 	flag.StringVar(&h.profile, "profile", "", "write a poolnode CPU profile (and worker py-spy profiles with -pyspy) of the first pyfleet run of each kind to this directory")
 	flag.StringVar(&h.pyspy, "pyspy", "", "py-spy binary for -profile")
@@ -186,6 +186,10 @@ func (h *harness) measure(ctx context.Context, sections []string) error {
 			err = h.clientBench(ctx)
 		case "fnargs":
 			err = h.fnArgs(ctx)
+		case "preload":
+			err = h.preloadBench(ctx)
+		case "preload-start", "preload-recycle", "preload-pss":
+			err = h.preloadBench(ctx, strings.TrimPrefix(strings.TrimSpace(s), "preload-"))
 		case "":
 		default:
 			err = fmt.Errorf("unknown section %q", s)

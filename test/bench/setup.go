@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -62,6 +63,8 @@ type nodeOpts struct {
 	wait                 bool   // return once a request is answered
 	containment          string // --containment, if not empty
 	maxRequests          int    // --max-requests, if not 0
+	preload              bool   // --preload
+	app                  string // module in test/bench (default benchapp)
 	env                  []string
 }
 
@@ -91,6 +94,12 @@ func (h *harness) startNode(ctx context.Context, short string, o nodeOpts) (*nod
 	}
 	if o.containment != "" {
 		args = append(args, "--containment", o.containment)
+	}
+	if o.preload {
+		args = append(args, "--preload")
+	}
+	if o.app != "" {
+		args[slices.Index(args, "benchapp")] = o.app
 	}
 	if o.maxRequests > 0 {
 		args = append(args, "--max-requests", strconv.Itoa(o.maxRequests))

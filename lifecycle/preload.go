@@ -1,0 +1,312 @@
+package lifecycle
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Preloaded workers (--preload): a template process imports the app once
+// and forks each worker from itself (python/pyfleet/template.py has the
+// protocol). A forked worker must be what a started one is: its own process
+// group, its own marks in /proc/<pid>/environ, its container, a child of
+// the node that the node waits for and reaps. The template forks an
+// intermediate that forks the worker; once the node has registered the
+// worker's pid as its child (so that ReapAdopted never takes it for an
+// orphan), the template kills the intermediate and the worker is re-parented
+// to the node, a child subreaper (subreaper.go). From then on the worker's
+// Process is supervised exactly as Start's are: waitid on its pid, the
+// group kill before the reap, the marked-leftovers sweep, the container.
+
+// EnvTemplateFD names the template's end of its socket to the node.
+const EnvTemplateFD = "PYFLEET_TEMPLATE_FD"
+
+// envTemplatePad pads the template's environment: a worker rewrites the
+// environment block it inherits in place (it cannot grow it), and its
+// environment differs from the template's by its marks and fds.
+const envTemplatePad = "PYFLEET_TEMPLATE_PAD"
+
+const templatePadBytes = 4096
+
+// ErrNotPreloadable is wrapped by the error of a Fork that cannot give the
+// worker what a start would; a plain Start can.
+var ErrNotPreloadable = errors.New("cannot be preloaded")
+
+// ErrTemplateGone is wrapped by Fork's error once the template has died or
+// broken its protocol; start plainly and start a new template.
+var ErrTemplateGone = errors.New("template gone")
+
+// Preloadable says whether workers of containment c can be forked from a
+// template, and if not why: a mode that runs each worker under an init in a
+// PID namespace of its own (ModePIDNS, and ModeCgroup where the host allows
+// namespaces) cannot, because a process forked by the template stays in
+// the template's namespace.
+func Preloadable(c Containment) error {
+	if c == nil || c.Mode() == ModeGroup {
+		return nil
+	}
+	if c.Mode() == ModePIDNS {
+		return fmt.Errorf("%w: each worker runs under its own init in a PID namespace (containment pidns), which a fork cannot enter", ErrNotPreloadable)
+	}
+	if cg, ok := c.(*cgroupContainment); ok && cg.ns != nil {
+		return fmt.Errorf("%w: each worker runs under its own init in a PID namespace inside its cgroup, which a fork cannot enter", ErrNotPreloadable)
+	}
+	return nil
+}
+
+// Template is a running template: its Process (started, marked, contained
+// and supervised as a worker is) and the node's end of its socket.
+type Template struct {
+	spawner *Spawner
+	proc    *Process
+	conn    *net.UnixConn
+	envSize int // bytes of the template's environment block
+
+	mu     sync.Mutex // one fork at a time: the protocol is a dialogue
+	broken error
+}
+
+// StartTemplate starts cmd (python -m pyfleet.template ...) as Start does,
+// with the template's socket added to its ExtraFiles, and waits up to
+// timeout for the template to say it is ready. The error of a template that
+// refused to serve (the app failed to import, threads were alive after it)
+// wraps ErrNotPreloadable and says why.
+func StartTemplate(s *Spawner, cmd *exec.Cmd, opts StartOptions, timeout time.Duration) (*Template, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("lifecycle: template socket: %w", err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "template"), os.NewFile(uintptr(fds[1]), "template-child")
+	fc, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		theirs.Close()
+		return nil, fmt.Errorf("lifecycle: template socket: %w", err)
+	}
+	conn := fc.(*net.UnixConn)
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	cmd.Env = append(cmd.Env,
+		EnvTemplateFD+"="+strconv.Itoa(3+len(cmd.ExtraFiles)),
+		envTemplatePad+"="+strings.Repeat("x", templatePadBytes))
+	cmd.ExtraFiles = append(cmd.ExtraFiles, theirs)
+	proc, err := Start(s, cmd, opts)
+	theirs.Close()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	t := &Template{spawner: s, proc: proc, conn: conn, envSize: envBlockSize(cmd.Env)}
+	var hello struct {
+		Ready int    `json:"ready"`
+		Error string `json:"error"`
+	}
+	if err := t.recv(&hello, timeout); err != nil || hello.Ready == 0 {
+		t.Stop(0)
+		if err == nil {
+			err = fmt.Errorf("%w: %s", ErrNotPreloadable, hello.Error)
+		}
+		return nil, err
+	}
+	return t, nil
+}
+
+// Process is the template's own process.
+func (t *Template) Process() *Process { return t.proc }
+
+// Stop stops the template's process (see Process.Stop) and closes the
+// node's end of its socket.
+func (t *Template) Stop(grace time.Duration) {
+	t.conn.Close() // EOF: the template exits by itself
+	t.proc.Stop(grace)
+}
+
+// envBlockSize is the size of the block the kernel lays env out in.
+func envBlockSize(env []string) int {
+	n := 0
+	for _, kv := range env {
+		n += len(kv) + 1
+	}
+	return n
+}
+
+func (t *Template) send(v any, files []*os.File) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	var oob []byte
+	if len(files) > 0 {
+		fds := make([]int, len(files))
+		for i, f := range files {
+			fds[i] = int(f.Fd())
+		}
+		oob = unix.UnixRights(fds...)
+	}
+	_ = t.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	_, _, err = t.conn.WriteMsgUnix(b, oob, nil)
+	return err
+}
+
+func (t *Template) recv(v any, timeout time.Duration) error {
+	buf := make([]byte, 4096)
+	_ = t.conn.SetReadDeadline(time.Now().Add(timeout))
+	n, _, _, _, err := t.conn.ReadMsgUnix(buf, nil)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrTemplateGone, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("%w: it closed its socket", ErrTemplateGone)
+	}
+	if err := json.Unmarshal(buf[:n], v); err != nil {
+		return fmt.Errorf("%w: bad message %q: %w", ErrTemplateGone, buf[:n], err)
+	}
+	return nil
+}
+
+// Fork starts cmd, which must be `python -m pyfleet.worker ...` for the
+// template's app, as Start would, by a fork of the template. The options
+// mean what they mean for Start; Contain must be Preloadable. An error
+// wrapping ErrTemplateGone means the template is of no more use; one
+// wrapping ErrNotPreloadable that this start is not (start it plainly).
+func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
+	if err := Preloadable(opts.Contain); err != nil {
+		return nil, err
+	}
+	if err := ownCommand(cmd); err != nil {
+		return nil, err
+	}
+	k, err := t.spawner.mark(cmd, opts.Marker)
+	if err != nil {
+		return nil, err
+	}
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	if n := envBlockSize(cmd.Env); n > t.envSize {
+		return nil, fmt.Errorf("%w: the worker's environment (%d bytes) is larger than the template's (%d bytes)", ErrNotPreloadable, n, t.envSize)
+	}
+	box, err := contain(cmd, opts)
+	if err != nil {
+		return nil, err
+	}
+	out, err := openOutput(cmd)
+	if err != nil {
+		_ = box.Release()
+		return nil, err
+	}
+	files := append([]*os.File{out.outW, out.errW}, cmd.ExtraFiles...)
+	intoCgroup := cmd.SysProcAttr.UseCgroupFD
+	var cgroupDir *os.File
+	if intoCgroup {
+		// Prepare's fd is the container's to close; the message needs
+		// its own.
+		fd, err := unix.Dup(cmd.SysProcAttr.CgroupFD)
+		if err != nil {
+			out.closeWriteEnds()
+			out.closeReadEnds()
+			_ = box.Release()
+			return nil, fmt.Errorf("lifecycle: cgroup fd: %w", err)
+		}
+		cgroupDir = os.NewFile(uintptr(fd), "cgroup")
+		defer cgroupDir.Close()
+		files = append(files, cgroupDir)
+	}
+	var (
+		id      Identity
+		pid     int
+		forkErr error
+	)
+	t.mu.Lock()
+	err = t.spawner.do(func() { id, pid, forkErr = t.fork(cmd, k, files, intoCgroup) })
+	t.mu.Unlock()
+	out.closeWriteEnds()
+	if err == nil {
+		err = forkErr
+	}
+	if err != nil {
+		out.closeReadEnds()
+		_ = box.Kill() // a worker that got as far as its cgroup
+		_ = box.Release()
+		return nil, err
+	}
+	opts.Guardian.groupStarted(pid, id, opts.Marker.Worker)
+	return supervise(t.spawner, cmd, k, box, id, out, opts), nil
+}
+
+// fork is Fork's dialogue with the template, on the spawner's thread: the
+// worker's pid is registered as the spawner's child between two forks (see
+// ReapAdopted) and before the template lets it be re-parented to the node.
+func (t *Template) fork(cmd *exec.Cmd, k marks, files []*os.File, intoCgroup bool) (Identity, int, error) {
+	if t.broken != nil {
+		return Identity{}, 0, t.broken
+	}
+	fail := func(err error) (Identity, int, error) {
+		if errors.Is(err, ErrTemplateGone) {
+			t.broken = err
+		}
+		return Identity{}, 0, err
+	}
+	req := map[string]any{"argv": cmd.Args, "env": cmd.Env, "dir": cmd.Dir, "node": os.Getpid(), "cgroup": intoCgroup}
+	if req["dir"] == "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return fail(err)
+		}
+		req["dir"] = wd
+	}
+	if err := t.send(req, files); err != nil {
+		return fail(fmt.Errorf("%w: %w", ErrTemplateGone, err))
+	}
+	var forked struct {
+		PID   int    `json:"pid"`
+		Error string `json:"error"`
+	}
+	if err := t.recv(&forked, 10*time.Second); err != nil {
+		return fail(err)
+	}
+	if forked.PID <= 0 {
+		return fail(fmt.Errorf("%w: %s", ErrNotPreloadable, forked.Error))
+	}
+	id, err := ReadIdentity(forked.PID)
+	if err != nil {
+		// It died at once: the template's intermediate reaps it.
+		_ = t.send(map[string]bool{"go": false}, nil)
+		return fail(fmt.Errorf("lifecycle: identify forked worker: %w", err))
+	}
+	t.spawner.mu.Lock()
+	t.spawner.children[forked.PID] = k
+	t.spawner.mu.Unlock()
+	var adopted struct {
+		Adopted int `json:"adopted"`
+	}
+	err = t.send(map[string]bool{"go": true}, nil)
+	if err == nil {
+		err = t.recv(&adopted, 10*time.Second)
+	}
+	if err == nil && adopted.Adopted != forked.PID {
+		err = fmt.Errorf("%w: adopted %d, not %d", ErrTemplateGone, adopted.Adopted, forked.PID)
+	}
+	p, perr := os.FindProcess(forked.PID)
+	if err == nil {
+		err = perr
+	}
+	if err != nil {
+		// Ours or soon ours: killed, and reaped once it is our child.
+		_ = unix.Kill(forked.PID, unix.SIGKILL)
+		t.spawner.forget(forked.PID)
+		return fail(err)
+	}
+	cmd.Process = p
+	return id, forked.PID, nil
+}
