@@ -30,6 +30,7 @@ type options struct {
 	replyTo   string
 	await     bool
 	progress  func(json.RawMessage)
+	detail    bool // Nodes: ask for each node's status too (WithDetail)
 	// first, when set, sees the headers of the answer's first message from
 	// a worker, and last those of its last message (Session uses them).
 	first, last func(nats.Header)
