@@ -32,10 +32,10 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		return err
 	}
 	n := &node{
-		cfg:   cfg,
-		run:   randomHex(4),
-		log:   log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
-		abort: abort,
+		cfg:    cfg,
+		run:    randomHex(4),
+		log:    log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
+		abort:  abort,
 		status: newStatusState(),
 	}
 	n.log.Info("interpreter", zap.String("python", cfg.Python), zap.String("from", cfg.PythonFrom),
