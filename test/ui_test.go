@@ -1,0 +1,224 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/pyfleet/pyfleet/client"
+	"github.com/pyfleet/pyfleet/ui"
+)
+
+// chromium finds the browser the UI test drives, or fails the test saying
+// how to get one: the test is part of the suite, not optional.
+func chromium(t *testing.T) string {
+	t.Helper()
+	for _, name := range []string{os.Getenv("PYFLEET_TEST_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"} {
+		if name == "" {
+			continue
+		}
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	t.Fatal("no chromium found for the browser test of `submit ui`: install Debian's package " +
+		"(`sudo apt-get install chromium`, which `make tools` does when run as root), " +
+		"or point PYFLEET_TEST_CHROMIUM at a Chromium or Chrome binary")
+	return ""
+}
+
+// uiPage starts the ui server of pkg ui on cl (actions on) and a headless
+// Chromium on its page; both stop at the test's cleanup.
+func uiPage(t *testing.T, cl *client.Client) (context.Context, string) {
+	t.Helper()
+	srv, err := ui.New(ui.Config{Client: cl, Actions: true, Log: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		srv.Run(ctx)
+	}()
+	hs := httptest.NewUnstartedServer(srv.Handler())
+	hs.Start()
+	t.Cleanup(func() {
+		cancel()
+		hs.CloseClientConnections()
+		hs.Close()
+		wg.Wait()
+	})
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium(t)),
+		chromedp.NoSandbox, // the suite runs as root; the page is ours
+		chromedp.WindowSize(1400, 1100),
+		chromedp.UserDataDir(t.TempDir()),
+	)
+	actx, acancel := chromedp.NewExecAllocator(context.Background(), opts...)
+	bctx, bcancel := chromedp.NewContext(actx)
+	// Cancelling the allocator's context kills the browser and waits for it.
+	t.Cleanup(func() { bcancel(); acancel() })
+	if _, err := chromedp.Run(bctx, chromedp.Navigate(hs.URL)); err != nil {
+		t.Fatal(err)
+	}
+	return bctx, hs.URL
+}
+
+// waitJS polls expr (JavaScript, a boolean) on the page until it is true
+// or timeout passes, and returns how long it took.
+func waitJS(t *testing.T, ctx context.Context, timeout time.Duration, what, expr string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool]("!!("+expr+")"))
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if ok {
+			return time.Since(start)
+		}
+		if time.Since(start) > timeout {
+			body, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.querySelector("main").innerText.slice(0, 4000)`))
+			t.Fatalf("page never showed %s within %s; it shows:\n%s", what, timeout, body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func jsInt(t *testing.T, ctx context.Context, expr string) int {
+	t.Helper()
+	s, err := chromedp.Run(ctx, chromedp.Evaluate[string](expr))
+	if err != nil {
+		t.Fatalf("%s: %v", expr, err)
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatalf("%s = %q: %v", expr, s, err)
+	}
+	return n
+}
+
+// TestUIBrowser drives the page of `submit ui` in a real Chromium against
+// two real nodes: both listed; a killed worker shows crashed, then
+// restarted; a call moves its function's counter; requeueing a dead letter
+// from the page runs the job; a stopped node shows gone.
+func TestUIBrowser(t *testing.T) {
+	a := startNode(t, nodeOptions{app: jobsApp(), workers: 2, extra: []string{"--max-deliver", "1"}})
+	b := startNode(t, nodeOptions{app: jobsApp(), workers: 1, extra: []string{"--nats", a.url, "--max-deliver", "1"}})
+	cl, err := client.Connect(a.url, client.Options{Pool: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	page, _ := uiPage(t, cl)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	up := func(n *nodeProc) string {
+		return fmt.Sprintf(`!!document.querySelector('tr[data-node="default/%s"][data-state="up"]')`, n.name)
+	}
+	waitJS(t, page, 30*time.Second, "both nodes up", up(a)+" && "+up(b))
+	waitJS(t, page, 30*time.Second, "node a's two workers", fmt.Sprintf(`document.querySelectorAll('tr[data-worker^="default/%s/"]').length == 2`, a.name))
+
+	// A call moves the function's counter.
+	calls := func() string { return `(document.querySelector('[data-calls="echo"]') || {textContent: "0"}).textContent` }
+	before := jsInt(t, page, calls())
+	if err := cl.Call(ctx, "echo", map[string]int{"x": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	lag := waitJS(t, page, 30*time.Second, "the echo counter move", fmt.Sprintf(`Number(%s) == %d`, calls(), before+1))
+	t.Logf("call counted on the page %s after its answer", lag.Round(time.Millisecond))
+
+	// Kill a worker of node a: the page shows it crashed, then restarted.
+	w1 := fmt.Sprintf(`document.querySelector('tr[data-worker="default/%s/w1"]')`, a.name)
+	pid := jsInt(t, page, w1+`.dataset.pid`)
+	killed := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill worker pid %d shown on the page: %v", pid, err)
+	}
+	ev := func(kind string) string {
+		return fmt.Sprintf(`document.querySelector('#events li[data-kind="%s"][data-node="%s"][data-worker="w1"]')`, kind, a.name)
+	}
+	crashed := waitJS(t, page, 30*time.Second, "crashed", "!!"+ev("crashed"))
+	restarted := waitJS(t, page, 60*time.Second, "restarted after crashed",
+		// Newest first: restarted above crashed.
+		fmt.Sprintf(`!!%s && !!%s && (%s.compareDocumentPosition(%s) & Node.DOCUMENT_POSITION_FOLLOWING) > 0`,
+			ev("restarted"), ev("crashed"), ev("restarted"), ev("crashed")))
+	waitJS(t, page, 30*time.Second, "w1's new pid", fmt.Sprintf(`%s && %s.dataset.pid != "%d"`, w1, w1, pid))
+	t.Logf("kill → crashed on the page %s, → restarted %s", crashed.Round(time.Millisecond), (crashed + restarted).Round(time.Millisecond))
+	_ = killed
+
+	// A job that fails its one delivery is dead-lettered; requeued from the
+	// page, it runs again and succeeds (flaky fails only its first run).
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	job, err := cl.Submit(ctx, "flaky", map[string]any{"key": "ui", "fails": 1, "dir": dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadRow := fmt.Sprintf(`[...document.querySelectorAll('#dead tr')].find((r) => r.textContent.includes(%q))`, job.ID)
+	waitJS(t, page, 60*time.Second, "the dead letter of job "+job.ID, "!!"+deadRow)
+	if _, err := chromedp.Run(page, chromedp.Evaluate[bool]("("+deadRow+`.querySelector('button[data-act="requeue"]').click(), true)`)); err != nil {
+		t.Fatal(err)
+	}
+	waitJS(t, page, 30*time.Second, "the dead letter gone after requeue", "!"+deadRow)
+	runs := func() int {
+		b, _ := os.ReadFile(filepath.Join(dir, "flaky-ui"))
+		n := 0
+		for _, c := range b {
+			if c == '\n' {
+				n++
+			}
+		}
+		return n
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for runs() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("requeued job never ran: %d run(s)", runs())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	waitJS(t, page, 10*time.Second, "the requeue in the actions log",
+		`[...document.querySelectorAll('#log li')].some((l) => l.textContent.includes("requeue") && !l.classList.contains("bad"))`)
+
+	// A node that stops is shown gone within a few seconds.
+	b.signal(syscall.SIGTERM)
+	if code := b.wait(30 * time.Second); code != 0 {
+		t.Fatalf("node b exited %d", code)
+	}
+	gone := waitJS(t, page, 10*time.Second, "node b gone",
+		fmt.Sprintf(`!!document.querySelector('tr[data-node="default/%s"][data-state="gone"]')`, b.name))
+	t.Logf("node b shown gone %s after it exited", gone.Round(time.Millisecond))
+
+	if os.Getenv("PYFLEET_UI_SCREENSHOT") != "" {
+		screenshot(t, page, os.Getenv("PYFLEET_UI_SCREENSHOT"))
+	}
+}
+
+func screenshot(t *testing.T, page context.Context, path string) {
+	t.Helper()
+	png, err := chromedp.Run(page, chromedp.FullScreenshot(90))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
