@@ -10,7 +10,7 @@ NATS_SERVER := $(GOBIN)/nats-server
 NATS_CLI := $(GOBIN)/nats
 export PATH := $(GOBIN):$(PATH)
 
-.PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean
+.PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean ui-screenshot chromium
 
 all: build
 
@@ -30,7 +30,15 @@ $(VENV)/.installed: python/pyproject.toml
 
 # The real nats-server and nats CLI, for tests that need a separate server
 # or an outside client.
-tools: $(NATS_SERVER) $(NATS_CLI)
+tools: $(NATS_SERVER) $(NATS_CLI) chromium
+
+# Chromium drives TestUIBrowser (the page of `submit ui`). Installed with
+# apt-get where we are root on Debian/Ubuntu; elsewhere the test fails
+# saying how to install it (or set PYFLEET_TEST_CHROMIUM).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y chromium; \
+	    else echo "chromium not found: install it (sudo apt-get install chromium) for TestUIBrowser"; fi; }
 
 $(NATS_SERVER):
 	GOBIN=$(GOBIN) $(GO) install github.com/nats-io/nats-server/v2@v2.15.2
@@ -58,6 +66,10 @@ stress: venv build tools
 
 bench: venv build tools
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench
+
+# docs/ui.png: TestUIBrowser's page of `submit ui` with a few nodes under load.
+ui-screenshot: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(GO) test -count=1 -run TestUIBrowser ./test/
 
 # The five examples in examples/, each against a node of its own on a
 # random port (concurrent with 100 workers; TestExamples runs 8): one line

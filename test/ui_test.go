@@ -135,7 +135,9 @@ func TestUIBrowser(t *testing.T) {
 	waitJS(t, page, 30*time.Second, "node a's two workers", fmt.Sprintf(`document.querySelectorAll('tr[data-worker^="default/%s/"]').length == 2`, a.name))
 
 	// A call moves the function's counter.
-	calls := func() string { return `(document.querySelector('[data-calls="echo"]') || {textContent: "0"}).textContent` }
+	calls := func() string {
+		return `(document.querySelector('[data-calls="echo"]') || {textContent: "0"}).textContent`
+	}
 	before := jsInt(t, page, calls())
 	if err := cl.Call(ctx, "echo", map[string]int{"x": 1}, nil); err != nil {
 		t.Fatal(err)
@@ -207,14 +209,46 @@ func TestUIBrowser(t *testing.T) {
 		fmt.Sprintf(`!!document.querySelector('tr[data-node="default/%s"][data-state="gone"]')`, b.name))
 	t.Logf("node b shown gone %s after it exited", gone.Round(time.Millisecond))
 
-	if os.Getenv("PYFLEET_UI_SCREENSHOT") != "" {
-		screenshot(t, page, os.Getenv("PYFLEET_UI_SCREENSHOT"))
+	// `make ui-screenshot`: the page of a few nodes under load, for docs/ui.png.
+	if path := os.Getenv("PYFLEET_UI_SCREENSHOT"); path != "" {
+		c := startNode(t, nodeOptions{app: jobsApp(), workers: 3, extra: []string{"--nats", a.url}})
+		d := startNode(t, nodeOptions{app: jobsApp(), workers: 2, extra: []string{"--nats", a.url}})
+		waitJS(t, page, 30*time.Second, "the new nodes up", up(c)+" && "+up(d))
+		load(t, cl, 8*time.Second)
+		screenshot(t, page, path)
 	}
+}
+
+// load keeps a few callers busy for d: quick calls, slower ones, some
+// failures and a few jobs, so that every section of the page has figures.
+func load(t *testing.T, cl *client.Client, d time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				switch {
+				case i == 0 && n%20 == 0:
+					_ = cl.Call(ctx, "always_fails", map[string]int{"n": n}, nil)
+				case i%2 == 0:
+					_ = cl.Call(ctx, "sleep", map[string]int{"ms": 20 + n%50}, nil)
+				case i == 5 && n%10 == 0:
+					_, _ = cl.Submit(ctx, "sleep", map[string]int{"ms": 300})
+				default:
+					_ = cl.Call(ctx, "echo", map[string]int{"n": n}, nil)
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 func screenshot(t *testing.T, page context.Context, path string) {
 	t.Helper()
-	png, err := chromedp.Run(page, chromedp.FullScreenshot(90))
+	png, err := chromedp.Run(page, chromedp.FullScreenshot(100) /* 100: PNG */)
 	if err != nil {
 		t.Fatal(err)
 	}

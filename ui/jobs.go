@@ -311,4 +311,3 @@ func (s *Server) deadAction(ctx context.Context, req actionRequest) (string, any
 	}
 	return target, result, nil
 }
-

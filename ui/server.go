@@ -260,14 +260,14 @@ func (s *Server) addEvent(e client.Event) {
 
 // state is what the page gets on every push.
 type state struct {
-	Version uint64              `json:"version"`
-	Now     time.Time           `json:"now"`
-	Actions bool                `json:"actions"`
-	Nodes   []*nodeState        `json:"nodes"`
-	Events  []client.Event      `json:"events"`
-	Series  map[string][]point  `json:"series"`
-	Jobs    jobsState           `json:"jobs"`
-	Log     []actionRecord      `json:"log"`
+	Version uint64             `json:"version"`
+	Now     time.Time          `json:"now"`
+	Actions bool               `json:"actions"`
+	Nodes   []*nodeState       `json:"nodes"`
+	Events  []client.Event     `json:"events"`
+	Series  map[string][]point `json:"series"`
+	Jobs    jobsState          `json:"jobs"`
+	Log     []actionRecord     `json:"log"`
 }
 
 func (s *Server) snapshot() ([]byte, uint64, <-chan struct{}) {
