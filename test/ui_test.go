@@ -256,3 +256,49 @@ func screenshot(t *testing.T, page context.Context, path string) {
 		t.Fatal(err)
 	}
 }
+
+// TestUIHundredWorkers: the page of a node with 100 workers under load
+// keeps up: it shows every worker, gets at most 4 pushes a second however
+// much changes, and its rendering time is reported (a figure, not a
+// target: the machine is shared).
+func TestUIHundredWorkers(t *testing.T) {
+	n := launchNode(t, nodeOptions{app: jobsApp(), workers: 100})
+	// A hundred interpreters take a while to start on a busy machine.
+	select {
+	case <-n.serving:
+	case <-n.done:
+		t.Fatalf("poolnode exited before serving: %v", n.err)
+	case <-time.After(5 * time.Minute):
+		t.Fatal("poolnode with 100 workers not serving after 5 min")
+	}
+	cl, err := client.Connect(n.url, client.Options{Pool: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	page, _ := uiPage(t, cl)
+	waitJS(t, page, 2*time.Minute, "100 workers", `document.querySelectorAll('tr[data-worker]').length == 100`)
+	stats := func() (pushes, bytes int, maxMs, totalMs float64) {
+		v, err := chromedp.Run(page, chromedp.Evaluate[map[string]float64](`window.pyfleetStats`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return int(v["pushes"]), int(v["bytes"]), v["renderMsMax"], v["renderMsTotal"]
+	}
+	p0, b0, _, ms0 := stats()
+	start := time.Now()
+	load(t, cl, 6*time.Second)
+	elapsed := time.Since(start)
+	p1, b1, maxMs, ms1 := stats()
+	pushes := p1 - p0
+	// Events, polls and jobs change the state many times a second under
+	// load; the server coalesces them (ui.pushEvery, 250 ms).
+	if limit := int(elapsed/(250*time.Millisecond)) + 2; pushes > limit {
+		t.Fatalf("%d pushes in %s: more than 4 a second", pushes, elapsed)
+	}
+	if pushes == 0 {
+		t.Fatal("no push reached the page under load")
+	}
+	t.Logf("100 workers under load: %d pushes in %s, %d KB each, render %.1f ms mean, %.1f ms max",
+		pushes, elapsed.Round(time.Millisecond), (b1-b0)/pushes/1024, (ms1-ms0)/float64(pushes), maxMs)
+}

@@ -4,6 +4,7 @@
 // no state here but the event filters.
 "use strict";
 let S = null;
+window.pyfleetStats = {pushes: 0, bytes: 0, renderMsMax: 0, renderMsTotal: 0};
 const $ = (id) => document.getElementById(id);
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
 const dur = (s) => s < 60 ? Math.round(s) + "s" : s < 3600 ? Math.round(s / 60) + "m" : (s / 3600).toFixed(1) + "h";
@@ -14,7 +15,13 @@ function connect() {
   const es = new EventSource("api/stream");
   es.onopen = () => { $("conn").textContent = "live"; $("conn").className = "ok"; };
   es.onerror = () => { $("conn").textContent = "reconnecting…"; $("conn").className = "bad"; };
-  es.onmessage = (m) => { S = JSON.parse(m.data); render(); };
+  es.onmessage = (m) => {
+    const t0 = performance.now();
+    S = JSON.parse(m.data); render();
+    // Read by the browser test (test/ui_test.go) to show the page keeps up.
+    const st = window.pyfleetStats, ms = performance.now() - t0;
+    st.pushes++; st.bytes += m.data.length; st.renderMsMax = Math.max(st.renderMsMax, ms); st.renderMsTotal += ms;
+  };
 }
 
 function render() {
