@@ -10,7 +10,7 @@ NATS_SERVER := $(GOBIN)/nats-server
 NATS_CLI := $(GOBIN)/nats
 export PATH := $(GOBIN):$(PATH)
 
-.PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean ui-screenshot chromium
+.PHONY: all build venv run test test-go test-py lint bench stress examples proto tools clean ui-screenshot ui-load chromium
 
 all: build
 
@@ -70,6 +70,10 @@ bench: venv build tools
 # docs/ui.png: TestUIBrowser's page of `submit ui` with a few nodes under load.
 ui-screenshot: venv build tools
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(GO) test -count=1 -run TestUIBrowser ./test/
+
+# TestUIHundredWorkers: the page of a node with 100 workers under load.
+ui-load: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_UI_LOAD=1 $(GO) test -count=1 -v -timeout 20m -run TestUIHundredWorkers ./test/
 
 # The five examples in examples/, each against a node of its own on a
 # random port (concurrent with 100 workers; TestExamples runs 8): one line

@@ -141,8 +141,11 @@ func (s *Server) readJobs(ctx context.Context, live map[string]protocol.JobStatu
 			count(pool, fn).Dead += int(n)
 		}
 	}
-	// The latest dead letters, newest first.
-	for seq := info.State.LastSeq; seq >= info.State.FirstSeq && seq > 0 && len(out.Dead) < maxDead; seq-- {
+	// The latest dead letters, newest first; the tries are bounded too, for
+	// a stream whose latest letters were mostly requeued or discarded.
+	tries := 0
+	for seq := info.State.LastSeq; seq >= info.State.FirstSeq && seq > 0 && len(out.Dead) < maxDead && tries < 5*maxDead; seq-- {
+		tries++
 		m, err := dead.GetMsg(ctx, seq)
 		if err != nil {
 			continue // deleted (discarded or requeued)
