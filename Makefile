@@ -12,7 +12,7 @@ NATS_CLI := $(GOBIN)/nats
 NATS_SERVER_OLD := $(CURDIR)/.tools/nats-server-2.11/nats-server
 export PATH := $(GOBIN):$(PATH)
 
-.PHONY: all build venv run test test-go test-py lint bench pgo stress examples proto tools clean
+.PHONY: all build venv run test test-go test-py lint bench pgo stress examples proto tools clean ui-screenshot ui-load chromium
 
 all: build
 
@@ -32,7 +32,15 @@ $(VENV)/.installed: python/pyproject.toml
 
 # The real nats-server and nats CLI, for tests that need a separate server
 # or an outside client.
-tools: $(NATS_SERVER) $(NATS_CLI) $(NATS_SERVER_OLD)
+tools: $(NATS_SERVER) $(NATS_CLI) $(NATS_SERVER_OLD) chromium
+
+# Chromium drives TestUIBrowser (the page of `submit ui`). Installed with
+# apt-get where we are root on Debian/Ubuntu; elsewhere the test fails
+# saying how to install it (or set PYFLEET_TEST_CHROMIUM).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y chromium; \
+	    else echo "chromium not found: install it (sudo apt-get install chromium) for TestUIBrowser"; fi; }
 
 $(NATS_SERVER):
 	GOBIN=$(GOBIN) $(GO) install github.com/nats-io/nats-server/v2@v2.15.2
@@ -74,6 +82,14 @@ pgo: venv build tools
 	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) $(GO) run ./test/bench -sections rr,c1 -rounds 1 -out '' -pgo off -profile .pgo-profiles
 	$(GO) tool pprof -proto .pgo-profiles/*-poolnode.pprof > cmd/poolnode/default.pgo
 	rm -rf .pgo-profiles
+
+# docs/ui.png: TestUIBrowser's page of `submit ui` with a few nodes under load.
+ui-screenshot: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(GO) test -count=1 -run TestUIBrowser ./test/
+
+# TestUIHundredWorkers: the page of a node with 100 workers under load.
+ui-load: venv build tools
+	PYFLEET_TEST_PYTHON=$(CURDIR)/$(VPY) PYFLEET_UI_LOAD=1 $(GO) test -count=1 -v -timeout 20m -run TestUIHundredWorkers ./test/
 
 # The five examples in examples/, each against a node of its own on a
 # random port (concurrent with 100 workers; TestExamples runs 8): one line

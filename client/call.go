@@ -32,6 +32,7 @@ type options struct {
 	priority  string // a job's; see WithPriority
 	progress  func(json.RawMessage)
 	when      schedule // WithDelay, WithAt (client/schedule.go)
+	detail    bool     // Nodes: ask for each node's status too (WithDetail)
 	// first, when set, sees the headers of the answer's first message from
 	// a worker, and last those of its last message (Session uses them).
 	first, last func(nats.Header)

@@ -32,6 +32,9 @@ type NodeInfo struct {
 	Handled     *int      `json:"handled"`
 	Errors      *int      `json:"errors"`
 	Started     time.Time `json:"started"`
+	// Detail is the node's status (WithDetail); nil without it or when
+	// the node did not answer in time.
+	Detail *NodeStatus `json:"detail,omitempty"`
 }
 
 // nodeLoad is the node-wide figures a node reports in its endpoints' stats
@@ -61,13 +64,30 @@ type endpointData struct {
 // have answered, so Nodes always waits that long. No node answering is not
 // an error: the list is empty.
 func (c *Client) Nodes(ctx context.Context, opts ...Option) ([]NodeInfo, error) {
-	wait := collect(opts).timeout
+	o := collect(opts)
+	wait := o.timeout
 	if wait <= 0 {
 		wait = DefaultNodesWait
 	}
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
+	var statuses []NodeStatus
+	var statusErr error
+	done := make(chan struct{})
+	if o.detail {
+		// Both questions share the one wait.
+		go func() {
+			defer close(done)
+			statuses, statusErr = c.collectStatuses(ctx)
+		}()
+	} else {
+		close(done)
+	}
 	stats, err := c.collectStats(ctx)
+	<-done
+	if err == nil {
+		err = statusErr
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -77,6 +97,13 @@ func (c *Client) Nodes(ctx context.Context, opts ...Option) ([]NodeInfo, error) 
 			continue // a fleet under another prefix shares the service name
 		}
 		nodes = append(nodes, toNodeInfo(s))
+	}
+	for i := range nodes {
+		for j := range statuses {
+			if statuses[j].Node == nodes[i].Node && statuses[j].Pool == nodes[i].Pool {
+				nodes[i].Detail = &statuses[j]
+			}
+		}
 	}
 	slices.SortFunc(nodes, func(x, y NodeInfo) int {
 		return cmp.Or(cmp.Compare(x.Pool, y.Pool), cmp.Compare(x.Node, y.Node), cmp.Compare(x.ID, y.ID))

@@ -32,10 +32,11 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		return err
 	}
 	n := &node{
-		cfg:   cfg,
-		run:   randomHex(4),
-		log:   log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
-		abort: abort,
+		cfg:    cfg,
+		run:    randomHex(4),
+		log:    log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
+		abort:  abort,
+		status: newStatusState(),
 	}
 	n.log.Info("interpreter", zap.String("python", cfg.Python), zap.String("from", cfg.PythonFrom),
 		zap.String("app", cfg.App), zap.String("app_dir", cfg.AppDir))
@@ -57,7 +58,11 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 			return err
 		}
 	}
-	<-ctx.Done()
+	// A drain request (status.go) stops the node as a signal does.
+	select {
+	case <-ctx.Done():
+	case <-n.status.drainCh:
+	}
 	n.drain() // stop.go: graceful, bounded by ShutdownGrace, cut short by abort
 	return nil
 }
@@ -75,6 +80,8 @@ type node struct {
 	abort <-chan struct{}
 
 	closers []func() // see close
+
+	status *statusState // status.go
 
 	metrics *metrics.Metrics       // nil without --metrics
 	ready   atomic.Pointer[string] // why /healthz is not ready; nil when ready

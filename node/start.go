@@ -155,6 +155,7 @@ func (n *node) connect(ctx context.Context) error {
 			m.Event(e)
 		}
 	}
+	n.events = n.status.track(n.events)
 	n.events(lifecycle.Event{Kind: lifecycle.KindNodeStarted, Run: n.run, PID: os.Getpid()})
 	return nil
 }
@@ -322,6 +323,9 @@ func (n *node) serve(context.Context) error {
 	} else if n.jobs, err = bus.StartJobs(jobsCtx, n.nc, jobsCfg, h, n.log); err != nil {
 		return fmt.Errorf("jobs: %w", err)
 	}
+	if err := n.serveStatus(); err != nil {
+		return fmt.Errorf("status endpoint: %w", err)
+	}
 	n.ready.Store(nil)
 	n.log.Info("serving", zap.String("subject", n.cfg.Prefix+".req."+n.cfg.Pool+".*"), zap.Int("functions", len(n.pool.Functions())))
 	return nil
@@ -376,8 +380,12 @@ func (n *node) busConfigs() (bus.ServiceConfig, bus.JobsConfig) {
 		MaxResultBytes: cfg.MaxResultBytes,
 		Capacity:       p.Idle,
 	}
+	svc.Observe = n.status.window.Observe
 	if m := n.metrics; m != nil {
-		svc.Observe = m.ObserveRequest
+		svc.Observe = func(function string, code int, d time.Duration) {
+			m.ObserveRequest(function, code, d)
+			n.status.window.Observe(function, code, d)
+		}
 		jobs.Outcome = m.Job
 	}
 	return svc, jobs

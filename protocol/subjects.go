@@ -132,3 +132,32 @@ func ValidPrefix(p string) error {
 	}
 	return nil
 }
+
+// Status is where node answers requests for its detail (workers,
+// per-function figures; docs/protocol.md, "Node status").
+func (s Subjects) Status(pool, node string) string {
+	return s.Root() + ".status." + pool + "." + node
+}
+
+// StatusAll is where every node answers the same requests as on Status: a
+// client asks the whole fleet at once and gathers the answers until its
+// wait ends (NATS cannot publish to a wildcard).
+func (s Subjects) StatusAll() string {
+	return s.Root() + ".status"
+}
+
+// Control is where node takes the operator's requests of verb (ControlRecycle,
+// ControlDrain); docs/protocol.md, "Node control".
+func (s Subjects) Control(pool, node, verb string) string {
+	return s.Root() + ".ctl." + pool + "." + node + "." + verb
+}
+
+// Verbs of Control.
+const (
+	// ControlRecycle replaces the worker the body names, as --max-requests
+	// would: no call fails.
+	ControlRecycle = "recycle"
+	// ControlDrain stops the node as SIGTERM does: no new work, the accepted
+	// work gets the shutdown grace, then the node exits.
+	ControlDrain = "drain"
+)

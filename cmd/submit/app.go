@@ -145,6 +145,20 @@ lists those that answer within --wait. Exits 3 when none does.`,
 		new: func() runner { return &nodesCmd{} },
 	},
 	{
+		name:     "ui",
+		synopsis: "ui [flags]",
+		summary:  "serve a live web view of the fleet: nodes, workers, functions, events, jobs",
+		detail: `Serves one page on --listen (loopback by default) that shows every node of
+every pool under the prefix, live: nodes (gone within a few seconds when
+they stop answering), their workers, per-function rate and latency charts,
+the lifecycle events, job counts and dead letters. It polls each node's
+status subject (<prefix>.status) and needs nothing beyond NATS. With
+--actions the page can requeue or discard a dead letter, cancel a job,
+recycle a worker and drain a node; each action is logged on stderr with
+the address that asked. Runs until SIGINT or SIGTERM.`,
+		new: func() runner { return &uiCmd{} },
+	},
+	{
 		name:     "fns",
 		synopsis: "fns [flags]",
 		summary:  "list a pool's functions: what each takes and returns",

@@ -1326,16 +1326,32 @@ class AsyncClient:
 
     # -- nodes and events
 
-    async def nodes(self, pool: str | None = None, *, wait: float = 0.5) -> list[dict[str, Any]]:
+    async def nodes(
+        self, pool: str | None = None, *, wait: float = 0.5, detail: bool = False
+    ) -> list[dict[str, Any]]:
         """The nodes that answer within ``wait`` seconds, as dicts: node,
         pool, id, version, containment, workers, busy, queued, handled,
         errors, started, uptime_s (a figure the node did not report is
-        None). ``pool`` None: the client's pool; "*": every pool."""
+        None). ``pool`` None: the client's pool; "*": every pool.
+
+        ``detail=True`` also asks each node for its status
+        (docs/protocol.md, "Node status") and adds it as ``detail``: its
+        workers one by one (name, pid as the host numbers it, state, age_s,
+        handled, rss_bytes, last_event) and per-function figures (calls,
+        errors by code, rate, p50_ms, p99_ms over the last minute); None for
+        a node whose status did not come in time."""
         if pool is not None and pool != "*":
             check_token("pool", pool)
         pool = self.pool if pool is None else pool
         wait = check_timeout(wait, 0.5)
-        stats = await self._collect("STATS", wait)
+        if detail:
+            stats, statuses = await asyncio.gather(
+                self._collect("STATS", wait),
+                self._collect_subject(f"{self.prefix}.status", wait, key=("pool", "node")),
+            )
+        else:
+            stats, statuses = await self._collect("STATS", wait), []
+        by_node = {(st.get("pool"), st.get("node")): st for st in statuses}
         now = datetime.now(timezone.utc)
         rows = []
         for s in stats:
@@ -1343,6 +1359,8 @@ class AsyncClient:
             if meta.get("prefix") and meta["prefix"] != self.prefix:
                 continue  # a fleet under another prefix shares the service name
             row = _node_row(s, now)
+            if detail:
+                row["detail"] = by_node.get((row["pool"], row["node"]))
             if pool == "*" or row["pool"] == pool:
                 rows.append(row)
         rows.sort(key=lambda r: (r["pool"], r["node"], r["id"]))
@@ -1394,12 +1412,19 @@ class AsyncClient:
     async def _collect(self, verb: str, wait: float) -> list[dict[str, Any]]:
         """The answers to $SRV.<verb>.pyfleet that arrive within wait
         seconds, one per service instance."""
+        return await self._collect_subject(f"$SRV.{verb}.{SERVICE_NAME}", wait, key=("id",))
+
+    async def _collect_subject(
+        self, subject: str, wait: float, *, key: tuple[str, ...]
+    ) -> list[dict[str, Any]]:
+        """The JSON objects answering a request to subject that arrive
+        within wait seconds, one per value of the fields ``key``."""
         inbox = self._inbox_or_raise()
         token, reply, q = inbox.open()
         answers: list[dict[str, Any]] = []
-        seen: set[str] = set()
+        seen: set[tuple[Any, ...]] = set()
         try:
-            await self._nc_or_raise().publish(f"$SRV.{verb}.{SERVICE_NAME}", b"", reply=reply)
+            await self._nc_or_raise().publish(subject, b"", reply=reply)
             end = asyncio.get_running_loop().time() + wait
             while True:
                 try:
@@ -1415,9 +1440,12 @@ class AsyncClient:
                     a = json.loads(msg.data)
                 except ValueError:
                     continue
-                if not isinstance(a, dict) or not a.get("id") or a["id"] in seen:
+                if not isinstance(a, dict) or not all(a.get(k) for k in key):
                     continue
-                seen.add(a["id"])
+                k = tuple(a[k] for k in key)
+                if k in seen:
+                    continue
+                seen.add(k)
                 answers.append(a)
         finally:
             inbox.close(token)

@@ -421,11 +421,15 @@ class Client:
 
     # -- nodes and events
 
-    def nodes(self, pool: str | None = None, *, wait: float = 0.5) -> list[dict[str, Any]]:
+    def nodes(
+        self, pool: str | None = None, *, wait: float = 0.5, detail: bool = False
+    ) -> list[dict[str, Any]]:
         """The nodes that answer within ``wait`` seconds, as dicts (node,
         pool, workers, busy, queued, handled, errors, ...). ``pool`` None:
-        the client's pool; "*": every pool."""
-        return self._run(self._aio.nodes(pool, wait=wait))
+        the client's pool; "*": every pool. ``detail=True`` adds each node's
+        status as ``detail`` (workers one by one, per-function latency; see
+        AsyncClient.nodes)."""
+        return self._run(self._aio.nodes(pool, wait=wait, detail=detail))
 
     def functions(self, pool: str | None = None, *, wait: float = 0.5) -> list[dict[str, Any]]:
         """The functions the nodes of ``pool`` (None: the client's) serve,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import pyfleet
-from conftest import PYTHON_DIR, Node, locate, wait_gone
+from conftest import PYTHON_DIR, Node, alive, locate, wait_gone
 from pyfleet import (
     BadRequest,
     Cancelled,
@@ -518,3 +518,23 @@ def test_submit_with_priority(client: Client) -> None:
         assert client.submit("echo", {"p": p}, priority=p).result(timeout=30) == {"p": p}
     with pytest.raises(ValueError, match="priority 'urgent': want 'high', 'normal' or 'low'"):
         client.submit("echo", 1, priority="urgent")
+
+
+def test_nodes_detail(client: Client, node: Node) -> None:
+    before = client.nodes(detail=True)[0]["detail"]["functions"].get("echo", {}).get("calls", 0)
+    assert client.call("echo", {"x": 1}) == {"x": 1}
+    (row,) = client.nodes(detail=True, wait=1)
+    d = row["detail"]
+    assert d["node"] == node.name and d["pool"] == "default" and d["draining"] is False
+    assert d["load"]["workers"] == 2 and len(d["workers"]) == 2
+    procs = node.processes()
+    for w in d["workers"]:
+        # The host's pid of the interpreter, not the one its namespace gives it.
+        assert w["pid"] in procs and alive(w["pid"])
+        assert w["rss_bytes"] > 0 and w["age_s"] > 0 and w["state"] in ("idle", "busy")
+        assert w["last_event"]["worker"] == w["name"]
+    echo = d["functions"]["echo"]
+    assert echo["calls"] == before + 1 and echo["recent"] >= 1
+    assert 0 < echo["p50_ms"] <= echo["p99_ms"]
+    assert "detail" not in client.nodes()[0]
+

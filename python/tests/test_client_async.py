@@ -160,3 +160,21 @@ def test_nodes_and_events(node: Node) -> None:
             assert [ev async for ev in c.events(timeout=0.2, kind="node_stopped")] == []
 
     run(main())
+
+
+def test_nodes_detail_async(node: Node) -> None:
+    async def main() -> None:
+        async with AsyncClient(node.url) as c:
+            # An earlier test of the module may have killed a worker: wait for
+            # its replacement rather than read the node mid-restart.
+            for _ in range(60):
+                (row,) = await c.nodes(detail=True)
+                d = row["detail"]
+                if len(d["workers"]) == 2:
+                    break
+            assert d["node"] == node.name and len(d["workers"]) == 2
+            worker, _ = locate(await c.call("whereami"))
+            # The detail names the same host pid as the worker's own answer.
+            assert worker in [w["pid"] for w in (await c.nodes(detail=True))[0]["detail"]["workers"]]
+
+    run(main())
