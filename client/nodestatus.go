@@ -124,6 +124,15 @@ func (e *ControlError) Error() string {
 	return fmt.Sprintf("node %s refused %s: %s", e.Node, e.Verb, e.Message)
 }
 
+// Reload asks node of pool to reload the app as SIGHUP does: a new template
+// (--preload), then every worker recycled one at a time, each replacement
+// serving before the worker it replaces stops, so no call fails. It returns
+// once the reload is done; give ctx the time recycling every worker takes
+// (without a deadline: 5 s). by says who asked, for the node's log.
+func (c *Client) Reload(ctx context.Context, pool, node, by string) error {
+	return c.control(ctx, pool, node, protocol.ControlReload, "", by)
+}
+
 // Recycle asks node of pool to replace its worker (a name such as "w3"),
 // as --max-requests does: the replacement starts first, no call fails. by
 // says who asked, for the node's log.

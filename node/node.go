@@ -37,6 +37,9 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		log:    log.With(zap.String("node", cfg.Node), zap.String("pool", cfg.Pool)),
 		abort:  abort,
 		status: newStatusState(),
+		// A few reloads may wait for the one running; more are refused
+		// rather than queued without bound.
+		reloads: make(chan *nats.Msg, 4),
 	}
 	n.log.Info("interpreter", zap.String("python", cfg.Python), zap.String("from", cfg.PythonFrom),
 		zap.String("app", cfg.App), zap.String("app_dir", cfg.AppDir))
@@ -82,6 +85,9 @@ type node struct {
 	closers []func() // see close
 
 	status *statusState // status.go
+	// reloads are the reload requests (status.go's control) that
+	// reloadOnHangup has yet to answer.
+	reloads chan *nats.Msg
 
 	metrics *metrics.Metrics       // nil without --metrics
 	ready   atomic.Pointer[string] // why /healthz is not ready; nil when ready

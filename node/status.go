@@ -179,8 +179,17 @@ func (n *node) control(m *nats.Msg) {
 			err = n.pool.Recycle(req.Worker, lifecycle.ReasonRecycle)
 		case protocol.ControlDrain:
 			n.status.askDrain()
+		case protocol.ControlReload:
+			// Answered by reloadOnHangup once the reload is done, which
+			// takes as long as recycling every worker.
+			select {
+			case n.reloads <- m:
+				return
+			default:
+				err = errors.New("reload: too many reloads waiting already")
+			}
 		default:
-			err = errors.New("unknown control verb " + verb + ": want recycle or drain")
+			err = errors.New("unknown control verb " + verb + ": want recycle, drain or reload")
 		}
 	}
 	rep := ControlReply{OK: err == nil}
@@ -188,6 +197,10 @@ func (n *node) control(m *nats.Msg) {
 		rep.Error = err.Error()
 		n.log.Warn("control request refused", zap.String("verb", verb), zap.String("by", req.By), zap.Error(err))
 	}
+	respondControl(m, rep)
+}
+
+func respondControl(m *nats.Msg, rep ControlReply) {
 	if m.Reply != "" {
 		b, _ := json.Marshal(rep)
 		_ = m.Respond(b)

@@ -147,7 +147,7 @@ func (s Subjects) StatusAll() string {
 }
 
 // Control is where node takes the operator's requests of verb (ControlRecycle,
-// ControlDrain); docs/protocol.md, "Node control".
+// ControlDrain, ControlReload); docs/protocol.md, "Node control".
 func (s Subjects) Control(pool, node, verb string) string {
 	return s.Root() + ".ctl." + pool + "." + node + "." + verb
 }
@@ -160,4 +160,8 @@ const (
 	// ControlDrain stops the node as SIGTERM does: no new work, the accepted
 	// work gets the shutdown grace, then the node exits.
 	ControlDrain = "drain"
+	// ControlReload reloads the app as SIGHUP does: a new template under
+	// --preload, then a rolling recycle, each replacement serving before the
+	// worker it replaces stops. The answer comes once the reload is done.
+	ControlReload = "reload"
 )

@@ -205,7 +205,26 @@ func inBothModes(t *testing.T, test func(t *testing.T, preload bool)) {
 
 // SIGHUP picks up a changed app: a new template, then a rolling recycle of
 // the workers, with calls in flight the whole time and none failed.
+// TestPreloadReloadOnSIGHUP reloads a changed app with calls in flight:
+// preloaded workers on SIGHUP, plain ones on `submit reload` (the node
+// control request), none of the calls failing.
 func TestPreloadReloadOnSIGHUP(t *testing.T) {
+	t.Run("SIGHUP/preloaded", func(t *testing.T) {
+		reloadWithCallsInFlight(t, true, func(n *nodeProc) {
+			n.signal(syscall.SIGHUP)
+		})
+	})
+	t.Run("submit reload/spawned", func(t *testing.T) {
+		reloadWithCallsInFlight(t, false, func(n *nodeProc) {
+			out, errOut, code := runSubmit(t, n.url, "", "reload", "--pool", "default")
+			if code != 0 || !strings.HasPrefix(out, "reloaded "+n.name+" in ") {
+				t.Errorf("submit reload: exit %d, stdout %q, stderr %q", code, out, errOut)
+			}
+		})
+	})
+}
+
+func reloadWithCallsInFlight(t *testing.T, preload bool, reload func(*nodeProc)) {
 	dir := t.TempDir()
 	app := filepath.Join(dir, "versioned.py")
 	src := func(version string) string {
@@ -224,7 +243,7 @@ def version(payload):
 	if err := writeFile(app, src("v1")); err != nil {
 		t.Fatal(err)
 	}
-	n := startNode(t, nodeOptions{app: app, workers: 2, preload: true})
+	n := startNode(t, nodeOptions{app: app, workers: 2, preload: preload})
 	nc := n.connect()
 	oldTemplates := templatesOf(n)
 	oldWorkers := n.workerPIDs()
@@ -273,7 +292,7 @@ def version(payload):
 	for answered.Load() < 4 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
-	n.signal(syscall.SIGHUP)
+	reload(n)
 	for !n.hasLog("reloaded", nil) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -298,8 +317,10 @@ def version(payload):
 	if v.Version != "v2-reloaded" {
 		t.Fatalf("after the reload the app answers %q, want v2-reloaded (calls during it: %v)", v.Version, total.version)
 	}
-	if now := templatesOf(n); len(now) != 1 || slices.Equal(now, oldTemplates) {
+	if now := templatesOf(n); preload && (len(now) != 1 || slices.Equal(now, oldTemplates)) {
 		t.Fatalf("templates %v after the reload, %v before: want one new one", now, oldTemplates)
+	} else if !preload && len(now) != 0 {
+		t.Fatalf("templates %v without --preload", now)
 	}
 	for _, pid := range n.workerPIDs() {
 		if slices.Contains(oldWorkers, pid) {

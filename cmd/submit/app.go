@@ -145,6 +145,19 @@ lists those that answer within --wait. Exits 3 when none does.`,
 		new: func() runner { return &nodesCmd{} },
 	},
 	{
+		name:     "reload",
+		synopsis: "reload [flags] [NODE...]",
+		summary:  "reload the app on nodes, as SIGHUP does, with no call failed",
+		detail: `Asks each NODE of --pool (default: every node of the pool that answers
+within --wait) to reload its app (<prefix>.ctl.<pool>.<node>.reload): a new
+template under --preload, then a rolling recycle, each replacement serving
+before the worker it replaces stops. Nodes reload one after the other, so
+the pool keeps serving. Prints "reloaded NODE in DURATION" for each; exits 1
+when a node refused or did not finish within --timeout, 3 when no node
+answers.`,
+		new: func() runner { return &reloadCmd{} },
+	},
+	{
 		name:     "ui",
 		synopsis: "ui [flags]",
 		summary:  "serve a live web view of the fleet: nodes, workers, functions, events, jobs",
