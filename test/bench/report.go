@@ -109,6 +109,7 @@ func (h *harness) report(took time.Duration) string {
 	h.reportCPU(w)
 	h.reportContainment(w)
 	h.reportFnArgs(w)
+	h.reportPreload(w)
 	h.reportRuns(w)
 	if notes, err := os.ReadFile(filepath.Join(h.root, "test", "bench", "notes.md")); err == nil {
 		// What the profiles showed and what was changed: written by hand,
@@ -265,9 +266,10 @@ func (h *harness) reportRuns(w writer) {
 			unit := "s"
 			v := vs[i]
 			switch {
-			case strings.HasPrefix(k, "rss"):
+			case strings.HasPrefix(k, "rss"), strings.HasPrefix(k, "pss"):
 				unit = "MB"
-			case strings.HasPrefix(k, "kill"), strings.HasPrefix(k, "spawn"), strings.HasPrefix(k, "startcpu"):
+			case strings.HasPrefix(k, "kill"), strings.HasPrefix(k, "spawn"), strings.HasPrefix(k, "startcpu"),
+				strings.HasPrefix(k, "preloadkill"), strings.HasPrefix(k, "recycle"):
 				unit, v = "ms", v*1000
 			case strings.HasPrefix(k, "procs"), strings.HasPrefix(k, "survivors"):
 				w("| %s | %.0f processes |\n", k, v)
