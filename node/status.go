@@ -105,7 +105,12 @@ func (n *node) serveStatus() error {
 	if err != nil {
 		return err
 	}
-	n.onClose(func() { _ = ctl.Unsubscribe() })
+	n.onClose(func() {
+		_ = ctl.Unsubscribe()
+		// The reload loop stops before this closer runs (closers run last
+		// first): a reload asked in between is answered here, not dropped.
+		n.refuseReloads("the node is stopping")
+	})
 	return nil
 }
 
