@@ -11,8 +11,9 @@ import (
 // node's status endpoint (docs/protocol.md, "Node status"): the Prometheus
 // histograms serve scrapes, which want totals since start, while an
 // operator looking at a live view wants "now". It keeps at most
-// windowSamples latencies per function, so memory stays bounded under any
-// load; p50/p99 are then over the recent window or the last samples,
+// windowSamples latencies for each of at most MaxFunctions names (plus the
+// unknown and other ones), so memory stays bounded under any load and any
+// names callers make up; p50/p99 are then over the recent window or the last samples,
 // whichever is fewer.
 type Window struct {
 	span time.Duration
@@ -64,10 +65,22 @@ func (w *Window) Observe(function string, code int, d time.Duration) {
 	now := w.now()
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	// The name comes from the caller's subject: made-up ones (a 404) share
+	// one entry, and past MaxFunctions names another, as the Prometheus
+	// labels do (metrics.go), since each entry holds a ring of samples.
+	if function == "" || code == 404 {
+		function = UnknownFunction
+	}
 	f := w.fns[function]
 	if f == nil {
-		f = &fnWindow{errors: map[string]uint64{}}
-		w.fns[function] = f
+		if len(w.fns) >= MaxFunctions {
+			function = OtherFunction
+			f = w.fns[function]
+		}
+		if f == nil {
+			f = &fnWindow{errors: map[string]uint64{}}
+			w.fns[function] = f
+		}
 	}
 	f.calls++
 	if code != 200 {

@@ -1,6 +1,7 @@
 package metrics
 
 import (
+	"fmt"
 	"testing"
 	"time"
 )
@@ -53,5 +54,25 @@ func TestWindowBoundedMemory(t *testing.T) {
 	// The ring held the last 2048 ms: the rate is over those, not the minute.
 	if f.Rate < 900 || f.Rate > 1100 {
 		t.Fatalf("rate %v, want about 1000/s", f.Rate)
+	}
+}
+
+func TestWindowBoundedNames(t *testing.T) {
+	w := NewWindow(time.Minute)
+	for i := range 1000 {
+		w.Observe(fmt.Sprintf("made_up_%d", i), 404, time.Millisecond)
+	}
+	for i := range MaxFunctions + 10 {
+		w.Observe(fmt.Sprintf("f%d", i), 200, time.Millisecond)
+	}
+	got := w.Snapshot()
+	if len(got) != MaxFunctions+1 {
+		t.Fatalf("%d names kept, want %d (the first %d, then %q)", len(got), MaxFunctions+1, MaxFunctions, OtherFunction)
+	}
+	if got[UnknownFunction].Calls != 1000 || got[UnknownFunction].Errors["404"] != 1000 {
+		t.Fatalf("%s = %+v, want the 1000 calls of made-up names", UnknownFunction, got[UnknownFunction])
+	}
+	if got[OtherFunction].Calls != 11 {
+		t.Fatalf("%s = %+v, want the 11 calls past the bound", OtherFunction, got[OtherFunction])
 	}
 }
