@@ -166,6 +166,9 @@ func poolFunction(subj, prefix string) (string, string, bool) {
 	return strings.Cut(rest, ".")
 }
 
+// maxPoolClients bounds clientFor's clients, one per pool acted on.
+const maxPoolClients = 64
+
 // clientFor returns a client of pool on the same connection, for the
 // actions on jobs that take one.
 func (s *Server) clientFor(pool string) (*client.Client, error) {
@@ -173,6 +176,11 @@ func (s *Server) clientFor(pool string) (*client.Client, error) {
 	defer s.clientsMu.Unlock()
 	if c := s.clients[pool]; c != nil {
 		return c, nil
+	}
+	// The pool comes from the action's body: the clients kept are bounded
+	// like everything else a page's requests can grow.
+	if len(s.clients) >= maxPoolClients {
+		return nil, fmt.Errorf("actions on more than %d pools: restart submit ui", maxPoolClients)
 	}
 	c, err := client.New(s.nc, client.Options{Pool: pool, Prefix: s.subj.Prefix})
 	if err != nil {
