@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,19 @@ def ticker(payload: dict[str, str], ctx: Context) -> Any:
         yield i
         i += 1
         time.sleep(0.05)
-    Path(payload["out"]).write_text(json.dumps({"items": i, "remaining": ctx.remaining()}))
+    _write_whole(payload["out"], {"items": i, "remaining": ctx.remaining()})
 
 
 @app.function
 def whoami(payload: Any) -> str:
     return worker_id()
+
+
+def _write_whole(path: str, value: Any) -> None:
+    """Writes JSON by rename, so a test polling for the file never reads it half written."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def _wait_for(path: str, limit: float = 30) -> None:
@@ -128,7 +136,7 @@ def poll(payload: dict[str, str], ctx: Context) -> str:
     Path(payload["started"]).touch()
     while not ctx.cancelled:
         time.sleep(0.01)
-    Path(payload["out"]).write_text(json.dumps({"remaining": ctx.remaining(), "worker": worker_id()}))
+    _write_whole(payload["out"], {"remaining": ctx.remaining(), "worker": worker_id()})
     return "stopped"
 
 
@@ -147,6 +155,6 @@ async def asleep(payload: dict[str, str], ctx: Context) -> str:
     try:
         await asyncio.sleep(600)
     except asyncio.CancelledError:
-        Path(payload["out"]).write_text(json.dumps({"cancelled": ctx.cancelled}))
+        _write_whole(payload["out"], {"cancelled": ctx.cancelled})
         raise
     return "woke"
