@@ -23,7 +23,12 @@ build: bin/poolnode bin/submit bin/pyfleet-init
 bin/poolnode bin/submit bin/pyfleet-init: $(shell find . -name '*.go' -not -path './.tools/*') go.mod go.sum
 	$(GO) build -o bin/ ./cmd/poolnode ./cmd/submit ./cmd/pyfleet-init
 
+# The runtime's bytecode is compiled here, as pip does for an installed
+# package: an editable install has none, and where PYTHONDONTWRITEBYTECODE
+# is set every worker start would compile pyfleet again (about 30 ms of CPU
+# each, docs/benchmarks.md). Stale files are ignored by Python's own check.
 venv: $(VENV)/.installed
+	@$(VPY) -m compileall -q python/pyfleet >/dev/null
 
 $(VENV)/.installed: python/pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
