@@ -64,15 +64,33 @@ func Preloadable(c Containment) error {
 }
 
 // Template is a running template: its Process (started, marked, contained
-// and supervised as a worker is) and the node's end of its socket.
+// and supervised as a worker is) and the node's end of its socket. Forks
+// overlap: each has its own dialogue, numbered, and one reader goroutine
+// hands each answer to the Fork waiting for it.
 type Template struct {
 	spawner *Spawner
 	proc    *Process
 	conn    *net.UnixConn
 	envSize int // bytes of the template's environment block
 
-	mu     sync.Mutex // one fork at a time: the protocol is a dialogue
-	broken error
+	sendMu sync.Mutex    // one message, and the fds with it, at a time
+	slots  chan struct{} // dialogues in flight, at most maxForksInFlight
+
+	mu      sync.Mutex
+	nextID  uint64
+	waiting map[uint64]chan templateAnswer
+	broken  error // set once, when the template is of no more use
+
+	readerDone chan struct{}
+}
+
+// templateAnswer is one message of the template about a fork
+// (python/pyfleet/template.py has the protocol).
+type templateAnswer struct {
+	ID      uint64 `json:"id"`
+	PID     int    `json:"pid"`
+	Adopted int    `json:"adopted"`
+	Error   string `json:"error"`
 }
 
 // StartTemplate starts cmd (python -m pyfleet.template ...) as Start does,
@@ -106,19 +124,73 @@ func StartTemplate(s *Spawner, cmd *exec.Cmd, opts StartOptions, timeout time.Du
 		conn.Close()
 		return nil, err
 	}
-	t := &Template{spawner: s, proc: proc, conn: conn, envSize: envBlockSize(cmd.Env)}
+	t := &Template{spawner: s, proc: proc, conn: conn, envSize: envBlockSize(cmd.Env),
+		waiting: make(map[uint64]chan templateAnswer), readerDone: make(chan struct{}),
+		slots: make(chan struct{}, maxForksInFlight)}
 	var hello struct {
 		Ready int    `json:"ready"`
 		Error string `json:"error"`
 	}
 	if err := t.recv(&hello, timeout); err != nil || hello.Ready == 0 {
+		close(t.readerDone)
 		t.Stop(0)
 		if err == nil {
 			err = fmt.Errorf("%w: %s", ErrNotPreloadable, hello.Error)
 		}
 		return nil, err
 	}
+	_ = conn.SetReadDeadline(time.Time{})
+	go t.read()
 	return t, nil
+}
+
+// read hands each of the template's answers to the Fork waiting for it,
+// until the socket fails (the template died, broke the protocol, or Stop
+// closed it); then every waiting Fork learns that the template is gone.
+func (t *Template) read() {
+	defer close(t.readerDone)
+	for {
+		var a templateAnswer
+		err := t.recv(&a, 0)
+		t.mu.Lock()
+		if err != nil {
+			t.breakLocked(err)
+			t.mu.Unlock()
+			return
+		}
+		ch, ok := t.waiting[a.ID]
+		if ok {
+			select {
+			case ch <- a: // buffered for every answer of a dialogue
+			default:
+				ok = false
+			}
+		}
+		t.mu.Unlock()
+		if !ok {
+			t.fail(fmt.Errorf("%w: an answer about no fork waiting for one (id %d)", ErrTemplateGone, a.ID))
+			return
+		}
+	}
+}
+
+// fail makes the template of no more use: every Fork waiting and every
+// later one fails with err.
+func (t *Template) fail(err error) {
+	t.mu.Lock()
+	t.breakLocked(err)
+	t.mu.Unlock()
+	_ = t.conn.Close()
+}
+
+func (t *Template) breakLocked(err error) {
+	if t.broken == nil {
+		t.broken = err
+	}
+	for id, ch := range t.waiting {
+		close(ch)
+		delete(t.waiting, id)
+	}
 }
 
 // Process is the template's own process.
@@ -127,7 +199,8 @@ func (t *Template) Process() *Process { return t.proc }
 // Stop stops the template's process (see Process.Stop) and closes the
 // node's end of its socket.
 func (t *Template) Stop(grace time.Duration) {
-	t.conn.Close() // EOF: the template exits by itself
+	t.fail(fmt.Errorf("%w: stopped", ErrTemplateGone)) // EOF: the template exits by itself
+	<-t.readerDone
 	t.proc.Stop(grace)
 }
 
@@ -153,14 +226,19 @@ func (t *Template) send(v any, files []*os.File) error {
 		}
 		oob = unix.UnixRights(fds...)
 	}
+	t.sendMu.Lock()
+	defer t.sendMu.Unlock()
 	_ = t.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
 	_, _, err = t.conn.WriteMsgUnix(b, oob, nil)
 	return err
 }
 
+// recv reads one message into v, waiting up to timeout (0: no limit).
 func (t *Template) recv(v any, timeout time.Duration) error {
 	buf := make([]byte, 4096)
-	_ = t.conn.SetReadDeadline(time.Now().Add(timeout))
+	if timeout > 0 {
+		_ = t.conn.SetReadDeadline(time.Now().Add(timeout))
+	}
 	n, _, _, _, err := t.conn.ReadMsgUnix(buf, nil)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrTemplateGone, err)
@@ -223,17 +301,11 @@ func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		files = append(files, cgroupDir)
 	}
 	var (
-		id      Identity
-		pid     int
-		forkErr error
+		id  Identity
+		pid int
 	)
-	t.mu.Lock()
-	err = t.spawner.do(func() { id, pid, forkErr = t.fork(cmd, k, files, intoCgroup) })
-	t.mu.Unlock()
+	id, pid, err = t.fork(cmd, k, files, intoCgroup)
 	out.closeWriteEnds()
-	if err == nil {
-		err = forkErr
-	}
 	if err != nil {
 		out.closeReadEnds()
 		_ = box.Kill() // a worker that got as far as its cgroup
@@ -244,58 +316,58 @@ func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	return supervise(t.spawner, cmd, k, box, id, out, opts), nil
 }
 
-// fork is Fork's dialogue with the template, on the spawner's thread: the
-// worker's pid is registered as the spawner's child between two forks (see
-// ReapAdopted) and before the template lets it be re-parented to the node.
+// fork is Fork's dialogue with the template. The worker's pid is
+// registered as the spawner's child before the template lets it be
+// re-parented to the node, so that ReapAdopted never takes it for an
+// orphan: until the intermediate dies it is not the node's child at all.
 func (t *Template) fork(cmd *exec.Cmd, k marks, files []*os.File, intoCgroup bool) (Identity, int, error) {
-	if t.broken != nil {
-		return Identity{}, 0, t.broken
-	}
-	fail := func(err error) (Identity, int, error) {
-		if errors.Is(err, ErrTemplateGone) {
-			t.broken = err
-		}
-		return Identity{}, 0, err
-	}
 	req := map[string]any{"argv": cmd.Args, "env": cmd.Env, "dir": cmd.Dir, "node": os.Getpid(), "cgroup": intoCgroup}
 	if req["dir"] == "" {
 		wd, err := os.Getwd()
 		if err != nil {
-			return fail(err)
+			return Identity{}, 0, err
 		}
 		req["dir"] = wd
 	}
+	t.slots <- struct{}{}
+	defer func() { <-t.slots }()
+	ident, answers, err := t.open()
+	if err != nil {
+		return Identity{}, 0, err
+	}
+	defer t.close(ident)
+	req["id"] = ident
 	if err := t.send(req, files); err != nil {
-		return fail(fmt.Errorf("%w: %w", ErrTemplateGone, err))
+		t.fail(fmt.Errorf("%w: %w", ErrTemplateGone, err))
+		return Identity{}, 0, t.gone()
 	}
-	var forked struct {
-		PID   int    `json:"pid"`
-		Error string `json:"error"`
-	}
-	if err := t.recv(&forked, 10*time.Second); err != nil {
-		return fail(err)
+	forked, err := t.await(answers)
+	if err != nil {
+		return Identity{}, 0, err
 	}
 	if forked.PID <= 0 {
-		return fail(fmt.Errorf("%w: %s", ErrNotPreloadable, forked.Error))
+		return Identity{}, 0, fmt.Errorf("%w: %s", ErrNotPreloadable, forked.Error)
 	}
 	id, err := ReadIdentity(forked.PID)
 	if err != nil {
 		// It died at once: the template's intermediate reaps it.
-		_ = t.send(map[string]bool{"go": false}, nil)
-		return fail(fmt.Errorf("lifecycle: identify forked worker: %w", err))
+		_ = t.send(map[string]any{"id": ident, "go": false}, nil)
+		return Identity{}, 0, fmt.Errorf("lifecycle: identify forked worker: %w", err)
 	}
 	t.spawner.mu.Lock()
 	t.spawner.children[forked.PID] = k
 	t.spawner.mu.Unlock()
-	var adopted struct {
-		Adopted int `json:"adopted"`
-	}
-	err = t.send(map[string]bool{"go": true}, nil)
+	err = t.send(map[string]any{"id": ident, "go": true}, nil)
+	var adopted templateAnswer
 	if err == nil {
-		err = t.recv(&adopted, 10*time.Second)
+		adopted, err = t.await(answers)
+	} else {
+		t.fail(fmt.Errorf("%w: %w", ErrTemplateGone, err))
+		err = t.gone()
 	}
 	if err == nil && adopted.Adopted != forked.PID {
 		err = fmt.Errorf("%w: adopted %d, not %d", ErrTemplateGone, adopted.Adopted, forked.PID)
+		t.fail(err)
 	}
 	p, perr := os.FindProcess(forked.PID)
 	if err == nil {
@@ -305,8 +377,60 @@ func (t *Template) fork(cmd *exec.Cmd, k marks, files []*os.File, intoCgroup boo
 		// Ours or soon ours: killed, and reaped once it is our child.
 		_ = unix.Kill(forked.PID, unix.SIGKILL)
 		t.spawner.forget(forked.PID)
-		return fail(err)
+		return Identity{}, 0, err
 	}
 	cmd.Process = p
 	return id, forked.PID, nil
+}
+
+// maxForksInFlight bounds the dialogues under way at once: enough for
+// the template's forks to overlap with the intermediates' and with the
+// node's part, few enough that each answer comes well within
+// forkAnswerTimeout and the requests fit the socket's buffer.
+const maxForksInFlight = 8
+
+// forkAnswerTimeout bounds each wait for the template: a template that
+// does not answer a fork within it is taken for broken.
+const forkAnswerTimeout = 10 * time.Second
+
+// open numbers a new dialogue and returns where its answers arrive.
+func (t *Template) open() (uint64, chan templateAnswer, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.broken != nil {
+		return 0, nil, t.broken
+	}
+	t.nextID++
+	ch := make(chan templateAnswer, 2) // the pid and the adoption
+	t.waiting[t.nextID] = ch
+	return t.nextID, ch, nil
+}
+
+func (t *Template) close(ident uint64) {
+	t.mu.Lock()
+	delete(t.waiting, ident)
+	t.mu.Unlock()
+}
+
+func (t *Template) gone() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.broken
+}
+
+// await waits for the dialogue's next answer.
+func (t *Template) await(answers chan templateAnswer) (templateAnswer, error) {
+	timer := time.NewTimer(forkAnswerTimeout)
+	defer timer.Stop()
+	select {
+	case a, ok := <-answers:
+		if !ok {
+			return a, t.gone()
+		}
+		return a, nil
+	case <-timer.C:
+		err := fmt.Errorf("%w: no answer to a fork within %s", ErrTemplateGone, forkAnswerTimeout)
+		t.fail(err)
+		return templateAnswer{}, err
+	}
 }

@@ -6,11 +6,15 @@ import time).
 Protocol, one JSON object per SOCK_SEQPACKET message on the socket
 PYFLEET_TEMPLATE_FD names:
     template -> node  {"ready": PID} | {"error": "..."}     once, after the import
-    node -> template  {"argv": [...], "env": [...], "dir": "...", "node": PID,
+    node -> template  {"id": N, "argv": [...], "env": [...], "dir": "...", "node": PID,
                        "cgroup": bool}  with fds [stdout, stderr, extra..., cgroup dir]
-    template -> node  {"pid": PID} | {"error": "..."}
-    node -> template  {"go": true}   (the node has registered PID as its own)
-    template -> node  {"adopted": PID}   PID is now the node's child
+    template -> node  {"id": N, "pid": PID} | {"id": N, "error": "..."}
+    node -> template  {"id": N, "go": true|false}   (true: the node has registered PID as its own)
+    template -> node  {"id": N, "adopted": PID}   PID is now the node's child (after go true)
+
+N numbers one worker's dialogue; the node may ask for the next worker
+before an earlier one's dialogue is over, and the answers come in the
+order the forks finish.
 
 Each worker is forked twice: the template forks an intermediate, the
 intermediate forks the worker, and the template kills and reaps the
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import array
 import ctypes
+import gc
 import json
 import os
+import select
+import selectors
 import signal
 import socket
 import sys
@@ -109,74 +116,128 @@ def main() -> int:
     if why:
         send(sock, {"error": why})
         return EXIT_UNSAFE
+    # Everything the import made is kept out of the collector's reach: a
+    # collection in a worker would otherwise write to (and so copy) every
+    # page holding an object's GC header, pages the workers share with
+    # the template.
+    gc.freeze()
     send(sock, {"ready": os.getpid()})
-    while True:
-        try:
-            req, fds = recv(sock)
-        except (OSError, ValueError) as exc:
-            print(f"pyfleet template: {exc}", file=sys.stderr)
-            return 1
-        if req is None:
-            return 0
-        try:
-            fork_worker(sock, req, fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-
-def fork_worker(sock: socket.socket, req: dict, fds: list[int]) -> None:
-    why = thread_violation()
-    if why:
-        send(sock, {"error": why})
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    report_r, report_w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        try:
-            os.close(report_r)
-            pid = os.fork()
-            if pid == 0:
-                os.close(report_w)
-                become_worker(sock, req, fds)  # never returns
-            os.write(report_w, str(pid).encode())
-            # Killed by the template once the node said go.
-            while True:
-                signal.pause()
-        finally:
-            os._exit(EXIT_SETUP)
-    os.close(report_w)
     try:
-        data = b""
-        while chunk := os.read(report_r, 32):
-            data += chunk
-            break
-    finally:
-        os.close(report_r)
-    if not data:
+        return Forker(sock).serve()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"pyfleet template: {exc}", file=sys.stderr)
+        return 1
+
+
+class Forker:
+    """The template's side of the fork dialogue, for several workers at
+    once: the node asks for the next worker while earlier ones wait for
+    their intermediate to fork or for the node's go, so that only the
+    template's own fork of each intermediate is serial. One thread, one
+    selector: the template must stay single-threaded to fork safely."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(sock, selectors.EVENT_READ, None)
+        # id -> [intermediate pid, worker pid or 0 until it is known]
+        self.pending: dict[int, list[int]] = {}
+
+    def serve(self) -> int:
+        try:
+            while True:
+                for key, _ in self.sel.select():
+                    if key.data is not None:
+                        self.reported(key.fileobj, key.data)  # type: ignore[arg-type]
+                        continue
+                    req, fds = recv(self.sock)
+                    if req is None:
+                        return 0
+                    try:
+                        if "argv" in req:
+                            self.fork(req, fds)
+                        else:
+                            self.go(int(req["id"]), bool(req.get("go")))
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+        finally:
+            # The node is gone or broke the protocol: nothing it did not
+            # take is left behind.
+            for middle, pid in self.pending.values():
+                for victim in (pid, middle):
+                    if victim:
+                        os.kill(victim, signal.SIGKILL)
+                os.waitpid(middle, 0)
+
+    def fork(self, req: dict, fds: list[int]) -> None:
+        ident = int(req["id"])
+        why = thread_violation()
+        if why:
+            send(self.sock, {"id": ident, "error": why})
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        report_r, report_w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            try:
+                os.close(report_r)
+                intermediate(self.sock, report_w, req, fds)
+            finally:
+                os._exit(EXIT_SETUP)
+        os.close(report_w)
+        self.pending[ident] = [middle, 0]
+        self.sel.register(report_r, selectors.EVENT_READ, ident)
+
+    def reported(self, report_r: int, ident: int) -> None:
+        """The intermediate wrote the worker's pid, or died without."""
+        self.sel.unregister(report_r)
+        try:
+            data = os.read(report_r, 32)
+        finally:
+            os.close(report_r)
+        middle = self.pending[ident][0]
+        if not data:
+            del self.pending[ident]
+            os.kill(middle, signal.SIGKILL)
+            os.waitpid(middle, 0)
+            send(self.sock, {"id": ident, "error": "the intermediate process died before it forked the worker"})
+            return
+        pid = int(data)
+        self.pending[ident][1] = pid
+        send(self.sock, {"id": ident, "pid": pid})
+
+    def go(self, ident: int, take: bool) -> None:
+        """The node has registered the worker (or will not take it): the
+        intermediate goes, and the worker is re-parented to the node.
+        Without go the node did not take the worker, which is then killed
+        as an orphan once re-parented (or waits in vain and exits)."""
+        middle, pid = self.pending.pop(ident)
         os.kill(middle, signal.SIGKILL)
         os.waitpid(middle, 0)
-        send(sock, {"error": "the intermediate process died before it forked the worker"})
-        return
-    pid = int(data)
-    send(sock, {"pid": pid})
-    reply, extra = recv(sock)
-    for fd in extra:
-        os.close(fd)
-    # Whatever the node said: the intermediate goes. Without go the node
-    # did not take the worker, which then is re-parented to the node and
-    # killed as an orphan (or waits in vain and exits).
-    os.kill(middle, signal.SIGKILL)
-    os.waitpid(middle, 0)
-    if reply is None:
-        os.kill(pid, signal.SIGKILL)
-        raise SystemExit(0)
-    send(sock, {"adopted": pid})
+        if take:
+            send(self.sock, {"id": ident, "adopted": pid})
 
 
-def become_worker(sock: socket.socket, req: dict, fds: list[int]) -> None:
+def intermediate(sock: socket.socket, report_w: int, req: dict, fds: list[int]) -> None:
+    """Forks the worker, tells the template its pid, and waits to be
+    killed by the template once the node said go."""
+    # Its end closes when it dies: the worker blocks on the other end
+    # instead of polling for its new parent.
+    gone_r, gone_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_w)
+        os.close(gone_w)
+        become_worker(sock, req, fds, gone_r)  # never returns
+    os.close(gone_r)
+    os.write(report_w, str(pid).encode())
+    while True:
+        signal.pause()
+
+
+def become_worker(sock: socket.socket, req: dict, fds: list[int], intermediate_gone: int) -> None:
     """Turns this forked child into what `python -m pyfleet.worker ARGV`
     spawned by the node would be, then runs it. Never returns."""
     code = EXIT_SETUP
@@ -191,6 +252,7 @@ def become_worker(sock: socket.socket, req: dict, fds: list[int]) -> None:
             finally:
                 os.close(procs)
         os.setpgid(0, 0)
+        wait_for_intermediate(intermediate_gone)
         sock.close()
         place_fds(fds[0], fds[1], fds[2 : 2 + nextra])
         set_environment(req["env"])
@@ -277,10 +339,22 @@ def set_cmdline(argv: list[str]) -> None:
         ctypes.memmove(start, block + b"\0" * (end - start - len(block)), end - start)
 
 
+def wait_for_intermediate(gone: int) -> None:
+    """Blocks until the intermediate has died, which the template makes it
+    do once the node has registered this process: the pipe's other end was
+    the intermediate's alone."""
+    ready, _, _ = select.select([gone], [], [], ADOPT_TIMEOUT_S)
+    if not ready:
+        raise TimeoutError("the intermediate process did not exit: the node never took this worker")
+    os.close(gone)
+
+
 def wait_for_adoption(node: int) -> None:
     """Waits until the node is this process's parent (the template kills
     the intermediate once the node has registered us), then dies with the
     node as a spawned worker does."""
+    # The intermediate's files close before the kernel re-parents its
+    # child: a short wait at most.
     deadline = time.monotonic() + ADOPT_TIMEOUT_S
     while os.getppid() != node:
         if time.monotonic() > deadline:

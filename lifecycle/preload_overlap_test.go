@@ -1,0 +1,176 @@
+package lifecycle
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// startTestTemplate starts a template of an empty app in group
+// containment, stopped at the test's end.
+func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string) *Template {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(dir, "preapp.py"), []byte("from pyfleet import App\n\napp = App()\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tm := run
+	tm.Worker = "template-1"
+	tcmd := exec.Command(preloadPython(t), "-m", "pyfleet.template", "--app", "preapp", "--app-dir", dir)
+	tcmd.Dir = dir
+	var tout lines
+	tpl, err := StartTemplate(s, tcmd, StartOptions{Marker: tm, Stdout: tout.add, Stderr: tout.add}, time.Minute)
+	if err != nil {
+		t.Fatalf("StartTemplate: %v (%v)", err, tout.get())
+	}
+	t.Cleanup(func() { tpl.Stop(0) })
+	return tpl
+}
+
+// forkTestWorker forks worker name from tpl; ready is closed at its
+// handshake line.
+func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string) (*Process, <-chan struct{}, *lines, error) {
+	secretR, secretW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	_, _ = secretW.WriteString("s3cret")
+	secretW.Close()
+	lifeR, lifeW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	t.Cleanup(func() { lifeW.Close() })
+	cmd := exec.Command(preloadPython(t), "-m", "pyfleet.worker", "--app", "preapp", "--app-dir", dir,
+		"--socket", filepath.Join(dir, name+".sock"), "--worker-id", name)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PYFLEET_WORKER_LIFELINE_FD=3", "PYFLEET_WORKER_SECRET_FD=4")
+	cmd.ExtraFiles = []*os.File{lifeR, secretR}
+	wm := run
+	wm.Worker = name
+	out := &lines{}
+	var once sync.Once
+	ready := make(chan struct{})
+	p, err := tpl.Fork(cmd, StartOptions{Marker: wm, Stdout: func(b []byte) {
+		out.add(b)
+		if strings.HasPrefix(string(b), "PYFLEET-READY ") {
+			once.Do(func() { close(ready) })
+		}
+	}, Stderr: out.add})
+	lifeR.Close()
+	secretR.Close()
+	if err == nil {
+		t.Cleanup(p.Kill)
+	}
+	return p, ready, out, err
+}
+
+// More workers than maxForksInFlight asked for at once: the dialogues
+// overlap (python/pyfleet/template.py's Forker), each answer reaches its
+// own Fork, and every worker is this process's child, in a group of its
+// own, with its own marks.
+func TestPreloadForksOverlap(t *testing.T) {
+	if err := SetChildSubreaper(); err != nil {
+		t.Fatal(err)
+	}
+	run := Marker{Node: "ovl" + strconv.Itoa(os.Getpid()), Run: "r1"}
+	s := mustSpawner(t)
+	dir := t.TempDir()
+	tpl := startTestTemplate(t, s, run, dir)
+
+	const n = 2*maxForksInFlight + 1
+	type forked struct {
+		p     *Process
+		ready <-chan struct{}
+		out   *lines
+		err   error
+	}
+	got := make([]forked, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			p, ready, out, err := forkTestWorker(t, tpl, run, dir, fmt.Sprintf("w%d", i+1))
+			got[i] = forked{p, ready, out, err}
+		})
+	}
+	wg.Wait()
+	pids := map[int]bool{}
+	for i, f := range got {
+		if f.err != nil {
+			t.Fatalf("Fork w%d: %v", i+1, f.err)
+		}
+		select {
+		case <-f.ready:
+		case <-f.p.Done():
+			t.Fatalf("w%d exited before its handshake (%s): %v", i+1, f.p.Exit(), f.out.get())
+		case <-time.After(time.Minute):
+			t.Fatalf("w%d: no handshake within a minute: %v", i+1, f.out.get())
+		}
+		pid := f.p.PID()
+		if pids[pid] {
+			t.Fatalf("pid %d forked twice", pid)
+		}
+		pids[pid] = true
+		st, err := readStat(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.ppid != os.Getpid() || st.pgrp != pid {
+			t.Errorf("w%d (%d): parent %d, group %d; want this process and a group of its own", i+1, pid, st.ppid, st.pgrp)
+		}
+		wm := run
+		wm.Worker = fmt.Sprintf("w%d", i+1)
+		if k, err := readMarks(pid); err != nil || k.id != wm.IDValue() {
+			t.Errorf("w%d's marks %+v (%v), want id %s", i+1, k, err, wm.IDValue())
+		}
+	}
+	for _, f := range got {
+		f.p.Stop(5 * time.Second)
+		if ex := f.p.Exit(); ex.Code != 0 || ex.Signal != "" {
+			t.Errorf("worker %d stopped with %s, want exit status 0", f.p.PID(), ex)
+		}
+	}
+}
+
+// A template that died fails every Fork asked of it after with
+// ErrTemplateGone, at once: the pool then starts plainly.
+func TestPreloadForkAfterTemplateDied(t *testing.T) {
+	if err := SetChildSubreaper(); err != nil {
+		t.Fatal(err)
+	}
+	run := Marker{Node: "die" + strconv.Itoa(os.Getpid()), Run: "r1"}
+	s := mustSpawner(t)
+	dir := t.TempDir()
+	tpl := startTestTemplate(t, s, run, dir)
+	if err := syscall.Kill(tpl.Process().PID(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-tpl.Process().Done()
+	errs := make([]error, 3)
+	var wg sync.WaitGroup
+	for i := range errs {
+		wg.Go(func() {
+			p, _, _, err := forkTestWorker(t, tpl, run, dir, fmt.Sprintf("w%d", i+1))
+			if p != nil {
+				p.Kill()
+			}
+			errs[i] = err
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if !errors.Is(err, ErrTemplateGone) {
+			t.Errorf("Fork w%d after the template died: %v, want ErrTemplateGone", i+1, err)
+		}
+	}
+	if _, err := s.ReapAdopted(nil); err != nil {
+		t.Error(err)
+	}
+}
