@@ -131,16 +131,18 @@ func Main(args []string) int {
 // and then exec'd this init, which keeps the worker as its child. args are
 // (after Adopt):
 //
-//	PARENT STATUSFD WORKERPID GOFD
+//	PARENT STATUSFD WORKERPID GOFD [ARG0 ARG...]
 //
+// ARG0 ARG..., the worker's command line, are not used: they show in ps
+// what a started init's command line shows.
 // The init waits until it has been re-parented to the node (the template
 // kills the intermediate once the node has registered this process as its
 // child), sets up as a started init does, lets the worker go, and then
 // lives as one: forwards signals, reaps, reports the worker's status on
 // STATUSFD and waits to be killed.
 func adopt(args []string) int {
-	if len(args) != 4 {
-		fmt.Fprintln(os.Stderr, "usage: "+Arg+" "+Adopt+" PARENT STATUSFD WORKERPID GOFD")
+	if len(args) < 4 {
+		fmt.Fprintln(os.Stderr, "usage: "+Arg+" "+Adopt+" PARENT STATUSFD WORKERPID GOFD [ARG0 ARG...]")
 		return 2
 	}
 	statusFD, err1 := strconv.Atoi(args[1])

@@ -322,7 +322,10 @@ def become_init(sock: socket.socket, req: dict, fds: list[int]) -> None:
         env = dict(kv.split("=", 1) for kv in req["env"] if "=" in kv)
         # The worker's environment: the init carries its marks, as a
         # started init does.
-        os.execve(ns["init"], [ns["init"], INIT_ARG, "adopt", str(ns["parent"]), "3", str(worker), "4"], env)
+        # The worker's command line after the init's own, as ps shows a
+        # started init's.
+        argv = [ns["init"], INIT_ARG, "adopt", str(ns["parent"]), "3", str(worker), "4", *req["argv"]]
+        os.execve(ns["init"], argv, env)
     except BaseException as exc:  # noqa: BLE001 - never return into the template's code
         print(f"pyfleet preloaded worker's init: {type(exc).__name__}: {exc}", file=sys.stderr)
     finally:
