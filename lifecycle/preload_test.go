@@ -25,7 +25,7 @@ func preloadPython(t *testing.T) string {
 	return py
 }
 
-// In cgroup mode (PID namespaces off: those modes do not preload) a worker
+// In cgroup mode without PID namespaces (TestPreloadForkIntoPIDNamespace has them) a worker
 // forked from the template is in its own start's cgroup, not the
 // template's, before the app's code runs; it is this process's child,
 // leads its own group, carries its own marks, and is stopped, reaped and
