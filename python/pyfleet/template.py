@@ -320,10 +320,8 @@ def become_init(sock: socket.socket, req: dict, fds: list[int]) -> None:
         if ns.get("userns"):
             raise_ambient(CAP_SYS_ADMIN)
         env = dict(kv.split("=", 1) for kv in req["env"] if "=" in kv)
-        # The worker's environment: the init carries its marks, as a
-        # started init does.
-        # The worker's command line after the init's own, as ps shows a
-        # started init's.
+        # The worker's environment, so that the init carries its marks, and
+        # its command line after the init's own, as a started init has both.
         argv = [ns["init"], INIT_ARG, "adopt", str(ns["parent"]), "3", str(worker), "4", *req["argv"]]
         os.execve(ns["init"], argv, env)
     except BaseException as exc:  # noqa: BLE001 - never return into the template's code
