@@ -214,6 +214,15 @@ func (c *pidnsContainment) Prepare(cmd *exec.Cmd, m Marker) (Container, error) {
 	return newPIDNSContainer(r, w), nil
 }
 
+// withNamespace adds a worker's namespace to the rest of its container
+// (a cgroup, or nothing), as Prepare makes them for a start.
+func withNamespace(box Container, ns *pidnsContainer) Container {
+	if cg, ok := box.(*cgroupContainer); ok {
+		return &namespacedCgroup{cgroupContainer: cg, pidnsContainer: ns}
+	}
+	return ns
+}
+
 // pidnsContainer is one worker start's namespace. Its init writes the
 // command's wait status on the status pipe when the command ends, then
 // waits to be killed (see pidinit.Main): CommandEnded lets Start report and

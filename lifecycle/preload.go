@@ -26,6 +26,15 @@ import (
 // to the node, a child subreaper (subreaper.go). From then on the worker's
 // Process is supervised exactly as Start's are: waitid on its pid, the
 // group kill before the reap, the marked-leftovers sweep, the container.
+//
+// In the PID namespace modes the template stays in the node's namespace
+// (templateContainment) and each worker gets a namespace of its own: the
+// intermediate unshares it, its first child A becomes the namespace's
+// PID 1, forks the worker and execs the node's init in adopt mode
+// (pidinit.Adopt). A is then what the node registers, is re-parented to,
+// and supervises as it does an init it started (a pidnsContainer reads the
+// worker's status from it); the worker is A's child, as under a started
+// init, and runs nothing of the app before A, adopted by the node, lets it.
 
 // EnvTemplateFD names the template's end of its socket to the node.
 const EnvTemplateFD = "PYFLEET_TEMPLATE_FD"
@@ -46,19 +55,47 @@ var ErrNotPreloadable = errors.New("cannot be preloaded")
 var ErrTemplateGone = errors.New("template gone")
 
 // Preloadable says whether workers of containment c can be forked from a
-// template, and if not why: a mode that runs each worker under an init in a
-// PID namespace of its own (ModePIDNS, and ModeCgroup where the host allows
-// namespaces) cannot, because a process forked by the template stays in
-// the template's namespace.
+// template, and if not why. Every mode lifecycle provides can: group and
+// cgroup as they are; the PID namespace modes (ModePIDNS, and ModeCgroup
+// where the host allows namespaces) by an init that adopts the forked
+// worker (see Fork). A Containment of another kind cannot: a fork does not
+// go through its Prepare.
 func Preloadable(c Containment) error {
-	if c == nil || c.Mode() == ModeGroup {
+	switch c.(type) {
+	case nil, groupContainment, *cgroupContainment, *pidnsContainment:
 		return nil
 	}
-	if c.Mode() == ModePIDNS {
-		return fmt.Errorf("%w: each worker runs under its own init in a PID namespace (containment pidns), which a fork cannot enter", ErrNotPreloadable)
+	return fmt.Errorf("%w: containment %s is not one lifecycle knows how to enter from a fork", ErrNotPreloadable, c.Mode())
+}
+
+// templateContainment is c without PID namespaces: the template must live
+// in the node's PID namespace, or every process it forks would stay in (and
+// be re-parented within) the template's own. ModePIDNS's template is kept
+// as ModeGroup's; ModeCgroup's in its cgroup, without an init. It is still
+// marked, recorded, grouped and killed as a worker is; each worker it
+// forks gets its own namespace (see Fork).
+func templateContainment(c Containment) Containment {
+	switch c := c.(type) {
+	case *pidnsContainment:
+		return GroupContainment()
+	case *cgroupContainment:
+		if c.ns != nil {
+			cp := *c
+			cp.ns, cp.nsWhy = nil, errors.New("a template runs in the node's PID namespace")
+			return &cp
+		}
 	}
-	if cg, ok := c.(*cgroupContainment); ok && cg.ns != nil {
-		return fmt.Errorf("%w: each worker runs under its own init in a PID namespace inside its cgroup, which a fork cannot enter", ErrNotPreloadable)
+	return c
+}
+
+// namespacesOf is the PID namespace containment each of c's workers gets,
+// or nil.
+func namespacesOf(c Containment) *pidnsContainment {
+	switch c := c.(type) {
+	case *pidnsContainment:
+		return c
+	case *cgroupContainment:
+		return c.ns
 	}
 	return nil
 }
@@ -118,6 +155,7 @@ func StartTemplate(s *Spawner, cmd *exec.Cmd, opts StartOptions, timeout time.Du
 		EnvTemplateFD+"="+strconv.Itoa(3+len(cmd.ExtraFiles)),
 		envTemplatePad+"="+strings.Repeat("x", templatePadBytes))
 	cmd.ExtraFiles = append(cmd.ExtraFiles, theirs)
+	opts.Contain = templateContainment(opts.Contain)
 	proc, err := Start(s, cmd, opts)
 	theirs.Close()
 	if err != nil {
@@ -254,7 +292,8 @@ func (t *Template) recv(v any, timeout time.Duration) error {
 
 // Fork starts cmd, which must be `python -m pyfleet.worker ...` for the
 // template's app, as Start would, by a fork of the template. The options
-// mean what they mean for Start; Contain must be Preloadable. An error
+// mean what they mean for Start; Contain must be Preloadable. In the PID
+// namespace modes the Process is the worker's init, as for Start. An error
 // wrapping ErrTemplateGone means the template is of no more use; one
 // wrapping ErrNotPreloadable that this start is not (start it plainly).
 func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
@@ -274,9 +313,24 @@ func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	if n := envBlockSize(cmd.Env); n > t.envSize {
 		return nil, fmt.Errorf("%w: the worker's environment (%d bytes) is larger than the template's (%d bytes)", ErrNotPreloadable, n, t.envSize)
 	}
+	// The namespaces are the template's to make (its intermediate
+	// unshares them); the rest of the container is prepared here as for a
+	// start.
+	ns := namespacesOf(opts.Contain)
+	opts.Contain = templateContainment(opts.Contain)
 	box, err := contain(cmd, opts)
 	if err != nil {
 		return nil, err
+	}
+	var statusW *os.File
+	if ns != nil {
+		r, w, err := os.Pipe()
+		if err != nil {
+			_ = box.Release()
+			return nil, fmt.Errorf("lifecycle: pidns: status pipe: %w", err)
+		}
+		statusW = w
+		box = withNamespace(box, newPIDNSContainer(r, w))
 	}
 	out, err := openOutput(cmd)
 	if err != nil {
@@ -300,11 +354,16 @@ func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 		defer cgroupDir.Close()
 		files = append(files, cgroupDir)
 	}
+	if statusW != nil {
+		// Last: the init's status pipe (pidnsContainer), which the
+		// template passes to the init and the worker does not get.
+		files = append(files, statusW)
+	}
 	var (
 		id  Identity
 		pid int
 	)
-	id, pid, err = t.fork(cmd, k, files, intoCgroup)
+	id, pid, err = t.fork(cmd, k, files, intoCgroup, ns)
 	out.closeWriteEnds()
 	if err != nil {
 		out.closeReadEnds()
@@ -316,12 +375,16 @@ func (t *Template) Fork(cmd *exec.Cmd, opts StartOptions) (*Process, error) {
 	return supervise(t.spawner, cmd, k, box, id, out, opts), nil
 }
 
-// fork is Fork's dialogue with the template. The worker's pid is
-// registered as the spawner's child before the template lets it be
-// re-parented to the node, so that ReapAdopted never takes it for an
-// orphan: until the intermediate dies it is not the node's child at all.
-func (t *Template) fork(cmd *exec.Cmd, k marks, files []*os.File, intoCgroup bool) (Identity, int, error) {
+// fork is Fork's dialogue with the template. The worker's pid (or, in
+// a PID namespace, its init's) is registered as the spawner's child before
+// the template lets it be re-parented to the node, so that ReapAdopted
+// never takes it for an orphan: until the intermediate dies it is not the
+// node's child at all.
+func (t *Template) fork(cmd *exec.Cmd, k marks, files []*os.File, intoCgroup bool, ns *pidnsContainment) (Identity, int, error) {
 	req := map[string]any{"argv": cmd.Args, "env": cmd.Env, "dir": cmd.Dir, "node": os.Getpid(), "cgroup": intoCgroup}
+	if ns != nil {
+		req["pidns"] = map[string]any{"init": ns.exe, "parent": ns.parent, "userns": !ns.root}
+	}
 	if req["dir"] == "" {
 		wd, err := os.Getwd()
 		if err != nil {

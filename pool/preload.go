@@ -43,9 +43,11 @@ func (p *Pool) setTemplate(t *lifecycle.Template) {
 }
 
 // startPreload starts the template before the first workers, so that they
-// fork from it, and its supervisor. Preload stays off, with one warning
-// saying why, where it cannot be done safely: a containment a fork cannot
-// enter, an app that leaves threads running after its import.
+// fork from it, and its supervisor. Every containment mode preloads (in
+// the PID namespace modes each forked worker gets its own namespace and
+// init, lifecycle/preload.go). Preload stays off, with one warning saying
+// why, where it cannot be done safely: an app that leaves threads running
+// after its import, or a Containment that is not one of lifecycle's.
 func (p *Pool) startPreload() {
 	if !p.cfg.Preload {
 		return

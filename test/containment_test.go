@@ -121,20 +121,46 @@ func TestContainmentUserCodeSeesNoDifference(t *testing.T) {
 			checkUserView(t, n, mode, os.Getuid())
 		})
 	}
-	t.Run("group-preloaded", func(t *testing.T) {
-		n := startNode(t, nodeOptions{app: containedApp(), workers: 1, preload: true})
-		checkUserView(t, n, lifecycle.ModeGroup, os.Getuid())
-	})
+	// --preload in every mode: a worker forked from the template sees
+	// what a started one sees (in the PID namespace modes, under an init
+	// that adopted it).
+	for _, mode := range userModes {
+		t.Run(mode+"-preloaded", func(t *testing.T) {
+			if mode == lifecycle.ModeCgroup {
+				requireCgroup(t)
+			}
+			n := startNode(t, nodeOptions{app: containedApp(), workers: 1, preload: true, extra: []string{"--containment", mode}})
+			checkUserView(t, n, mode, os.Getuid())
+		})
+	}
 }
 
 // TestContainmentPIDNSAsOtherUser: without root, the init needs a user
 // namespace of its own (mapping the node's uid and gid to themselves) to
 // mount the namespace's /proc. The same checks, with a node run by a
-// throwaway user.
+// throwaway user, with workers started and forked from a template (whose
+// intermediate makes the user namespace, python/pyfleet/template.py).
 func TestContainmentPIDNSAsOtherUser(t *testing.T) {
-	o := asOtherUser(t, nodeOptions{app: containedApp(), workers: 1, extra: []string{"--containment", lifecycle.ModePIDNS}})
-	n := startNode(t, o)
-	checkUserView(t, n, lifecycle.ModePIDNS, int(o.cred.Uid))
+	inBothModes(t, func(t *testing.T, preload bool) {
+		o := asOtherUser(t, nodeOptions{app: containedApp(), workers: 1, preload: preload, extra: []string{"--containment", lifecycle.ModePIDNS}})
+		n := startNode(t, o)
+		// The user namespace gave the init (and, before it, the forking
+		// intermediate) every capability in it; the worker keeps none.
+		for _, py := range n.pythonPIDs(t) {
+			b, err := os.ReadFile("/proc/" + strconv.Itoa(py) + "/status")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for line := range strings.SplitSeq(string(b), "\n") {
+				if k, v, ok := strings.Cut(line, ":"); ok && strings.HasPrefix(k, "Cap") && k != "CapBnd" {
+					if v = strings.TrimSpace(v); strings.Trim(v, "0") != "" {
+						t.Errorf("worker %d has %s %s, want none", py, k, v)
+					}
+				}
+			}
+		}
+		checkUserView(t, n, lifecycle.ModePIDNS, int(o.cred.Uid))
+	})
 }
 
 // checkUserView runs one check per item of issue 10's "user code sees no

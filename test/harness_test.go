@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,9 +115,10 @@ type nodeOptions struct {
 	dir      string              // working directory (default: the test's)
 	noPython bool                // leave --python out: the node chooses
 	cred     *syscall.Credential // run as another user (default: as the test)
-	// preload runs the node with --preload, in group containment unless
-	// extra names one (the PID namespace modes do not preload), and
-	// startNode checks that its workers fork from the template.
+	// preload runs the node with --preload (in the containment extra
+	// names, else the host's default: every mode preloads), and startNode
+	// checks that its workers fork from the template and that preload was
+	// not turned off.
 	preload bool
 }
 
@@ -142,6 +142,9 @@ func startNode(t *testing.T, o nodeOptions) *nodeProc {
 	}
 	if o.preload && !n.hasLog("template serving: workers fork from it", nil) {
 		t.Fatalf("--preload: no template serves\n%s", n.log())
+	}
+	if o.preload && n.hasLog("preload is off: workers start plainly", nil) {
+		t.Fatalf("--preload: preload was turned off\n%s", n.log())
 	}
 	return n
 }
@@ -180,9 +183,6 @@ func launchNode(t *testing.T, o nodeOptions) *nodeProc {
 	args = append(args, o.extra...)
 	if o.preload {
 		args = append(args, "--preload")
-		if !slices.Contains(o.extra, "--containment") {
-			args = append(args, "--containment", lifecycle.ModeGroup)
-		}
 	}
 	n := &nodeProc{t: t, name: o.name, state: o.stateDir, done: make(chan struct{}), serving: make(chan struct{})}
 	bin := poolnodeBin

@@ -94,16 +94,27 @@ func TestPreloadWorkersAreLikeSpawnedOnes(t *testing.T) {
 		if _, ok := env["PYFLEET_TEMPLATE_PAD"]; ok {
 			t.Errorf("worker %d still shows the template's padding in its environ", pid)
 		}
+	}
+	// In the PID namespace modes (this host's default) the node
+	// supervises each worker's init, whose child the worker is.
+	pys := n.pythonPIDs(t)
+	if len(pys) != 3 {
+		t.Fatalf("want 3 Python workers, have %v", pys)
+	}
+	for _, pid := range pys {
 		if !isPythonWorker(pid) {
 			b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 			t.Errorf("worker %d's cmdline is %q, not pyfleet.worker's", pid, b)
+		}
+		if sup := supervisedOf(t, pid); !slices.Contains(workers, sup) {
+			t.Errorf("worker %d is supervised as %d, not one of %v", pid, sup, workers)
 		}
 	}
 
 	var sp spawnReply
 	callOK(t, nc, fnSubject("spawn"), `{}`, &sp)
-	if !slices.Contains(workers, sp.PID) {
-		t.Fatalf("the call ran in %d, not in a worker of %v", sp.PID, workers)
+	if !slices.Contains(pys, sp.PID) {
+		t.Fatalf("the call ran in %d, not in a worker of %v", sp.PID, pys)
 	}
 	n.tree(t, sp.PID, sp.Child)
 
@@ -143,8 +154,8 @@ func TestPreloadWorkersAreLikeSpawnedOnes(t *testing.T) {
 }
 
 // Where preloading is unsafe the node says why, once, and starts workers
-// plainly: threads alive after the app's import, and containment modes that
-// run each worker under its own init in a PID namespace.
+// plainly: threads alive after the app's import (here in the host's
+// default containment, which preloads otherwise).
 func TestPreloadFallsBackToPlainStarts(t *testing.T) {
 	t.Run("ThreadsAtImport", func(t *testing.T) {
 		dir := t.TempDir()
@@ -163,7 +174,7 @@ def hello(payload):
 		if err := writeFile(app, src); err != nil {
 			t.Fatal(err)
 		}
-		n := startNode(t, nodeOptions{app: app, workers: 2, extra: []string{"--preload", "--containment", lifecycle.ModeGroup}})
+		n := startNode(t, nodeOptions{app: app, workers: 2, extra: []string{"--preload"}})
 		nc := n.connect()
 		callOK(t, nc, fnSubject("hello"), `{}`, nil)
 		logs := n.log()
@@ -177,21 +188,58 @@ def hello(payload):
 			t.Fatalf("want 2 plainly started workers, have %v", w)
 		}
 	})
-	t.Run("PIDNamespaces", func(t *testing.T) {
-		if _, err := lifecycle.NewPIDNSContainment(lifecycle.Marker{}); err != nil {
-			t.Skipf("this host offers no PID namespaces: %v", err)
-		}
-		n := startNode(t, nodeOptions{app: nastyApp(), workers: 2, extra: []string{"--preload", "--containment", lifecycle.ModePIDNS}})
-		nc := n.connect()
-		callOK(t, nc, fnSubject("pid"), `{}`, nil)
-		logs := n.log()
-		if c := strings.Count(logs, "preload is off: workers start plainly"); c != 1 || !strings.Contains(logs, "PID namespace") {
-			t.Fatalf("want one warning naming the PID namespaces, have %d:\n%s", c, logs)
-		}
-		if tp := templatesOf(n); len(tp) != 0 {
-			t.Fatalf("templates %v run in pidns mode", tp)
-		}
-	})
+}
+
+// Every containment mode preloads (README "Preloaded workers"): in the PID
+// namespace modes the template runs in the node's namespace and each worker
+// forked from it runs under its own init, PID 1 of its own namespace, as a
+// spawned one does. No warning, no fallback.
+func TestPreloadInPIDNamespaces(t *testing.T) {
+	if _, err := lifecycle.NewPIDNSContainment(lifecycle.Marker{}); err != nil {
+		t.Fatalf("this host must offer PID namespaces: %v", err)
+	}
+	modes := []string{lifecycle.ModePIDNS}
+	if os.Geteuid() == 0 {
+		modes = append(modes, lifecycle.ModeCgroup)
+	}
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			n := startNode(t, nodeOptions{app: nastyApp(), workers: 2, preload: true, extra: []string{"--containment", mode}})
+			nc := n.connect()
+			templates := templatesOf(n)
+			if len(templates) != 1 {
+				t.Fatalf("want one template, have %v", templates)
+			}
+			if ns := nsPIDs(t, templates[0]); len(ns) != 1 {
+				t.Errorf("the template has NSpid %v: want it in the node's namespace", ns)
+			}
+			inits := n.workerPIDs()
+			if len(inits) != 2 || !isInit(inits[0]) || !isInit(inits[1]) {
+				t.Fatalf("the node supervises %v, want two inits", inits)
+			}
+			pys := n.pythonPIDs(t)
+			if len(pys) != 2 {
+				t.Fatalf("python workers %v, want 2", pys)
+			}
+			for _, py := range pys {
+				if ns := nsPIDs(t, py); len(ns) != 2 || ns[1] != 2 {
+					t.Errorf("worker %d has NSpid %v, want 2 levels, pid 2 inside", py, ns)
+				}
+			}
+			var who struct {
+				PID int `json:"pid"`
+			}
+			callOK(t, nc, fnSubject("pid"), `{}`, &who)
+			if !slices.Contains(pys, who.PID) {
+				t.Errorf("the call ran in %d, not in a worker of %v", who.PID, pys)
+			}
+			n.signal(syscall.SIGTERM)
+			if code := n.wait(30 * time.Second); code != 0 {
+				t.Fatalf("exit status %d, want 0", code)
+			}
+			n.assertNoLeftovers(time.Second)
+		})
+	}
 }
 
 // inBothModes runs test with workers started plainly, then with --preload

@@ -23,6 +23,10 @@ const Arg = "__pyfleet_init"
 // set its namespace up and exit at once (lifecycle.NewPIDNSContainment's probe).
 const Probe = "probe"
 
+// Adopt, as Main's first argument, makes the init adopt a worker forked
+// from a template instead of starting one (see adopt).
+const Adopt = "adopt"
+
 // forwarded are the signals the init passes on to the worker: the ones
 // the node (Process.Stop), an operator or a terminal send to ask something
 // of a worker. SIGKILL needs no forwarding: it ends the init, and the
@@ -64,7 +68,12 @@ func init() {
 // worker's exit code (128+n for a death by signal n).
 // With the arguments "probe PARENT" it only sets the namespace up, checks
 // /proc/self, and returns 0 if all went well (lifecycle.NewPIDNSContainment's probe).
+// With the arguments "adopt PARENT STATUSFD WORKERPID GOFD" it is the init
+// of a worker forked from a template, which it did not start (see adopt).
 func Main(args []string) int {
+	if len(args) > 0 && args[0] == Adopt {
+		return adopt(args[1:])
+	}
 	if len(args) == 2 && args[0] == Probe {
 		if err := setup(args[1]); err != nil {
 			fmt.Fprintf(os.Stderr, "pyfleet init: %v\n", err)
@@ -111,6 +120,109 @@ func Main(args []string) int {
 		fmt.Fprintf(os.Stderr, "pyfleet init: start %s: %v\n", args[3], err)
 		return 127
 	}
+	return serve(pid, statusFD, sigs)
+}
+
+// adopt is Main's Adopt mode: the init of a worker forked from a template
+// (lifecycle's preload.go, python/pyfleet/template.py). The template's
+// intermediate unshared the namespaces and forked this process as PID 1 of
+// the new PID namespace; this process forked the worker (WORKERPID, as this
+// namespace numbers it, blocked until it reads a byte on its end of GOFD)
+// and then exec'd this init, which keeps the worker as its child. args are
+// (after Adopt):
+//
+//	PARENT STATUSFD WORKERPID GOFD [ARG0 ARG...]
+//
+// ARG0 ARG..., the worker's command line, are not used: they show in ps
+// what a started init's command line shows.
+// The init waits until it has been re-parented to the node (the template
+// kills the intermediate once the node has registered this process as its
+// child), sets up as a started init does, lets the worker go, and then
+// lives as one: forwards signals, reaps, reports the worker's status on
+// STATUSFD and waits to be killed.
+func adopt(args []string) int {
+	if len(args) < 4 {
+		fmt.Fprintln(os.Stderr, "usage: "+Arg+" "+Adopt+" PARENT STATUSFD WORKERPID GOFD [ARG0 ARG...]")
+		return 2
+	}
+	statusFD, err1 := strconv.Atoi(args[1])
+	pid, err2 := strconv.Atoi(args[2])
+	goFD, err3 := strconv.Atoi(args[3])
+	if err1 != nil || err2 != nil || err3 != nil || statusFD < 3 || goFD < 3 || pid <= 1 {
+		fmt.Fprintf(os.Stderr, "pyfleet init: bad STATUSFD %q, WORKERPID %q or GOFD %q\n", args[1], args[2], args[3])
+		return 2
+	}
+	unix.CloseOnExec(statusFD)
+	unix.CloseOnExec(goFD)
+	if err := waitAdopted(args[0], adoptTimeout); err != nil {
+		fmt.Fprintf(os.Stderr, "pyfleet init: %v\n", err)
+		return 126
+	}
+	if err := setup(args[0]); err != nil {
+		fmt.Fprintf(os.Stderr, "pyfleet init: %v\n", err)
+		return 126
+	}
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, forwarded...)
+	// The worker runs no code of the app before this byte: by then the
+	// init is the node's child, dies with it, and /proc is the namespace's.
+	if _, err := unix.Write(goFD, []byte{1}); err != nil {
+		fmt.Fprintf(os.Stderr, "pyfleet init: release the worker: %v\n", err)
+		return 126
+	}
+	_ = unix.Close(goFD)
+	return serve(pid, statusFD, sigs)
+}
+
+// adoptTimeout bounds adopt's wait to be re-parented to the node: the node
+// answers a forked pid within milliseconds, or gives up on it.
+const adoptTimeout = 10 * time.Second
+
+// waitAdopted returns once this process's parent is parent, as the node's
+// /proc (still mounted here) numbers it; an error once the parent is
+// someone else than the intermediate it started under (the node died, or
+// gave up on this start), or after limit.
+func waitAdopted(parent string, limit time.Duration) error {
+	first, err := parentPID()
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(limit)
+	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
+		now, err := parentPID()
+		switch {
+		case err != nil:
+			return err
+		case now == parent:
+			return nil
+		case now != first:
+			return fmt.Errorf("re-parented to %s, not to the node (pid %s)", now, parent)
+		case time.Now().After(deadline):
+			return fmt.Errorf("not re-parented to the node (pid %s) within %s", parent, limit)
+		}
+		time.Sleep(pause)
+	}
+}
+
+// parentPID is this process's parent as the /proc mounted at /proc numbers
+// it (getppid says 0 for a parent outside the PID namespace).
+func parentPID() (string, error) {
+	stat, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return "", err
+	}
+	end := bytes.LastIndexByte(stat, ')')
+	f := bytes.Fields(stat[end+1:])
+	if end < 0 || len(f) < 2 {
+		return "", fmt.Errorf("cannot parse /proc/self/stat %q", stat)
+	}
+	return string(f[1]), nil
+}
+
+// serve is the init's life once the worker (pid, its child) runs:
+// forwarding sigs to it, reaping every child, and reporting the worker's
+// wait status on statusFD.
+func serve(pid, statusFD int, sigs chan os.Signal) int {
 	go func() {
 		for sig := range sigs {
 			// The node signals a worker's whole group; so does its init.
@@ -185,13 +297,8 @@ func setup(parent string) error {
 	// from the /proc the init still shares with the node, which numbers it
 	// as the node's own /proc does. A different parent means the node died
 	// before the signal was armed.
-	stat, err := os.ReadFile("/proc/self/stat")
-	if err != nil {
-		return err
-	}
-	end := bytes.LastIndexByte(stat, ')')
-	if f := bytes.Fields(stat[end+1:]); end < 0 || len(f) < 2 || string(f[1]) != parent {
-		return fmt.Errorf("the node (pid %s) is gone", parent)
+	if now, err := parentPID(); err != nil || now != parent {
+		return fmt.Errorf("the node (pid %s) is gone (%v)", parent, err)
 	}
 	// Private first: the new mount namespace is a copy of the node's, and
 	// a mount under a shared / would propagate back to the host's /proc.

@@ -7,7 +7,10 @@ Protocol, one JSON object per SOCK_SEQPACKET message on the socket
 PYFLEET_TEMPLATE_FD names:
     template -> node  {"ready": PID} | {"error": "..."}     once, after the import
     node -> template  {"id": N, "argv": [...], "env": [...], "dir": "...", "node": PID,
-                       "cgroup": bool}  with fds [stdout, stderr, extra..., cgroup dir]
+                       "cgroup": bool, "pidns": null | {"init": PATH,
+                       "parent": "PID", "userns": bool}}
+                      with fds [stdout, stderr, extra..., cgroup dir, status]
+                      (the cgroup dir with "cgroup", the status pipe with "pidns")
     template -> node  {"id": N, "pid": PID} | {"id": N, "error": "..."}
     node -> template  {"id": N, "go": true|false}   (true: the node has registered PID as its own)
     template -> node  {"id": N, "adopted": PID}   PID is now the node's child (after go true)
@@ -21,6 +24,17 @@ intermediate forks the worker, and the template kills and reaps the
 intermediate once the node says go. The worker is then re-parented to the
 node, a child subreaper (lifecycle/subreaper.go), which waits for it and
 reaps it exactly as it does a spawned worker.
+
+With "pidns" each worker gets a PID namespace of its own, as a spawned one
+does (lifecycle/pidns.go), although the template lives in the node's: the
+intermediate unshares the PID and mount namespaces (and, without root, a
+user namespace mapping its ids to themselves) and forks A, PID 1 of the new
+namespace. A enters the worker's cgroup ("cgroup"), forks the worker W (PID
+2, which waits on a pipe before running anything of the app) and execs the
+node's init in its adopt mode (lifecycle/pidinit/pidinit.go), which keeps W
+as its child. A's pid is the one the node registers and is re-parented to the
+node; the init then sets itself up as a started one does, lets W go, and
+reports W's exit on the status pipe.
 """
 
 from __future__ import annotations
@@ -53,6 +67,17 @@ EXIT_SETUP = 70
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 64
 PR_SET_PDEATHSIG = 1
+# From <linux/sched.h> and <linux/prctl.h>, <linux/capability.h>: Python
+# 3.11's os has no unshare.
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+CAP_SYS_ADMIN = 21
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+INIT_ARG = "__pyfleet_init"  # lifecycle/pidinit.Arg
 # How long a worker waits to be re-parented to the node.
 ADOPT_TIMEOUT_S = 10.0
 
@@ -198,11 +223,12 @@ class Forker:
         finally:
             os.close(report_r)
         middle = self.pending[ident][0]
-        if not data:
+        if not data or data.startswith(b"E"):
             del self.pending[ident]
             os.kill(middle, signal.SIGKILL)
             os.waitpid(middle, 0)
-            send(self.sock, {"id": ident, "error": "the intermediate process died before it forked the worker"})
+            why = data[1:].decode(errors="replace") if data else "it died"
+            send(self.sock, {"id": ident, "error": f"the intermediate process could not fork the worker: {why}"})
             return
         pid = int(data)
         self.pending[ident][1] = pid
@@ -221,44 +247,176 @@ class Forker:
 
 
 def intermediate(sock: socket.socket, report_w: int, req: dict, fds: list[int]) -> None:
-    """Forks the worker, tells the template its pid, and waits to be
-    killed by the template once the node said go."""
-    # Its end closes when it dies: the worker blocks on the other end
-    # instead of polling for its new parent.
+    """Forks the worker (in a PID namespace: its init, which forks the
+    worker), tells the template its pid, and waits to be killed by the
+    template once the node said go."""
+    ns = req.get("pidns")
+    if ns:
+        try:
+            enter_namespaces(bool(ns.get("userns")))
+        except OSError as exc:
+            os.write(report_w, f"E{exc}".encode())
+            raise
+    # Its end closes when the intermediate dies: a worker forked here
+    # blocks on the other end instead of polling for its new parent.
     gone_r, gone_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(report_w)
         os.close(gone_w)
-        become_worker(sock, req, fds, gone_r)  # never returns
+        if ns:
+            os.close(gone_r)
+            become_init(sock, req, fds)  # never returns
+        become_worker(sock, req, fds, gone=gone_r)  # never returns
     os.close(gone_r)
+    if ns:
+        # As A does itself: whichever comes first, A leads its group
+        # before the node learns its pid (the node kills the init's
+        # group). A that has exec'd refuses.
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
     os.write(report_w, str(pid).encode())
     while True:
         signal.pause()
 
 
-def become_worker(sock: socket.socket, req: dict, fds: list[int], intermediate_gone: int) -> None:
+def enter_namespaces(userns: bool) -> None:
+    """Makes this process's next child PID 1 of a new PID namespace, in a
+    new mount namespace: what lifecycle/pidns.go's namespaces() gives a
+    started init. Without root also a user namespace in which this user's
+    uid and gid map to themselves, where the init may mount /proc."""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = CLONE_NEWPID | CLONE_NEWNS | (CLONE_NEWUSER if userns else 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+    if userns:
+        # setgroups first: an unprivileged gid_map is refused without it.
+        for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(line)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _capset(update) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(hdr), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    update(data)
+    if libc.capset(ctypes.byref(hdr), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def raise_ambient(cap: int) -> None:
+    """Keeps cap through the exec of a non-root program (the init needs
+    CAP_SYS_ADMIN in its user namespace to mount /proc; it drops it before
+    the worker runs), as lifecycle/pidns.go's AmbientCaps does."""
+
+    def add(data) -> None:
+        data[cap // 32].inheritable |= 1 << (cap % 32)
+
+    _capset(add)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"raise ambient capability {cap}: {os.strerror(err)}")
+
+
+def drop_capabilities() -> None:
+    """No capabilities, as a started worker has none in its user namespace:
+    a forked one would keep those unshare gave its ancestor."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+    def clear(data) -> None:
+        for d in data:
+            d.effective = d.permitted = d.inheritable = 0
+
+    _capset(clear)
+
+
+def enter_cgroup(dir_fd: int) -> None:
+    """Before anything of the app runs: every process it starts is forked
+    inside the cgroup."""
+    procs = os.open("cgroup.procs", os.O_WRONLY, dir_fd=dir_fd)
+    try:
+        os.write(procs, b"0")
+    finally:
+        os.close(procs)
+
+
+def become_init(sock: socket.socket, req: dict, fds: list[int]) -> None:
+    """A, PID 1 of the worker's new namespace: enters the worker's cgroup,
+    forks the worker, and execs the node's init to adopt it (lifecycle/
+    pidinit/pidinit.go, adopt). Never returns."""
+    try:
+        os.setpgid(0, 0)
+        ns = req["pidns"]
+        status, worker_fds = fds[-1], fds[:-1]
+        if req.get("cgroup"):
+            enter_cgroup(worker_fds[-1])
+        go_r, go_w = os.pipe()
+        worker = os.fork()
+        if worker == 0:
+            os.close(go_w)
+            os.close(status)
+            become_worker(sock, req, worker_fds, go=go_r)  # never returns
+        os.close(go_r)
+        sock.close()
+        # The init's stdout and stderr are the worker's, as a started
+        # init's are; 3 its status pipe, 4 the worker's go.
+        place_fds(fds[0], fds[1], [status, go_w])
+        if ns.get("userns"):
+            raise_ambient(CAP_SYS_ADMIN)
+        env = dict(kv.split("=", 1) for kv in req["env"] if "=" in kv)
+        # The worker's environment, so that the init carries its marks, and
+        # its command line after the init's own, as a started init has both.
+        argv = [ns["init"], INIT_ARG, "adopt", str(ns["parent"]), "3", str(worker), "4", *req["argv"]]
+        os.execve(ns["init"], argv, env)
+    except BaseException as exc:  # noqa: BLE001 - never return into the template's code
+        print(f"pyfleet preloaded worker's init: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        os._exit(EXIT_SETUP)
+
+
+def become_worker(sock: socket.socket, req: dict, fds: list[int], go: int = -1, gone: int = -1) -> None:
     """Turns this forked child into what `python -m pyfleet.worker ARGV`
-    spawned by the node would be, then runs it. Never returns."""
+    spawned by the node would be, then runs it. Never returns. go, in a
+    PID namespace, is the pipe on which the worker's init lets it run;
+    gone, outside one, the pipe that closes when the intermediate dies."""
     code = EXIT_SETUP
     try:
         nextra = len(fds) - 2 - (1 if req.get("cgroup") else 0)
-        if req.get("cgroup"):
-            # Before anything of the app runs: every process it starts is
-            # forked inside the cgroup.
-            procs = os.open("cgroup.procs", os.O_WRONLY, dir_fd=fds[-1])
-            try:
-                os.write(procs, b"0")
-            finally:
-                os.close(procs)
+        if req.get("cgroup") and go < 0:
+            enter_cgroup(fds[-1])
         os.setpgid(0, 0)
-        wait_for_intermediate(intermediate_gone)
+        if gone >= 0:
+            wait_for_intermediate(gone)
         sock.close()
-        place_fds(fds[0], fds[1], fds[2 : 2 + nextra])
+        extra = fds[2 : 2 + nextra]
+        # go is placed after the worker's own fds, to be closed once read.
+        place_fds(fds[0], fds[1], extra + ([go] if go >= 0 else []))
         set_environment(req["env"])
         set_cmdline(req["argv"])
         os.chdir(req["dir"])
-        wait_for_adoption(int(req["node"]))
+        if go >= 0:
+            wait_for_init(3 + len(extra), bool(req["pidns"].get("userns")))
+        else:
+            wait_for_adoption(int(req["node"]))
         argv = req["argv"]
         if argv[1:3] != ["-m", "pyfleet.worker"]:
             raise ValueError(f"not a worker's command line: {argv[:3]}")
@@ -339,6 +497,22 @@ def set_cmdline(argv: list[str]) -> None:
         ctypes.memmove(start, block + b"\0" * (end - start - len(block)), end - start)
 
 
+def wait_for_init(go: int, userns: bool) -> None:
+    """Waits for the worker's init to let it run (it has been adopted by
+    the node and mounted the namespace's /proc), and drops what a started
+    worker would not have."""
+    try:
+        released = os.read(go, 1)
+    finally:
+        os.close(go)
+    if not released:
+        raise RuntimeError("the worker's init exited before it let the worker run")
+    if os.getppid() != 1:
+        raise RuntimeError(f"the worker's parent is {os.getppid()}, not its namespace's init")
+    if userns:
+        drop_capabilities()
+
+
 def wait_for_intermediate(gone: int) -> None:
     """Blocks until the intermediate has died, which the template makes it
     do once the node has registered this process: the pipe's other end was
@@ -353,8 +527,6 @@ def wait_for_adoption(node: int) -> None:
     """Waits until the node is this process's parent (the template kills
     the intermediate once the node has registered us), then dies with the
     node as a spawned worker does."""
-    # The intermediate's files close before the kernel re-parents its
-    # child: a short wait at most.
     deadline = time.monotonic() + ADOPT_TIMEOUT_S
     while os.getppid() != node:
         if time.monotonic() > deadline:

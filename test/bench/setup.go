@@ -41,16 +41,17 @@ func (n *node) workers() []int {
 	var out []int
 	for _, pid := range childrenOf(n.p.pid()) {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+		// The init first: its command line holds its worker's.
 		switch {
 		case err != nil:
-		case strings.Contains(string(b), "pyfleet.worker"):
-			out = append(out, pid)
 		case strings.Contains(string(b), "\x00"+lifecycle.InitArg+"\x00"):
 			for _, child := range childrenOf(pid) {
 				if b, err := os.ReadFile("/proc/" + strconv.Itoa(child) + "/cmdline"); err == nil && strings.Contains(string(b), "pyfleet.worker") {
 					out = append(out, child)
 				}
 			}
+		case strings.Contains(string(b), "pyfleet.worker"):
+			out = append(out, pid)
 		}
 	}
 	return out
