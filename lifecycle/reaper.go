@@ -229,6 +229,19 @@ func (r *Reaper) sweepDeadRun(m Marker, recs []Record, cgroups []string) error {
 			r.cfg.Events(ev)
 		}
 	}
+	// One event a process: a group member killed with its recorded
+	// leader may still be exiting when the marker scan below finds it.
+	reported := map[int]bool{}
+	each := events
+	events = func(ev Event) {
+		if ev.Kind == KindOrphanReaped {
+			if reported[ev.PID] {
+				return
+			}
+			reported[ev.PID] = true
+		}
+		emit(each, ev)
+	}
 	found := 0
 	var errs []error
 	run := m.RunValue()
@@ -257,7 +270,7 @@ func (r *Reaper) sweepDeadRun(m Marker, recs []Record, cgroups []string) error {
 		errs = append(errs, r.cfg.Registry.deleteIf(rec))
 	}
 	if found > 0 {
-		r.log.Info("reaped a dead run", zap.String("node", m.Node), zap.String("run", m.Run), zap.Int("killed", found))
+		r.log.Info("reaped a dead run", zap.String("node", m.Node), zap.String("run", m.Run), zap.Int("killed", len(reported)))
 	} else {
 		// Nothing left: the tombstone has done its job. With something
 		// found, the next pass checks that nothing was missed first.
