@@ -134,6 +134,12 @@ def test_jobs(node: Node) -> None:
             with pytest.raises(TimeoutError):
                 await slow.result(timeout=0.1)
             assert await slow.result(timeout=30) == 1000
+            # The result is published before the status settles (as in
+            # test_client.py's _wait_state): wait for it, within a bound.
+            for _ in range(200):
+                if await slow.status() == "done":
+                    break
+                await asyncio.sleep(0.05)
             assert await slow.status() == "done"
             info = await slow.info()
             assert info["node"] == node.name and info["attempts"] == 1
