@@ -14,9 +14,9 @@ import (
 	"time"
 )
 
-// startTestTemplate starts a template of an empty app in group
-// containment, stopped at the test's end.
-func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string) *Template {
+// startTestTemplate starts a template of an empty app in containment c
+// (nil: group), stopped at the test's end.
+func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string, c Containment) *Template {
 	t.Helper()
 	if err := os.WriteFile(filepath.Join(dir, "preapp.py"), []byte("from pyfleet import App\n\napp = App()\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -26,7 +26,7 @@ func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string) *Templa
 	tcmd := exec.Command(preloadPython(t), "-m", "pyfleet.template", "--app", "preapp", "--app-dir", dir)
 	tcmd.Dir = dir
 	var tout lines
-	tpl, err := StartTemplate(s, tcmd, StartOptions{Marker: tm, Stdout: tout.add, Stderr: tout.add}, time.Minute)
+	tpl, err := StartTemplate(s, tcmd, StartOptions{Marker: tm, Contain: c, Stdout: tout.add, Stderr: tout.add}, time.Minute)
 	if err != nil {
 		t.Fatalf("StartTemplate: %v (%v)", err, tout.get())
 	}
@@ -34,9 +34,9 @@ func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string) *Templa
 	return tpl
 }
 
-// forkTestWorker forks worker name from tpl; ready is closed at its
-// handshake line.
-func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string) (*Process, <-chan struct{}, *lines, error) {
+// forkTestWorker forks worker name from tpl in containment c; ready is
+// closed at its handshake line.
+func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string, c Containment) (*Process, <-chan struct{}, *lines, error) {
 	secretR, secretW, err := os.Pipe()
 	if err != nil {
 		return nil, nil, nil, err
@@ -58,7 +58,7 @@ func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string) (
 	out := &lines{}
 	var once sync.Once
 	ready := make(chan struct{})
-	p, err := tpl.Fork(cmd, StartOptions{Marker: wm, Stdout: func(b []byte) {
+	p, err := tpl.Fork(cmd, StartOptions{Marker: wm, Contain: c, Stdout: func(b []byte) {
 		out.add(b)
 		if strings.HasPrefix(string(b), "PYFLEET-READY ") {
 			once.Do(func() { close(ready) })
@@ -83,7 +83,7 @@ func TestPreloadForksOverlap(t *testing.T) {
 	run := Marker{Node: "ovl" + strconv.Itoa(os.Getpid()), Run: "r1"}
 	s := mustSpawner(t)
 	dir := t.TempDir()
-	tpl := startTestTemplate(t, s, run, dir)
+	tpl := startTestTemplate(t, s, run, dir, nil)
 
 	const n = 2*maxForksInFlight + 1
 	type forked struct {
@@ -96,7 +96,7 @@ func TestPreloadForksOverlap(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			p, ready, out, err := forkTestWorker(t, tpl, run, dir, fmt.Sprintf("w%d", i+1))
+			p, ready, out, err := forkTestWorker(t, tpl, run, dir, fmt.Sprintf("w%d", i+1), nil)
 			got[i] = forked{p, ready, out, err}
 		})
 	}
@@ -148,7 +148,7 @@ func TestPreloadForkAfterTemplateDied(t *testing.T) {
 	run := Marker{Node: "die" + strconv.Itoa(os.Getpid()), Run: "r1"}
 	s := mustSpawner(t)
 	dir := t.TempDir()
-	tpl := startTestTemplate(t, s, run, dir)
+	tpl := startTestTemplate(t, s, run, dir, nil)
 	if err := syscall.Kill(tpl.Process().PID(), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestPreloadForkAfterTemplateDied(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range errs {
 		wg.Go(func() {
-			p, _, _, err := forkTestWorker(t, tpl, run, dir, fmt.Sprintf("w%d", i+1))
+			p, _, _, err := forkTestWorker(t, tpl, run, dir, fmt.Sprintf("w%d", i+1), nil)
 			if p != nil {
 				p.Kill()
 			}

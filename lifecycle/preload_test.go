@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -31,7 +30,6 @@ func preloadPython(t *testing.T) string {
 // leads its own group, carries its own marks, and is stopped, reaped and
 // its cgroup released like a started one.
 func TestPreloadForkIntoCgroup(t *testing.T) {
-	py := preloadPython(t)
 	if err := SetChildSubreaper(); err != nil {
 		t.Fatal(err)
 	}
@@ -42,58 +40,15 @@ func TestPreloadForkIntoCgroup(t *testing.T) {
 	}
 	s := mustSpawner(t)
 	dir := t.TempDir()
-	app := `from pyfleet import App
-
-app = App()
-`
-	if err := os.WriteFile(filepath.Join(dir, "preapp.py"), []byte(app), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
 	tm := run
 	tm.Worker = "template-1"
-	tcmd := exec.Command(py, "-m", "pyfleet.template", "--app", "preapp", "--app-dir", dir)
-	tcmd.Dir = dir
-	var tout lines
-	tpl, err := StartTemplate(s, tcmd, StartOptions{Marker: tm, Contain: cg, Stdout: tout.add, Stderr: tout.add}, time.Minute)
-	if err != nil {
-		t.Fatalf("StartTemplate: %v (%v)", err, tout.get())
-	}
-	t.Cleanup(func() { tpl.Stop(0) })
-
-	secretR, secretW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = secretW.WriteString("s3cret")
-	secretW.Close()
-	lifeR, lifeW, err := os.Pipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lifeW.Close()
-	sock := filepath.Join(dir, "w.sock")
-	cmd := exec.Command(py, "-m", "pyfleet.worker", "--app", "preapp", "--app-dir", dir, "--socket", sock, "--worker-id", "w1")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "PYFLEET_WORKER_LIFELINE_FD=3", "PYFLEET_WORKER_SECRET_FD=4")
-	cmd.ExtraFiles = []*os.File{lifeR, secretR}
+	tpl := startTestTemplate(t, s, run, dir, cg)
 	wm := run
 	wm.Worker = "w1-2"
-	var out lines
-	var readyOnce sync.Once
-	ready := make(chan struct{})
-	p, err := tpl.Fork(cmd, StartOptions{Marker: wm, Contain: cg, Stdout: func(b []byte) {
-		out.add(b)
-		if strings.HasPrefix(string(b), "PYFLEET-READY ") {
-			readyOnce.Do(func() { close(ready) })
-		}
-	}, Stderr: out.add})
-	lifeR.Close()
-	secretR.Close()
+	p, ready, out, err := forkTestWorker(t, tpl, run, dir, wm.Worker, cg)
 	if err != nil {
 		t.Fatalf("Fork: %v", err)
 	}
-	t.Cleanup(p.Kill)
 	select {
 	case <-ready:
 	case <-p.Done():
