@@ -47,7 +47,7 @@ const maxMessageBytes = 65 << 20
 // receive side is recv's alone; its send side is the outbox's (see outbox).
 // calls and out each guard their own state with their own mutex. The rest
 // are atomics and channels that any of the worker's goroutines may use: its
-// slots (Pool.slot), recv, its exit watcher, its monitor (Pool.watch), and
+// callers (Pool.run), recv, its exit watcher, its monitor (Pool.watch), and
 // its supervisor (Pool.supervise), which alone retires it.
 type worker struct {
 	name        string // e.g. "w3", unique in the node
@@ -72,7 +72,7 @@ type worker struct {
 
 	nextID   atomic.Uint64 // the last frame id given out
 	handled  atomic.Uint64 // calls ended, for MaxRequests
-	inflight atomic.Int64  // calls its slots run now, for sessions
+	inflight atomic.Int64  // calls running on it now, for sessions
 
 	// lost is closed when the stream breaks or the process exits: every
 	// pending call fails at once rather than waiting for its deadline.
@@ -81,22 +81,24 @@ type worker struct {
 	// why is the reason the pool stopped this worker on purpose (stop,
 	// deadline, recycle, unhealthy); empty means it died by itself.
 	why atomic.Pointer[string]
-	// pinned carries calls of sessions bound to this worker.
-	pinned chan *queuedCall
+	// open and free are the pool's dispatcher's, under its mu: whether
+	// calls may take the worker's slots, and how many are free.
+	open bool
+	free int
 	// retire is closed when the worker must take no more calls.
 	retire     chan struct{}
 	retireOnce sync.Once
 	// recycle carries the monitor's request to replace the worker (the
 	// reason, for the log); buffered so the monitor never waits.
 	recycle chan string
-	// slots counts this worker's slot goroutines still running, monitor
+	// slots counts the calls that hold one of the worker's slots, monitor
 	// its watch goroutine.
 	slots   sync.WaitGroup
 	monitor sync.WaitGroup
 }
 
 // callTable holds the calls sent on a worker's stream whose END has not come
-// back. begin adds to it from the slots, recv takes from it, markLost breaks
+// back. begin adds to it from the calls, recv takes from it, markLost breaks
 // it; mu guards pending and broken.
 type callTable struct {
 	mu      sync.Mutex
@@ -230,7 +232,6 @@ func (p *Pool) newWorker(name string) *worker {
 		maxRequests: uint64(jitter(p.cfg.MaxRequests)),
 		calls:       callTable{pending: make(map[uint64]pendingCall)},
 		lost:        make(chan struct{}),
-		pinned:      make(chan *queuedCall),
 		retire:      make(chan struct{}),
 		recycle:     make(chan string, 1),
 	}
@@ -415,7 +416,7 @@ func (w *worker) recv() {
 		chans = w.calls.route(b.Results, chans[:0])
 		for i, r := range b.Results {
 			if r.Kind == workerpb.Result_LOG {
-				// Logged here, not by the call's slot: a record may
+				// Logged here, not by the call's goroutine: a record may
 				// come after its call ended (a thread the call left
 				// behind), and it still belongs in the node's log.
 				w.logRecord(r)
@@ -426,7 +427,7 @@ func (w *worker) recv() {
 				continue // a call the node already gave up on
 			}
 			// Each call's channel is buffered for its END frame, and the
-			// one slot goroutine that reads it always drains to END, so
+			// one goroutine that runs the call always drains it to END, so
 			// this send blocks only while a streaming caller is still
 			// consuming chunks.
 			select {
