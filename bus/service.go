@@ -58,6 +58,7 @@ type ServiceConfig struct {
 type Service struct {
 	nc      *nats.Conn
 	h       call.Handler
+	starter call.Starter // h, if it is one
 	log     *zap.Logger
 	svc     micro.Service
 	funcs   map[string]*call.Function // pointers: the wildcard endpoint hands one per request without a copy escaping
@@ -137,9 +138,11 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	if err := cfg.valid(); err != nil {
 		return nil, err
 	}
+	starter, _ := h.(call.Starter)
 	s := &Service{
 		nc:        nc,
 		h:         h,
+		starter:   starter,
 		log:       log.Named("service"),
 		funcs:     map[string]*call.Function{},
 		node:      cfg.Node,
@@ -391,22 +394,33 @@ func (s *Service) Stop(ctx context.Context) error {
 func (s *Service) abortCalls() int {
 	s.mu.Lock()
 	n := s.inFlight
-	var cancels []context.CancelCauseFunc
+	var calls []*inflight
 	for _, f := range s.running {
 		for ; f != nil; f = f.next {
-			cancels = append(cancels, f.cancel)
+			calls = append(calls, f)
 		}
 	}
 	s.mu.Unlock()
-	for _, cancel := range cancels {
-		cancel(nil) // context.Canceled: the call answers 503
+	for _, f := range calls {
+		f.stop(nil) // context.Canceled: a handler that returns ctx.Err() answers 503
 	}
 	return n
+}
+
+// stop cancels the call with cause.
+func (f *inflight) stop(cause error) {
+	f.cancel(cause)
+	if r, _ := f.run.Load().(call.Running); r != nil {
+		r.Cancel()
+	}
 }
 
 // inflight is one call in flight, listed by its reply subject.
 type inflight struct {
 	cancel context.CancelCauseFunc
+	// run is the call.Running of a call started through call.Starter,
+	// which a cancel must reach too: no context of the call's is watched.
+	run atomic.Value
 	// next is a call with the same reply subject that came later (a
 	// caller reusing one for two calls at once). A cancel message reaches
 	// the first only: the two cannot be told apart.
@@ -518,7 +532,15 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 		return
 	}
 	a.req.Deadline = time.Now().Add(a.timeout)
+	ctx.deadline = a.req.Deadline
 	c.inFlight.Add(1)
+	// A plain call (no stream, progress, heartbeats or session: nearly
+	// every call) is started from here, if a worker is free, and answered
+	// from the goroutine that hears its end: no goroutine of its own.
+	if s.starter != nil && !fn.Stream && !a.progress && a.heartbeat == 0 && a.req.Session == "" &&
+		s.start(ctx, f, reply, fn, a, c, arrived) {
+		return
+	}
 	go func() {
 		defer s.end(reply, f)
 		defer c.inFlight.Add(-1)
@@ -681,8 +703,7 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 // ctx is the call's context, which a cancel message or Stop cancels
 // (cancelCall), and answer at the call's deadline.
 func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time) {
-	req, timeout, heartbeat := a.req, a.timeout, a.heartbeat
-	ctx.deadline = req.Deadline
+	req, heartbeat := a.req, a.heartbeat
 	deadline := time.AfterFunc(time.Until(req.Deadline), func() { cancelCall(context.DeadlineExceeded) })
 	defer func() {
 		deadline.Stop()
@@ -741,6 +762,12 @@ func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply
 			err = e
 		}
 	}
+	s.reply(ctx, reply, fn, a, c, arrived, res, err)
+}
+
+// reply publishes the answer of a call that returned res, err.
+func (s *Service) reply(ctx *callCtx, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time, res call.Result, err error) {
+	req, timeout := a.req, a.timeout
 	if errors.Is(context.Cause(ctx), errCallerCancelled) {
 		// Nobody may be listening, but a caller that cancelled in one
 		// place and still reads in another learns why.
@@ -771,6 +798,28 @@ func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply
 	if err := s.publish(m); err != nil {
 		s.log.Warn("cannot send reply", zap.String("function", fn.Name), zap.String("request_id", req.RequestID), zap.Error(err))
 	}
+}
+
+// start starts a call through the handler's call.Starter, and reports
+// whether it did. Its answer then comes from the goroutine the handler
+// calls done on.
+func (s *Service) start(ctx *callCtx, f *inflight, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time) bool {
+	r, ok := s.starter.StartCall(a.req, func(res call.Result, err error) {
+		s.reply(ctx, reply, fn, a, c, arrived, res, err)
+		f.cancel(nil) // ctx holds nothing, but every context is ended
+		c.inFlight.Add(-1)
+		s.end(reply, f)
+	})
+	if !ok {
+		return false
+	}
+	f.run.Store(r)
+	// A cancel (or Stop) that came before the Store did not see r: it
+	// cancelled ctx, which is checked after the Store.
+	if ctx.Context.Err() != nil {
+		r.Cancel()
+	}
+	return true
 }
 
 // callCtx is a call's context: one context with both its cancel cause
@@ -825,7 +874,7 @@ func (s *Service) cancelCall(m *nats.Msg) {
 	f := s.running[string(m.Data)]
 	s.mu.Unlock()
 	if f != nil {
-		f.cancel(errCallerCancelled)
+		f.stop(errCallerCancelled)
 	}
 }
 

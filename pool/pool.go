@@ -644,11 +644,7 @@ func (p *Pool) run(w *worker, c *queuedCall) (call.Result, error) {
 		JobId: c.req.JobID, Attempt: uint32(max(c.req.Attempt, 1))}
 	if !c.req.Deadline.IsZero() {
 		left := time.Until(c.req.Deadline)
-		// The frame's field holds 32 bits of milliseconds (49.7 days). A
-		// longer deadline is sent as the longest the field holds, never
-		// wrapped to a short one; the deadline ends the call at the real
-		// time either way.
-		frame.TimeoutMs = uint32(min(max(left.Milliseconds(), 1), math.MaxUint32))
+		frame.TimeoutMs = timeoutMs(left)
 		// When ctx ends at the deadline (the bus and jobs give it the
 		// same one), its Done stops the call then: a timer of our own
 		// would be a second one for the same instant.
@@ -676,6 +672,14 @@ func (p *Pool) run(w *worker, c *queuedCall) (call.Result, error) {
 		x.end()
 	}(x)
 	return call.Result{}, call.Errorf(call.CodeDeadline, call.TypeDeadline, "the deadline passed before the call finished")
+}
+
+// timeoutMs is the frame's TimeoutMs for the time left. The field holds 32
+// bits of milliseconds (49.7 days): a longer deadline is sent as the
+// longest the field holds, never wrapped to a short one; the deadline ends
+// the call at the real time either way.
+func timeoutMs(left time.Duration) uint32 {
+	return uint32(min(max(left.Milliseconds(), 1), math.MaxUint32))
 }
 
 // arm makes deadline fire after d, in place of what it was armed for.

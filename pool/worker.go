@@ -111,9 +111,12 @@ type callTable struct {
 	inlineBusy atomic.Int64
 }
 
-// pendingCall is a call sent to the worker whose END has not come back.
+// pendingCall is a call sent to the worker whose END has not come back:
+// one a goroutine waits for on ch (Pool.run), or one that recv ends itself
+// (async, Pool.StartCall).
 type pendingCall struct {
 	ch     chan *workerpb.Result
+	async  *asyncCall
 	inline bool // counted in inlineBusy
 }
 
@@ -131,31 +134,34 @@ func (t *callTable) add(id uint64, pc pendingCall) error {
 	return nil
 }
 
-// route appends to chans the channel of each result's call (nil for a call
-// the node gave up on), and forgets the calls whose END this is.
-func (t *callTable) route(results []*workerpb.Result, chans []chan *workerpb.Result) []chan *workerpb.Result {
+// route appends to calls the call of each result (zero for a call the
+// node gave up on), and forgets the calls whose END this is.
+func (t *callTable) route(results []*workerpb.Result, calls []pendingCall) []pendingCall {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, r := range results {
 		pc := t.pending[r.Id]
-		chans = append(chans, pc.ch)
-		if r.Kind == workerpb.Result_END && pc.ch != nil {
+		calls = append(calls, pc)
+		if r.Kind == workerpb.Result_END && (pc.ch != nil || pc.async != nil) {
 			delete(t.pending, r.Id)
 			if pc.inline {
 				t.inlineBusy.Add(-1)
 			}
 		}
 	}
-	return chans
+	return calls
 }
 
 // breakWith marks the stream broken by err and drops the pending calls:
-// they learn of it from the worker's lost.
-func (t *callTable) breakWith(err error) {
+// they learn of it from the worker's lost, the async ones from markLost,
+// which gets them from breakWith.
+func (t *callTable) breakWith(err error) map[uint64]pendingCall {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.broken = err
+	dropped := t.pending
 	t.pending = nil
+	return dropped
 }
 
 // cause is what broke the stream, or nil.
@@ -404,7 +410,7 @@ func (p *Pool) startIO(w *worker) {
 
 // recv routes results to the calls waiting for them until the stream ends.
 func (w *worker) recv() {
-	var chans []chan *workerpb.Result
+	var calls []pendingCall
 	for {
 		b, err := w.stream.Recv()
 		if err != nil {
@@ -413,7 +419,7 @@ func (w *worker) recv() {
 		}
 		// The worker is between two messages: what waits for it goes now.
 		w.out.answered()
-		chans = w.calls.route(b.Results, chans[:0])
+		calls = w.calls.route(b.Results, calls[:0])
 		for i, r := range b.Results {
 			if r.Kind == workerpb.Result_LOG {
 				// Logged here, not by the call's goroutine: a record may
@@ -422,7 +428,13 @@ func (w *worker) recv() {
 				w.logRecord(r)
 				continue
 			}
-			ch := chans[i]
+			if a := calls[i].async; a != nil {
+				// Ended here: its answer goes out from this goroutine,
+				// with no hand-off to another.
+				a.result(r)
+				continue
+			}
+			ch := calls[i].ch
 			if ch == nil {
 				continue // a call the node already gave up on
 			}
@@ -464,13 +476,19 @@ func (w *worker) logRecord(r *workerpb.Result) {
 // Pool.settleLost).
 func (w *worker) markLost(err error) {
 	w.lostOnce.Do(func() {
-		markBroken := func() { w.calls.breakWith(err) }
+		var dropped map[uint64]pendingCall
+		markBroken := func() { dropped = w.calls.breakWith(err) }
 		if w.leave != nil {
 			w.leave(markBroken)
 		} else {
 			markBroken()
 		}
 		close(w.lost)
+		for _, pc := range dropped {
+			if pc.async != nil {
+				pc.async.lost()
+			}
+		}
 	})
 }
 
@@ -494,6 +512,17 @@ func (w *worker) begin(c *workerpb.Call) (<-chan *workerpb.Result, error) {
 		return nil, err
 	}
 	return ch, nil
+}
+
+// beginAsync registers a call that recv ends itself, and sends its frame.
+// An error means the call was not registered: the stream is broken. Once
+// it is, a failed send fails it through markLost.
+func (w *worker) beginAsync(c *workerpb.Call, a *asyncCall) error {
+	if err := w.calls.add(c.Id, pendingCall{async: a, inline: w.inline[c.Function]}); err != nil {
+		return err
+	}
+	_ = w.out.push(c)
+	return nil
 }
 
 // cancel asks the worker to stop call id; best effort.
