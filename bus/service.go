@@ -58,6 +58,7 @@ type ServiceConfig struct {
 type Service struct {
 	nc      *nats.Conn
 	h       call.Handler
+	starter call.Starter // h, if it is one
 	log     *zap.Logger
 	svc     micro.Service
 	funcs   map[string]*call.Function // pointers: the wildcard endpoint hands one per request without a copy escaping
@@ -66,20 +67,17 @@ type Service struct {
 	stats   func() any
 	observe func(function string, code int, d time.Duration)
 
-	// abortCtx is the parent of every call's context. It is stored, against
-	// the usual rule, because calls outlive Serve's caller; cancelling it is
-	// how Stop cuts short the calls its ctx gave no more time to.
-	abortCtx context.Context
-	abort    context.CancelFunc
-
 	mu       sync.Mutex
 	state    serviceState
 	inFlight int
 	idle     chan struct{} // closed once stopped with nothing in flight
-	// running holds the cancel of each call in flight by its reply
-	// subject, which only its caller knows: a cancel message names it
-	// (protocol.Subjects.CancelCall).
-	running   map[string]context.CancelCauseFunc
+	// running holds every call in flight by its reply subject, which only
+	// its caller knows: a cancel message names it
+	// (protocol.Subjects.CancelCall). It is also how Stop cuts short the
+	// calls its ctx gave no more time to: a call's context has no parent
+	// to cancel, since registering each call with a shared parent took a
+	// lock that every call on every core contended for.
+	running   map[string]*inflight
 	cancelSub *nats.Subscription
 
 	endpoints map[string]*endpointCounters // by endpoint subject; fixed by Serve
@@ -140,9 +138,11 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	if err := cfg.valid(); err != nil {
 		return nil, err
 	}
+	starter, _ := h.(call.Starter)
 	s := &Service{
 		nc:        nc,
 		h:         h,
+		starter:   starter,
 		log:       log.Named("service"),
 		funcs:     map[string]*call.Function{},
 		node:      cfg.Node,
@@ -150,7 +150,7 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 		observe:   cfg.Observe,
 		idle:      make(chan struct{}),
 		endpoints: map[string]*endpointCounters{},
-		running:   map[string]context.CancelCauseFunc{},
+		running:   map[string]*inflight{},
 	}
 	var err error
 	if s.limits, err = cfg.limits(int(nc.MaxPayload())); err != nil {
@@ -170,9 +170,7 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	for _, ep := range eps {
 		s.endpoints[ep.subject] = &endpointCounters{}
 	}
-	s.abortCtx, s.abort = context.WithCancel(context.Background())
 	if err := s.register(cfg, eps); err != nil {
-		s.abort()
 		return nil, fmt.Errorf("serve pool %q: %w", cfg.Pool, err)
 	}
 	// Every node of the pool hears every cancel: the caller does not know
@@ -180,7 +178,6 @@ func Serve(nc *nats.Conn, cfg ServiceConfig, h call.Handler, log *zap.Logger) (*
 	// Stop unsubscribes.
 	if s.cancelSub, err = nc.Subscribe(protocol.Subjects{Prefix: cfg.Prefix}.CancelCall(cfg.Pool), s.cancelCall); err != nil {
 		_ = s.svc.Stop()
-		s.abort()
 		return nil, fmt.Errorf("serve pool %q: cancel subscription: %w", cfg.Pool, err)
 	}
 	// Once Serve returns, the subscriptions are in place on the server, so
@@ -384,35 +381,103 @@ func (s *Service) Stop(ctx context.Context) error {
 	}
 	select {
 	case <-s.idle:
-		s.abort()
 		return err
 	case <-ctx.Done():
 		// Counted before the abort: the calls it cuts short end at once.
-		s.mu.Lock()
-		n := s.inFlight
-		s.mu.Unlock()
-		s.abort()
+		n := s.abortCalls()
 		return errors.Join(err, fmt.Errorf("stop service: %d calls still running, cancelled: %w", n, ctx.Err()))
 	}
 }
 
-// begin admits one call unless the service is draining or stopped.
-func (s *Service) begin() bool {
+// abortCalls cancels every call in flight and says how many there were.
+// The service is stopped, so no call can start after.
+func (s *Service) abortCalls() int {
+	s.mu.Lock()
+	n := s.inFlight
+	var calls []*inflight
+	for _, f := range s.running {
+		for ; f != nil; f = f.next {
+			calls = append(calls, f)
+		}
+	}
+	s.mu.Unlock()
+	for _, f := range calls {
+		f.stop(nil) // context.Canceled: a handler that returns ctx.Err() answers 503
+	}
+	return n
+}
+
+// stop cancels the call with cause.
+func (f *inflight) stop(cause error) {
+	f.cancel(cause)
+	if r, _ := f.run.Load().(call.Running); r != nil {
+		r.Cancel()
+	}
+}
+
+// inflight is one call in flight, listed by its reply subject.
+type inflight struct {
+	cancel context.CancelCauseFunc
+	// run is the call.Running of a call started through call.Starter,
+	// which a cancel must reach too: no context of the call's is watched.
+	run atomic.Value
+	// next is a call with the same reply subject that came later (a
+	// caller reusing one for two calls at once). A cancel message reaches
+	// the first only: the two cannot be told apart.
+	next *inflight
+}
+
+// begin admits one call unless the service is draining or stopped, and
+// lists f (nil for a call refused anyway) under reply until end.
+func (s *Service) begin(reply string, f *inflight) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.state != serving {
 		return false
 	}
 	s.inFlight++
+	if f != nil {
+		if first := s.running[reply]; first != nil {
+			for first.next != nil {
+				first = first.next
+			}
+			first.next = f
+		} else {
+			s.running[reply] = f
+		}
+	}
 	return true
 }
 
-func (s *Service) end() {
+// end is the end of a call begin admitted; f is what it listed.
+func (s *Service) end(reply string, f *inflight) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if f != nil {
+		s.unlist(reply, f)
+	}
 	s.inFlight--
 	if s.state == stopped && s.inFlight == 0 {
 		close(s.idle)
+	}
+}
+
+// unlist takes f off the calls listed under reply. Called with mu held.
+func (s *Service) unlist(reply string, f *inflight) {
+	first := s.running[reply]
+	if first == f {
+		if f.next != nil {
+			s.running[reply] = f.next
+		} else {
+			delete(s.running, reply)
+		}
+		return
+	}
+	for p := first; p != nil; p = p.next {
+		if p.next == f {
+			p.next = f.next
+			return
+		}
 	}
 }
 
@@ -443,23 +508,43 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 			s.log.Warn("cannot answer request", zap.String("subject", r.Subject()), zap.Error(err))
 		}
 	}
+	// The call's cancel is listed as it is admitted, under the same lock,
+	// so that a Stop that cuts calls short finds every call it admitted.
+	var f *inflight
+	var ctx *callCtx
+	if refusal == nil {
+		f = &inflight{}
+		ctx = &callCtx{}
+		ctx.Context, f.cancel = context.WithCancelCause(context.Background())
+	}
 	// Draining comes first: another node may take what this one would
 	// refuse (it may have the function this one lacks).
-	if !s.begin() {
+	if !s.begin(reply, f) {
+		if f != nil {
+			f.cancel(nil)
+		}
 		refuse(call.Errorf(call.CodeUnavailable, call.TypeDraining, "node %s is draining: retry on another node", s.node))
 		return
 	}
 	if refusal != nil {
 		refuse(refusal)
-		s.end()
+		s.end(reply, nil)
 		return
 	}
 	a.req.Deadline = time.Now().Add(a.timeout)
+	ctx.deadline = a.req.Deadline
 	c.inFlight.Add(1)
+	// A plain call (no stream, progress, heartbeats or session: nearly
+	// every call) is started from here, if a worker is free, and answered
+	// from the goroutine that hears its end: no goroutine of its own.
+	if s.starter != nil && !fn.Stream && !a.progress && a.heartbeat == 0 && a.req.Session == "" &&
+		s.start(ctx, f, reply, fn, a, c, arrived) {
+		return
+	}
 	go func() {
-		defer s.end()
+		defer s.end(reply, f)
 		defer c.inFlight.Add(-1)
-		s.answer(reply, *fn, a, c, arrived)
+		s.answer(ctx, f.cancel, reply, fn, a, c, arrived)
 	}()
 }
 
@@ -614,15 +699,16 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 // answer makes the call and publishes its answer. It publishes straight to
 // the reply subject: micro's Request is not safe to use once its handler
 // returned.
-func (s *Service) answer(reply string, fn call.Function, a admission, c *endpointCounters, arrived time.Time) {
-	req, timeout, heartbeat := a.req, a.timeout, a.heartbeat
-	cctx, cancelCall := context.WithCancelCause(s.abortCtx)
-	ctx, cancel := context.WithDeadline(cctx, req.Deadline)
-	defer cancel()
-	listed := s.list(reply, cancelCall)
-	if listed {
-		defer s.unlist(reply)
-	}
+//
+// ctx is the call's context, which a cancel message or Stop cancels
+// (cancelCall), and answer at the call's deadline.
+func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time) {
+	req, heartbeat := a.req, a.heartbeat
+	deadline := time.AfterFunc(time.Until(req.Deadline), func() { cancelCall(context.DeadlineExceeded) })
+	defer func() {
+		deadline.Stop()
+		cancelCall(nil)
+	}()
 	stopBeats := func() {}
 	if heartbeat > 0 {
 		stopBeats = s.heartbeats(reply, req.RequestID, heartbeat)
@@ -676,7 +762,13 @@ func (s *Service) answer(reply string, fn call.Function, a admission, c *endpoin
 			err = e
 		}
 	}
-	if errors.Is(context.Cause(cctx), errCallerCancelled) {
+	s.reply(ctx, reply, fn, a, c, arrived, res, err)
+}
+
+// reply publishes the answer of a call that returned res, err.
+func (s *Service) reply(ctx *callCtx, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time, res call.Result, err error) {
+	req, timeout := a.req, a.timeout
+	if errors.Is(context.Cause(ctx), errCallerCancelled) {
 		// Nobody may be listening, but a caller that cancelled in one
 		// place and still reads in another learns why.
 		err = call.Errorf(call.CodeCancelled, call.TypeCancelled, "the caller cancelled the call")
@@ -708,6 +800,52 @@ func (s *Service) answer(reply string, fn call.Function, a admission, c *endpoin
 	}
 }
 
+// start starts a call through the handler's call.Starter, and reports
+// whether it did. Its answer then comes from the goroutine the handler
+// calls done on.
+func (s *Service) start(ctx *callCtx, f *inflight, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time) bool {
+	r, ok := s.starter.StartCall(a.req, func(res call.Result, err error) {
+		s.reply(ctx, reply, fn, a, c, arrived, res, err)
+		f.cancel(nil) // ctx holds nothing, but every context is ended
+		c.inFlight.Add(-1)
+		s.end(reply, f)
+	})
+	if !ok {
+		return false
+	}
+	f.run.Store(r)
+	// A cancel (or Stop) that came before the Store did not see r: it
+	// cancelled ctx, which is checked after the Store.
+	if ctx.Context.Err() != nil {
+		r.Cancel()
+	}
+	return true
+}
+
+// callCtx is a call's context: one context with both its cancel cause
+// (errCallerCancelled, context.Canceled when Stop cuts it short,
+// context.DeadlineExceeded at its deadline) and its deadline, where
+// context.WithDeadline over context.WithCancelCause took two, a map of
+// children and a lock between them, for every call (test/bench/notes.md,
+// "A leaner node path"). The deadline is a cancel whose cause is
+// context.DeadlineExceeded; Err says so, as a deadline's context does.
+// A context derived from it sees context.Canceled at the deadline, with
+// context.DeadlineExceeded as its cause.
+type callCtx struct {
+	context.Context // from context.WithCancelCause: Done, Value, the cause
+	deadline        time.Time
+}
+
+func (c *callCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func (c *callCtx) Err() error {
+	err := c.Context.Err()
+	if err != nil && context.Cause(c.Context) == context.DeadlineExceeded {
+		return context.DeadlineExceeded
+	}
+	return err
+}
+
 // streamState is what a call that sends more than its answer (progress,
 // chunks) shares with the callbacks that send them.
 type streamState struct {
@@ -729,35 +867,14 @@ func notStreaming(call.Chunk) error { return errNotStreaming }
 // cancelled it.
 var errCallerCancelled = errors.New("the caller cancelled the call")
 
-// list records the cancel of the call answering to reply until unlist,
-// and reports whether it did. A reply subject already listed (a caller
-// reusing one for two calls at once) keeps its first call: the cancel of
-// the second call cannot be told apart and is dropped, and the second call
-// must not unlist the first.
-func (s *Service) list(reply string, cancel context.CancelCauseFunc) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, dup := s.running[reply]; dup {
-		return false
-	}
-	s.running[reply] = cancel
-	return true
-}
-
-func (s *Service) unlist(reply string) {
-	s.mu.Lock()
-	delete(s.running, reply)
-	s.mu.Unlock()
-}
-
 // cancelCall handles a cancel message: its body is the reply subject of the
 // call to stop. A call this node does not run is none of its business.
 func (s *Service) cancelCall(m *nats.Msg) {
 	s.mu.Lock()
-	cancel := s.running[string(m.Data)]
+	f := s.running[string(m.Data)]
 	s.mu.Unlock()
-	if cancel != nil {
-		cancel(errCallerCancelled)
+	if f != nil {
+		f.stop(errCallerCancelled)
 	}
 }
 

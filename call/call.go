@@ -100,6 +100,28 @@ type Handler interface {
 	Call(ctx context.Context, req *Request, emit Emit) (Result, error)
 }
 
+// Starter is a Handler that can also start a call with no goroutine of
+// the caller's waiting for it: bus serves most calls this way, and answers
+// from the goroutine that hears the call's end (test/bench/notes.md, "A
+// leaner node path").
+type Starter interface {
+	// StartCall starts req at once, if it can, and returns it running, and
+	// true; done then gets, exactly once, what Call would have returned,
+	// from a goroutine of the handler's that it must not hold up for long.
+	// req's Deadline must be set. StartCall returns false, having called
+	// nothing, when it cannot start req at once (no free worker, a
+	// session, progress wanted): the caller then uses Call.
+	StartCall(req *Request, done func(Result, error)) (Running, bool)
+}
+
+// Running is a call StartCall started.
+type Running interface {
+	// Cancel ends the call as the end of Call's ctx would: done gets what
+	// Call would then have returned, if it has not had the call's end
+	// already. Safe to call more than once, and after the end.
+	Cancel()
+}
+
 // Error is a failed call: a code from the list above, the exception's type
 // (or one of the types above) and a message for humans.
 type Error struct {

@@ -36,7 +36,7 @@ func (s *batchStream) closeSend() {
 }
 
 // outbox holds the frames on their way to one worker. Any goroutine may push
-// (the worker's slots, a cancel); the one that finds no one sending becomes
+// (the calls, a cancel); the one that finds no one sending becomes
 // the flusher and sends until the queue is empty; the worker's recv
 // goroutine calls answered, the hold timer's goroutine holdExpired. mu
 // guards every field below it.

@@ -173,10 +173,10 @@ type Pool struct {
 	cfg Config
 	log *zap.Logger
 
-	// queue hands calls to whichever worker slot is free first; it is
-	// unbuffered so that a call waits in its own goroutine, where its
-	// deadline and the queue limit are checked.
-	queue   chan *queuedCall
+	// slots hands the workers' call slots to the calls; a call waits for
+	// one in its own goroutine, where its deadline and the queue limit are
+	// checked, and runs on it there.
+	slots   dispatcher
 	waiting atomic.Int64
 	// waitingBytes is the payload bytes of the calls counted in waiting.
 	waitingBytes atomic.Int64
@@ -230,7 +230,7 @@ func New(cfg Config) (*Pool, error) {
 	return &Pool{
 		cfg:      cfg,
 		log:      cfg.Logger,
-		queue:    make(chan *queuedCall),
+		slots:    dispatcher{perW: cfg.Concurrency},
 		ctx:      ctx,
 		cancel:   cancel,
 		draining: make(chan struct{}),
@@ -460,6 +460,7 @@ func (p *Pool) replace(old *worker, why string) *worker {
 		zap.Int("old_pid", old.proc.PID()), zap.Int("new_pid", next.proc.PID()))
 	p.serve(next)
 	old.retireOnce.Do(func() { close(old.retire) })
+	p.slots.close(old)
 	old.slots.Wait() // its in-flight calls are done
 	old.stopProcess(lifecycle.ReasonRecycle, p.cfg.StopGrace)
 	p.retireWorker(old)
@@ -531,14 +532,15 @@ func exitText(st lifecycle.ExitStatus) string {
 	return "exit code " + strconv.Itoa(st.Code)
 }
 
-// serve registers a ready worker and starts its slots. A worker whose
-// channel broke already is not registered (see markLost); its supervisor
-// sees w.lost.
+// serve registers a ready worker and opens its slots to calls. A worker
+// whose channel broke already is not registered (see markLost); its
+// supervisor sees w.lost.
 func (p *Pool) serve(w *worker) {
 	p.mu.Lock()
 	p.procs[w] = struct{}{}
 	if !w.isBroken() {
 		p.workers[w.name] = w
+		p.slots.open(w)
 	}
 	p.mu.Unlock()
 	w.monitor.Add(1)
@@ -548,15 +550,6 @@ func (p *Pool) serve(w *worker) {
 		defer w.monitor.Done()
 		p.watch(w)
 	}()
-	for range p.cfg.Concurrency {
-		w.slots.Add(1)
-		p.goroutines.Add(1)
-		go func() {
-			defer p.goroutines.Done()
-			defer w.slots.Done()
-			p.slot(w)
-		}()
-	}
 }
 
 // leaveServing takes w out of the serving set while markBroken marks its
@@ -568,6 +561,7 @@ func (p *Pool) leaveServing(w *worker, markBroken func()) {
 	if p.workers[w.name] == w {
 		delete(p.workers, w.name)
 	}
+	p.slots.close(w)
 }
 
 func (p *Pool) unregister(w *worker) {
@@ -578,30 +572,12 @@ func (p *Pool) unregister(w *worker) {
 	p.mu.Unlock()
 }
 
-// slot runs calls on w, one at a time, until w goes away.
-func (p *Pool) slot(w *worker) {
-	for {
-		select {
-		case c := <-w.pinned:
-			p.execute(w, c)
-		case c := <-p.queue:
-			p.execute(w, c)
-		case <-w.retire:
-			return
-		case <-w.lost:
-			return
-		}
-	}
-}
-
 // queuedCall is one accepted call on its way to, or in, a worker (the
 // caller's side of it; pendingCall is the frame's, in the worker).
 type queuedCall struct {
 	ctx  context.Context
 	req  *call.Request
 	emit call.Emit
-	fn   call.Function
-	done chan outcome // buffered: the slot never waits for the caller
 
 	mu        sync.Mutex
 	abandoned bool // the caller answered already (deadline); emit nothing more
@@ -610,10 +586,6 @@ type queuedCall struct {
 type outcome struct {
 	res call.Result
 	err error
-}
-
-func (c *queuedCall) finish(o outcome) {
-	c.done <- o
 }
 
 // chunk passes one streamed item to the caller unless it has gone.
@@ -638,110 +610,182 @@ func (c *queuedCall) abandon() {
 	c.mu.Unlock()
 }
 
-// execute sends c to w and waits for its end. Past the deadline it cancels the
-// call; past the deadline plus the grace it kills the worker, because a sync
-// Python function cannot be interrupted any other way.
-func (p *Pool) execute(w *worker, c *queuedCall) {
+// execution is one call on its worker, from its frame to its END. It
+// holds one of the worker's slots until end.
+type execution struct {
+	p       *Pool
+	w       *worker
+	c       *queuedCall
+	id      uint64
+	results <-chan *workerpb.Result
+	// deadline fires at the call's deadline, then at the end of the grace
+	// after it; timer is its timer, nil while none is armed.
+	deadline <-chan time.Time
+	timer    *time.Timer
+	overran  bool // cancelled (deadline or ctx); the grace runs
+}
+
+// run sends c to w, whose slot the caller holds, and waits for its end on
+// the caller's goroutine. Past the deadline it cancels the call; past the
+// deadline plus the grace it kills the worker, because a sync Python
+// function cannot be interrupted any other way. If the caller's ctx ends
+// first, run answers 408 at once, and a goroutine of the pool's sees the
+// call to its end (cancel frame, grace, kill) and gives the slot back.
+func (p *Pool) run(w *worker, c *queuedCall) (call.Result, error) {
 	if c.ctx.Err() != nil {
-		c.finish(outcome{err: deadlineError(w.name)})
-		return
+		p.slots.release(w)
+		return call.Result{}, deadlineError(w.name)
 	}
 	p.busy.Add(1)
 	w.inflight.Add(1)
-	defer func() {
-		w.inflight.Add(-1)
-		p.busy.Add(-1)
-	}()
-
-	id := w.nextID.Add(1)
-	frame := &workerpb.Call{Id: id, Function: c.req.Function, Payload: c.req.Payload,
+	x := execution{p: p, w: w, c: c, id: w.nextID.Add(1)}
+	frame := &workerpb.Call{Id: x.id, Function: c.req.Function, Payload: c.req.Payload,
 		RequestId: c.req.RequestID, Session: c.req.Session,
 		JobId: c.req.JobID, Attempt: uint32(max(c.req.Attempt, 1))}
-	var deadline <-chan time.Time
 	if !c.req.Deadline.IsZero() {
 		left := time.Until(c.req.Deadline)
-		// The frame's field holds 32 bits of milliseconds (49.7 days). A
-		// longer deadline is sent as the longest the field holds, never
-		// wrapped to a short one; the timer below ends the call at the
-		// real deadline either way.
-		frame.TimeoutMs = uint32(min(max(left.Milliseconds(), 1), math.MaxUint32))
-		t := time.NewTimer(left)
-		defer t.Stop()
-		deadline = t.C
+		frame.TimeoutMs = timeoutMs(left)
+		// When ctx ends at the deadline (the bus and jobs give it the
+		// same one), its Done stops the call then: a timer of our own
+		// would be a second one for the same instant.
+		if d, ok := c.ctx.Deadline(); !ok || d.After(c.req.Deadline) {
+			x.arm(left)
+		}
 	}
-	results, err := w.begin(frame)
-	if err != nil {
-		c.finish(outcome{err: lostError(w)})
-		return
+	var err error
+	if x.results, err = w.begin(frame); err != nil {
+		x.end()
+		return call.Result{}, lostError(w)
 	}
-	overran := false
-	// A context cancelled before the deadline (a cancelled job, a node
-	// stopping) stops the call as the deadline would: a cancel frame, then
-	// the worker replaced if the call outlives the grace.
-	cancelled := c.ctx.Done()
+	if o, done := x.wait(true); done {
+		x.end()
+		return o.res, o.err
+	}
+	// The caller gave up (a deadline, a cancelled job, a node stopping):
+	// it hears 408 now, and the call is stopped as the deadline would
+	// stop it, the worker replaced if it outlives the grace.
+	c.abandon()
+	p.goroutines.Add(1)
+	go func(x execution) {
+		defer p.goroutines.Done()
+		x.wait(false)
+		x.end()
+	}(x)
+	return call.Result{}, call.Errorf(call.CodeDeadline, call.TypeDeadline, "the deadline passed before the call finished")
+}
+
+// timeoutMs is the frame's TimeoutMs for the time left. The field holds 32
+// bits of milliseconds (49.7 days): a longer deadline is sent as the
+// longest the field holds, never wrapped to a short one; the deadline ends
+// the call at the real time either way.
+func timeoutMs(left time.Duration) uint32 {
+	return uint32(min(max(left.Milliseconds(), 1), math.MaxUint32))
+}
+
+// arm makes deadline fire after d, in place of what it was armed for.
+func (x *execution) arm(d time.Duration) {
+	if x.timer != nil {
+		x.timer.Stop()
+	}
+	x.timer = time.NewTimer(d)
+	x.deadline = x.timer.C
+}
+
+// end gives the slot back once the call is over.
+func (x *execution) end() {
+	if x.timer != nil {
+		x.timer.Stop()
+	}
+	x.w.inflight.Add(-1)
+	x.p.busy.Add(-1)
+	x.p.slots.release(x.w)
+}
+
+// overrun cancels the call in the worker and starts its grace, once.
+func (x *execution) overrun() {
+	if !x.overran {
+		x.overran = true
+		x.w.cancel(x.id)
+		x.arm(x.p.cfg.DeadlineGrace)
+	}
+}
+
+// wait waits for the call's end and says how it ended. With caller set,
+// it returns done false as soon as the caller's ctx ends, unless the end
+// came at the same moment (its answer is then preferred), having sent the
+// cancel frame and started the grace.
+func (x *execution) wait(caller bool) (o outcome, done bool) {
+	w, c := x.w, x.c
+	var cancelled <-chan struct{}
+	if caller {
+		cancelled = c.ctx.Done()
+	}
 	for {
 		select {
 		case <-cancelled:
-			cancelled = nil
-			if !overran {
-				overran = true
-				w.cancel(id)
-				t := time.NewTimer(p.cfg.DeadlineGrace)
-				defer t.Stop()
-				deadline = t.C
-			}
-		case r := <-results:
-			if r.Kind == workerpb.Result_PROGRESS {
-				if c.req.Progress != nil && !c.isAbandoned() {
-					c.req.Progress(r.Payload)
+			x.overrun()
+			for {
+				select {
+				case r := <-x.results:
+					if o, done := x.result(r); done {
+						return o, true
+					}
+				default:
+					return outcome{}, false
 				}
-				continue
 			}
-			if r.Kind == workerpb.Result_CHUNK {
-				if err := c.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {
-					w.cancel(id)
-				}
-				continue
+		case r := <-x.results:
+			if o, done := x.result(r); done {
+				return o, true
 			}
-			if n := w.handled.Add(1); w.maxRequests > 0 && n >= w.maxRequests {
-				w.askRecycle("requests")
-			}
-			p.handled.Add(1)
-			if r.Error != nil {
-				p.errors.Add(1)
-				c.finish(outcome{err: &call.Error{Code: int(r.Error.Code), Type: r.Error.Type, Message: r.Error.Message, Worker: w.name}})
-				return
-			}
-			c.finish(outcome{res: call.Result{Worker: w.name, Data: r.Payload}})
-			return
 		case <-w.lost:
-			p.errors.Add(1)
-			if overran && errors.Is(c.ctx.Err(), context.Canceled) {
-				c.finish(outcome{err: &call.Error{Code: call.CodeCancelled, Type: call.TypeCancelled,
-					Message: "the call was cancelled and did not stop within the grace; its worker was replaced", Worker: w.name}})
-			} else if overran {
-				c.finish(outcome{err: deadlineError(w.name)})
-			} else {
-				c.finish(outcome{err: lostError(w)})
+			x.p.errors.Add(1)
+			if x.overran && errors.Is(c.ctx.Err(), context.Canceled) {
+				return outcome{err: &call.Error{Code: call.CodeCancelled, Type: call.TypeCancelled,
+					Message: "the call was cancelled and did not stop within the grace; its worker was replaced", Worker: w.name}}, true
+			} else if x.overran {
+				return outcome{err: deadlineError(w.name)}, true
 			}
-			return
-		case <-deadline:
-			if !overran {
-				overran = true
-				w.cancel(id)
-				t := time.NewTimer(p.cfg.DeadlineGrace)
-				defer t.Stop()
-				deadline = t.C
+			return outcome{err: lostError(w)}, true
+		case <-x.deadline:
+			if !x.overran {
+				x.overrun()
 				continue
 			}
-			p.log.Warn("call overran its deadline or cancel; killing its worker",
+			x.p.log.Warn("call overran its deadline or cancel; killing its worker",
 				zap.String("worker", w.name), zap.String("function", c.req.Function), zap.String("request_id", c.req.RequestID))
 			w.stopProcess(lifecycle.ReasonDeadline, 0)
-			deadline = nil
+			x.deadline = nil
 		}
 	}
 }
 
+// result takes one result of the call: progress and chunks go to the
+// caller while it listens; the END is the outcome.
+func (x *execution) result(r *workerpb.Result) (outcome, bool) {
+	w, c, p := x.w, x.c, x.p
+	switch r.Kind {
+	case workerpb.Result_PROGRESS:
+		if c.req.Progress != nil && !c.isAbandoned() {
+			c.req.Progress(r.Payload)
+		}
+		return outcome{}, false
+	case workerpb.Result_CHUNK:
+		if err := c.chunk(call.Chunk{Worker: w.name, Data: r.Payload}); err != nil {
+			w.cancel(x.id)
+		}
+		return outcome{}, false
+	}
+	if n := w.handled.Add(1); w.maxRequests > 0 && n >= w.maxRequests {
+		w.askRecycle("requests")
+	}
+	p.handled.Add(1)
+	if r.Error != nil {
+		p.errors.Add(1)
+		return outcome{err: &call.Error{Code: int(r.Error.Code), Type: r.Error.Type, Message: r.Error.Message, Worker: w.name}}, true
+	}
+	return outcome{res: call.Result{Worker: w.name, Data: r.Payload}}, true
+}
 func deadlineError(worker string) *call.Error {
 	return &call.Error{Code: call.CodeDeadline, Type: call.TypeDeadline, Message: "the deadline passed before the call finished", Worker: worker}
 }
@@ -803,8 +847,7 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 			return call.Result{}, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "the %s is not valid UTF-8", f.name)
 		}
 	}
-	fn, ok := p.lookup(req.Function)
-	if !ok {
+	if _, ok := p.lookup(req.Function); !ok {
 		return call.Result{}, call.Errorf(call.CodeNotFound, call.TypeNotFound, "no function %q in this app", req.Function)
 	}
 	if !p.enter() {
@@ -831,7 +874,6 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 	}
 
 	// Only an admitted call may start a session.
-	queue := p.queue
 	var pinned *worker
 	if req.Session != "" {
 		w, err := p.sessionWorker(req.Session)
@@ -839,44 +881,14 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 			unwait()
 			return call.Result{}, err
 		}
-		pinned, queue = w, w.pinned
+		pinned = w
 	}
-
-	c := &queuedCall{ctx: ctx, req: req, emit: emit, fn: fn, done: make(chan outcome, 1)}
-	var lost, retired <-chan struct{}
-	if pinned != nil {
-		lost, retired = pinned.lost, pinned.retire
+	w, err := p.acquire(ctx, pinned, req.Session)
+	unwait()
+	if err != nil {
+		return call.Result{}, err
 	}
-	select {
-	case queue <- c:
-		unwait()
-	case <-ctx.Done():
-		unwait()
-		return call.Result{}, call.Errorf(call.CodeDeadline, call.TypeDeadline, "the deadline passed while the call waited for a worker")
-	case <-p.closed:
-		unwait()
-		return call.Result{}, call.Errorf(call.CodeUnavailable, call.TypeDraining, "the node stopped before a worker was free")
-	case <-lost:
-		unwait()
-		return call.Result{}, sessionLost(req.Session, pinned)
-	case <-retired:
-		unwait()
-		return call.Result{}, sessionLost(req.Session, pinned)
-	}
-
-	select {
-	case o := <-c.done:
-		return o.res, o.err
-	case <-ctx.Done():
-		c.abandon()
-		// The slot may have finished at the same moment; prefer its answer.
-		select {
-		case o := <-c.done:
-			return o.res, o.err
-		default:
-		}
-		return call.Result{}, call.Errorf(call.CodeDeadline, call.TypeDeadline, "the deadline passed before the call finished")
-	}
+	return p.run(w, &queuedCall{ctx: ctx, req: req, emit: emit})
 }
 
 func (p *Pool) enter() bool {

@@ -47,7 +47,7 @@ const maxMessageBytes = 65 << 20
 // receive side is recv's alone; its send side is the outbox's (see outbox).
 // calls and out each guard their own state with their own mutex. The rest
 // are atomics and channels that any of the worker's goroutines may use: its
-// slots (Pool.slot), recv, its exit watcher, its monitor (Pool.watch), and
+// callers (Pool.run), recv, its exit watcher, its monitor (Pool.watch), and
 // its supervisor (Pool.supervise), which alone retires it.
 type worker struct {
 	name        string // e.g. "w3", unique in the node
@@ -72,7 +72,7 @@ type worker struct {
 
 	nextID   atomic.Uint64 // the last frame id given out
 	handled  atomic.Uint64 // calls ended, for MaxRequests
-	inflight atomic.Int64  // calls its slots run now, for sessions
+	inflight atomic.Int64  // calls running on it now, for sessions
 
 	// lost is closed when the stream breaks or the process exits: every
 	// pending call fails at once rather than waiting for its deadline.
@@ -81,22 +81,24 @@ type worker struct {
 	// why is the reason the pool stopped this worker on purpose (stop,
 	// deadline, recycle, unhealthy); empty means it died by itself.
 	why atomic.Pointer[string]
-	// pinned carries calls of sessions bound to this worker.
-	pinned chan *queuedCall
+	// open and free are the pool's dispatcher's, under its mu: whether
+	// calls may take the worker's slots, and how many are free.
+	open bool
+	free int
 	// retire is closed when the worker must take no more calls.
 	retire     chan struct{}
 	retireOnce sync.Once
 	// recycle carries the monitor's request to replace the worker (the
 	// reason, for the log); buffered so the monitor never waits.
 	recycle chan string
-	// slots counts this worker's slot goroutines still running, monitor
+	// slots counts the calls that hold one of the worker's slots, monitor
 	// its watch goroutine.
 	slots   sync.WaitGroup
 	monitor sync.WaitGroup
 }
 
 // callTable holds the calls sent on a worker's stream whose END has not come
-// back. begin adds to it from the slots, recv takes from it, markLost breaks
+// back. begin adds to it from the calls, recv takes from it, markLost breaks
 // it; mu guards pending and broken.
 type callTable struct {
 	mu      sync.Mutex
@@ -109,9 +111,12 @@ type callTable struct {
 	inlineBusy atomic.Int64
 }
 
-// pendingCall is a call sent to the worker whose END has not come back.
+// pendingCall is a call sent to the worker whose END has not come back:
+// one a goroutine waits for on ch (Pool.run), or one that recv ends itself
+// (async, Pool.StartCall).
 type pendingCall struct {
 	ch     chan *workerpb.Result
+	async  *asyncCall
 	inline bool // counted in inlineBusy
 }
 
@@ -129,31 +134,34 @@ func (t *callTable) add(id uint64, pc pendingCall) error {
 	return nil
 }
 
-// route appends to chans the channel of each result's call (nil for a call
-// the node gave up on), and forgets the calls whose END this is.
-func (t *callTable) route(results []*workerpb.Result, chans []chan *workerpb.Result) []chan *workerpb.Result {
+// route appends to calls the call of each result (zero for a call the
+// node gave up on), and forgets the calls whose END this is.
+func (t *callTable) route(results []*workerpb.Result, calls []pendingCall) []pendingCall {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for _, r := range results {
 		pc := t.pending[r.Id]
-		chans = append(chans, pc.ch)
-		if r.Kind == workerpb.Result_END && pc.ch != nil {
+		calls = append(calls, pc)
+		if r.Kind == workerpb.Result_END && (pc.ch != nil || pc.async != nil) {
 			delete(t.pending, r.Id)
 			if pc.inline {
 				t.inlineBusy.Add(-1)
 			}
 		}
 	}
-	return chans
+	return calls
 }
 
 // breakWith marks the stream broken by err and drops the pending calls:
-// they learn of it from the worker's lost.
-func (t *callTable) breakWith(err error) {
+// they learn of it from the worker's lost, the async ones from markLost,
+// which gets them from breakWith.
+func (t *callTable) breakWith(err error) map[uint64]pendingCall {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.broken = err
+	dropped := t.pending
 	t.pending = nil
+	return dropped
 }
 
 // cause is what broke the stream, or nil.
@@ -230,7 +238,6 @@ func (p *Pool) newWorker(name string) *worker {
 		maxRequests: uint64(jitter(p.cfg.MaxRequests)),
 		calls:       callTable{pending: make(map[uint64]pendingCall)},
 		lost:        make(chan struct{}),
-		pinned:      make(chan *queuedCall),
 		retire:      make(chan struct{}),
 		recycle:     make(chan string, 1),
 	}
@@ -403,7 +410,7 @@ func (p *Pool) startIO(w *worker) {
 
 // recv routes results to the calls waiting for them until the stream ends.
 func (w *worker) recv() {
-	var chans []chan *workerpb.Result
+	var calls []pendingCall
 	for {
 		b, err := w.stream.Recv()
 		if err != nil {
@@ -412,21 +419,27 @@ func (w *worker) recv() {
 		}
 		// The worker is between two messages: what waits for it goes now.
 		w.out.answered()
-		chans = w.calls.route(b.Results, chans[:0])
+		calls = w.calls.route(b.Results, calls[:0])
 		for i, r := range b.Results {
 			if r.Kind == workerpb.Result_LOG {
-				// Logged here, not by the call's slot: a record may
+				// Logged here, not by the call's goroutine: a record may
 				// come after its call ended (a thread the call left
 				// behind), and it still belongs in the node's log.
 				w.logRecord(r)
 				continue
 			}
-			ch := chans[i]
+			if a := calls[i].async; a != nil {
+				// Ended here: its answer goes out from this goroutine,
+				// with no hand-off to another.
+				a.result(r)
+				continue
+			}
+			ch := calls[i].ch
 			if ch == nil {
 				continue // a call the node already gave up on
 			}
 			// Each call's channel is buffered for its END frame, and the
-			// one slot goroutine that reads it always drains to END, so
+			// one goroutine that runs the call always drains it to END, so
 			// this send blocks only while a streaming caller is still
 			// consuming chunks.
 			select {
@@ -463,13 +476,19 @@ func (w *worker) logRecord(r *workerpb.Result) {
 // Pool.settleLost).
 func (w *worker) markLost(err error) {
 	w.lostOnce.Do(func() {
-		markBroken := func() { w.calls.breakWith(err) }
+		var dropped map[uint64]pendingCall
+		markBroken := func() { dropped = w.calls.breakWith(err) }
 		if w.leave != nil {
 			w.leave(markBroken)
 		} else {
 			markBroken()
 		}
 		close(w.lost)
+		for _, pc := range dropped {
+			if pc.async != nil {
+				pc.async.lost()
+			}
+		}
 	})
 }
 
@@ -493,6 +512,17 @@ func (w *worker) begin(c *workerpb.Call) (<-chan *workerpb.Result, error) {
 		return nil, err
 	}
 	return ch, nil
+}
+
+// beginAsync registers a call that recv ends itself, and sends its frame.
+// An error means the call was not registered: the stream is broken. Once
+// it is, a failed send fails it through markLost.
+func (w *worker) beginAsync(c *workerpb.Call, a *asyncCall) error {
+	if err := w.calls.add(c.Id, pendingCall{async: a, inline: w.inline[c.Function]}); err != nil {
+		return err
+	}
+	_ = w.out.push(c)
+	return nil
 }
 
 // cancel asks the worker to stop call id; best effort.
