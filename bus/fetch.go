@@ -120,12 +120,15 @@ func (j *Jobs) resetup() {
 	j.log.Warn("jobs consumer recreated", zap.String("consumer", j.consumerName()))
 }
 
+// idleSlots is how many more jobs may be fetched. starting is read before
+// Capacity: a job leaves starting only after the handler counts it, so
+// read in this order a job moving between the two is counted once or
+// twice, never missed.
 func (j *Jobs) idleSlots() int {
-	n := j.cfg.Capacity()
 	j.mu.Lock()
-	n -= j.starting
+	starting := j.starting
 	j.mu.Unlock()
-	return min(n, maxBatch)
+	return min(j.cfg.Capacity()-starting, maxBatch)
 }
 
 func (j *Jobs) dispatch(msg jetstream.Msg) {
@@ -139,13 +142,9 @@ func (j *Jobs) dispatch(msg jetstream.Msg) {
 	}()
 }
 
-// started tells the fetch loop that a job reached Call (or will not), so
-// that Capacity now accounts for it.
-func (j *Jobs) started(once *bool) {
-	if *once {
-		return
-	}
-	*once = true
+// started tells the fetch loop that the handler counts a job in Capacity
+// now (call.Request.Admitted), or that it never will. Once a job.
+func (j *Jobs) started() {
 	j.mu.Lock()
 	j.starting--
 	j.mu.Unlock()

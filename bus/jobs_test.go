@@ -46,6 +46,9 @@ func (h *jobHandler) Call(ctx context.Context, req *call.Request, emit call.Emit
 	h.active++
 	h.maxActive = max(h.maxActive, h.active)
 	h.mu.Unlock()
+	if req.Admitted != nil {
+		req.Admitted() // slots counts the call now, as pool.Pool.Idle does
+	}
 	defer func() {
 		h.mu.Lock()
 		h.active--

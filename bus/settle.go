@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -19,8 +20,9 @@ import (
 // a node that dies in between leaves a job that the next delivery finds
 // done and acks without running it again.
 func (j *Jobs) handle(msg jetstream.Msg) {
-	var startedOnce bool
-	defer j.started(&startedOnce)
+	var admitted sync.Once
+	started := func() { admitted.Do(j.started) }
+	defer started()
 
 	d, err := j.newDelivery(msg)
 	if err != nil {
@@ -43,8 +45,7 @@ func (j *Jobs) handle(msg jetstream.Msg) {
 		j.settleCancelled(d, "")
 		return
 	}
-	j.started(&startedOnce)
-	res, limit, settled := j.invoke(d, fn, timeout)
+	res, limit, settled := j.invoke(d, fn, timeout, started)
 	if settled {
 		return
 	}
@@ -90,7 +91,7 @@ func (j *Jobs) prepare(d *delivery) (fn call.Function, timeout time.Duration, se
 // items joined into one, with the largest result the job may store. A call
 // that failed settles the delivery: buried or retried by failed, or handed
 // back when Stop cut it short.
-func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res call.Result, limit int, settled bool) {
+func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration, admitted func()) (res call.Result, limit int, settled bool) {
 	req := &call.Request{
 		Function:  fn.Name,
 		Payload:   d.msg.Data(),
@@ -100,6 +101,7 @@ func (j *Jobs) invoke(d *delivery, fn call.Function, timeout time.Duration) (res
 		JobID:     d.id,
 		Attempt:   int(d.n),
 		Progress:  func(v []byte) { j.progress(d, v) },
+		Admitted:  admitted,
 	}
 	run, stopRun := context.WithCancelCause(j.abortCtx)
 	defer stopRun(nil)

@@ -74,6 +74,12 @@ type Request struct {
 	// ctx.progress, in order and before Call returns; nil drops them. The
 	// worker rate-limits them, but Progress must still be quick.
 	Progress func(value []byte)
+	// Admitted, when set, is called once the handler counts the call in
+	// its capacity (pool.Pool.Idle), before it waits for a slot, and at
+	// most once. The job fetcher counts a fetched job itself until then:
+	// counting it from before Call would leave a moment in which neither
+	// does, and one job too many would be fetched.
+	Admitted func()
 }
 
 // Chunk is one item a streaming function yielded.

@@ -625,7 +625,7 @@ type execution struct {
 	overran  bool // cancelled (deadline or ctx); the grace runs
 }
 
-// run sends c to w, whose slot the caller holds, and waits for its end on
+// run sends c to w, whose slot the caller holds and counts in busy, and waits for its end on
 // the caller's goroutine. Past the deadline it cancels the call; past the
 // deadline plus the grace it kills the worker, because a sync Python
 // function cannot be interrupted any other way. If the caller's ctx ends
@@ -633,10 +633,10 @@ type execution struct {
 // call to its end (cancel frame, grace, kill) and gives the slot back.
 func (p *Pool) run(w *worker, c *queuedCall) (call.Result, error) {
 	if c.ctx.Err() != nil {
+		p.busy.Add(-1)
 		p.slots.release(w)
 		return call.Result{}, deadlineError(w.name)
 	}
-	p.busy.Add(1)
 	w.inflight.Add(1)
 	x := execution{p: p, w: w, c: c, id: w.nextID.Add(1)}
 	frame := &workerpb.Call{Id: x.id, Function: c.req.Function, Payload: c.req.Payload,
@@ -863,6 +863,9 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 		p.waitingBytes.Add(-size)
 	}
 	n, held := p.waiting.Add(1), p.waitingBytes.Add(size)
+	if req.Admitted != nil {
+		req.Admitted()
+	}
 	if n > int64(p.cfg.QueueLimit) {
 		unwait()
 		return call.Result{}, call.Errorf(call.CodeUnavailable, call.TypeOverloaded, "%d calls are already waiting on this node (its queue limit)", p.cfg.QueueLimit)
@@ -884,6 +887,9 @@ func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (cal
 		pinned = w
 	}
 	w, err := p.acquire(ctx, pinned, req.Session)
+	if err == nil {
+		p.busy.Add(1) // before unwait: Idle never sees the call in neither count
+	}
 	unwait()
 	if err != nil {
 		return call.Result{}, err
@@ -1093,7 +1099,10 @@ func (p *Pool) Idle() int {
 	p.mu.Lock()
 	n := len(p.workers)
 	p.mu.Unlock()
-	return n*p.cfg.Concurrency - int(p.busy.Load()) - int(p.waiting.Load())
+	// waiting before busy: a call is counted in busy before it leaves
+	// waiting, so read in this order it is never missed.
+	waiting := p.waiting.Load()
+	return n*p.cfg.Concurrency - int(p.busy.Load()) - int(waiting)
 }
 
 // Workers lists the live workers' pids by name.

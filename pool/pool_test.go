@@ -212,6 +212,46 @@ func TestQueueLimitAnswers503(t *testing.T) {
 	}
 }
 
+// A call is counted in Idle by the time its Admitted hook runs (the job
+// fetcher stops counting it then), and stays counted while it queues and
+// runs: one worker, one slot, two calls.
+func TestAdmittedCallsCountInIdle(t *testing.T) {
+	p, _ := startPool(t, nil)
+	if idle := p.Idle(); idle != 1 {
+		t.Fatalf("Idle of an unused one-slot pool = %d", idle)
+	}
+	idleAtAdmission := make(chan int, 2)
+	results := make(chan error, 2)
+	for range 2 {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			dl, _ := ctx.Deadline()
+			req := &call.Request{Function: "sleep", Payload: []byte("300"), Deadline: dl,
+				Admitted: func() { idleAtAdmission <- p.Idle() }}
+			_, err := p.Call(ctx, req, nil)
+			results <- err
+		}()
+	}
+	for range 2 {
+		if idle := <-idleAtAdmission; idle > 0 {
+			t.Errorf("Idle = %d when a call was admitted; the call itself must count", idle)
+		}
+	}
+	waitUntil(t, func() bool { return p.Stats().Busy == 1 && p.Stats().Queued == 1 })
+	if idle := p.Idle(); idle != -1 {
+		t.Errorf("Idle = %d with one call running and one queued on one slot, want -1", idle)
+	}
+	for range 2 {
+		if err := <-results; err != nil {
+			t.Error(err)
+		}
+	}
+	if idle := p.Idle(); idle != 1 {
+		t.Errorf("Idle = %d after both calls ended", idle)
+	}
+}
+
 // A sync call that overruns its deadline by the grace gets its worker
 // killed and replaced; the caller gets 408.
 func TestDeadlineKillsSyncWorker(t *testing.T) {
