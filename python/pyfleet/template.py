@@ -167,11 +167,17 @@ class Forker:
         self.sel.register(sock, selectors.EVENT_READ, None)
         # id -> [intermediate pid, worker pid or 0 until it is known]
         self.pending: dict[int, list[int]] = {}
+        # Intermediates killed and not yet reaped, by pidfd: id,
+        # intermediate pid, and the worker's pid to report adopted (0: none).
+        self.dying: dict[int, tuple[int, int, int]] = {}
 
     def serve(self) -> int:
         try:
             while True:
                 for key, _ in self.sel.select():
+                    if key.data == "died":
+                        self.died(key.fileobj)  # type: ignore[arg-type]
+                        continue
                     if key.data is not None:
                         self.reported(key.fileobj, key.data)  # type: ignore[arg-type]
                         continue
@@ -193,6 +199,8 @@ class Forker:
                 for victim in (pid, middle):
                     if victim:
                         os.kill(victim, signal.SIGKILL)
+                os.waitpid(middle, 0)
+            for _, middle, _ in self.dying.values():
                 os.waitpid(middle, 0)
 
     def fork(self, req: dict, fds: list[int]) -> None:
@@ -238,12 +246,28 @@ class Forker:
         """The node has registered the worker (or will not take it): the
         intermediate goes, and the worker is re-parented to the node.
         Without go the node did not take the worker, which is then killed
-        as an orphan once re-parented (or waits in vain and exits)."""
+        as an orphan once re-parented (or waits in vain and exits).
+
+        The intermediate is reaped when its pidfd says it died, not waited
+        for here: a dying process needs the CPU to tear down its copy of
+        the template, and with a hundred workers starting that took the
+        one thread serving every fork 3 ms a worker (0.4 s of 1.1 s for
+        100; test/bench/notes.md)."""
         middle, pid = self.pending.pop(ident)
+        pidfd = os.pidfd_open(middle)
         os.kill(middle, signal.SIGKILL)
+        self.dying[pidfd] = (ident, middle, pid if take else 0)
+        self.sel.register(pidfd, selectors.EVENT_READ, "died")
+
+    def died(self, pidfd: int) -> None:
+        """An intermediate killed by go is dead: reaped, its worker is the
+        node's child now, which the node learns from adopted."""
+        self.sel.unregister(pidfd)
+        os.close(pidfd)
+        ident, middle, adopted = self.dying.pop(pidfd)
         os.waitpid(middle, 0)
-        if take:
-            send(self.sock, {"id": ident, "adopted": pid})
+        if adopted:
+            send(self.sock, {"id": ident, "adopted": adopted})
 
 
 def intermediate(sock: socket.socket, report_w: int, req: dict, fds: list[int]) -> None:

@@ -421,8 +421,15 @@ def test_sigterm_lets_calls_finish_and_refuses_new_ones(
     slow_async = conn.send("slow_async", {"ms": 700})
     time.sleep(0.2)
     worker.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    code, typ, _ = error(conn.call("echo", 1))
+    # An echo answered before the worker handled the signal is fine; once
+    # it has, new calls are refused while the slow ones run on.
+    deadline = time.monotonic() + 5
+    while True:
+        frame = conn.call("echo", 1)
+        if frame.HasField("error") or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    code, typ, _ = error(frame)
     assert (code, typ) == (503, "Unavailable")
     assert value(conn.frames(slow)[0]) == {"slept_ms": 700}
     assert value(conn.frames(slow_async)[0]) == {"slept_ms": 700}
