@@ -92,15 +92,23 @@ func TestJobStatusAndProgressHook(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer w.Stop()
+	// The watch is in place once it says it has sent the initial values
+	// (none): a write before that would be missed, or come as the initial
+	// value in place of the writes before it.
+	select {
+	case e := <-w.Updates():
+		if e != nil {
+			t.Fatalf("a status for f1 before it was submitted: %s", e.Value())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watch did not start")
+	}
 	submit(t, js, "fail", "f1", "1")
 	st = waitStatus(t, kv, "f1", protocol.JobDead)
 	var states []string
 	for len(states) == 0 || states[len(states)-1] != protocol.JobDead {
 		select {
 		case e := <-w.Updates():
-			if e == nil {
-				continue // the end of the initial values
-			}
 			var s protocol.JobStatus
 			if err := json.Unmarshal(e.Value(), &s); err != nil {
 				t.Fatal(err)
