@@ -16,14 +16,21 @@ import (
 
 // startTestTemplate starts a template of an empty app in containment c
 // (nil: group), stopped at the test's end.
-func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string, c Containment) *Template {
+// emptyApp is the app the templates of these tests preload unless a test
+// needs functions.
+const emptyApp = "from pyfleet import App\n\napp = App()\n"
+
+// startTestTemplate starts a template in containment c that preloads
+// app, the source of preapp.py in dir.
+func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string, c Containment, app string) *Template {
 	t.Helper()
-	if err := os.WriteFile(filepath.Join(dir, "preapp.py"), []byte("from pyfleet import App\n\napp = App()\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "preapp.py"), []byte(app), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	tm := run
 	tm.Worker = "template-1"
-	tcmd := exec.Command(preloadPython(t), "-m", "pyfleet.template", "--app", "preapp", "--app-dir", dir)
+	tcmd := exec.Command(preloadPython(t), "-m", "pyfleet.template", "--app", "preapp", "--app-dir", dir,
+		"--argv-room", strings.Repeat("-", 512))
 	tcmd.Dir = dir
 	var tout lines
 	tpl, err := StartTemplate(s, tcmd, StartOptions{Marker: tm, Contain: c, Stdout: tout.add, Stderr: tout.add}, time.Minute)
@@ -34,9 +41,9 @@ func startTestTemplate(t *testing.T, s *Spawner, run Marker, dir string, c Conta
 	return tpl
 }
 
-// forkTestWorker forks worker name from tpl in containment c; ready is
-// closed at its handshake line.
-func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string, c Containment) (*Process, <-chan struct{}, *lines, error) {
+// forkTestWorker forks worker name from tpl in containment c; ready gets
+// its handshake line, what follows "PYFLEET-READY ".
+func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string, c Containment) (*Process, <-chan string, *lines, error) {
 	secretR, secretW, err := os.Pipe()
 	if err != nil {
 		return nil, nil, nil, err
@@ -56,12 +63,14 @@ func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string, c
 	wm := run
 	wm.Worker = name
 	out := &lines{}
-	var once sync.Once
-	ready := make(chan struct{})
+	ready := make(chan string, 1)
 	p, err := tpl.Fork(cmd, StartOptions{Marker: wm, Contain: c, Stdout: func(b []byte) {
 		out.add(b)
-		if strings.HasPrefix(string(b), "PYFLEET-READY ") {
-			once.Do(func() { close(ready) })
+		if rest, ok := strings.CutPrefix(string(b), "PYFLEET-READY "); ok {
+			select {
+			case ready <- rest:
+			default:
+			}
 		}
 	}, Stderr: out.add})
 	lifeR.Close()
@@ -83,12 +92,12 @@ func TestPreloadForksOverlap(t *testing.T) {
 	run := Marker{Node: "ovl" + strconv.Itoa(os.Getpid()), Run: "r1"}
 	s := mustSpawner(t)
 	dir := t.TempDir()
-	tpl := startTestTemplate(t, s, run, dir, nil)
+	tpl := startTestTemplate(t, s, run, dir, nil, emptyApp)
 
 	const n = 2*maxForksInFlight + 1
 	type forked struct {
 		p     *Process
-		ready <-chan struct{}
+		ready <-chan string
 		out   *lines
 		err   error
 	}
@@ -148,7 +157,7 @@ func TestPreloadForkAfterTemplateDied(t *testing.T) {
 	run := Marker{Node: "die" + strconv.Itoa(os.Getpid()), Run: "r1"}
 	s := mustSpawner(t)
 	dir := t.TempDir()
-	tpl := startTestTemplate(t, s, run, dir, nil)
+	tpl := startTestTemplate(t, s, run, dir, nil, emptyApp)
 	if err := syscall.Kill(tpl.Process().PID(), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package lifecycle
 import (
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -42,7 +41,7 @@ func TestPreloadForkIntoCgroup(t *testing.T) {
 	dir := t.TempDir()
 	tm := run
 	tm.Worker = "template-1"
-	tpl := startTestTemplate(t, s, run, dir, cg)
+	tpl := startTestTemplate(t, s, run, dir, cg, emptyApp)
 	wm := run
 	wm.Worker = "w1-2"
 	p, ready, out, err := forkTestWorker(t, tpl, run, dir, wm.Worker, cg)
@@ -122,7 +121,6 @@ signal.signal(signal.SIGUSR1, report)
 // the node through the init's status pipe. The template itself runs in
 // the node's namespace, without an init.
 func TestPreloadForkIntoPIDNamespace(t *testing.T) {
-	py := preloadPython(t)
 	if err := SetChildSubreaper(); err != nil {
 		t.Fatal(err)
 	}
@@ -145,53 +143,13 @@ func TestPreloadForkIntoPIDNamespace(t *testing.T) {
 			}
 			s := mustSpawner(t)
 			dir := t.TempDir()
-			if err := os.WriteFile(filepath.Join(dir, "nsapp.py"), []byte(nsApp), 0o644); err != nil {
-				t.Fatal(err)
-			}
-			tm := run
-			tm.Worker = "template-1"
-			tcmd := exec.Command(py, "-m", "pyfleet.template", "--app", "nsapp", "--app-dir", dir, "--argv-room", strings.Repeat("-", 512))
-			tcmd.Dir = dir
-			var tout lines
-			tpl, err := StartTemplate(s, tcmd, StartOptions{Marker: tm, Contain: c, Stdout: tout.add, Stderr: tout.add}, time.Minute)
-			if err != nil {
-				t.Fatalf("StartTemplate: %v (%v)", err, tout.get())
-			}
-			t.Cleanup(func() { tpl.Stop(0) })
+			tpl := startTestTemplate(t, s, run, dir, c, nsApp)
 			if lv := nsLevels(t, tpl.Process().PID()); lv != 1 {
 				t.Errorf("the template has %d NSpid levels, want 1: it lives in the node's namespace", lv)
 			}
-
-			lifeR, lifeW, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer lifeW.Close()
-			secretR, secretW, err := os.Pipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, _ = secretW.WriteString("s3cret")
-			secretW.Close()
-			cmd := exec.Command(py, "-m", "pyfleet.worker", "--app", "nsapp", "--app-dir", dir, "--socket", filepath.Join(dir, "w.sock"), "--worker-id", "w1")
-			cmd.Dir = dir
-			cmd.Env = append(os.Environ(), "PYFLEET_WORKER_LIFELINE_FD=3", "PYFLEET_WORKER_SECRET_FD=4")
-			cmd.ExtraFiles = []*os.File{lifeR, secretR}
 			wm := run
 			wm.Worker = "w1-2"
-			var out lines
-			ready := make(chan string, 1)
-			p, err := tpl.Fork(cmd, StartOptions{Marker: wm, Contain: c, Stdout: func(b []byte) {
-				out.add(b)
-				if rest, ok := strings.CutPrefix(string(b), "PYFLEET-READY "); ok {
-					select {
-					case ready <- rest:
-					default:
-					}
-				}
-			}, Stderr: out.add})
-			lifeR.Close()
-			secretR.Close()
+			p, ready, out, err := forkTestWorker(t, tpl, run, dir, wm.Worker, c)
 			if err != nil {
 				t.Fatalf("Fork: %v", err)
 			}
@@ -313,7 +271,7 @@ func TestPreloadForkIntoPIDNamespace(t *testing.T) {
 				}
 			}
 			if !tpl.Process().Identity().Alive() {
-				t.Errorf("the template died: %v", tout.get())
+				t.Error("the template died")
 			}
 		})
 	}
