@@ -68,7 +68,7 @@ func init() {
 // worker's exit code (128+n for a death by signal n).
 // With the arguments "probe PARENT" it only sets the namespace up, checks
 // /proc/self, and returns 0 if all went well (lifecycle.NewPIDNSContainment's probe).
-// With the arguments "adopt PARENT STATUSFD WORKERPID GOFD" it is the init
+// With the arguments "adopt PARENT STATUSFD WORKERPID GOFD GONEFD" it is the init
 // of a worker forked from a template, which it did not start (see adopt).
 func Main(args []string) int {
 	if len(args) > 0 && args[0] == Adopt {
@@ -128,10 +128,11 @@ func Main(args []string) int {
 // intermediate unshared the namespaces and forked this process as PID 1 of
 // the new PID namespace; this process forked the worker (WORKERPID, as this
 // namespace numbers it, blocked until it reads a byte on its end of GOFD)
-// and then exec'd this init, which keeps the worker as its child. args are
-// (after Adopt):
+// and then exec'd this init, which keeps the worker as its child. GONEFD
+// is a pipe whose write end only the intermediate holds: it reads EOF when
+// the intermediate dies. args are (after Adopt):
 //
-//	PARENT STATUSFD WORKERPID GOFD [ARG0 ARG...]
+//	PARENT STATUSFD WORKERPID GOFD GONEFD [ARG0 ARG...]
 //
 // ARG0 ARG..., the worker's command line, are not used: they show in ps
 // what a started init's command line shows.
@@ -141,20 +142,23 @@ func Main(args []string) int {
 // lives as one: forwards signals, reaps, reports the worker's status on
 // STATUSFD and waits to be killed.
 func adopt(args []string) int {
-	if len(args) < 4 {
-		fmt.Fprintln(os.Stderr, "usage: "+Arg+" "+Adopt+" PARENT STATUSFD WORKERPID GOFD [ARG0 ARG...]")
+	if len(args) < 5 {
+		fmt.Fprintln(os.Stderr, "usage: "+Arg+" "+Adopt+" PARENT STATUSFD WORKERPID GOFD GONEFD [ARG0 ARG...]")
 		return 2
 	}
 	statusFD, err1 := strconv.Atoi(args[1])
 	pid, err2 := strconv.Atoi(args[2])
 	goFD, err3 := strconv.Atoi(args[3])
-	if err1 != nil || err2 != nil || err3 != nil || statusFD < 3 || goFD < 3 || pid <= 1 {
-		fmt.Fprintf(os.Stderr, "pyfleet init: bad STATUSFD %q, WORKERPID %q or GOFD %q\n", args[1], args[2], args[3])
+	goneFD, err4 := strconv.Atoi(args[4])
+	if err1 != nil || err2 != nil || err3 != nil || err4 != nil || statusFD < 3 || goFD < 3 || goneFD < 3 || pid <= 1 {
+		fmt.Fprintf(os.Stderr, "pyfleet init: bad STATUSFD %q, WORKERPID %q, GOFD %q or GONEFD %q\n", args[1], args[2], args[3], args[4])
 		return 2
 	}
 	unix.CloseOnExec(statusFD)
 	unix.CloseOnExec(goFD)
-	if err := waitAdopted(args[0], adoptTimeout); err != nil {
+	err := waitAdopted(args[0], goneFD, adoptTimeout)
+	_ = unix.Close(goneFD)
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "pyfleet init: %v\n", err)
 		return 126
 	}
@@ -181,14 +185,34 @@ const adoptTimeout = 10 * time.Second
 // waitAdopted returns once this process's parent is parent, as the node's
 // /proc (still mounted here) numbers it; an error once the parent is
 // someone else than the intermediate it started under (the node died, or
-// gave up on this start), or after limit.
-func waitAdopted(parent string, limit time.Duration) error {
+// gave up on this start), or after limit. It sleeps on gone until the
+// intermediate has died; the kernel closes a dying process's files a
+// moment before it hands its children to their new parent, and only that
+// moment is polled.
+func waitAdopted(parent string, gone int, limit time.Duration) error {
 	first, err := parentPID()
 	if err != nil {
 		return err
 	}
 	deadline := time.Now().Add(limit)
-	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
+	for {
+		fds := []unix.PollFd{{Fd: int32(gone), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, max(0, int(time.Until(deadline).Milliseconds())+1))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("wait for the intermediate's end: %w", err)
+		}
+		if n == 0 {
+			return fmt.Errorf("not re-parented to the node (pid %s) within %s", parent, limit)
+		}
+		var b [1]byte
+		if m, _ := unix.Read(gone, b[:]); m <= 0 {
+			break // EOF: the intermediate is dying
+		}
+	}
+	for pause := 20 * time.Microsecond; ; pause = min(2*pause, time.Millisecond) {
 		now, err := parentPID()
 		switch {
 		case err != nil:

@@ -281,16 +281,16 @@ def intermediate(sock: socket.socket, report_w: int, req: dict, fds: list[int]) 
         except OSError as exc:
             os.write(report_w, f"E{exc}".encode())
             raise
-    # Its end closes when the intermediate dies: a worker forked here
-    # blocks on the other end instead of polling for its new parent.
+    # Its end closes when the intermediate dies: a worker forked here (or
+    # the init of one) blocks on the other end instead of polling for its
+    # new parent.
     gone_r, gone_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(report_w)
         os.close(gone_w)
         if ns:
-            os.close(gone_r)
-            become_init(sock, req, fds)  # never returns
+            become_init(sock, req, fds, gone_r)  # never returns
         become_worker(sock, req, fds, gone=gone_r)  # never returns
     os.close(gone_r)
     if ns:
@@ -383,7 +383,7 @@ def enter_cgroup(dir_fd: int) -> None:
         os.close(procs)
 
 
-def become_init(sock: socket.socket, req: dict, fds: list[int]) -> None:
+def become_init(sock: socket.socket, req: dict, fds: list[int], gone: int) -> None:
     """A, PID 1 of the worker's new namespace: enters the worker's cgroup,
     forks the worker, and execs the node's init to adopt it (lifecycle/
     pidinit/pidinit.go, adopt). Never returns."""
@@ -398,18 +398,20 @@ def become_init(sock: socket.socket, req: dict, fds: list[int]) -> None:
         if worker == 0:
             os.close(go_w)
             os.close(status)
+            os.close(gone)
             become_worker(sock, req, worker_fds, go=go_r)  # never returns
         os.close(go_r)
         sock.close()
         # The init's stdout and stderr are the worker's, as a started
-        # init's are; 3 its status pipe, 4 the worker's go.
-        place_fds(fds[0], fds[1], [status, go_w])
+        # init's are; 3 its status pipe, 4 the worker's go, 5 the pipe that
+        # ends with the intermediate.
+        place_fds(fds[0], fds[1], [status, go_w, gone])
         if ns.get("userns"):
             raise_ambient(CAP_SYS_ADMIN)
         env = dict(kv.split("=", 1) for kv in req["env"] if "=" in kv)
         # The worker's environment, so that the init carries its marks, and
         # its command line after the init's own, as a started init has both.
-        argv = [ns["init"], INIT_ARG, "adopt", str(ns["parent"]), "3", str(worker), "4", *req["argv"]]
+        argv = [ns["init"], INIT_ARG, "adopt", str(ns["parent"]), "3", str(worker), "4", "5", *req["argv"]]
         os.execve(ns["init"], argv, env)
     except BaseException as exc:  # noqa: BLE001 - never return into the template's code
         print(f"pyfleet preloaded worker's init: {type(exc).__name__}: {exc}", file=sys.stderr)
