@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -79,6 +80,14 @@ type Config struct {
 
 	NATSCreds, NATSUser, NATSPassword, NATSToken string
 	NATSTLSCA, NATSTLSCert, NATSTLSKey           string
+
+	// deferImportCheck makes Validate start the interpreter's check that
+	// it imports pyfleet (probePython) and leave it running as importCheck,
+	// for Run to wait for only before the first worker starts: with
+	// --preload the check then runs beside the template's own import of
+	// the same modules instead of before it (python.go).
+	deferImportCheck bool
+	importCheck      *importCheck
 }
 
 // DefaultJobTimeout is the deadline of a job that names none (--job-timeout).
@@ -300,23 +309,45 @@ func (c *Config) validatePython(env pythonEnv) error {
 	if err != nil {
 		return badConfig("--python: %s (%s): %v", chosen, from, err)
 	}
-	p, err := probePython(python, c.AppDir)
+	if c.deferImportCheck && !isPyenvShim(python) {
+		// A shim is replaced by the interpreter the check names; any
+		// other path runs as it is, so the check's verdict can wait.
+		c.Python, c.PythonFrom = python, from
+		dir := c.AppDir
+		c.importCheck = startImportCheck(func(ctx context.Context) error {
+			_, err := checkPython(ctx, python, from, dir, env)
+			return err
+		})
+		return nil
+	}
+	p, err := checkPython(context.Background(), python, from, c.AppDir, env)
 	if err != nil {
-		var imp *importError
-		if errors.As(err, &imp) {
-			shown := python
-			if isPyenvShim(python) && p.executable != "" {
-				shown = p.executable
-			}
-			return badConfig("--python: %s (%s) %v\n%s", python, from, err, installHint(shown, p, env))
-		}
-		return badConfig("--python: %s (%s): %v", python, from, err)
+		return err
 	}
 	if isPyenvShim(python) {
 		python = p.executable
 	}
 	c.Python, c.PythonFrom = python, from
 	return nil
+}
+
+// checkPython starts python once (probePython) and turns a failure into
+// the configuration error a user reads: which interpreter, why it was
+// chosen, and the command that fixes it.
+func checkPython(ctx context.Context, python, from, dir string, env pythonEnv) (probe, error) {
+	p, err := probePython(ctx, python, dir)
+	if err == nil {
+		return p, nil
+	}
+	var imp *importError
+	if errors.As(err, &imp) {
+		shown := python
+		if isPyenvShim(python) && p.executable != "" {
+			shown = p.executable
+		}
+		return p, badConfig("--python: %s (%s) %v\n%s", python, from, err, installHint(shown, p, env))
+	}
+	return p, badConfig("--python: %s (%s): %v", python, from, err)
 }
 
 // validateStateDir makes the state dir absolute, defaulting it; its

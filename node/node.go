@@ -28,9 +28,13 @@ const Version = "0.1.0"
 //
 // Errors that wrap ErrConfig mean the configuration or the app is wrong.
 func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}) error {
+	// The interpreter's import check runs beside the start, and is waited
+	// for only before the first worker (startPool).
+	cfg.deferImportCheck = true
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	defer cfg.importCheck.stop()
 	n := &node{
 		cfg:    cfg,
 		run:    randomHex(4),

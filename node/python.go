@@ -121,8 +121,8 @@ type probe struct {
 
 // probePython starts the interpreter once, as a worker would be started
 // (same directory, same environment), and checks that it imports pyfleet.
-func probePython(python, dir string) (probe, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+func probePython(ctx context.Context, python, dir string) (probe, error) {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, python, "-c", probeScript)
 	cmd.Dir = dir
@@ -192,4 +192,47 @@ func installHint(python string, p probe, env pythonEnv) string {
 		hint += fmt.Sprintf("\nor into a virtual env of your own:\n    python3 -m venv .venv && . .venv/bin/activate && pip install %s", src)
 	}
 	return hint + note + "\nor name an interpreter that has it with --python"
+}
+
+// importCheck is the interpreter's check (checkPython) running beside the
+// node's start (Config.deferImportCheck). Its goroutine is Run's: stop
+// ends it.
+type importCheck struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error // valid once done is closed
+}
+
+func startImportCheck(check func(context.Context) error) *importCheck {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &importCheck{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		c.err = check(ctx)
+	}()
+	return c
+}
+
+// wait returns the check's verdict, or ctx's error if ctx ends first. A nil
+// check (made at once, in Validate) has passed.
+func (c *importCheck) wait(ctx context.Context) error {
+	if c == nil {
+		return nil
+	}
+	select {
+	case <-c.done:
+		return c.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// stop kills the check's interpreter if it still runs and waits for its
+// goroutine.
+func (c *importCheck) stop() {
+	if c == nil {
+		return
+	}
+	c.cancel()
+	<-c.done
 }

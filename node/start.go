@@ -232,6 +232,9 @@ func (n *node) startPool(ctx context.Context) error {
 	start := time.Now()
 	if err := p.Start(ctx); err != nil {
 		n.events(lifecycle.Event{Kind: lifecycle.KindNodeStopped, Run: n.run, Detail: err.Error()})
+		if errors.Is(err, ErrConfig) {
+			return err // the interpreter's import check
+		}
 		var appErr *pool.AppError
 		if errors.As(err, &appErr) {
 			return fmt.Errorf("%w: --app %s: %v", ErrConfig, n.cfg.App, appErr)
@@ -286,6 +289,7 @@ func (n *node) poolConfig() pool.Config {
 		WorkerPidsLimit:   n.limits.Pids,
 		Guardian:          n.guardian,
 		Preload:           n.cfg.Preload,
+		BeforeWorkers:     n.cfg.importCheck.wait,
 	}
 }
 

@@ -93,8 +93,13 @@ type Config struct {
 	// (pool/preload.go); where that cannot be done safely workers start
 	// plainly, and the log says why.
 	Preload bool
-	Events  lifecycle.Events // may be nil
-	Logger  *zap.Logger      // may be nil
+	// BeforeWorkers, if set, is waited for once the template (if any) has
+	// started and before the first worker starts; an error ends Start
+	// with it. The node checks its interpreter there, beside the
+	// template's own import.
+	BeforeWorkers func(context.Context) error
+	Events        lifecycle.Events // may be nil
+	Logger        *zap.Logger      // may be nil
 
 	// sessionIdle is how long an unused session is kept (default 1 h) and
 	// sessionSweep how often idle ones are looked for (default 1 min); tests
@@ -261,6 +266,12 @@ func (p *Pool) Start(ctx context.Context) error {
 		p.sweepSessions()
 	}()
 	p.startPreload()
+	if p.cfg.BeforeWorkers != nil {
+		if err := p.cfg.BeforeWorkers(ctx); err != nil {
+			p.Close()
+			return err
+		}
+	}
 	for i := range p.cfg.Workers {
 		name := "w" + strconv.Itoa(i+1)
 		p.goroutines.Add(1)

@@ -14,11 +14,15 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/pyfleet/pyfleet/lifecycle"
 )
 
 // TestOwnAppInterpreterWithoutPyfleetExits2: a node in an app's directory
 // whose virtual env lacks the runtime exits 2 with the pip command to run;
-// from inside the checkout, the command names the checkout's python/.
+// from inside the checkout, the command names the checkout's python/. With
+// --preload the interpreter is checked beside the template's start, and the
+// answer is the same, with nothing of the run left.
 func TestOwnAppInterpreterWithoutPyfleetExits2(t *testing.T) {
 	venv := filepath.Join(t.TempDir(), "venv")
 	if out, err := exec.Command(python, "-m", "venv", "--without-pip", venv).CombinedOutput(); err != nil {
@@ -28,14 +32,17 @@ func TestOwnAppInterpreterWithoutPyfleetExits2(t *testing.T) {
 	appDir := writeTasksApp(t)
 	cases := []struct {
 		name, dir, app, source string
+		extra                  []string
 	}{
-		{"outside a checkout", appDir, "./tasks.py", "/path/to/pyfleet/python\n"},
-		{"inside the checkout", filepath.Join(repoRoot, "test"), filepath.Join(appDir, "tasks.py"), filepath.Join(repoRoot, "python") + "\n"},
+		{"outside a checkout", appDir, "./tasks.py", "/path/to/pyfleet/python\n", nil},
+		{"inside the checkout", filepath.Join(repoRoot, "test"), filepath.Join(appDir, "tasks.py"), filepath.Join(repoRoot, "python") + "\n", nil},
+		{"preloaded", appDir, "./tasks.py", "/path/to/pyfleet/python\n", []string{"--preload", "--node", "nopyfleet-pre"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			cmd := exec.Command(poolnodeBin, "--app", tc.app, "--listen", "127.0.0.1:0",
-				"--state-dir", shortTempDir(t), "--log-format", "json")
+			args := append([]string{"--app", tc.app, "--listen", "127.0.0.1:0",
+				"--state-dir", shortTempDir(t), "--log-format", "json"}, tc.extra...)
+			cmd := exec.Command(poolnodeBin, args...)
 			cmd.Dir = tc.dir
 			cmd.Env = append(os.Environ(), "VIRTUAL_ENV="+venv)
 			stderr := runToExit(t, cmd, 30*time.Second)
@@ -48,6 +55,12 @@ func TestOwnAppInterpreterWithoutPyfleetExits2(t *testing.T) {
 			} {
 				if !strings.Contains(stderr, want) {
 					t.Errorf("stderr does not say %q:\n%s", want, stderr)
+				}
+			}
+			if tc.extra != nil {
+				if left := markedProcesses(lifecycle.EnvWorkerRun + "=nopyfleet-pre/"); len(left) > 0 {
+					killIdentities(left)
+					t.Errorf("processes of the node left after its exit: %s", describe(left))
 				}
 			}
 		})
