@@ -31,10 +31,12 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 	// The interpreter's import check runs beside the start, and is waited
 	// for only before the first worker (startPool).
 	cfg.deferImportCheck = true
-	if err := cfg.Validate(); err != nil {
+	err := cfg.Validate()
+	// Also when a later part of Validate failed after the check started.
+	defer cfg.importCheck.stop()
+	if err != nil {
 		return err
 	}
-	defer cfg.importCheck.stop()
 	n := &node{
 		cfg:    cfg,
 		run:    randomHex(4),
