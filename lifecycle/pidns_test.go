@@ -84,19 +84,32 @@ func nsMembers(t *testing.T, init int) []Identity {
 // /proc/<pid>/status.
 func nsPID(t *testing.T, pid int) int {
 	t.Helper()
+	ids := nsPIDs(t, pid)
+	return ids[len(ids)-1]
+}
+
+// nsPIDs is NSpid of /proc/<pid>/status: pid's number in each PID
+// namespace that numbers it, outermost first.
+func nsPIDs(t *testing.T, pid int) []int {
+	t.Helper()
 	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for line := range strings.SplitSeq(string(status), "\n") {
 		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
-			f := strings.Fields(rest)
-			n, _ := strconv.Atoi(f[len(f)-1])
-			return n
+			var ids []int
+			for _, f := range strings.Fields(rest) {
+				n, _ := strconv.Atoi(f)
+				ids = append(ids, n)
+			}
+			if len(ids) > 0 {
+				return ids
+			}
 		}
 	}
 	t.Fatalf("no NSpid in /proc/%d/status", pid)
-	return 0
+	return nil
 }
 
 func TestPIDNSProbe(t *testing.T) {

@@ -81,6 +81,39 @@ func forkTestWorker(t *testing.T, tpl *Template, run Marker, dir, name string, c
 	return p, ready, out, err
 }
 
+// awaitHandshake returns what follows "PYFLEET-READY " in the handshake
+// of what (a forked worker), or fails the test if it exits or stays
+// silent for a minute.
+func awaitHandshake(t *testing.T, what string, p *Process, ready <-chan string, out *lines) string {
+	t.Helper()
+	select {
+	case line := <-ready:
+		return line
+	case <-p.Done():
+		t.Fatalf("%s exited before its handshake (%s): %v", what, p.Exit(), out.get())
+	case <-time.After(time.Minute):
+		t.Fatalf("%s: no handshake within a minute: %v", what, out.get())
+	}
+	return ""
+}
+
+// assertOwnChild checks that pid (what) is this process's child, leads a
+// group of its own and carries m's marks: what a spawned worker (or its
+// init) is.
+func assertOwnChild(t *testing.T, what string, pid int, m Marker) {
+	t.Helper()
+	st, err := readStat(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ppid != os.Getpid() || st.pgrp != pid {
+		t.Errorf("%s (%d): parent %d, group %d; want parent %d (this process) and a group of its own", what, pid, st.ppid, st.pgrp, os.Getpid())
+	}
+	if k, err := readMarks(pid); err != nil || k.id != m.IDValue() || k.run != m.RunValue() {
+		t.Errorf("%s's marks %+v (%v), want id %s, run %s", what, k, err, m.IDValue(), m.RunValue())
+	}
+}
+
 // More workers than maxForksInFlight asked for at once: the dialogues
 // overlap (python/pyfleet/template.py's Forker), each answer reaches its
 // own Fork, and every worker is this process's child, in a group of its
@@ -115,30 +148,15 @@ func TestPreloadForksOverlap(t *testing.T) {
 		if f.err != nil {
 			t.Fatalf("Fork w%d: %v", i+1, f.err)
 		}
-		select {
-		case <-f.ready:
-		case <-f.p.Done():
-			t.Fatalf("w%d exited before its handshake (%s): %v", i+1, f.p.Exit(), f.out.get())
-		case <-time.After(time.Minute):
-			t.Fatalf("w%d: no handshake within a minute: %v", i+1, f.out.get())
-		}
+		wm := run
+		wm.Worker = fmt.Sprintf("w%d", i+1)
+		awaitHandshake(t, wm.Worker, f.p, f.ready, f.out)
 		pid := f.p.PID()
 		if pids[pid] {
 			t.Fatalf("pid %d forked twice", pid)
 		}
 		pids[pid] = true
-		st, err := readStat(pid)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st.ppid != os.Getpid() || st.pgrp != pid {
-			t.Errorf("w%d (%d): parent %d, group %d; want this process and a group of its own", i+1, pid, st.ppid, st.pgrp)
-		}
-		wm := run
-		wm.Worker = fmt.Sprintf("w%d", i+1)
-		if k, err := readMarks(pid); err != nil || k.id != wm.IDValue() {
-			t.Errorf("w%d's marks %+v (%v), want id %s", i+1, k, err, wm.IDValue())
-		}
+		assertOwnChild(t, wm.Worker, pid, wm)
 	}
 	for _, f := range got {
 		f.p.Stop(5 * time.Second)

@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -48,32 +47,16 @@ func TestPreloadForkIntoCgroup(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Fork: %v", err)
 	}
-	select {
-	case <-ready:
-	case <-p.Done():
-		t.Fatalf("worker exited before its handshake (%s): %v", p.Exit(), out.get())
-	case <-time.After(time.Minute):
-		t.Fatalf("no handshake within a minute: %v", out.get())
-	}
+	awaitHandshake(t, "worker", p, ready, out)
 
 	pid := p.PID()
-	st, err := readStat(pid)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.ppid != os.Getpid() || st.pgrp != pid {
-		t.Errorf("worker %d: parent %d, group %d; want parent %d (this process) and a group of its own", pid, st.ppid, st.pgrp, os.Getpid())
-	}
+	assertOwnChild(t, "worker", pid, wm)
 	want := pathIn(cg, filepath.Join(cg.runDir, wm.Worker))
 	if got := cgroupOf(t, pid); got != want {
 		t.Errorf("worker in cgroup %s, want its start's %s", got, want)
 	}
 	if got, tplCg := cgroupOf(t, tpl.Process().PID()), pathIn(cg, filepath.Join(cg.runDir, tm.Worker)); got != tplCg {
 		t.Errorf("template in cgroup %s, want %s", got, tplCg)
-	}
-	k, err := readMarks(pid)
-	if err != nil || k.id != wm.IDValue() || k.run != run.RunValue() {
-		t.Errorf("worker's marks %+v (%v), want id %s", k, err, wm.IDValue())
 	}
 
 	p.Stop(5 * time.Second)
@@ -162,15 +145,8 @@ func TestPreloadForkIntoPIDNamespace(t *testing.T) {
 			var hello struct {
 				PID int `json:"pid"`
 			}
-			select {
-			case line := <-ready:
-				if err := json.Unmarshal([]byte(line), &hello); err != nil {
-					t.Fatalf("handshake %q: %v", line, err)
-				}
-			case <-p.Done():
-				t.Fatalf("worker exited before its handshake (%s): %v", p.Exit(), out.get())
-			case <-time.After(time.Minute):
-				t.Fatalf("no handshake within a minute: %v", out.get())
+			if line := awaitHandshake(t, "worker", p, ready, out); json.Unmarshal([]byte(line), &hello) != nil {
+				t.Fatalf("handshake %q is not JSON", line)
 			}
 			if hello.PID != 2 {
 				t.Errorf("the worker's handshake says pid %d, want 2 (the init's first child)", hello.PID)
@@ -179,16 +155,7 @@ func TestPreloadForkIntoPIDNamespace(t *testing.T) {
 			// The node's child is the init, leading its own group, with the
 			// worker's marks; in the worker's cgroup.
 			init := p.PID()
-			st, err := readStat(init)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st.ppid != os.Getpid() || st.pgrp != init {
-				t.Errorf("init %d: parent %d, group %d; want parent %d (this process) and a group of its own", init, st.ppid, st.pgrp, os.Getpid())
-			}
-			if k, err := readMarks(init); err != nil || k.id != wm.IDValue() {
-				t.Errorf("the init's marks %+v (%v), want id %s", k, err, wm.IDValue())
-			}
+			assertOwnChild(t, "init", init, wm)
 			if nsPID(t, init) != 1 {
 				t.Errorf("the init is pid %d in its namespace, want 1", nsPID(t, init))
 			}
@@ -280,15 +247,5 @@ func TestPreloadForkIntoPIDNamespace(t *testing.T) {
 // nsLevels is how many PID namespaces number pid (NSpid's fields).
 func nsLevels(t *testing.T, pid int) int {
 	t.Helper()
-	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for line := range strings.SplitSeq(string(status), "\n") {
-		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok {
-			return len(strings.Fields(rest))
-		}
-	}
-	t.Fatalf("no NSpid in /proc/%d/status", pid)
-	return 0
+	return len(nsPIDs(t, pid))
 }
