@@ -17,7 +17,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/pyfleet/pyfleet/call"
 	"github.com/pyfleet/pyfleet/lifecycle"
@@ -356,16 +355,15 @@ func (p *Pool) running(w *worker, proc *lifecycle.Process, rec lifecycle.Record,
 	}()
 }
 
-// dial connects to the worker's socket, checks its health and opens its
-// stream. On an error nothing of it is left open.
+// dial connects to the worker's socket, opens its stream and waits for the
+// worker's first message on it, an empty batch: that message shows the
+// connection up, the secret accepted and the stream served, and costs a
+// freshly forked worker less than a health check RPC would
+// (test/bench/notes.md). On an error nothing of it is left open.
 func (w *worker) dial(ctx context.Context, sock, secret string) error {
 	conn, err := grpc.NewClient("unix:"+sock, workerDialOptions(secret)...)
 	if err != nil {
 		return fmt.Errorf("worker %s: dial: %w", w.name, err)
-	}
-	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
-		conn.Close()
-		return fmt.Errorf("worker %s: health check: %w", w.name, err)
 	}
 	// The stream lives as long as the worker, not as long as this start.
 	stream, err := workerpb.NewWorkerClient(conn).Batches(context.Background())
@@ -373,9 +371,36 @@ func (w *worker) dial(ctx context.Context, sock, secret string) error {
 		conn.Close()
 		return fmt.Errorf("worker %s: open stream: %w", w.name, err)
 	}
+	if err := awaitGreeting(ctx, conn, stream); err != nil {
+		conn.Close()
+		return fmt.Errorf("worker %s: stream: %w", w.name, err)
+	}
 	w.conn = conn
 	w.stream = &batchStream{Worker_BatchesClient: stream}
 	w.out.stream = w.stream
+	return nil
+}
+
+// awaitGreeting reads the worker's first message on stream, which must be
+// an empty batch, giving up when ctx ends: Recv takes no context, so conn
+// is closed then, which ends it.
+func awaitGreeting(ctx context.Context, conn *grpc.ClientConn, stream workerpb.Worker_BatchesClient) error {
+	closed := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		conn.Close()
+		close(closed)
+	})
+	first, err := stream.Recv()
+	if !stop() {
+		<-closed
+		return fmt.Errorf("no first message: %w", context.Cause(ctx))
+	}
+	switch {
+	case err != nil:
+		return fmt.Errorf("no first message: %w", err)
+	case len(first.Results) > 0:
+		return fmt.Errorf("first message has %d results, want none", len(first.Results))
+	}
 	return nil
 }
 

@@ -36,7 +36,10 @@ const (
 type WorkerClient interface {
 	// Batches carries calls from the node and their results back, any number
 	// of frames per message. Results of different calls interleave; frames of
-	// one call arrive in order. This is the stream the node uses.
+	// one call arrive in order. This is the stream the node uses. The
+	// worker's first message is an empty ResultBatch, sent before it reads
+	// anything: the node calls the worker ready once it has come. Later empty
+	// ones say the worker reads again while its calls run.
 	Batches(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[CallBatch, ResultBatch], error)
 	// Unary runs one call as a unary RPC, through the same function path as
 	// Batches. The node does not use it; it is kept only for the benchmark's
@@ -82,7 +85,10 @@ func (c *workerClient) Unary(ctx context.Context, in *Call, opts ...grpc.CallOpt
 type WorkerServer interface {
 	// Batches carries calls from the node and their results back, any number
 	// of frames per message. Results of different calls interleave; frames of
-	// one call arrive in order. This is the stream the node uses.
+	// one call arrive in order. This is the stream the node uses. The
+	// worker's first message is an empty ResultBatch, sent before it reads
+	// anything: the node calls the worker ready once it has come. Later empty
+	// ones say the worker reads again while its calls run.
 	Batches(grpc.BidiStreamingServer[CallBatch, ResultBatch]) error
 	// Unary runs one call as a unary RPC, through the same function path as
 	// Batches. The node does not use it; it is kept only for the benchmark's

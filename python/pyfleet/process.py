@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -15,7 +16,7 @@ import threading
 import traceback
 from typing import Any, TextIO
 
-from .app import App
+from .app import App, FunctionSpec
 from .calls import runs_inline
 from .threads import is_call_thread
 
@@ -278,18 +279,31 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
     """Writes the PYFLEET-READY line: the node may dial now."""
     # inline: the function runs on the event loop, which answers nothing
     # else meanwhile (see Stream._start), so the node must not take the
-    # silence for a hang.
+    # silence for a hang. It is the one field that depends on the worker's
+    # arguments; the rest was described once (describe_functions).
+    functions = ",".join(
+        ('{"inline":true,' if runs_inline(concurrency, spec.kind, spec.context is not None) else '{"inline":false,')
+        + described[1:]
+        for spec, described in describe_functions(app)
+    )
+    line = f'PYFLEET-READY {{"v":1,"pid":{os.getpid()},"functions":[{functions}]}}'
+    _write_line(sys.stdout, line, at_line_start)
+
+
+@functools.cache
+def describe_functions(app: App) -> list[tuple[FunctionSpec, str]]:
+    """Each function of app with the JSON object its PYFLEET-READY entry is,
+    all but "inline". Cached (an app's functions are fixed once it is
+    imported): a preloaded template calls it once after the
+    import, so that its forked workers only join the strings. Described in
+    each worker, the schemas and the first use of json cost ~1 ms of page
+    faults a worker (test/bench/notes.md)."""
     # Each schema is bounded (typed.SCHEMA_LIMIT) and so is their sum, so
     # that the line stays under the node's line limit (lifecycle/spawn.go).
     budget = HANDSHAKE_SCHEMA_BUDGET
-    functions = []
+    described = []
     for spec in app.functions.values():
-        f: dict[str, Any] = {
-            "name": spec.name,
-            "raw": spec.raw,
-            "stream": spec.stream,
-            "inline": runs_inline(concurrency, spec.kind, spec.context is not None),
-        }
+        f: dict[str, Any] = {"name": spec.name, "raw": spec.raw, "stream": spec.stream}
         if spec.rate_limit is not None:
             f["rate_limit"] = spec.rate_limit
         for key, schema in spec.schemas().items():
@@ -300,7 +314,5 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
                 continue  # the node publishes no schema for it
             budget -= size
             f[f"{key}_schema"] = schema
-        functions.append(f)
-    body = {"v": 1, "pid": os.getpid(), "functions": functions}
-    line = "PYFLEET-READY " + json.dumps(body, separators=(",", ":"))
-    _write_line(sys.stdout, line, at_line_start)
+        described.append((spec, json.dumps(f, separators=(",", ":"))))
+    return described

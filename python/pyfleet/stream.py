@@ -58,7 +58,9 @@ class Stream:
         # The writer's, while it waits for the queue to fill.
         self._wake: asyncio.Future[None] | None = None
         self._writes = 0  # messages written
-        self._ack = False  # write an empty ResultBatch, even with no frames
+        # Write an empty ResultBatch, even with no frames. The first message
+        # is one: the node's dial waits for it (pool/worker.go, awaitGreeting).
+        self._ack = True
         self._tasks: dict[int, asyncio.Task[Result]] = {}
         # The contexts of the calls in flight that take one, by call id.
         self._contexts: dict[int, Context] = {}

@@ -131,7 +131,8 @@ def main() -> int:
     # whose EOF is the node's death, and its parent-death signal is set by
     # the node's fork.
     try:
-        process.import_app(args[1], args[3])
+        app, _ = process.import_app(args[1], args[3])
+        process.describe_functions(app)
     except process.AppImportFailed:
         send(sock, {"error": "the app failed to import (the traceback is in the template's log)"})
         return EXIT_IMPORT

@@ -172,7 +172,10 @@ class Conn:
         self._cond = threading.Condition()
         self.closed = False
         self.error: grpc.RpcError | None = None
-        self.acks = 0  # empty ResultBatches: the worker reads again
+        # The worker's first message, an empty ResultBatch (the node waits
+        # for it before it calls the worker ready).
+        self.greeted = False
+        self.acks = 0  # empty ResultBatches after it: the worker reads again
         metadata = (("pyfleet-secret", secret),) if secret is not None else ()
         responses = worker_pb2_grpc.WorkerStub(self.channel).Batches(
             iter(self._out.get, None), metadata=metadata
@@ -184,7 +187,10 @@ class Conn:
         try:
             for batch in responses:
                 with self._cond:
-                    if not batch.results:
+                    if not self.greeted:
+                        assert not batch.results, f"a first message with results: {batch}"
+                        self.greeted = True
+                    elif not batch.results:
                         self.acks += 1
                     for frame in batch.results:
                         self._frames[frame.id].append(frame)
@@ -256,6 +262,11 @@ class Conn:
         frames = self.frames(self.send(function, payload, timeout_ms))
         assert len(frames) == 1, frames
         return frames[0]
+
+    def wait_greeted(self, timeout: float = 15) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.greeted or self.closed, timeout), "no first message"
+        assert self.greeted, f"stream closed before its first message: {self.error}"
 
     def wait_acked(self, timeout: float = 15) -> None:
         with self._cond:

@@ -193,6 +193,14 @@ def test_many_calls_interleave(demo: Worker, connect: Connect) -> None:
         assert got == (want if isinstance(got, int) else {"i": want})
 
 
+def test_stream_opens_with_an_empty_batch(demo: Worker, connect: Connect) -> None:
+    # The node's dial waits for this first message before it calls the
+    # worker ready (pool/worker.go, awaitGreeting); nothing is sent first.
+    conn = connect(demo)
+    conn.wait_greeted()
+    assert conn.acks == 0
+
+
 def test_silent_message_is_acked_with_an_empty_batch(demo: Worker, connect: Connect) -> None:
     # The node holds frames back while the worker is busy with its last
     # message (pool/worker.go); the empty batch tells it to stop waiting.

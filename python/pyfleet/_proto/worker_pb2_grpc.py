@@ -52,7 +52,10 @@ class WorkerServicer:
     def Batches(self, request_iterator, context):
         """Batches carries calls from the node and their results back, any number
         of frames per message. Results of different calls interleave; frames of
-        one call arrive in order. This is the stream the node uses.
+        one call arrive in order. This is the stream the node uses. The
+        worker's first message is an empty ResultBatch, sent before it reads
+        anything: the node calls the worker ready once it has come. Later empty
+        ones say the worker reads again while its calls run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
