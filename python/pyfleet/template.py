@@ -496,6 +496,9 @@ def set_environment(env: list[str]) -> None:
     and a forked child would otherwise show the template's. The template
     was started with padding, so the worker's environment fits in place."""
     new = dict(kv.split("=", 1) for kv in env if "=" in kv)
+    # Every variable is unset and set again, not only those that differ:
+    # until putenv replaces it, an entry of C's environ points into the
+    # block overwritten below, and children would inherit the overwrite.
     os.environ.clear()
     os.environ.update(new)
     block = b"".join(kv.encode() + b"\0" for kv in env)
