@@ -239,6 +239,10 @@ func (n *node) startPool(ctx context.Context) error {
 		if errors.As(err, &appErr) {
 			return fmt.Errorf("%w: --app %s: %v", ErrConfig, n.cfg.App, appErr)
 		}
+		var rtErr *pool.RuntimeError
+		if errors.As(err, &rtErr) {
+			return fmt.Errorf("%w: --python %s: %v", ErrConfig, n.cfg.Python, rtErr)
+		}
 		if ctx.Err() != nil {
 			return errStopped
 		}

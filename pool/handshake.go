@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -18,6 +19,11 @@ const (
 	handshakeReady = "PYFLEET-READY "
 	handshakeError = "PYFLEET-ERROR "
 )
+
+// handshakeVersion is the worker protocol this node speaks, the "v" of
+// the handshake: 2 since a worker opens its stream with an empty batch
+// (pool/worker.go, awaitGreeting), which a worker of v1 never sends.
+const handshakeVersion = 2
 
 // handshake is the JSON a worker prints once it serves.
 type handshake struct {
@@ -48,6 +54,28 @@ type AppError struct {
 
 func (e *AppError) Error() string {
 	return fmt.Sprintf("the app failed to load: %s: %s", e.Type, e.Message)
+}
+
+// RuntimeError is a worker whose pyfleet runtime speaks another version of
+// the worker protocol than this node: an interpreter with another
+// release's pyfleet installed. Restarting cannot help, so the node reports
+// it and exits.
+type RuntimeError struct {
+	Worker  string
+	Version int // the worker's; 0 when it said none
+}
+
+func (e *RuntimeError) Error() string {
+	return fmt.Sprintf("worker %s: its pyfleet runtime speaks worker protocol v%d, this node v%d: "+
+		"install the python/ directory of this node's release into the interpreter", e.Worker, e.Version, handshakeVersion)
+}
+
+// fatalStartError reports whether a worker's failed start says that no
+// start of the same app with the same interpreter can succeed.
+func fatalStartError(err error) bool {
+	var appErr *AppError
+	var rtErr *RuntimeError
+	return errors.As(err, &appErr) || errors.As(err, &rtErr)
 }
 
 // handshakeReader reads a starting worker's output: its stdout and stderr
@@ -99,6 +127,8 @@ func parseHandshake(name string, line []byte) (res handshakeResult, ok bool) {
 		var hs handshake
 		if err := json.Unmarshal(line[len(handshakeReady):], &hs); err != nil {
 			res.err = fmt.Errorf("worker %s: bad handshake %q: %w", name, line, err)
+		} else if hs.Version != handshakeVersion {
+			res.err = &RuntimeError{Worker: name, Version: hs.Version}
 		} else {
 			res.hs = &hs
 		}

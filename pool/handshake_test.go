@@ -11,7 +11,7 @@ import (
 // ones the node must not publish (not an object, over the limit) do not.
 func TestHandshakeSchemas(t *testing.T) {
 	big := `{"description":"` + strings.Repeat("x", protocol.MaxSchemaBytes) + `"}`
-	line := `PYFLEET-READY {"v":1,"pid":7,"functions":[` +
+	line := `PYFLEET-READY {"v":2,"pid":7,"functions":[` +
 		`{"name":"scale","raw":false,"stream":false,"inline":true,` +
 		`"input_schema":{"type": "object", "required": ["values"]},"output_schema":{"type":"array"}},` +
 		`{"name":"echo","input_schema":{},"output_schema":{}},` +

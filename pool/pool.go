@@ -248,8 +248,9 @@ func New(cfg Config) (*Pool, error) {
 }
 
 // Start spawns every worker and returns once each has either become ready or
-// failed its first start. If the app cannot be loaded it stops the pool and
-// returns the *AppError; if no worker started at all it returns the first
+// failed its first start. If the app cannot be loaded, or the interpreter's
+// pyfleet speaks another worker protocol, it stops the pool and returns the
+// *AppError or *RuntimeError; if no worker started at all it returns the first
 // error. Workers that failed are retried in the background.
 func (p *Pool) Start(ctx context.Context) error {
 	first := make(chan error, p.cfg.Workers)
@@ -289,10 +290,9 @@ func (p *Pool) Start(ctx context.Context) error {
 				ok++
 				continue
 			}
-			var appErr *AppError
-			if errors.As(err, &appErr) {
+			if fatalStartError(err) {
 				p.Close()
-				return appErr
+				return err
 			}
 			if firstErr == nil {
 				firstErr = err
@@ -335,8 +335,7 @@ func (p *Pool) supervise(name string, first chan<- error) {
 			}
 			if first != nil {
 				first <- err
-				var appErr *AppError
-				if errors.As(err, &appErr) {
+				if fatalStartError(err) {
 					return // the node gives up; Start says why
 				}
 				first = nil

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -394,6 +395,40 @@ func TestAppImportErrorStopsStart(t *testing.T) {
 		t.Fatalf("err %v, want the app's ValueError", err)
 	}
 	p.Close()
+}
+
+// A worker whose pyfleet runtime speaks another worker protocol (another
+// release's pyfleet in the interpreter) stops the start with a
+// *RuntimeError that names both versions, as a broken app does: no
+// restart could help. The app stands in for an older runtime by changing
+// the version its READY line says.
+func TestOtherRuntimeVersionStopsStart(t *testing.T) {
+	dir := t.TempDir()
+	app := "from pyfleet import App, process\n" +
+		"process.PROTOCOL_VERSION = 1\n" +
+		"app = App()\n\n" +
+		"@app.function\ndef echo(payload):\n    return payload\n"
+	if err := os.WriteFile(filepath.Join(dir, "oldruntime.py"), []byte(app), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sockDir, _ := os.MkdirTemp("", "pft")
+	defer os.RemoveAll(sockDir)
+	sp := lifecycle.NewSpawner()
+	defer sp.Close()
+	p, err := New(Config{Python: testPython(t), App: "oldruntime", AppDir: dir, SocketDir: sockDir,
+		Node: "n", Run: testRun, Workers: 2, Spawner: sp, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	err = p.Start(context.Background())
+	var rtErr *RuntimeError
+	if !errors.As(err, &rtErr) || rtErr.Version != 1 {
+		t.Fatalf("err %v, want a *RuntimeError for protocol v1", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "v1") || !strings.Contains(msg, "v2") || !strings.Contains(msg, "install") {
+		t.Fatalf("error %q should name both versions and the fix", msg)
+	}
 }
 
 func waitUntil(t *testing.T, cond func() bool) {

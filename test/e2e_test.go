@@ -257,3 +257,28 @@ func TestBadAppExits2(t *testing.T) {
 		t.Errorf("log does not name the missing module:\n%s", n.log())
 	}
 }
+
+// TestOtherRuntimeVersionExits2 starts a node whose interpreter's pyfleet
+// speaks another worker protocol (the app makes its READY line say v1, as an
+// older release's runtime would): the node names both versions and the fix,
+// exits 2 at once, with no crash loop, and leaves nothing of the run.
+func TestOtherRuntimeVersionExits2(t *testing.T) {
+	for _, preload := range []bool{false, true} {
+		t.Run(map[bool]string{false: "spawned", true: "preloaded"}[preload], func(t *testing.T) {
+			dir := shortTempDir(t)
+			app := filepath.Join(dir, "oldruntime.py")
+			src := "from pyfleet import App, process\nprocess.PROTOCOL_VERSION = 1\napp = App()\n\n@app.function\ndef echo(payload):\n    return payload\n"
+			if err := os.WriteFile(app, []byte(src), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			n := launchNode(t, nodeOptions{app: app, workers: 2, preload: preload})
+			if code := n.wait(60 * time.Second); code != 2 {
+				t.Fatalf("exit code %d, want 2", code)
+			}
+			if log := n.log(); !strings.Contains(log, "worker protocol v1, this node v2") || !strings.Contains(log, "--python") {
+				t.Errorf("log does not name the versions and the interpreter:\n%s", log)
+			}
+			// launchNode's cleanup fails the test if any process of the run is left.
+		})
+	}
+}

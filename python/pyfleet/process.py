@@ -30,6 +30,9 @@ PR_SET_PDEATHSIG = 1
 # the node's 64 KiB line limit (lifecycle/spawn.go) covers the rest of it
 # for hundreds of functions. Schemas past it are left out.
 HANDSHAKE_SCHEMA_BUDGET = 40 << 10
+# The worker protocol the READY line's "v" names; the node refuses any other
+# (pool/handshake.go). 2: the stream opens with an empty ResultBatch.
+PROTOCOL_VERSION = 2
 
 
 class UsageError(Exception):
@@ -215,7 +218,7 @@ def exit_if_threads_stuck(code: int) -> None:
 # ---------------------------------------------------------------- the app and the handshake
 #
 # Stdout protocol, one line each, at the start of a line:
-#     PYFLEET-READY {"v":1,"pid":...,"functions":[{"name":...,"raw":...,"stream":...,"inline":...}]}
+#     PYFLEET-READY {"v":2,"pid":...,"functions":[{"name":...,"raw":...,"stream":...,"inline":...}]}
 #     PYFLEET-ERROR {"type":...,"message":...}   (the app failed to import)
 # Every other stdout and stderr line is the app's, and the node logs it
 # (pool/worker.go reads the handshake).
@@ -290,7 +293,7 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
         + described[1:]
         for spec, described in describe_functions(app)
     )
-    line = f'PYFLEET-READY {{"v":1,"pid":{os.getpid()},"functions":[{functions}]}}'
+    line = f'PYFLEET-READY {{"v":{PROTOCOL_VERSION},"pid":{os.getpid()},"functions":[{functions}]}}'
     _write_line(sys.stdout, line, at_line_start)
 
 

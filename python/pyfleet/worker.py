@@ -12,7 +12,7 @@ secret) and PYFLEET_WORKER_LIFELINE_FD (the read end of a pipe whose write end
 only the node holds).
 
 Stdout protocol, one line each:
-    PYFLEET-READY {"v":1,"pid":...,"functions":[{"name":...,"raw":...,"stream":...,"inline":...,
+    PYFLEET-READY {"v":2,"pid":...,"functions":[{"name":...,"raw":...,"stream":...,"inline":...,
                    "input_schema":{...},"output_schema":{...}}]}   (schemas: pyfleet/typed.py)
     PYFLEET-ERROR {"type":...,"message":...}   (the app failed to import; exit 3)
 Every other stdout and stderr line is the app's, and the node logs it.

@@ -27,7 +27,7 @@ Connect = Callable[..., Conn]
 
 def test_handshake(demo: Worker) -> None:
     hs = demo.ready()
-    assert hs["v"] == 1 and hs["pid"] == demo.proc.pid
+    assert hs["v"] == 2 and hs["pid"] == demo.proc.pid
     functions = {f["name"]: (f["raw"], f["stream"]) for f in hs["functions"]}
     assert functions == {
         "echo": (False, False),
