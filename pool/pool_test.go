@@ -375,26 +375,33 @@ func TestDrainFinishesInFlight(t *testing.T) {
 	}
 }
 
-func TestAppImportErrorStopsStart(t *testing.T) {
+// startTwoWorkers starts a pool of two workers on the app module name,
+// whose source is src, and returns Start's error, the pool closed.
+func startTwoWorkers(t *testing.T, name, src string) error {
+	t.Helper()
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "broken.py"), []byte("raise ValueError('nope')\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, name+".py"), []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	sockDir, _ := os.MkdirTemp("", "pft")
 	defer os.RemoveAll(sockDir)
 	sp := lifecycle.NewSpawner()
 	defer sp.Close()
-	p, err := New(Config{Python: testPython(t), App: "broken", AppDir: dir, SocketDir: sockDir,
+	p, err := New(Config{Python: testPython(t), App: name, AppDir: dir, SocketDir: sockDir,
 		Node: "n", Run: testRun, Workers: 2, Spawner: sp, Logger: zaptest.NewLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = p.Start(context.Background())
+	defer p.Close()
+	return p.Start(context.Background())
+}
+
+func TestAppImportErrorStopsStart(t *testing.T) {
+	err := startTwoWorkers(t, "broken", "raise ValueError('nope')\n")
 	var appErr *AppError
 	if !errors.As(err, &appErr) || appErr.Type != "ValueError" || appErr.Message != "nope" {
 		t.Fatalf("err %v, want the app's ValueError", err)
 	}
-	p.Close()
 }
 
 // A worker whose pyfleet runtime speaks another worker protocol (another
@@ -403,25 +410,10 @@ func TestAppImportErrorStopsStart(t *testing.T) {
 // restart could help. The app stands in for an older runtime by changing
 // the version its READY line says.
 func TestOtherRuntimeVersionStopsStart(t *testing.T) {
-	dir := t.TempDir()
-	app := "from pyfleet import App, process\n" +
-		"process.PROTOCOL_VERSION = 1\n" +
-		"app = App()\n\n" +
-		"@app.function\ndef echo(payload):\n    return payload\n"
-	if err := os.WriteFile(filepath.Join(dir, "oldruntime.py"), []byte(app), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sockDir, _ := os.MkdirTemp("", "pft")
-	defer os.RemoveAll(sockDir)
-	sp := lifecycle.NewSpawner()
-	defer sp.Close()
-	p, err := New(Config{Python: testPython(t), App: "oldruntime", AppDir: dir, SocketDir: sockDir,
-		Node: "n", Run: testRun, Workers: 2, Spawner: sp, Logger: zaptest.NewLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	err = p.Start(context.Background())
+	err := startTwoWorkers(t, "oldruntime", "from pyfleet import App, process\n"+
+		"process.PROTOCOL_VERSION = 1\n"+
+		"app = App()\n\n"+
+		"@app.function\ndef echo(payload):\n    return payload\n")
 	var rtErr *RuntimeError
 	if !errors.As(err, &rtErr) || rtErr.Version != 1 {
 		t.Fatalf("err %v, want a *RuntimeError for protocol v1", err)
