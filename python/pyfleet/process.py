@@ -301,10 +301,10 @@ def announce_ready(app: App, concurrency: int, at_line_start: bool) -> None:
 def describe_functions(app: App) -> list[tuple[FunctionSpec, str]]:
     """Each function of app with the JSON object its PYFLEET-READY entry is,
     all but "inline". Cached (an app's functions are fixed once it is
-    imported): a preloaded template calls it once after the
-    import, so that its forked workers only join the strings. Described in
-    each worker, the schemas and the first use of json cost ~1 ms of page
-    faults a worker (test/bench/notes.md)."""
+    imported): a preloaded template calls it once after the import, so
+    that its forked workers only join the strings. Described in each
+    worker, the schemas and the first use of json cost ~1 ms of page faults
+    a worker (test/bench/notes.md)."""
     # Each schema is bounded (typed.SCHEMA_LIMIT) and so is their sum, so
     # that the line stays under the node's line limit (lifecycle/spawn.go).
     budget = HANDSHAKE_SCHEMA_BUDGET
