@@ -425,13 +425,21 @@ func TestOtherRuntimeVersionStopsStart(t *testing.T) {
 
 func waitUntil(t *testing.T, cond func() bool) {
 	t.Helper()
+	if !eventually(cond) {
+		t.Fatal("condition not met within 20 s")
+	}
+}
+
+// eventually reports whether cond holds within 20 s, checking every 5 ms.
+func eventually(cond func() bool) bool {
 	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 20 s")
+			return false
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+	return true
 }
 
 func countEvents(r *recorder, match func(lifecycle.Event) bool) int {
@@ -474,10 +482,7 @@ func TestMaxRequestsRecyclesWithoutFailures(t *testing.T) {
 	// replacement starts, the other takes every call). A recycle ends,
 	// with its event, once the replacement serves and the old worker has
 	// stopped, which on a loaded machine can be after the last call.
-	deadline := time.Now().Add(20 * time.Second)
-	for countEvents(rec, isRecycle) < 2 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually(func() bool { return countEvents(rec, isRecycle) >= 2 })
 	if n := countEvents(rec, isRecycle); n < 2 {
 		t.Errorf("%d recycles within 20 s of 300 calls with a limit of 25", n)
 	}
