@@ -1,5 +1,3 @@
-// Command poolnode serves a Python app's functions over NATS from a pool of
-// supervised worker processes. See README.md, "poolnode".
 package main
 
 import (
