@@ -13,16 +13,25 @@
 // of it: what a request must be to be admitted (service.go, validate.go),
 // how a reply is built (reply.go) and how a job is settled.
 //
-// Files: service.go serves calls; validate.go holds the header rule and the
-// JSON rule; streams.go describes and creates the JetStream streams; for
-// jobs, jobs.go starts and stops them, fetch.go pulls as many as there is
-// capacity for, delivery.go reads who a delivered job is and keeps its
-// lease, settle.go runs it and acks, retries or buries it, collect.go
-// gathers a streamed job's items, results.go looks up, stores and forwards
-// results, and dead.go writes dead letters.
+// Files: embedded.go starts the embedded server; conn.go connects;
+// events.go publishes lifecycle events; service.go serves calls;
+// validate.go holds the header rule and the JSON rule; reply.go builds
+// reply headers and error bodies; streams.go describes and creates the
+// JetStream streams; for jobs, jobs.go starts and stops them and their
+// three consumers (one per priority), fetch.go pulls as many as there is
+// capacity for, high priority first, delivery.go reads who a delivered job
+// is and keeps its lease, settle.go runs it and acks, retries or buries
+// it, collect.go gathers a streamed job's items, results.go looks up,
+// stores and forwards results, dead.go writes dead letters, status.go
+// keeps each job's status and takes cancels, and schedule.go turns
+// message schedules on in an older jobs stream and names the jobs they
+// fire.
 //
-// Goroutines: a Service runs one goroutine per accepted request and its Stop
-// waits for them; Jobs runs one fetch loop, plus one goroutine and one lease
-// renewer per job held, and its Stop waits for them. Everything else
-// belongs to nats.go and nats-server.
+// Goroutines: a Service runs one goroutine per request it hands to Call,
+// plus a heartbeat ticker for a call that asks for heartbeats, and its
+// Stop waits for them; a plain call started through call.Starter gets
+// none, and is answered from the handler's goroutine. Jobs runs one fetch
+// loop, plus one goroutine and one lease renewer per job held, and its
+// Stop waits for them. Everything else belongs to nats.go and
+// nats-server.
 package bus

@@ -534,9 +534,11 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	a.req.Deadline = time.Now().Add(a.timeout)
 	ctx.deadline = a.req.Deadline
 	c.inFlight.Add(1)
-	// A plain call (no stream, progress, heartbeats or session: nearly
-	// every call) is started from here, if a worker is free, and answered
-	// from the goroutine that hears its end: no goroutine of its own.
+	// A plain call (no stream, progress, heartbeats or session) is started
+	// from here, if a worker is free, and answered from the goroutine that
+	// hears its end: no goroutine of its own. The clients ask for
+	// heartbeats by default, so their calls take this path only with
+	// heartbeats turned off.
 	if s.starter != nil && !fn.Stream && !a.progress && a.heartbeat == 0 && a.req.Session == "" &&
 		s.start(ctx, f, reply, fn, a, c, arrived) {
 		return
@@ -856,7 +858,8 @@ type streamState struct {
 }
 
 // errNotStreaming is what emit returns for a function that does not
-// stream: a worker that sends chunks for one is cancelled (pool.execute).
+// stream: a worker that sends chunks for one is cancelled (the pool's
+// execution.result).
 var errNotStreaming = errors.New("the function does not stream")
 
 // notStreaming is the emit of a function that does not stream; one shared

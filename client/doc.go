@@ -1,9 +1,11 @@
 // Package client is the Go client of pyfleet: it calls the functions of a
 // pool, streams their items, keeps calls on one worker in a session,
-// submits jobs and waits for their results, lists the live nodes and
-// follows their lifecycle events, over NATS alone. It speaks the wire
-// contract of docs/protocol.md through package protocol; cmd/submit is
-// built on it.
+// submits jobs (with a priority, delayed or recurring), waits for their
+// results, reads their status and cancels them, lists the live nodes, their
+// statuses and the pool's functions, asks a node to reload, recycle a
+// worker or drain, and follows the nodes' lifecycle events, over NATS
+// alone. It speaks the wire contract of docs/protocol.md through package
+// protocol; cmd/submit is built on it.
 //
 //	c, err := client.Connect("nats://127.0.0.1:4222", client.Options{Pool: "default"})
 //	...
@@ -15,10 +17,19 @@
 //	err = job.Result(ctx, &out)
 //	job, err = c.Submit(ctx, "echo", 1, client.WithDelay(30*time.Second))
 //	_, err = c.Schedule(ctx, "nightly", "0 3 * * *", "report", nil)
+//	state, err := job.Status(ctx)
+//	cancelled, err := job.Cancel(ctx)
 //
 // Delayed jobs (WithDelay, WithAt) and recurring ones (Schedule, Schedules,
 // Unschedule) are JetStream message schedules that the NATS server (>=
 // 2.12) keeps and fires, with or without a node running (client/schedule.go).
+// WithPriority submits a job as high or low priority (priority.go). A job's
+// status (Job.Info, Status, Progress) is read from the status bucket, and
+// Job.Cancel marks it cancelled there and tells the node running it
+// (status.go). NodeStatuses, and Nodes with WithDetail, ask the nodes for
+// their status; Reload, Recycle and Drain are control requests to one node
+// (nodestatus.go); Functions lists what the pool's nodes serve
+// (functions.go).
 //
 // Every method takes a context.Context: its cancellation abandons the call,
 // tells the node (which stops the function as at its deadline:
@@ -34,7 +45,8 @@
 // the node's answer and the node that sent it; errors.Is compares them with
 // the sentinel of their code: ErrBadRequest (400), ErrNotFound (404),
 // ErrDeadlineExceeded (408), ErrSessionLost (410), ErrPayloadTooLarge
-// (413), ErrWorkerLost (500 WorkerLost) and ErrUnavailable (503). What the
+// (413), ErrCancelled (499, a cancelled job), ErrWorkerLost (500
+// WorkerLost) and ErrUnavailable (503). What the
 // client concludes without a node's answer is an *Error too, with Local
 // set: NATS's "no responders" and a call no node took are ErrUnavailable,
 // a node that fell silent holding a call ErrWorkerLost, no answer by the
@@ -49,6 +61,7 @@
 // Close ends both. Stream, Job.Messages and Events own what they start
 // (a subscription, JetStream ordered consumers and the goroutines reading
 // them) for the duration of their loop, and stop and wait for all of it
-// before the loop ends. The package imports nats.go and pyfleet's protocol
+// before the loop ends; Nodes with WithDetail starts one goroutine and
+// waits for it before it returns. The package imports nats.go and pyfleet's protocol
 // and call packages, never nats-server nor any package of the node.
 package client

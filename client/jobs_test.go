@@ -41,15 +41,16 @@ func TestSubmitAndResult(t *testing.T) {
 	}
 
 	// A second submission of an id within the dedup window is not queued.
-	first, err := c.Submit(ctx, "echo", "first", client.WithJobID("client-dup"))
+	dupID := uniqueJobID("client-dup")
+	first, err := c.Submit(ctx, "echo", "first", client.WithJobID(dupID))
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, err := c.Submit(ctx, "echo", "second", client.WithJobID("client-dup"))
+	again, err := c.Submit(ctx, "echo", "second", client.WithJobID(dupID))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if first.Duplicate || !again.Duplicate || again.ID != "client-dup" {
+	if first.Duplicate || !again.Duplicate || again.ID != dupID {
 		t.Errorf("first %+v, again %+v", first, again)
 	}
 	var s string

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -34,6 +35,15 @@ var (
 	python      string
 	poolnodeBin string
 )
+
+// uniqueJobID names a job that no earlier run of a test in this process
+// submitted: the NATS server and its dedup window live as long as the
+// process, so a fixed id would be a duplicate under go test -count=2.
+func uniqueJobID(name string) string {
+	return fmt.Sprintf("%s-%d", name, jobIDs.Add(1))
+}
+
+var jobIDs atomic.Int64
 
 func TestMain(m *testing.M) {
 	code, err := setup(m)

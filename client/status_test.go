@@ -47,7 +47,7 @@ func TestJobStatus(t *testing.T) {
 		t.Fatalf("status of an unknown job: %v, want ErrNotFound", err)
 	}
 
-	job, err = c.Submit(ctx, "block", map[string]int{"ms": 1500}, client.WithJobID("status-run"))
+	job, err = c.Submit(ctx, "block", map[string]int{"ms": 1500}, client.WithJobID(uniqueJobID("status-run")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func TestJobCancel(t *testing.T) {
 
 	// Pending: no node serves the pool yet.
 	c := connect(t, client.Options{Pool: "cancel"})
-	pending, err := c.Submit(ctx, "echo", "never", client.WithJobID("cancel-pending"))
+	pending, err := c.Submit(ctx, "echo", "never", client.WithJobID(uniqueJobID("cancel-pending")))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,17 +9,22 @@
 //     own process group and supervises it (Process: output lines, exit
 //     status, Stop with a grace period); when a child exits, its group is
 //     killed, and so is every process carrying its Marker;
-//   - containment: a Containment prepares each start so that the worker's
-//     whole tree stays where it can be killed; in ModePIDNS (and in
-//     ModeCgroup where the host allows) each worker runs under an init
-//     (package pidinit: bin/pyfleet-init, or this binary re-executed with
-//     InitArg) that is PID 1 of a PID namespace of its own, whose death
-//     ends the namespace;
+//   - containment (Containment, NewContainment): a worker's whole tree
+//     kept where the node can kill it, however it scatters itself; in
+//     ModeCgroup a cgroup v2 per worker start under the run's (cgroup.go),
+//     with optional hard Limits; in ModePIDNS (and in ModeCgroup where the
+//     host allows) each worker runs under an init (package pidinit:
+//     bin/pyfleet-init, or this binary re-executed with InitArg) that is
+//     PID 1 of a PID namespace of its own, whose death ends the namespace;
+//   - preloading (StartTemplate, Template.Fork, preload.go): a template
+//     process that imported the app once forks each worker, which the node
+//     then supervises as a Process like any other;
 //   - identity: a process is named by pid, start time and boot id
-//     (Identity), never by pid alone, because pids are reused;
-//   - markers: environment variables (EnvWorkerRun, EnvWorkerID) that
-//     follow a worker's descendants through setsid and double forks
-//     (Marker, KillMarked);
+//     (Identity), never by pid alone, because pids are reused; WorkerPID
+//     finds the interpreter behind a worker's init;
+//   - markers: environment variables (EnvWorkerRun, EnvWorkerID,
+//     EnvWorkerSpawn) that follow a worker's descendants through setsid
+//     and double forks (Marker, KillMarked, RunProcesses);
 //   - node liveness: a run of a node holds a flock for its life
 //     (AcquireNodeLock, NodeAlive), which the kernel drops when it dies;
 //     its registry records name its node process too, so a run whose lock
@@ -31,13 +36,12 @@
 //   - reaping: the orphans this process adopts as a child subreaper
 //     (SetChildSubreaper, Spawner.ReapAdopted), and everything dead runs left
 //     (Reaper);
-//   - containment (Containment): a worker's whole tree kept where the node
-//     can kill it, however it scatters itself; in ModeCgroup a cgroup v2 per
-//     worker start under the run's (cgroup.go), with optional hard Limits;
 //   - the guardian (StartGuardian): a process that outlives its node to kill
-//     the run's cgroup, its workers' process groups and its marked processes;
-//   - memory accounting of a process tree (TreeRSS, or the container's own:
-//     Process.Memory);
+//     the run's cgroup, its workers' process groups and its marked
+//     processes, and leaves a journal of its kills that the next node
+//     publishes (PublishJournals);
+//   - memory accounting of a process tree (TreeRSS, TreeRSSOf, or the
+//     container's own: Process.Memory);
 //   - the lifecycle event types (Event, Events, the Kind and Reason
 //     constants) that other packages publish.
 //
@@ -52,20 +56,21 @@
 // A node wires it in this order:
 //
 //	lock, _ := lifecycle.AcquireNodeLock(stateDir, node, run) // first: the run is alive from here on
-//	_ = lifecycle.SetChildSubreaper()
+//	contain, _, _ := lifecycle.NewContainment(lifecycle.ModeAuto, lifecycle.Marker{Node: node, Run: run})
 //	reg, _ := lifecycle.OpenRegistry(filepath.Join(stateDir, "registry.db"))
+//	_ = lifecycle.SetChildSubreaper()
 //	spawner := lifecycle.NewSpawner()
-//	contain, _ := lifecycle.NewCgroupContainment(lifecycle.Marker{Node: node, Run: run}) // or GroupContainment()
 //	reaper, _ := lifecycle.NewReaper(lifecycle.ReaperConfig{StateDir: stateDir, Registry: reg, Spawner: spawner, Lock: lock, Events: publish, Containment: contain})
 //	_ = reaper.Sweep()    // before any worker starts: clears what dead runs left
+//	_, _ = lifecycle.PublishJournals(stateDir, publish) // the kills of dead runs' guardians
 //	go reaper.Run(ctx)    // owned and waited for by the node
 //	guardian, _ := lifecycle.StartGuardian(lifecycle.Marker{Node: node, Run: run}, stateDir, contain)
 //
-// and for each worker: Registry.Put (StateStarting, no pid), Start with
-// StartOptions.Marker, Contain, Guardian (and Limits), Registry.Put again
-// with Record.SetProcess; on exit, Process.Stop, then Registry.Delete. On
-// the way out: stop every worker, KillMarked(Marker{Node: node, Run: run}),
-// Guardian.Stop (which removes the run's cgroup), stop the reaper,
-// Spawner.Close, the containment's Close if it has one, NodeLock.Release
-// last.
+// and for each worker: Registry.Put (StateStarting, no pid), Start (or,
+// with a template, Template.Fork) with StartOptions.Marker, Contain,
+// Guardian (and Limits), Registry.Put again with Record.SetProcess; on
+// exit, Process.Stop, then Registry.Delete. On the way out: stop every
+// worker, KillMarked(Marker{Node: node, Run: run}), Guardian.Stop (which
+// removes the run's cgroup), stop the reaper, Spawner.Close, the
+// containment's Close if it has one, NodeLock.Release last.
 package lifecycle

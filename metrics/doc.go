@@ -33,6 +33,13 @@
 // ObserveRequest is on the hot path of every call: it finds its counter and
 // histogram in a copy-on-write map without locking or allocating.
 //
+// Window (window.go) keeps the recent per-function figures behind a node's
+// status (docs/protocol.md, "Node status"): calls and errors since the
+// node started, and the rate and p50/p99 latency over a recent span (the
+// node's is a minute), from a bounded ring of samples per function, with
+// the same bound on names as the function label. The node feeds it with
+// or without --metrics.
+//
 // Goroutines: Serve runs an http.Server until its ctx ends and returns only
 // once the server has shut down; the package starts no other goroutine.
 package metrics

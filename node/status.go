@@ -107,8 +107,10 @@ func (n *node) serveStatus() error {
 	}
 	n.onClose(func() {
 		_ = ctl.Unsubscribe()
-		// The reload loop stops before this closer runs (closers run last
-		// first): a reload asked in between is answered here, not dropped.
+		// This closer runs before the reload loop's (closers run last
+		// first): the requests the loop has not taken are refused here
+		// rather than run while the node stops; the loop refuses any
+		// left when it stops.
 		n.refuseReloads("the node is stopping")
 	})
 	return nil

@@ -60,7 +60,9 @@ type Config struct {
 	// of life, or when its process tree's memory passes MaxMemory bytes
 	// (each off when zero): its container's count where it keeps one
 	// (memory.current of a cgroup with the memory controller), else the
-	// RSS of its tree. The limits get up to 10% jitter per worker.
+	// RSS of its tree. MaxRequests and MaxAge get up to 10% jitter per
+	// worker start, so that workers started together do not recycle
+	// together; MaxMemory is exact.
 	MaxRequests int
 	MaxAge      time.Duration
 	MaxMemory   uint64

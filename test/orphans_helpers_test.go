@@ -670,9 +670,9 @@ func requireCgroup(t *testing.T) {
 	}
 }
 
-// modeNode is a node in a containment mode.
-func modeNode(url, mode, state, name string, workers int) nodeOptions {
-	return onNATS(url, nodeOptions{app: nastyApp(), workers: workers, stateDir: state, name: name, extra: []string{"--containment", mode}})
+// modeNode is a node in a containment mode, its workers preloaded or not.
+func modeNode(url, mode, state, name string, workers int, preload bool) nodeOptions {
+	return onNATS(url, nodeOptions{app: nastyApp(), workers: workers, stateDir: state, name: name, preload: preload, extra: []string{"--containment", mode}})
 }
 
 // runCgroupOf is the run's cgroup, as the node recorded it in its state dir.

@@ -584,7 +584,9 @@ func TestOrphansPIDReuse(t *testing.T) {
 // Row 6: two nodes on one machine and one state dir; kill -9 one. The other's
 // workers all survive and serve, and its reaper reaps only what the dead one
 // left. In group mode, for the reason TestOrphansSetsidGrandchild gives.
-func TestOrphansTwoNodesOneStateDir(t *testing.T) {
+func TestOrphansTwoNodesOneStateDir(t *testing.T) { inBothModes(t, testOrphansTwoNodesOneStateDir) }
+
+func testOrphansTwoNodesOneStateDir(t *testing.T, preload bool) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
 	nc := connectURL(t, url)
@@ -592,8 +594,8 @@ func TestOrphansTwoNodesOneStateDir(t *testing.T) {
 	state := shortTempDir(t)
 	base := fmt.Sprintf("t%d-two", os.Getpid())
 	group := []string{"--containment", lifecycle.ModeGroup}
-	a := startNode(t, onNATS(url, nodeOptions{name: base + "-a", app: nastyApp(), workers: 2, stateDir: state, extra: group}))
-	b := startNode(t, onNATS(url, nodeOptions{name: base + "-b", app: nastyApp(), workers: 2, stateDir: state, extra: group}))
+	a := startNode(t, onNATS(url, nodeOptions{name: base + "-a", app: nastyApp(), workers: 2, stateDir: state, extra: group, preload: preload}))
+	b := startNode(t, onNATS(url, nodeOptions{name: base + "-b", app: nastyApp(), workers: 2, stateDir: state, extra: group, preload: preload}))
 	runA := runOf(t, ev, a)
 
 	// Each node gets a child in a worker's group and a setsid grandchild.
@@ -757,7 +759,9 @@ func testOrphansWorkerKilledMidRequest(t *testing.T, preload bool) {
 // kills the run's cgroup; in group mode it kills the worker's process group.
 // The child in a session of its own is group mode's known limit: nothing ties
 // it to the run any more.
-func TestOrphansCleanEnvironment(t *testing.T) {
+func TestOrphansCleanEnvironment(t *testing.T) { inBothModes(t, testOrphansCleanEnvironment) }
+
+func testOrphansCleanEnvironment(t *testing.T, preload bool) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
 	for _, mode := range []string{lifecycle.ModeCgroup, lifecycle.ModeGroup} {
@@ -775,7 +779,7 @@ func TestOrphansCleanEnvironment(t *testing.T) {
 				nc := connectURL(t, url)
 				ev := watchEvents(t, nc, "default")
 				state := shortTempDir(t)
-				n := startNode(t, modeNode(url, mode, state, "", 2))
+				n := startNode(t, modeNode(url, mode, state, "", 2, preload))
 				run := runOf(t, ev, n)
 				if mode == lifecycle.ModeCgroup {
 					runCgroupOf(t, state, n.name, run)
@@ -813,7 +817,7 @@ func TestOrphansCleanEnvironment(t *testing.T) {
 				// What the guardian killed is published by the next node on
 				// the state dir (unless the worker's lifeline, killing its
 				// own group as the node died, was first).
-				again := startNode(t, modeNode(url, mode, state, n.name, 1))
+				again := startNode(t, modeNode(url, mode, state, n.name, 1, preload))
 				run2 := runOf(t, ev, again)
 				ev.waitFor(30*time.Second, func(e lifecycle.Event) bool { return e.Kind == lifecycle.KindReady && e.Run == run2 })
 				if es := matching(ev, allOf(kind(lifecycle.KindOrphanReaped), withPID(child.PID))); len(es) > 0 {
@@ -840,7 +844,9 @@ func TestOrphansCleanEnvironment(t *testing.T) {
 // within 1 s; the next node on the state dir removes the dead run's cgroup.
 // In group mode that node's sweep finds the marked grandchild;
 // clean-environment children are group mode's known limit.
-func TestOrphansKillNodeAndGuardian(t *testing.T) {
+func TestOrphansKillNodeAndGuardian(t *testing.T) { inBothModes(t, testOrphansKillNodeAndGuardian) }
+
+func testOrphansKillNodeAndGuardian(t *testing.T, preload bool) {
 	url := startTestNATS(t)
 	by := startBystanders(t)
 	for _, mode := range []string{lifecycle.ModeCgroup, lifecycle.ModeGroup} {
@@ -851,7 +857,7 @@ func TestOrphansKillNodeAndGuardian(t *testing.T) {
 			nc := connectURL(t, url)
 			ev := watchEvents(t, nc, "default")
 			state := shortTempDir(t)
-			n := startNode(t, modeNode(url, mode, state, "", 2))
+			n := startNode(t, modeNode(url, mode, state, "", 2, preload))
 			run := runOf(t, ev, n)
 			var cgroupDir string
 			if mode == lifecycle.ModeCgroup {
@@ -889,7 +895,7 @@ func TestOrphansKillNodeAndGuardian(t *testing.T) {
 				pidsOf(survivors), marked.PID, pidsOf(clean))
 
 			start := time.Now()
-			again := launchNode(t, modeNode(url, mode, state, n.name, 1))
+			again := launchNode(t, modeNode(url, mode, state, n.name, 1, preload))
 			var want []lifecycle.Identity
 			if mode == lifecycle.ModeCgroup {
 				want = append(slices.Clone(clean), marked)

@@ -243,9 +243,9 @@ func TestPreloadInPIDNamespaces(t *testing.T) {
 }
 
 // inBothModes runs test with workers started plainly, then with --preload
-// (README "Preloaded workers": group containment, where forks can be
-// contained), so that what holds for spawned workers is checked for
-// preloaded ones too.
+// (README "Preloaded workers"), so that what holds for spawned workers is
+// checked for preloaded ones too, in whatever containment the test asks
+// for.
 func inBothModes(t *testing.T, test func(t *testing.T, preload bool)) {
 	t.Run("Spawned", func(t *testing.T) { test(t, false) })
 	t.Run("Preloaded", func(t *testing.T) { test(t, true) })

@@ -58,7 +58,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stderr io
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "`dir`ectory for the registry and sockets (default $XDG_STATE_HOME/pyfleet or ~/.local/state/pyfleet)")
 	fs.StringVar(&cfg.Containment, "containment", cfg.Containment, "how each worker's process tree is kept: auto (the strongest the host offers), cgroup, pidns or group")
 	fs.IntVar(&cfg.WorkerMemoryLimitMB, "worker-memory-limit", 0, "hard limit on each worker's whole process tree, in `MB`: past it the kernel OOM-kills the tree (cgroup containment with the memory controller; 0: none)")
-	fs.BoolVar(&cfg.Preload, "preload", false, "import the app once in a template process and fork workers from it (group containment, or cgroup where PID namespaces are off); see README")
+	fs.BoolVar(&cfg.Preload, "preload", false, "import the app once in a template process and fork workers (and their replacements) from it, in every containment mode; see README")
 	fs.IntVar(&cfg.WorkerPidsLimit, "worker-pids-limit", 0, "hard limit on the processes and threads of each worker's tree (cgroup containment with the pids controller; 0: none)")
 	fs.StringVar(&cfg.Metrics, "metrics", "", "`address` serving Prometheus /metrics and /healthz (empty: off)")
 	fs.StringVar(&logOpts.level, "log-level", logOpts.level, "debug, info, warn or error")
