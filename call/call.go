@@ -107,9 +107,10 @@ type Handler interface {
 }
 
 // Starter is a Handler that can also start a call with no goroutine of
-// the caller's waiting for it: bus serves most calls this way, and answers
-// from the goroutine that hears the call's end (test/bench/notes.md, "A
-// leaner node path").
+// the caller's waiting for it: bus serves a plain call (no stream,
+// progress, heartbeats or session) this way, and answers from the
+// goroutine that hears the call's end (test/bench/notes.md, "A leaner
+// node path").
 type Starter interface {
 	// StartCall starts req at once, if it can, and returns it running, and
 	// true; done then gets, exactly once, what Call would have returned,

@@ -58,7 +58,7 @@ func Run(ctx context.Context, cfg Config, log *zap.Logger, abort <-chan struct{}
 		n.connect,      // NATS or the embedded server, events, node_started
 		n.startReaping, // spawner, dead runs' leftovers, the reaper, the guardian
 		n.startPool,    // the workers, ready
-		n.serve,        // the micro service and the jobs consumer
+		n.serve,        // rate limits, the micro service, the jobs consumers, status and control
 	} {
 		if err := phase(ctx); err != nil {
 			if errors.Is(err, errStopped) {

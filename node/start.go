@@ -2,8 +2,9 @@ package node
 
 // The phases of Run, in the order it runs them. Each pushes a closer
 // (node.go) for everything it opens, right after opening it, so that the
-// closers undo a run in reverse: the service, the jobs' ctx, the pool, the
-// leftovers of this run, the guardian, the reaper, the spawner, NATS, the
+// closers undo a run in reverse: the control and status subscriptions,
+// the service, the jobs' ctx, the reload loop, the workers, the leftovers
+// of this run, the guardian, the reaper, the spawner, NATS, the
 // containment, the lock, the socket dir, and last the metrics server.
 
 import (
