@@ -28,9 +28,10 @@
 // fire.
 //
 // Goroutines: a Service runs one goroutine per request it hands to Call,
-// plus a heartbeat ticker for a call that asks for heartbeats, and its
-// Stop waits for them; a plain call started through call.Starter gets
-// none, and is answered from the handler's goroutine. Jobs runs one fetch
+// and its Stop waits for them; a plain call started through call.Starter
+// gets none, and is answered from the handler's goroutine. A call's
+// heartbeats are a timer, whose last fire the call waits for before its
+// answer goes. Jobs runs one fetch
 // loop, plus one goroutine and one lease renewer per job held, and its
 // Stop waits for them. Everything else belongs to nats.go and
 // nats-server.

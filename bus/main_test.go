@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -126,6 +127,35 @@ func (h *fakeHandler) Call(ctx context.Context, req *call.Request, emit call.Emi
 		return call.Result{Worker: h.worker}, nil
 	}
 	return call.Result{}, call.Errorf(call.CodeNotFound, "NotFound", "no %s", req.Function)
+}
+
+// starterHandler is fakeHandler as a call.Starter, as pool.StartCall is to
+// pool.Call: the service then starts a plain call without a goroutine of
+// its own, and this fake runs it on one of its own, as the pool's stream
+// receiver would answer it.
+type starterHandler struct {
+	*fakeHandler
+	started atomic.Int32
+	running sync.WaitGroup
+}
+
+type startedCall struct{ cancel context.CancelFunc }
+
+func (r startedCall) Cancel() { r.cancel() }
+
+func (h *starterHandler) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
+	if req.Session != "" || req.Progress != nil {
+		return nil, false
+	}
+	h.started.Add(1)
+	ctx, cancel := context.WithDeadline(context.Background(), req.Deadline)
+	h.running.Add(1)
+	go func() {
+		defer h.running.Done()
+		defer cancel()
+		done(h.Call(ctx, req, func(call.Chunk) error { return errors.New("not a streaming function") }))
+	}()
+	return startedCall{cancel}, true
 }
 
 func (h *fakeHandler) count() int {

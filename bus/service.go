@@ -534,19 +534,23 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	a.req.Deadline = time.Now().Add(a.timeout)
 	ctx.deadline = a.req.Deadline
 	c.inFlight.Add(1)
-	// A plain call (no stream, progress, heartbeats or session) is started
-	// from here, if a worker is free, and answered from the goroutine that
-	// hears its end: no goroutine of its own. The clients ask for
-	// heartbeats by default, so their calls take this path only with
-	// heartbeats turned off.
-	if s.starter != nil && !fn.Stream && !a.progress && a.heartbeat == 0 && a.req.Session == "" &&
-		s.start(ctx, f, reply, fn, a, c, arrived) {
+	// The first heartbeat goes at once, whichever way the call runs.
+	var beats *heartbeat
+	if a.heartbeat > 0 {
+		beats = s.heartbeats(reply, a.req.RequestID, a.heartbeat)
+	}
+	// A plain call (no stream, progress or session; heartbeats, which the
+	// clients ask for by default, are a timer) is started from here, if a
+	// worker is free, and answered from the goroutine that hears its end:
+	// no goroutine of its own.
+	if s.starter != nil && !fn.Stream && !a.progress && a.req.Session == "" &&
+		s.start(ctx, f, reply, fn, a, beats, c, arrived) {
 		return
 	}
 	go func() {
 		defer s.end(reply, f)
 		defer c.inFlight.Add(-1)
-		s.answer(ctx, f.cancel, reply, fn, a, c, arrived)
+		s.answer(ctx, f.cancel, reply, fn, a, beats, c, arrived)
 	}()
 }
 
@@ -637,21 +641,70 @@ func parseHeartbeat(h nats.Header) (time.Duration, *call.Error) {
 	return time.Duration(ms) * time.Millisecond, nil
 }
 
-// heartbeats sends a heartbeat to reply now and every interval until the
-// returned stop is called; stop returns once no heartbeat can follow, so
-// the answer is always the last message the client gets.
-func (s *Service) heartbeats(reply, requestID string, interval time.Duration) (stop func()) {
-	beat := func() {
+// heartbeats sends a heartbeat to reply now and every interval until its
+// stop, which returns once no heartbeat can follow, so that the answer is
+// always the last message the client gets.
+func (s *Service) heartbeats(reply, requestID string, interval time.Duration) *heartbeat {
+	h := &heartbeat{interval: interval, beat: func() {
 		m := &nats.Msg{Subject: reply, Header: replyHeader(protocol.StatusOK, s.node, "", requestID)}
 		m.Header[protocol.HeaderStream] = []string{protocol.StreamHeartbeat}
 		_ = s.nc.PublishMsg(m)
+	}}
+	h.beat()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.fires.Add(1)
+	h.timer = time.AfterFunc(interval, h.fire)
+	return h
+}
+
+// heartbeat is one call's heartbeats: a timer rather than a goroutine, so
+// that a call that ends within its first interval, as nearly all do, costs
+// a timer armed and stopped, and can still be started without a goroutine
+// (call.Starter).
+type heartbeat struct {
+	interval time.Duration
+	beat     func()
+	// fires counts the timer's armed or running fire, which stop waits
+	// for; it is added to only under mu while not stopped.
+	fires   sync.WaitGroup
+	mu      sync.Mutex
+	stopped bool        // under mu
+	timer   *time.Timer // under mu
+}
+
+func (h *heartbeat) fire() {
+	defer h.fires.Done()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.stopped {
+		return
 	}
-	beat()
-	return every(interval, beat)
+	h.beat()
+	h.fires.Add(1)
+	h.timer.Reset(h.interval)
+}
+
+// stop ends the heartbeats and returns once none can follow. A nil h has
+// none; stop may be called more than once.
+func (h *heartbeat) stop() {
+	if h == nil {
+		return
+	}
+	h.mu.Lock()
+	if !h.stopped {
+		h.stopped = true
+		if h.timer.Stop() {
+			h.fires.Done() // the armed fire will not run
+		}
+	}
+	h.mu.Unlock()
+	h.fires.Wait()
 }
 
 // every calls f every interval, on a goroutine of its own, until the
-// returned stop is called. stop may be called more than once; it returns
+// returned stop is called (a job's lease renewal; a call's heartbeats are
+// a timer, see heartbeat). stop may be called more than once; it returns
 // once f has returned for the last time.
 func every(interval time.Duration, f func()) (stop func()) {
 	done := make(chan struct{})
@@ -704,17 +757,13 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 //
 // ctx is the call's context, which a cancel message or Stop cancels
 // (cancelCall), and answer at the call's deadline.
-func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time) {
-	req, heartbeat := a.req, a.heartbeat
+func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply string, fn *call.Function, a admission, beats *heartbeat, c *endpointCounters, arrived time.Time) {
+	req := a.req
 	deadline := time.AfterFunc(time.Until(req.Deadline), func() { cancelCall(context.DeadlineExceeded) })
 	defer func() {
 		deadline.Stop()
 		cancelCall(nil)
 	}()
-	stopBeats := func() {}
-	if heartbeat > 0 {
-		stopBeats = s.heartbeats(reply, req.RequestID, heartbeat)
-	}
 	// A plain call (no progress, no stream: nearly every call) allocates
 	// none of what the others need; see BenchmarkServiceRequest.
 	var st *streamState
@@ -754,7 +803,7 @@ func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply
 		}
 	}
 	res, err := s.h.Call(ctx, req, emit)
-	stopBeats() // no heartbeat may follow the answer
+	beats.stop() // no heartbeat may follow the answer
 	if st != nil {
 		st.done.Store(true)
 		st.mu.Lock()
@@ -805,8 +854,9 @@ func (s *Service) reply(ctx *callCtx, reply string, fn *call.Function, a admissi
 // start starts a call through the handler's call.Starter, and reports
 // whether it did. Its answer then comes from the goroutine the handler
 // calls done on.
-func (s *Service) start(ctx *callCtx, f *inflight, reply string, fn *call.Function, a admission, c *endpointCounters, arrived time.Time) bool {
+func (s *Service) start(ctx *callCtx, f *inflight, reply string, fn *call.Function, a admission, beats *heartbeat, c *endpointCounters, arrived time.Time) bool {
 	r, ok := s.starter.StartCall(a.req, func(res call.Result, err error) {
+		beats.stop() // no heartbeat may follow the answer
 		s.reply(ctx, reply, fn, a, c, arrived, res, err)
 		f.cancel(nil) // ctx holds nothing, but every context is ended
 		c.inFlight.Add(-1)

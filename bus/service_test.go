@@ -514,9 +514,28 @@ func TestInProcessConnection(t *testing.T) {
 }
 
 // A request that asks for heartbeats gets one at once, then one per
-// interval while its call runs, and the answer is the last message.
+// interval while its call runs, and the answer is the last message: on a
+// goroutine of the service's, and started through call.Starter, which
+// the heartbeats do not keep a call from.
 func TestHeartbeats(t *testing.T) {
-	nc, _, _ := setup(t)
+	t.Run("goroutine", func(t *testing.T) {
+		nc, _, _ := setup(t)
+		testHeartbeats(t, nc)
+	})
+	t.Run("started", func(t *testing.T) {
+		srv := MustServer(t)
+		nc := MustConn(t, srv)
+		h := &starterHandler{fakeHandler: &fakeHandler{worker: "w1"}}
+		t.Cleanup(h.running.Wait)
+		MustServe(t, nc, "n1", h)
+		testHeartbeats(t, nc)
+		if h.started.Load() == 0 {
+			t.Error("no call was started through call.Starter")
+		}
+	})
+}
+
+func testHeartbeats(t *testing.T, nc *nats.Conn) {
 	inbox := nc.NewRespInbox()
 	sub, err := nc.SubscribeSync(inbox)
 	if err != nil {
