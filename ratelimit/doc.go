@@ -11,4 +11,8 @@
 // limit, with no burst, and needs no count of its nodes. Without
 // JetStream, or when the bucket fails, each node keeps the same reservation
 // in memory, and the limit is then per node.
+//
+// Limiter.Wrap puts the limits in front of the pool's call.Handler. A call
+// of a function without a limit goes straight through, started without a
+// goroutine where the pool can (call.Starter).
 package ratelimit

@@ -118,6 +118,18 @@ type limited struct {
 
 func (w limited) Functions() []call.Function { return w.h.Functions() }
 
+// StartCall starts a call of a function without a limit through h, when
+// h can (pool.StartCall): a pool where some functions are limited keeps
+// the path without a goroutine for the others. A limited function's call
+// waits for its slot, so it is never started this way.
+func (w limited) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
+	s, ok := w.h.(call.Starter)
+	if _, isLimited := w.l.intervals[req.Function]; isLimited || !ok {
+		return nil, false
+	}
+	return s.StartCall(req, done)
+}
+
 func (w limited) Call(ctx context.Context, req *call.Request, emit call.Emit) (call.Result, error) {
 	if iv, ok := w.l.intervals[req.Function]; ok {
 		if err := w.l.wait(ctx, req.Function, iv); err != nil {

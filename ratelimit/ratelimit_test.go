@@ -131,6 +131,53 @@ func TestWrap(t *testing.T) {
 	}
 }
 
+// starter is echo that can start a call without Call's goroutine, as
+// pool.StartCall does; done is called before StartCall returns.
+type starter struct {
+	echo
+	started []string
+}
+
+type running struct{}
+
+func (running) Cancel() {}
+
+func (s *starter) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
+	s.started = append(s.started, req.Function)
+	done(call.Result{Data: req.Payload}, nil)
+	return running{}, true
+}
+
+// TestWrapStartsUnlimitedCalls: through the wrapper, a function without a
+// limit is still started by a handler that can (call.Starter); a limited
+// one never is, as it must wait for its slot; and a handler that cannot
+// start calls is not made to look as if it could.
+func TestWrapStartsUnlimitedCalls(t *testing.T) {
+	l, err := New(context.Background(), nil, Config{Pool: "p"}, echo{}.Functions(), zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := &starter{}
+	s, ok := l.Wrap(inner).(call.Starter)
+	if !ok {
+		t.Fatal("the wrapper of a call.Starter is no call.Starter")
+	}
+	var got []byte
+	if _, ok := s.StartCall(&call.Request{Function: "free", Payload: []byte("7")}, func(res call.Result, err error) { got = res.Data }); !ok || string(got) != "7" {
+		t.Fatalf("free: started %v, result %q", ok, got)
+	}
+	if _, ok := s.StartCall(&call.Request{Function: "slow"}, func(call.Result, error) { t.Error("done called for a call not started") }); ok {
+		t.Fatal("slow, a limited function, was started without waiting for its slot")
+	}
+	if !slices.Equal(inner.started, []string{"free"}) {
+		t.Fatalf("the handler started %v, want [free]", inner.started)
+	}
+	plain, _ := l.Wrap(echo{}).(call.Starter)
+	if _, ok := plain.StartCall(&call.Request{Function: "free"}, func(call.Result, error) { t.Error("done called") }); ok {
+		t.Fatal("a call started through a handler that cannot start calls")
+	}
+}
+
 func TestNewRefusesABadLimit(t *testing.T) {
 	_, err := New(context.Background(), nil, Config{Pool: "p"}, []call.Function{{Name: "hurry", RateLimit: "fast"}}, nil)
 	if err == nil || !strings.Contains(err.Error(), `function hurry: rate limit "fast"`) {
