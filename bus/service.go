@@ -539,11 +539,12 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	if a.heartbeat > 0 {
 		beats = s.heartbeats(reply, a.req.RequestID, a.heartbeat)
 	}
-	// A plain call (no stream, progress or session; heartbeats, which the
-	// clients ask for by default, are a timer) is started from here, if a
-	// worker is free, and answered from the goroutine that hears its end:
-	// no goroutine of its own.
-	if s.starter != nil && !fn.Stream && !a.progress && a.req.Session == "" &&
+	// A plain call (no stream or progress; heartbeats, which the clients
+	// ask for by default, are a timer) is started from here, if a worker
+	// is free, and answered from the goroutine that hears its end: no
+	// goroutine of its own. The handler decides which of a session's calls
+	// it can start (pool.StartCall).
+	if s.starter != nil && !fn.Stream && !a.progress &&
 		s.start(ctx, f, reply, fn, a, beats, c, arrived) {
 		return
 	}

@@ -107,17 +107,16 @@ type Handler interface {
 }
 
 // Starter is a Handler that can also start a call with no goroutine of
-// the caller's waiting for it: bus serves a plain call (no stream,
-// progress, heartbeats or session) this way, and answers from the
-// goroutine that hears the call's end (test/bench/notes.md, "A leaner
-// node path").
+// the caller's waiting for it: bus serves a plain call (no stream or
+// progress) this way, and answers from the goroutine that hears the
+// call's end (test/bench/notes.md, "A leaner node path").
 type Starter interface {
 	// StartCall starts req at once, if it can, and returns it running, and
 	// true; done then gets, exactly once, what Call would have returned,
 	// from a goroutine of the handler's that it must not hold up for long.
 	// req's Deadline must be set. StartCall returns false, having called
 	// nothing, when it cannot start req at once (no free worker, a
-	// session, progress wanted): the caller then uses Call.
+	// session's first call, progress wanted): the caller then uses Call.
 	StartCall(req *Request, done func(Result, error)) (Running, bool)
 }
 

@@ -32,11 +32,14 @@ type asyncCall struct {
 }
 
 // StartCall starts req on a free worker slot, if one is free now; see
-// call.Starter. Calls that may wait (no free slot), and those with a
-// session or progress, are left to Call.
+// call.Starter. A call of a session that a call before it started starts
+// on the session's worker, if that has a slot free. Calls that may wait
+// (no free slot), a session's first call (which must be admitted by the
+// queue before it binds the session), a session whose worker is gone
+// (410), and calls that want progress are left to Call.
 func (p *Pool) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
-	if req.Session != "" || req.Progress != nil || req.Deadline.IsZero() ||
-		!utf8.ValidString(req.Function) || !utf8.ValidString(req.RequestID) {
+	if req.Progress != nil || req.Deadline.IsZero() ||
+		!utf8.ValidString(req.Function) || !utf8.ValidString(req.RequestID) || !utf8.ValidString(req.Session) {
 		return nil, false // Call answers these, or refuses them
 	}
 	if _, ok := p.lookup(req.Function); !ok {
@@ -45,9 +48,16 @@ func (p *Pool) StartCall(req *call.Request, done func(call.Result, error)) (call
 	if !p.enter() {
 		return nil, false
 	}
+	var pinned *worker
+	if req.Session != "" {
+		if pinned = p.boundSession(req.Session); pinned == nil {
+			p.leave()
+			return nil, false
+		}
+	}
 	d := &p.slots
 	d.mu.Lock()
-	w := d.take(nil)
+	w := d.take(pinned)
 	d.mu.Unlock()
 	if w == nil {
 		p.leave()
@@ -57,7 +67,7 @@ func (p *Pool) StartCall(req *call.Request, done func(call.Result, error)) (call
 	w.inflight.Add(1)
 	a := &asyncCall{p: p, w: w, id: w.nextID.Add(1), req: req, done: done}
 	frame := &workerpb.Call{Id: a.id, Function: req.Function, Payload: req.Payload,
-		RequestId: req.RequestID, JobId: req.JobID, Attempt: uint32(max(req.Attempt, 1)),
+		RequestId: req.RequestID, Session: req.Session, JobId: req.JobID, Attempt: uint32(max(req.Attempt, 1)),
 		TimeoutMs: timeoutMs(time.Until(req.Deadline))}
 	// Armed before the frame goes, so that the call's end, which may come
 	// at once, always finds it.

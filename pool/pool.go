@@ -963,6 +963,20 @@ func (p *Pool) sessionWorker(id string) (*worker, error) {
 	return best, nil
 }
 
+// boundSession is the live worker session id is bound to, marked used
+// now; nil if the session is new or its worker is gone, which is
+// sessionWorker's to answer.
+func (p *Pool) boundSession(id string) *worker {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.sessions[id]
+	if !ok || p.workers[s.worker.name] != s.worker {
+		return nil
+	}
+	s.lastUsed = time.Now()
+	return s.worker
+}
+
 // sweepSessions forgets sessions unused for sessionIdle, on a timer, until
 // the pool closes: at most MaxSessions are kept, and idle ones must make
 // room without waiting for a call to notice them.

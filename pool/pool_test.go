@@ -338,19 +338,88 @@ func TestSessionPinsWorkerAnd410WhenGone(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, func() bool {
-		for _, live := range p.Workers() {
-			if live == pid {
-				return false
-			}
-		}
-		return true
-	})
+	waitUntil(t, func() bool { return !isWorker(p, pid) })
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err := p.Call(ctx, &call.Request{Function: "pid", Payload: []byte("0"), Session: "s1"}, nil)
 	if codeOf(err) != call.CodeSessionLost {
 		t.Errorf("err %v, want 410", err)
+	}
+}
+
+// TestStartCallKeepsSessions: a session's first call goes through Call
+// (StartCall leaves it: only an admitted call may bind a session); the
+// calls after it start without a goroutine (call.Starter) on the
+// session's worker; once that worker is gone StartCall leaves the call to
+// Call again, which answers 410.
+func TestStartCallKeepsSessions(t *testing.T) {
+	p, _ := startPool(t, func(c *Config) { c.Workers = 2 })
+	pidReq := func() *call.Request {
+		return &call.Request{Function: "pid", Payload: []byte("0"), Session: "s1", Deadline: time.Now().Add(5 * time.Second)}
+	}
+	if _, _, ok := startCall(t, p, pidReq()); ok {
+		t.Fatal("the first call of a session was started before a call bound it")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := p.Call(ctx, pidReq(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := string(res.Data)
+	for range 6 {
+		res, err, ok := startCall(t, p, pidReq())
+		if !ok || err != nil {
+			t.Fatalf("a call of a bound session: started %v, %v", ok, err)
+		}
+		if string(res.Data) != bound {
+			t.Fatalf("session moved from pid %s to %s", bound, res.Data)
+		}
+	}
+	pid, err := strconv.Atoi(bound)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, func() bool { return !isWorker(p, pid) })
+	if _, _, ok := startCall(t, p, pidReq()); ok {
+		t.Fatal("a call of a session whose worker is gone was started")
+	}
+	if _, err := p.Call(ctx, pidReq(), nil); codeOf(err) != call.CodeSessionLost {
+		t.Errorf("err %v, want 410", err)
+	}
+}
+
+// isWorker reports whether pid is one of p's live workers.
+func isWorker(p *Pool, pid int) bool {
+	for _, live := range p.Workers() {
+		if live == pid {
+			return true
+		}
+	}
+	return false
+}
+
+// startCall runs req through StartCall and waits for its end; ok is false
+// when the pool left it to Call.
+func startCall(t *testing.T, p *Pool, req *call.Request) (res call.Result, err error, ok bool) {
+	t.Helper()
+	type end struct {
+		res call.Result
+		err error
+	}
+	ended := make(chan end, 1)
+	if _, ok := p.StartCall(req, func(res call.Result, err error) { ended <- end{res, err} }); !ok {
+		return call.Result{}, nil, false
+	}
+	select {
+	case e := <-ended:
+		return e.res, e.err, true
+	case <-time.After(10 * time.Second):
+		t.Fatal("a started call did not end within 10 s")
+		return call.Result{}, nil, true
 	}
 }
 
