@@ -32,11 +32,11 @@ type asyncCall struct {
 }
 
 // StartCall starts req on a free worker slot, if one is free now; see
-// call.Starter. A call of a session that a call before it started starts
-// on the session's worker, if that has a slot free. Calls that may wait
-// (no free slot), a session's first call (which must be admitted by the
-// queue before it binds the session), a session whose worker is gone
-// (410), and calls that want progress are left to Call.
+// call.Starter. A session's later calls start on the session's worker, if
+// it has a slot free. Left to Call: calls that may wait (no free slot), a
+// session's first call (the queue must admit it before it binds the
+// session), the calls of a session whose worker is gone (410), and calls
+// that want progress.
 func (p *Pool) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
 	if req.Progress != nil || req.Deadline.IsZero() ||
 		!utf8.ValidString(req.Function) || !utf8.ValidString(req.RequestID) || !utf8.ValidString(req.Session) {
