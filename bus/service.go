@@ -539,19 +539,28 @@ func (s *Service) handle(r micro.Request, fn *call.Function, c *endpointCounters
 	if a.heartbeat > 0 {
 		beats = s.heartbeats(reply, a.req.RequestID, a.heartbeat)
 	}
-	// A plain call (no stream or progress; heartbeats, which the clients
-	// ask for by default, are a timer) is started from here, if a worker
-	// is free, and answered from the goroutine that hears its end: no
-	// goroutine of its own. The handler decides which of a session's calls
-	// it can start (pool.StartCall).
-	if s.starter != nil && !fn.Stream && !a.progress &&
-		s.start(ctx, f, reply, fn, a, beats, c, arrived) {
+	// A plain call (no progress, no stream: nearly every call) allocates
+	// none of what the others need; see BenchmarkServiceRequest.
+	var st *streamState
+	if a.progress || fn.Stream {
+		st = &streamState{}
+	}
+	if a.progress {
+		a.req.Progress = s.progress(reply, a.req.RequestID, st)
+	}
+	// A call of a function that does not stream (heartbeats, which the
+	// clients ask for by default, are a timer; progress goes from the
+	// handler's goroutine) is started from here, if a worker is free, and
+	// answered from the goroutine that hears its end: no goroutine of its
+	// own. The handler decides which of a session's calls it can start
+	// (pool.StartCall).
+	if s.starter != nil && !fn.Stream && s.start(ctx, f, reply, fn, a, beats, st, c, arrived) {
 		return
 	}
 	go func() {
 		defer s.end(reply, f)
 		defer c.inFlight.Add(-1)
-		s.answer(ctx, f.cancel, reply, fn, a, beats, c, arrived)
+		s.answer(ctx, f.cancel, reply, fn, a, beats, st, c, arrived)
 	}()
 }
 
@@ -758,31 +767,13 @@ func checkTimeout(h nats.Header, def, max time.Duration) (time.Duration, *call.E
 //
 // ctx is the call's context, which a cancel message or Stop cancels
 // (cancelCall), and answer at the call's deadline.
-func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply string, fn *call.Function, a admission, beats *heartbeat, c *endpointCounters, arrived time.Time) {
+func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply string, fn *call.Function, a admission, beats *heartbeat, st *streamState, c *endpointCounters, arrived time.Time) {
 	req := a.req
 	deadline := time.AfterFunc(time.Until(req.Deadline), func() { cancelCall(context.DeadlineExceeded) })
 	defer func() {
 		deadline.Stop()
 		cancelCall(nil)
 	}()
-	// A plain call (no progress, no stream: nearly every call) allocates
-	// none of what the others need; see BenchmarkServiceRequest.
-	var st *streamState
-	if a.progress || fn.Stream {
-		st = &streamState{}
-	}
-	if a.progress {
-		req.Progress = func(v []byte) {
-			m := &nats.Msg{Subject: reply, Data: v, Header: replyHeader(protocol.StatusOK, s.node, "", req.RequestID)}
-			m.Header[protocol.HeaderStream] = []string{protocol.StreamProgress}
-			st.mu.Lock()
-			defer st.mu.Unlock()
-			if !st.progressDone {
-				_ = s.nc.PublishMsg(m)
-			}
-		}
-	}
-
 	emit := notStreaming
 	if fn.Stream {
 		emit = func(ch call.Chunk) error {
@@ -807,9 +798,7 @@ func (s *Service) answer(ctx *callCtx, cancelCall context.CancelCauseFunc, reply
 	beats.stop() // no heartbeat may follow the answer
 	if st != nil {
 		st.done.Store(true)
-		st.mu.Lock()
-		st.progressDone = true // nor any progress
-		st.mu.Unlock()
+		st.endProgress()
 		if e := st.emitErr.Load(); e != nil {
 			err = e
 		}
@@ -855,9 +844,10 @@ func (s *Service) reply(ctx *callCtx, reply string, fn *call.Function, a admissi
 // start starts a call through the handler's call.Starter, and reports
 // whether it did. Its answer then comes from the goroutine the handler
 // calls done on.
-func (s *Service) start(ctx *callCtx, f *inflight, reply string, fn *call.Function, a admission, beats *heartbeat, c *endpointCounters, arrived time.Time) bool {
+func (s *Service) start(ctx *callCtx, f *inflight, reply string, fn *call.Function, a admission, beats *heartbeat, st *streamState, c *endpointCounters, arrived time.Time) bool {
 	r, ok := s.starter.StartCall(a.req, func(res call.Result, err error) {
 		beats.stop() // no heartbeat may follow the answer
+		st.endProgress()
 		s.reply(ctx, reply, fn, a, c, arrived, res, err)
 		f.cancel(nil) // ctx holds nothing, but every context is ended
 		c.inFlight.Add(-1)
@@ -906,6 +896,31 @@ type streamState struct {
 	progressDone bool        // under mu: no progress may follow the answer
 	done         atomic.Bool // an Emit after Call returned would land after the end message
 	emitErr      atomic.Pointer[call.Error]
+}
+
+// progress sends each progress value of a call to its caller, until the
+// call's answer (streamState.endProgress).
+func (s *Service) progress(reply, requestID string, st *streamState) func([]byte) {
+	return func(v []byte) {
+		m := &nats.Msg{Subject: reply, Data: v, Header: replyHeader(protocol.StatusOK, s.node, "", requestID)}
+		m.Header[protocol.HeaderStream] = []string{protocol.StreamProgress}
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		if !st.progressDone {
+			_ = s.nc.PublishMsg(m)
+		}
+	}
+}
+
+// endProgress makes sure no progress follows the answer; a nil st has
+// none.
+func (st *streamState) endProgress() {
+	if st == nil {
+		return
+	}
+	st.mu.Lock()
+	st.progressDone = true
+	st.mu.Unlock()
 }
 
 // errNotStreaming is what emit returns for a function that does not

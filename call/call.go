@@ -107,16 +107,18 @@ type Handler interface {
 }
 
 // Starter is a Handler that can also start a call with no goroutine of
-// the caller's waiting for it: bus serves a plain call (no stream or
-// progress) this way, and answers from the goroutine that hears the
-// call's end (test/bench/notes.md, "A leaner node path").
+// the caller's waiting for it: bus serves a call of a function that does
+// not stream this way, and answers from the goroutine that hears the
+// call's end (test/bench/notes.md, "A leaner node path"). Progress, if
+// req asks for it, goes to req.Progress from a goroutine of the
+// handler's.
 type Starter interface {
 	// StartCall starts req at once, if it can, and returns it running, and
 	// true; done then gets, exactly once, what Call would have returned,
 	// from a goroutine of the handler's that it must not hold up for long.
 	// req's Deadline must be set. StartCall returns false, having called
 	// nothing, when it cannot start req at once (no free worker, a
-	// session's first call, progress wanted): the caller then uses Call.
+	// session's first call): the caller then uses Call.
 	StartCall(req *Request, done func(Result, error)) (Running, bool)
 }
 

@@ -35,10 +35,9 @@ type asyncCall struct {
 // call.Starter. A session's later calls start on the session's worker, if
 // it has a slot free. Left to Call: calls that may wait (no free slot), a
 // session's first call (the queue must admit it before it binds the
-// session), the calls of a session whose worker is gone (410), and calls
-// that want progress.
+// session) and the calls of a session whose worker is gone (410).
 func (p *Pool) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
-	if req.Progress != nil || req.Deadline.IsZero() ||
+	if req.Deadline.IsZero() ||
 		!utf8.ValidString(req.Function) || !utf8.ValidString(req.RequestID) || !utf8.ValidString(req.Session) {
 		return nil, false // Call answers these, or refuses them
 	}
@@ -126,7 +125,15 @@ func (a *asyncCall) result(r *workerpb.Result) {
 	w, p := a.w, a.p
 	switch r.Kind {
 	case workerpb.Result_PROGRESS:
-		return // nobody asked for it (StartCall takes no call that did)
+		// To the caller while it listens, as Call's progress goes: not
+		// once it has its answer (408 at the deadline, a cancel).
+		a.mu.Lock()
+		answered := a.answered
+		a.mu.Unlock()
+		if a.req.Progress != nil && !answered {
+			a.req.Progress(r.Payload)
+		}
+		return
 	case workerpb.Result_CHUNK:
 		// The function does not stream (StartCall takes only calls that
 		// do not): as Call's emit would, the call is cancelled.
