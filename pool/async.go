@@ -3,7 +3,6 @@ package pool
 import (
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -37,8 +36,7 @@ type asyncCall struct {
 // session's first call (the queue must admit it before it binds the
 // session) and the calls of a session whose worker is gone (410).
 func (p *Pool) StartCall(req *call.Request, done func(call.Result, error)) (call.Running, bool) {
-	if req.Deadline.IsZero() ||
-		!utf8.ValidString(req.Function) || !utf8.ValidString(req.RequestID) || !utf8.ValidString(req.Session) {
+	if req.Deadline.IsZero() || notUTF8(req) != "" {
 		return nil, false // Call answers these, or refuses them
 	}
 	if _, ok := p.lookup(req.Function); !ok {

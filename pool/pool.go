@@ -849,15 +849,8 @@ func (p *Pool) lookup(name string) (call.Function, bool) {
 // Call runs req on a worker; see call.Handler. Time spent waiting for a free
 // worker counts against the deadline in ctx.
 func (p *Pool) Call(ctx context.Context, req *call.Request, emit call.Emit) (call.Result, error) {
-	// These travel in the worker's frame as proto strings, which must be
-	// UTF-8: a frame that cannot be marshalled would break the worker's
-	// channel, so such a call is refused here, whoever admitted it.
-	for _, f := range []struct{ name, val string }{
-		{"function name", req.Function}, {"request id", req.RequestID}, {"session", req.Session},
-	} {
-		if !utf8.ValidString(f.val) {
-			return call.Result{}, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "the %s is not valid UTF-8", f.name)
-		}
+	if field := notUTF8(req); field != "" {
+		return call.Result{}, call.Errorf(call.CodeBadRequest, call.TypeBadRequest, "the %s is not valid UTF-8", field)
 	}
 	if _, ok := p.lookup(req.Function); !ok {
 		return call.Result{}, call.Errorf(call.CodeNotFound, call.TypeNotFound, "no function %q in this app", req.Function)
@@ -929,6 +922,22 @@ func (p *Pool) leave() {
 	}
 }
 
+// notUTF8 names the field of req that is not valid UTF-8, or is "". These
+// travel in the worker's frame as proto strings, which must be UTF-8: a
+// frame that cannot be marshalled would break the worker's channel, so
+// such a call is refused (Call) or never started (StartCall), whoever
+// admitted it.
+func notUTF8(req *call.Request) string {
+	for _, f := range []struct{ name, val string }{
+		{"function name", req.Function}, {"request id", req.RequestID}, {"session", req.Session},
+	} {
+		if !utf8.ValidString(f.val) {
+			return f.name
+		}
+	}
+	return ""
+}
+
 // sessionWorker returns the worker a session is bound to, binding it to the
 // least busy worker on its first call, while fewer than MaxSessions are
 // kept.
@@ -936,11 +945,10 @@ func (p *Pool) sessionWorker(id string) (*worker, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := time.Now()
-	if s, ok := p.sessions[id]; ok {
-		if p.workers[s.worker.name] != s.worker {
+	if s, live := p.liveSession(id, now); s != nil {
+		if !live {
 			return nil, sessionLost(id, s.worker)
 		}
-		s.lastUsed = now
 		return s.worker, nil
 	}
 	var best *worker
@@ -969,12 +977,22 @@ func (p *Pool) sessionWorker(id string) (*worker, error) {
 func (p *Pool) boundSession(id string) *worker {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	s, ok := p.sessions[id]
-	if !ok || p.workers[s.worker.name] != s.worker {
-		return nil
+	if s, live := p.liveSession(id, time.Now()); live {
+		return s.worker
 	}
-	s.lastUsed = time.Now()
-	return s.worker
+	return nil
+}
+
+// liveSession is session id (nil if there is none) and whether the worker
+// it is bound to still serves it; a live one is marked used at now.
+// Called with mu held.
+func (p *Pool) liveSession(id string, now time.Time) (s *session, live bool) {
+	s = p.sessions[id]
+	if s == nil || p.workers[s.worker.name] != s.worker {
+		return s, false
+	}
+	s.lastUsed = now
+	return s, true
 }
 
 // sweepSessions forgets sessions unused for sessionIdle, on a timer, until

@@ -357,7 +357,7 @@ func TestStartCallKeepsSessions(t *testing.T) {
 	pidReq := func() *call.Request {
 		return &call.Request{Function: "pid", Payload: []byte("0"), Session: "s1", Deadline: time.Now().Add(5 * time.Second)}
 	}
-	if _, _, ok := startCall(t, p, pidReq()); ok {
+	if _, ok, _ := startCall(t, p, pidReq()); ok {
 		t.Fatal("the first call of a session was started before a call bound it")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -368,7 +368,7 @@ func TestStartCallKeepsSessions(t *testing.T) {
 	}
 	bound := string(res.Data)
 	for range 6 {
-		res, err, ok := startCall(t, p, pidReq())
+		res, ok, err := startCall(t, p, pidReq())
 		if !ok || err != nil {
 			t.Fatalf("a call of a bound session: started %v, %v", ok, err)
 		}
@@ -384,7 +384,7 @@ func TestStartCallKeepsSessions(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUntil(t, func() bool { return !isWorker(p, pid) })
-	if _, _, ok := startCall(t, p, pidReq()); ok {
+	if _, ok, _ := startCall(t, p, pidReq()); ok {
 		t.Fatal("a call of a session whose worker is gone was started")
 	}
 	if _, err := p.Call(ctx, pidReq(), nil); codeOf(err) != call.CodeSessionLost {
@@ -404,7 +404,7 @@ func isWorker(p *Pool, pid int) bool {
 
 // startCall runs req through StartCall and waits for its end; ok is false
 // when the pool left it to Call.
-func startCall(t *testing.T, p *Pool, req *call.Request) (res call.Result, err error, ok bool) {
+func startCall(t *testing.T, p *Pool, req *call.Request) (res call.Result, ok bool, err error) {
 	t.Helper()
 	type end struct {
 		res call.Result
@@ -412,14 +412,14 @@ func startCall(t *testing.T, p *Pool, req *call.Request) (res call.Result, err e
 	}
 	ended := make(chan end, 1)
 	if _, ok := p.StartCall(req, func(res call.Result, err error) { ended <- end{res, err} }); !ok {
-		return call.Result{}, nil, false
+		return call.Result{}, false, nil
 	}
 	select {
 	case e := <-ended:
-		return e.res, e.err, true
+		return e.res, true, e.err
 	case <-time.After(10 * time.Second):
 		t.Fatal("a started call did not end within 10 s")
-		return call.Result{}, nil, true
+		return call.Result{}, true, nil
 	}
 }
 
