@@ -157,7 +157,7 @@ func unaryCaller(conns []*grpc.ClientConn, function string, payload []byte) call
 type streamClient struct {
 	stream  workerpb.Worker_BatchesClient
 	mu      sync.Mutex
-	pending map[uint64]chan *workerpb.Result
+	pending map[uint64]pendingCall
 	ids     atomic.Uint64
 	err     atomic.Pointer[error]
 
@@ -174,7 +174,7 @@ func openStream(ctx context.Context, conn *grpc.ClientConn) (*streamClient, erro
 	if err != nil {
 		return nil, err
 	}
-	s := &streamClient{stream: st, pending: map[uint64]chan *workerpb.Result{}}
+	s := &streamClient{stream: st, pending: map[uint64]pendingCall{}}
 	go s.recv()
 	return s, nil
 }
@@ -185,21 +185,22 @@ func (s *streamClient) recv() {
 		if err != nil {
 			s.err.Store(&err)
 			s.mu.Lock()
-			for id, ch := range s.pending {
-				close(ch)
-				delete(s.pending, id)
-			}
+			left := s.pending
+			s.pending = map[uint64]pendingCall{}
 			s.mu.Unlock()
+			for _, c := range left {
+				c.end(nil)
+			}
 			return
 		}
 		s.answered()
 		for _, r := range b.Results {
 			s.mu.Lock()
-			ch := s.pending[r.Id]
+			c, ok := s.pending[r.Id]
 			delete(s.pending, r.Id)
 			s.mu.Unlock()
-			if ch != nil {
-				ch <- r
+			if ok {
+				c.end(r)
 			}
 		}
 	}
@@ -271,15 +272,45 @@ func (s *streamClient) flush() error {
 	return err
 }
 
-func (s *streamClient) call(ch chan *workerpb.Result, function string, payload []byte) error {
+// pendingCall is how a call's result is handed on: to the channel of a
+// caller waiting in call, or to the function start was given. A nil
+// result means the stream ended first.
+type pendingCall struct {
+	ch   chan *workerpb.Result
+	done func(*workerpb.Result)
+}
+
+func (c pendingCall) end(r *workerpb.Result) {
+	switch {
+	case c.done != nil:
+		c.done(r)
+	case r == nil:
+		close(c.ch)
+	default:
+		c.ch <- r
+	}
+}
+
+// enqueue registers c and sends its call.
+func (s *streamClient) enqueue(c pendingCall, function string, payload []byte) error {
 	if p := s.err.Load(); p != nil {
 		return *p
 	}
 	id := s.ids.Add(1)
 	s.mu.Lock()
-	s.pending[id] = ch
+	s.pending[id] = c
 	s.mu.Unlock()
-	if err := s.send(&workerpb.Call{Id: id, Function: function, Payload: payload}); err != nil {
+	return s.send(&workerpb.Call{Id: id, Function: function, Payload: payload})
+}
+
+// start sends a call and returns; done gets its result from the stream's
+// receiver (the relay's way, which waits on nothing).
+func (s *streamClient) start(function string, payload []byte, done func(*workerpb.Result)) error {
+	return s.enqueue(pendingCall{done: done}, function, payload)
+}
+
+func (s *streamClient) call(ch chan *workerpb.Result, function string, payload []byte) error {
+	if err := s.enqueue(pendingCall{ch: ch}, function, payload); err != nil {
 		return err
 	}
 	r, ok := <-ch

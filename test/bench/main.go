@@ -39,6 +39,9 @@ func main() {
 }
 
 func run() int {
+	if len(os.Args) > 1 && os.Args[1] == relayArg {
+		return relayMain()
+	}
 	h := &harness{res: newResults()}
 	var sections, out string
 	flag.IntVar(&h.rounds, "rounds", 3, "runs of each side of each comparison")

@@ -182,6 +182,11 @@ func (h *harness) reportRequestReply(w writer) {
 				kind, conc, commas(pf), r.med(g+"/pyfleet", p50), commas(un), r.med(g+"/unary", p50), pf/un, yesNo(pf >= un && pf >= 12000))
 			w("| 1 | the same, against the stream ceiling | | direct Batches stream %s req/s (p50 %.0f µs) | %.2f× | stretch: ≥ 0.8× stream | %s |\n",
 				commas(sm), r.med(g+"/stream", p50), pf/sm, yesNo(pf >= 0.8*sm))
+			if r.has(g + "/relay") {
+				rl := r.med(g+"/relay", rps)
+				w("| 1 | the same, against the relay floor | | bare NATS relay %s req/s (p50 %.0f µs; %.2f× stream) | %.2f× | reported | — |\n",
+					commas(rl), r.med(g+"/relay", p50), rl/sm, pf/rl)
+			}
 		}
 	}
 }
@@ -220,19 +225,26 @@ func (h *harness) reportCPU(w writer) {
 		return
 	}
 	w("\n## CPU per request (µs, medians)\n\n")
-	w("Measured from /proc over each run: the node (poolnode, with its embedded NATS server), its Python workers, and the harness (the load generator; for the ceilings it is the gRPC client).\n\n")
-	w("| run | poolnode | workers | load generator | total |\n|---|---|---|---|---|\n")
+	w("Measured from /proc over each run: the node (poolnode, with its embedded NATS server; for the relay floor, the relay with the same embedded server), its Python workers, and the harness (the load generator; for the direct ceilings it is the gRPC client).\n\n")
+	w("| run | poolnode (relay) | workers | load generator | total |\n|---|---|---|---|---|\n")
 	for _, g := range []string{"rr16", "rr64", "rr16-async", "rr64-async", "c1", "jobs"} {
-		for _, v := range []string{"pyfleet", "unary", "stream"} {
+		for _, v := range []string{"pyfleet", "relay", "unary", "stream"} {
 			k := g + "/" + v
 			if !r.has(k) {
 				continue
 			}
-			pn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("poolnode") })
+			who := "poolnode"
+			if v == "relay" {
+				who = "relay"
+			}
+			pn := r.med(k, func(st runStats) float64 { return st.cpuPerReq(who) })
 			wk := r.med(k, func(st runStats) float64 { return st.cpuPerReq("workers") })
 			hn := r.med(k, func(st runStats) float64 { return st.cpuPerReq("harness") })
 			pns := fmt.Sprintf("%.0f", pn)
-			if v != "pyfleet" {
+			switch v {
+			case "relay":
+				pns = fmt.Sprintf("(%.0f)", pn)
+			case "unary", "stream":
 				pns = "—"
 			}
 			w("| %s %s | %s | %.0f | %.0f | %.0f |\n", g, v, pns, wk, hn, pn+wk+hn)
@@ -283,7 +295,7 @@ func (h *harness) reportRuns(w writer) {
 // reportMethod says how each figure is made.
 func reportMethod(w writer) {
 	w("\n## How each figure is made\n\n")
-	w(`1. A node (` + "`poolnode --workers 2 --concurrency 32`" + `, embedded NATS on a random port) serves test/bench/benchapp.py: ` + "`echo`" + ` (a plain function, which the worker runs on a call thread) and ` + "`echo_async`" + ` (a coroutine, run on its event loop); the harness's own Go NATS client keeps 16 or 64 requests in flight (one goroutine each, one connection) with a 100-byte JSON body. The ceiling: two more workers started the same way (` + "`python -m pyfleet.worker --concurrency 32`" + `, same app, same function path), called from Go over their Unix sockets with the same body and the same number in flight, spread over both workers: once with one unary ` + "`Unary`" + ` RPC per request, once over one long-lived ` + "`Batches`" + ` stream per worker, frames sent as the node sends them (those ready together in one message). Load generator and workers share the same 2 cores.
+	w(`1. A node (` + "`poolnode --workers 2 --concurrency 32`" + `, embedded NATS on a random port) serves test/bench/benchapp.py: ` + "`echo`" + ` (a plain function, which the worker runs on a call thread) and ` + "`echo_async`" + ` (a coroutine, run on its event loop); the harness's own Go NATS client keeps 16 or 64 requests in flight (one goroutine each, one connection) with a 100-byte JSON body. The ceiling: two more workers started the same way (` + "`python -m pyfleet.worker --concurrency 32`" + `, same app, same function path), called from Go over their Unix sockets with the same body and the same number in flight, spread over both workers: once with one unary ` + "`Unary`" + ` RPC per request, once over one long-lived ` + "`Batches`" + ` stream per worker, frames sent as the node sends them (those ready together in one message). The relay floor: the same two workers behind a bare relay process (test/bench/relay.go: the node's embedded NATS server, one plain subscription, each request sent on a worker's ` + "`Batches`" + ` stream as above and answered from the stream's receiver, nothing else), called by the same NATS client as the node: what any bridge from NATS to these workers costs at least. Load generator and workers share the same 2 cores.
 2. The same with one request in flight, a node with the default ` + "`--concurrency 1`" + ` and a ceiling worker started with ` + "`--concurrency 1`" + `.
 3. A node with 2 workers (` + "`--concurrency 32`" + `) and its embedded NATS (JetStream file store in the node's state dir); the harness publishes N jobs to ` + "`pyfleet.job.default.echo`" + ` (async, each with its own ` + "`Nats-Msg-Id`" + `) and stops the clock when PYFLEET_RESULTS holds all N results; the last result is checked.
 4. A node started with ` + "`--nats`" + ` to a NATS server inside the harness: time from starting poolnode to the N-th ` + "`ready`" + ` event. Baseline: N runs of ` + "`python -c 'import grpc'`" + `, as many at a time as there are cores.

@@ -109,7 +109,9 @@ func (h *harness) profileRun(ctx context.Context, n *node, group string, conc in
 }
 
 // requestReply is figure 1: echo throughput at 16 and 64 in flight, pyfleet
-// through NATS and poolnode against the same Python workers called directly.
+// through NATS and poolnode against the same Python workers called directly
+// and through the bare relay (relay.go), the floor of anything in front of
+// them on NATS.
 func (h *harness) requestReply(ctx context.Context) error {
 	h.logf("request/reply: starting a node (2 workers, --concurrency %d) and 2 ceiling workers", rrConcurrency)
 	n, err := h.startNode(ctx, "rr", nodeOpts{workers: 2, concurrency: rrConcurrency, metrics: h.profile != "", wait: true})
@@ -136,14 +138,21 @@ func (h *harness) requestReply(ctx context.Context) error {
 		return err
 	}
 	defer closeStreams()
+	rl, err := h.startRelay(ctx, ws)
+	if err != nil {
+		return err
+	}
+	defer rl.close()
 	nodeWatch := map[string][]int{"poolnode": {n.p.pid()}, "workers": n.workers()}
 	ceilWatch := map[string][]int{"workers": pids}
+	relayWatch := map[string][]int{"relay": {rl.p.pid()}, "workers": pids}
 	for _, fn := range []string{"echo", "echo_async"} {
 		for _, conc := range []int{16, 64} {
 			group := rrGroup(fn, conc)
 			pf := variant{"pyfleet", natsCaller(n.nc, "pyfleet.req.default."+fn, payload), nodeWatch}
 			err := h.compare(ctx, group, conc, []variant{
 				pf,
+				{"relay", natsCaller(rl.nc, relaySubject+"."+fn, payload), relayWatch},
 				{"unary", unaryCaller(conns, fn, payload), ceilWatch},
 				{"stream", streamCaller(streams, conc, fn, payload), ceilWatch},
 			}, func(ctx context.Context) { h.profileRun(ctx, n, group, conc, pf) })

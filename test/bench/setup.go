@@ -208,9 +208,10 @@ func (n *node) fetch(ctx context.Context, path, file string) error {
 // pyWorker is a Python worker the harness runs itself, as a node would, to
 // call it directly: the ceiling.
 type pyWorker struct {
-	p        *proc
-	conn     *grpc.ClientConn
-	lifeline *os.File
+	p            *proc
+	conn         *grpc.ClientConn
+	lifeline     *os.File
+	sock, secret string // for the relay's own connection
 }
 
 type secretCreds string
@@ -273,7 +274,7 @@ func (h *harness) startWorker(ctx context.Context, short string, concurrency int
 		lw.Close()
 		return nil, err
 	}
-	w := &pyWorker{p: p, lifeline: lw}
+	w := &pyWorker{p: p, lifeline: lw, sock: sock, secret: secret}
 	fail := func(err error) (*pyWorker, error) {
 		w.close()
 		return nil, fmt.Errorf("worker %s: %w\n%s", short, err, p.tail())
@@ -290,13 +291,7 @@ func (h *harness) startWorker(ctx context.Context, short string, concurrency int
 	case <-ctx.Done():
 		return fail(ctx.Err())
 	}
-	// The node's dial options (pool/worker.go workerDialOptions).
-	conn, err := grpc.NewClient("unix:"+sock,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithPerRPCCredentials(secretCreds(secret)),
-		grpc.WithInitialWindowSize(4<<20),
-		grpc.WithInitialConnWindowSize(16<<20),
-		grpc.WithSharedWriteBuffer(true))
+	conn, err := dialWorker(sock, secret)
 	if err != nil {
 		return fail(err)
 	}
@@ -311,6 +306,17 @@ func (h *harness) startWorker(ctx context.Context, short string, concurrency int
 		return fail(fmt.Errorf("echo: %s", r.Error.Message))
 	}
 	return w, nil
+}
+
+// dialWorker connects to a worker's socket with the node's dial options
+// (pool/worker.go workerDialOptions).
+func dialWorker(sock, secret string) (*grpc.ClientConn, error) {
+	return grpc.NewClient("unix:"+sock,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithPerRPCCredentials(secretCreds(secret)),
+		grpc.WithInitialWindowSize(4<<20),
+		grpc.WithInitialConnWindowSize(16<<20),
+		grpc.WithSharedWriteBuffer(true))
 }
 
 func (w *pyWorker) close() {
