@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -46,7 +48,8 @@ const relaySubject = "relay.req"
 // workers' secrets stay off its command line.
 type relayConfig struct {
 	Workers []relayWorker `json:"workers"`
-	Store   string        `json:"store"` // JetStream store dir, as the node's server has one
+	Store   string        `json:"store"`   // JetStream store dir, as the node's server has one
+	Profile string        `json:"profile"` // a CPU profile of the relay's whole life goes here, if set
 }
 
 type relayWorker struct {
@@ -69,6 +72,17 @@ func relayMain() int {
 	var cfg relayConfig
 	if err := json.Unmarshal(line, &cfg); err != nil {
 		return fail(fmt.Errorf("config: %w", err))
+	}
+	if cfg.Profile != "" {
+		f, err := os.Create(cfg.Profile)
+		if err != nil {
+			return fail(err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fail(err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	srv, err := bus.StartEmbedded(bus.EmbeddedConfig{Listen: "127.0.0.1:0", StoreDir: cfg.Store}, zap.NewNop())
 	if err != nil {
@@ -170,7 +184,10 @@ func (h *harness) startRelay(ctx context.Context, ws []*pyWorker) (*relay, error
 	if err != nil {
 		return nil, err
 	}
-	cfg := relayConfig{Store: h.tmp + "/relay-js"}
+	cfg := relayConfig{Store: filepath.Join(h.tmp, "relay-js")}
+	if h.profile != "" {
+		cfg.Profile = filepath.Join(h.profile, "relay.pprof")
+	}
 	for _, w := range ws {
 		cfg.Workers = append(cfg.Workers, relayWorker{Socket: w.sock, Secret: w.secret})
 	}
