@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -61,6 +62,14 @@ func (h *harness) preloadBench(ctx context.Context, parts ...string) error {
 			if err != nil {
 				return err
 			}
+			if size == 8 {
+				lib, err := h.libraryImport(ctx)
+				if err != nil {
+					return err
+				}
+				h.res.addValue("preload/libraries", lib.Seconds())
+				h.logf("preload round %d: python -c %q: %.3f s", r+1, workerLibraries, lib.Seconds())
+			}
 			h.res.addValue(fmt.Sprintf("preload%d/bare", size), d.Seconds())
 			h.logf("preload %d round %d: bare `import grpc` x%d: %.3f s", size, r+1, size, d.Seconds())
 			for _, mode := range preloadModes {
@@ -99,6 +108,24 @@ func side(pre bool) string {
 		return "preload"
 	}
 	return "plain"
+}
+
+// workerLibraries imports what every worker needs before it can serve,
+// pyfleet's own code aside: the least any template has to import.
+const workerLibraries = "import asyncio, grpc, grpc.aio, google.protobuf.message, msgspec"
+
+// libraryImport is one interpreter importing workerLibraries, alone on the
+// machine as a node's template is at its start.
+func (h *harness) libraryImport(ctx context.Context) (time.Duration, error) {
+	cmd := exec.CommandContext(ctx, h.python, "-c", workerLibraries)
+	cmd.Dir = h.root
+	cmd.Env = childEnv()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	start := time.Now()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("python -c %q: %w: %s", workerLibraries, err, out)
+	}
+	return time.Since(start), nil
 }
 
 // preloadLife times size workers to ready and a kill -9 of their node to
@@ -159,6 +186,7 @@ func (h *harness) preloadLife(ctx context.Context, nc *nats.Conn, url string, si
 		}
 		forks := lastReady.Sub(templateAt)
 		h.res.addValue(modeKey(mode, fmt.Sprintf("preload%d/forks", size)), forks.Seconds())
+		h.res.addValue(modeKey(mode, fmt.Sprintf("preload%d/template", size)), templateAt.Sub(start).Seconds())
 		h.logf("preload %d round %d, --containment %s: template ready to %d workers ready %.3f s", size, round+1, mode, size, forks.Seconds())
 	}
 	if err := n.waitServing(ctx, time.Minute); err != nil {
@@ -378,6 +406,10 @@ func (h *harness) reportPreloadMode(w writer, mode string) {
 		}
 		w("| %d workers ready, node start to the last `ready` | %.2f s | %.2f s | %.2f s | %.2f× | %s | %s |\n", size, pre, plain, bare, pre/bare, target, met)
 		w("| %d workers ready, template ready to the last `ready` | %.2f s | | | %.2f× | %s | %s |\n", size, forks, forks/bare, ftarget, fmet)
+		if size == 8 && r.has(key(k+"/template")) && r.has("preload/libraries") {
+			w("| the template ready, node start to its `spawned` event | %.2f s | | the libraries alone (`python -c '%s'`) %.2f s | | reported | — |\n",
+				m(k+"/template"), workerLibraries, median(r.vals["preload/libraries"]))
+		}
 	}
 	if r.has(key("recycle/preload")) {
 		v := m("recycle/preload")
