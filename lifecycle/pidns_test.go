@@ -116,6 +116,43 @@ func TestPIDNSProbe(t *testing.T) {
 	mustPIDNS(t)
 }
 
+// TestPIDNSInitRefusesTheNodesMountNamespace: an init started without a
+// mount namespace of its own (by hand, or by a start that failed to make
+// one) must not mount its /proc over the host's, nor make the host's /
+// private: it refuses and exits before any mount.
+func TestPIDNSInitRefusesTheNodesMountNamespace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("only root could mount in the node's namespace at all")
+	}
+	procMounts := func() int {
+		b, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 4 && f[4] == "/proc" {
+				n++
+			}
+		}
+		return n
+	}
+	before := procMounts()
+	var stderr strings.Builder
+	cmd := exec.Command(os.Args[0], InitArg, "probe", strconv.Itoa(os.Getpid()))
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	if after := procMounts(); after != before {
+		for range after - before {
+			_ = syscall.Unmount("/proc", syscall.MNT_DETACH) // undo what the init did to this host
+		}
+		t.Fatalf("the init mounted /proc in the node's mount namespace (%d mounts on /proc, %d before)", after, before)
+	}
+	if err == nil || !strings.Contains(stderr.String(), "not in a mount namespace of its own") {
+		t.Fatalf("init probe in the node's mount namespace: %v, stderr %q", err, stderr.String())
+	}
+}
+
 func TestPIDNSCommandIsInitsChild(t *testing.T) {
 	s := mustSpawner(t)
 	p, out := startContained(t, s, mustPIDNS(t), "sleep")

@@ -2,7 +2,9 @@ package pidinit
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/signal"
 	"runtime"
@@ -228,6 +230,20 @@ func waitAdopted(parent string, gone int, limit time.Duration) error {
 	}
 }
 
+// ownMountNamespace reports whether this process's mount namespace is
+// another than that of parent (its pid as the node's /proc numbers it).
+func ownMountNamespace(parent string) (bool, error) {
+	mine, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		return false, err
+	}
+	theirs, err := os.Readlink("/proc/" + parent + "/ns/mnt")
+	if err != nil {
+		return false, err
+	}
+	return mine != theirs, nil
+}
+
 // parentPID is this process's parent as the /proc mounted at /proc numbers
 // it (getppid says 0 for a parent outside the PID namespace).
 func parentPID() (string, error) {
@@ -323,6 +339,20 @@ func setup(parent string) error {
 	// before the signal was armed.
 	if now, err := parentPID(); err != nil || now != parent {
 		return fmt.Errorf("the node (pid %s) is gone (%v)", parent, err)
+	}
+	// The mounts below are the worker's own only in a mount namespace the
+	// node's start (or the template's intermediate) made for this init. In
+	// the node's they would stack a /proc over the host's and make the
+	// host's / private, for every process on it, on each worker start.
+	switch own, err := ownMountNamespace(parent); {
+	case errors.Is(err, fs.ErrPermission):
+		// Only an init in a user namespace of its own (a node without
+		// root) is denied the node's link, and it holds no privilege
+		// over the node's mount namespace: a mount there would fail.
+	case err != nil:
+		return fmt.Errorf("compare the mount namespace with the node's: %w", err)
+	case !own:
+		return errors.New("not in a mount namespace of its own (it is the node's): refusing to mount /proc over the host's")
 	}
 	// Private first: the new mount namespace is a copy of the node's, and
 	// a mount under a shared / would propagate back to the host's /proc.
