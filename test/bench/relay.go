@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -147,7 +148,7 @@ func relayMain() int {
 	stdinClosed := make(chan struct{})
 	go func() {
 		defer close(stdinClosed)
-		_, _ = in.WriteTo(discard{})
+		_, _ = in.WriteTo(io.Discard)
 	}()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
@@ -158,10 +159,6 @@ func relayMain() int {
 	}
 	return 0
 }
-
-type discard struct{}
-
-func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
 // relayError answers m as micro does an error, which natsCaller reads.
 func relayError(m *nats.Msg, code int, text string) {
@@ -204,7 +201,10 @@ func (h *harness) startRelay(ctx context.Context, ws []*pyWorker) (*relay, error
 	ready := make(chan string, 1)
 	p, err := h.ps.start("relay", cmd, func(l string) {
 		if strings.HasPrefix(l, "RELAY-READY ") {
-			ready <- strings.TrimPrefix(l, "RELAY-READY ")
+			select {
+			case ready <- strings.TrimPrefix(l, "RELAY-READY "):
+			default:
+			}
 		}
 	})
 	sr.Close()
@@ -225,6 +225,7 @@ func (h *harness) startRelay(ctx context.Context, ws []*pyWorker) (*relay, error
 		}
 		return r, nil
 	case <-p.done:
+		r.close()
 		return nil, fmt.Errorf("relay exited before serving:\n%s", p.tail())
 	case <-time.After(30 * time.Second):
 		r.close()
