@@ -136,6 +136,27 @@ def test_async_deadline(demo: Worker, connect: Connect) -> None:
     assert "100 ms" in message
 
 
+def test_async_deadlines_each_their_own(demo: Worker, connect: Connect) -> None:
+    """One timer serves every async call's deadline: a call sent later with
+    an earlier deadline is cut at its own, a call that ends first is left
+    alone, and one with a later deadline is cut at that one."""
+    conn = connect(demo)
+    start = time.monotonic()
+    late = conn.send("slow_async", {"ms": 10_000}, timeout_ms=1500)
+    early = conn.send("slow_async", {"ms": 10_000}, timeout_ms=200)
+    quick = conn.send("slow_async", {"ms": 10}, timeout_ms=100_000)
+    none = conn.send("slow_async", {"ms": 400})
+    assert error(conn.frames(early)[-1])[:2] == (408, "DeadlineExceeded")
+    assert not conn.ended(late), "the earlier deadline waited for the later one"
+    ends = conn.ends([late, quick, none])
+    assert error(ends[late][-1])[:2] == (408, "DeadlineExceeded")
+    assert time.monotonic() - start >= 1.5
+    assert value(ends[quick][-1]) == {"slept_ms": 10}
+    assert value(ends[none][-1]) == {"slept_ms": 400}
+    # Past every deadline, the stream still serves and still cuts.
+    assert error(conn.call("slow_async", {"ms": 10_000}, timeout_ms=100))[:2] == (408, "DeadlineExceeded")
+
+
 def test_deadline_not_reached(demo: Worker, connect: Connect) -> None:
     assert value(connect(demo).call("slow_async", {"ms": 10}, timeout_ms=5000)) == {"slept_ms": 10}
 
