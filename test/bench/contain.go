@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 )
 
 // containModes are the --containment modes, strongest first (issue 10).
@@ -280,7 +281,7 @@ func (h *harness) respawn(ctx context.Context, nc *nats.Conn, s *spawnNode) (tim
 		if err != nil {
 			return 0, 0, fmt.Errorf("%s: %w", subject, err)
 		}
-		if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
+		if code := m.Header.Get(micro.ErrorCodeHeader); code != "" {
 			return 0, 0, fmt.Errorf("%s: error %s: %s", subject, code, m.Data)
 		}
 		break

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 	"google.golang.org/grpc"
 
 	"github.com/pyfleet/pyfleet/proto/workerpb"
@@ -124,8 +125,8 @@ func natsCaller(nc *nats.Conn, subj string, payload []byte) caller {
 		if err != nil {
 			return err
 		}
-		if code := m.Header.Get("Nats-Service-Error-Code"); code != "" {
-			return fmt.Errorf("error %s: %s", code, m.Header.Get("Nats-Service-Error"))
+		if code := m.Header.Get(micro.ErrorCodeHeader); code != "" {
+			return fmt.Errorf("error %s: %s", code, m.Header.Get(micro.ErrorHeader))
 		}
 		return nil
 	}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 	"go.uber.org/zap"
 
 	"github.com/pyfleet/pyfleet/bus"
@@ -163,8 +164,8 @@ func relayMain() int {
 // relayError answers m as micro does an error, which natsCaller reads.
 func relayError(m *nats.Msg, code int, text string) {
 	reply := nats.NewMsg(m.Reply)
-	reply.Header.Set("Nats-Service-Error-Code", strconv.Itoa(code))
-	reply.Header.Set("Nats-Service-Error", text)
+	reply.Header.Set(micro.ErrorCodeHeader, strconv.Itoa(code))
+	reply.Header.Set(micro.ErrorHeader, text)
 	_ = m.RespondMsg(reply)
 }
 

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -167,7 +168,7 @@ func (n *node) waitServing(ctx context.Context, within time.Duration) error {
 			n.nc = nc
 		}
 		m, err := n.nc.Request("pyfleet.req.default.echo", []byte(`{"ping":1}`), 5*time.Second)
-		if err == nil && m.Header.Get("Nats-Service-Error-Code") == "" {
+		if err == nil && m.Header.Get(micro.ErrorCodeHeader) == "" {
 			return nil
 		}
 		time.Sleep(20 * time.Millisecond)
